@@ -1,0 +1,282 @@
+"""Trainer side of protocol v1: DEALER sockets that pull groups from one or more services.
+
+One I/O thread owns every socket. ``start()`` connects and performs the hello/welcome handshake
+with each endpoint, then grants ``credits`` to each. Every received group is passed to
+``on_group`` on the I/O thread; when the callback returns, one credit goes back to that service.
+So at most ``credits`` groups per endpoint are ever in flight or waiting in the callback: memory
+is bounded by credits. A service silent for more than three heartbeat intervals is reconnected
+(a fresh socket, a new hello, credits granted again).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import zmq
+
+from .codec import decode
+from .errors import ProtocolError
+from .limits import MAX_MESSAGE_BYTES
+from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
+from .sockets import WakePipe, configure, monotonic, send
+
+log = logging.getLogger(__name__)
+
+DEAD_AFTER_HEARTBEATS = 3
+DEFAULT_HEARTBEAT_MS = 1000
+
+
+@dataclass
+class ClientStats:
+    groups_received: int = 0
+    bytes_received: int = 0
+    callback_errors: int = 0
+    bad_messages: int = 0
+    reconnects: int = 0
+    errors_from_service: int = 0
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    socket: zmq.Socket
+    welcome: Welcome | None = None
+    outstanding: int = 0
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    hello_sent: float = 0.0
+    groups: int = 0
+
+    @property
+    def heartbeat_s(self) -> float:
+        return (self.welcome.heartbeat_ms if self.welcome else DEFAULT_HEARTBEAT_MS) / 1000.0
+
+
+class GroupClient:
+    """Receive caption groups from generator services.
+
+    Args:
+        endpoints: service endpoints, e.g. ``["tcp://127.0.0.1:5555"]``.
+        on_group: called with each decoded ``Group`` (its raw ``images`` is a read-only view over
+            the received frame: copy what you keep before returning).
+        client_name, rank, world_size: sent in ``hello``.
+        credits: groups each service may have in flight towards this client.
+        connect_timeout: seconds ``start()`` waits for every welcome.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        on_group: Callable[[Group], None],
+        client_name: str = "trainer",
+        rank: int = 0,
+        world_size: int = 1,
+        credits: int = 8,
+        connect_timeout: float = 10.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        if not endpoints:
+            raise ValueError("GroupClient needs at least one endpoint")
+        if credits < 1:
+            raise ValueError(f"credits must be >= 1, got {credits}")
+        self.endpoints = list(endpoints)
+        self.on_group = on_group
+        self.hello = Hello(client=client_name, rank=rank, world_size=world_size)
+        self.credits = int(credits)
+        self.connect_timeout = float(connect_timeout)
+        self.max_message_bytes = int(max_message_bytes)
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._stats = ClientStats()
+        self._lock = threading.Lock()
+        self._wake = WakePipe()
+        self._stop = threading.Event()
+        self._handshake_done = threading.Event()
+        self._fatal: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._endpoints: dict[str, _Endpoint] = {}
+
+    @property
+    def welcomes(self) -> dict[str, Welcome]:
+        with self._lock:
+            return {url: ep.welcome for url, ep in self._endpoints.items() if ep.welcome is not None}
+
+    def start(self) -> "GroupClient":
+        """Connect and handshake with every endpoint; raise if one does not answer in time."""
+        self._thread = threading.Thread(target=self._run, name="group-client-io", daemon=True)
+        self._thread.start()
+        finished = self._handshake_done.wait(self.connect_timeout)
+        if self._fatal is not None:
+            self.close()
+            raise self._fatal
+        if not finished:
+            missing = [url for url in self.endpoints if url not in self.welcomes]
+            self.close()
+            raise ConnectionError(
+                f"no welcome from generator service {', '.join(missing)} within {self.connect_timeout:g} s "
+                "(is stablerep-generator running and bound there?)"
+            )
+        return self
+
+    def stats(self) -> ClientStats:
+        with self._lock:
+            stats = ClientStats(**{k: getattr(self._stats, k) for k in ClientStats.__dataclass_fields__})
+            stats.endpoints = {
+                url: {"welcomed": ep.welcome is not None, "credits_outstanding": ep.outstanding, "groups": ep.groups}
+                for url, ep in self._endpoints.items()
+            }
+        return stats
+
+    def close(self) -> None:
+        """Say bye, close the sockets, then the context (if it is ours). Idempotent."""
+        self._stop.set()
+        self._wake.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread = None
+        if self._own_context and not self._context.closed:
+            self._context.term()
+        self._wake.close()
+
+    def __enter__(self) -> "GroupClient":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- I/O thread ---------------------------------------------------------------------------
+    def _open(self, url: str) -> _Endpoint:
+        socket = self._context.socket(zmq.DEALER)
+        configure(socket, self.max_message_bytes)
+        socket.connect(url)
+        endpoint = _Endpoint(url=url, socket=socket)
+        now = monotonic()
+        endpoint.last_seen = now
+        self._send(endpoint, self.hello)
+        endpoint.hello_sent = now
+        return endpoint
+
+    def _send(self, endpoint: _Endpoint, msg: Any) -> None:
+        try:
+            send(endpoint.socket, msg, max_bytes=self.max_message_bytes)
+            endpoint.last_sent = monotonic()
+        except zmq.Again:
+            log.debug("send to %s would block; dropped %s", endpoint.url, type(msg).__name__)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake.read_fd, zmq.POLLIN)
+        try:
+            for url in self.endpoints:
+                endpoint = self._open(url)
+                with self._lock:
+                    self._endpoints[url] = endpoint
+                poller.register(endpoint.socket, zmq.POLLIN)
+            while not self._stop.is_set():
+                events = dict(poller.poll(50))
+                if self._wake.read_fd in events:
+                    self._wake.drain()
+                for endpoint in list(self._endpoints.values()):
+                    if endpoint.socket in events:
+                        self._receive_all(endpoint)
+                    if self._fatal is not None:
+                        self._handshake_done.set()
+                        return
+                    self._keepalive(endpoint, poller)
+        except Exception as exc:  # never die silently: start() or the next stats() reader sees it
+            log.exception("group client I/O thread failed")
+            self._fatal = exc
+            self._handshake_done.set()
+        finally:
+            for endpoint in self._endpoints.values():
+                if endpoint.welcome is not None:
+                    try:
+                        self._send(endpoint, Bye())
+                    except zmq.ZMQError:
+                        pass
+                endpoint.socket.close(linger=100)
+
+    def _receive_all(self, endpoint: _Endpoint) -> None:
+        for _ in range(1000):
+            try:
+                frames = endpoint.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            endpoint.last_seen = monotonic()
+            try:
+                msg = decode(frames, max_bytes=self.max_message_bytes)
+            except ProtocolError as exc:
+                with self._lock:
+                    self._stats.bad_messages += 1
+                log.warning("bad message from %s: %s", endpoint.url, exc)
+                self._send(endpoint, Error(code=exc.code, message=exc.message))
+                if endpoint.welcome is None and exc.code == "version":
+                    self._fatal = ProtocolError("version", f"{endpoint.url}: {exc.message}")
+                    return
+                continue
+            self._handle(endpoint, msg, frames)
+
+    def _handle(self, endpoint: _Endpoint, msg: Any, frames: list[Any]) -> None:
+        if isinstance(msg, Welcome):
+            with self._lock:
+                endpoint.welcome = msg
+                endpoint.outstanding = self.credits
+            self._send(endpoint, Credit(self.credits))
+            if all(ep.welcome is not None for ep in self._endpoints.values()) and len(self._endpoints) == len(self.endpoints):
+                self._handshake_done.set()
+        elif isinstance(msg, Group):
+            with self._lock:
+                endpoint.outstanding -= 1
+                endpoint.groups += 1
+                self._stats.groups_received += 1
+                self._stats.bytes_received += sum(len(f) for f in frames[1:])
+            try:
+                self.on_group(msg)
+            except Exception:
+                with self._lock:
+                    self._stats.callback_errors += 1
+                log.exception("on_group failed for group %s from %s", msg.group_id, endpoint.url)
+            if endpoint.welcome is not None:
+                with self._lock:
+                    endpoint.outstanding += 1
+                self._send(endpoint, Credit(1))
+        elif isinstance(msg, Error):
+            with self._lock:
+                self._stats.errors_from_service += 1
+            log.warning("service %s reports error [%s] %s", endpoint.url, msg.code, msg.message)
+            if endpoint.welcome is None and msg.code == "version":
+                self._fatal = ProtocolError("version", f"service {endpoint.url} refused our version: {msg.message}")
+        elif isinstance(msg, Heartbeat):
+            pass
+        else:
+            with self._lock:
+                self._stats.bad_messages += 1
+            self._send(endpoint, Error("bad_message", f"type {msg.TYPE!r} is not sent by services"))
+
+    def _keepalive(self, endpoint: _Endpoint, poller: zmq.Poller) -> None:
+        now = monotonic()
+        interval = endpoint.heartbeat_s
+        if endpoint.welcome is not None and now - endpoint.last_sent >= interval:
+            self._send(endpoint, Heartbeat())
+        silent_for = now - max(endpoint.last_seen, endpoint.hello_sent)
+        if endpoint.welcome is not None and silent_for > DEAD_AFTER_HEARTBEATS * interval:
+            log.warning("service %s silent for %.1f s: reconnecting", endpoint.url, silent_for)
+            self._reconnect(endpoint, poller)
+        elif endpoint.welcome is None and self._handshake_done.is_set() and silent_for > DEAD_AFTER_HEARTBEATS * interval:
+            self._reconnect(endpoint, poller)  # still no welcome after a reconnect: try a fresh socket
+
+    def _reconnect(self, endpoint: _Endpoint, poller: zmq.Poller) -> None:
+        poller.unregister(endpoint.socket)
+        endpoint.socket.close(linger=0)
+        fresh = self._open(endpoint.url)
+        fresh.groups = endpoint.groups
+        with self._lock:
+            self._endpoints[endpoint.url] = fresh
+            self._stats.reconnects += 1
+        poller.register(fresh.socket, zmq.POLLIN)

@@ -1,0 +1,182 @@
+"""Encode messages to ZeroMQ frames and decode frames back, with every field checked.
+
+Frame 0 is a MessagePack map (the header); a ``group`` adds its image bytes as further frames,
+never inside the header. Nothing is pickled. Image frames go out without a copy (the array's own
+buffer) and come back as read-only views over the received frame.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError
+from .limits import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from .messages import MESSAGE_TYPES, SCHEMA, Group, Message, validate_header
+
+Frame = bytes | bytearray | memoryview
+
+
+def _header_of(msg: Message) -> dict[str, Any]:
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+    if isinstance(msg, Group):
+        header.update(msg.header_fields())
+    else:
+        for name in SCHEMA[msg.TYPE]:
+            header[name] = getattr(msg, name)
+    return header
+
+
+def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Frame]:
+    """Turn a message into frames: ``[header, *payload]``.
+
+    Raw images become one frame that shares the array's memory (a C-contiguous copy is made only
+    for non-contiguous input). Send the result with ``socket.send_multipart(frames, copy=False)``.
+    Raises ``ProtocolError`` if the message would not pass ``decode`` on the other side.
+    """
+    if type(msg).TYPE not in MESSAGE_TYPES or not isinstance(msg, MESSAGE_TYPES[type(msg).TYPE]):
+        raise ProtocolError("bad_message", f"cannot encode {type(msg).__name__}: not a protocol message")
+    payload: list[Frame] = []
+    if isinstance(msg, Group):
+        payload = _group_payload(msg)
+    header = _header_of(msg)
+    validate_header(header)
+    packed = msgpack.packb(header, use_bin_type=True)
+    frames: list[Frame] = [packed, *payload]
+    _check_sizes(frames, max_bytes)
+    if isinstance(msg, Group):
+        _check_group_payload(header, frames[1:])
+    return frames
+
+
+def _group_payload(msg: Group) -> list[Frame]:
+    if msg.encoding == "raw":
+        if msg.images is None:
+            raise ProtocolError("bad_message", f"group {msg.group_id!r} has encoding 'raw' but no images")
+        images = np.ascontiguousarray(msg.images)
+        msg.shape = tuple(int(s) for s in images.shape)  # type: ignore[assignment]
+        return [memoryview(images).cast("B")]
+    if msg.encoded is None:
+        raise ProtocolError("bad_message", f"group {msg.group_id!r} has encoding {msg.encoding!r} but no encoded images")
+    if msg.shape is None:
+        raise ProtocolError("bad_message", f"group {msg.group_id!r}: encoded images need an explicit shape [m, H, W, 3]")
+    return list(msg.encoded)
+
+
+def _check_sizes(frames: Sequence[Frame], max_bytes: int) -> None:
+    header_len = len(frames[0])
+    if header_len > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"header frame is {header_len} bytes, limit {MAX_HEADER_BYTES}")
+    total = sum(memoryview(f).nbytes for f in frames)
+    if total > max_bytes:
+        raise ProtocolError("too_large", f"message is {total} bytes, limit {max_bytes}")
+
+
+def _check_group_payload(header: dict[str, Any], payload: Sequence[Frame]) -> None:
+    m, height, width, _ = header["shape"]
+    if header["encoding"] == "raw":
+        expected = m * height * width * 3
+        if len(payload) != 1:
+            raise ProtocolError(
+                "bad_message", f"group.encoding 'raw' needs exactly 1 payload frame, got {len(payload)}"
+            )
+        size = memoryview(payload[0]).nbytes
+        if size != expected:
+            raise ProtocolError(
+                "bad_message",
+                f"group payload is {size} bytes but shape {header['shape']} needs {expected}",
+            )
+    else:
+        if len(payload) != m:
+            raise ProtocolError(
+                "bad_message",
+                f"group.encoding {header['encoding']!r} needs one frame per image (m = {m}), got {len(payload)}",
+            )
+        for index, frame in enumerate(payload):
+            if memoryview(frame).nbytes == 0:
+                raise ProtocolError("bad_message", f"group payload frame {index} (encoded image) is empty")
+
+
+def _buffer(frame: Any) -> memoryview:
+    """A memoryview over a frame: bytes, bytearray, memoryview or a ``zmq.Frame`` (zero copy)."""
+    buf = getattr(frame, "buffer", frame)
+    try:
+        view = memoryview(buf)
+    except TypeError as exc:
+        raise ProtocolError("bad_message", f"frame of type {type(frame).__name__} is not a bytes-like object") from exc
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def decode_header(frame: Any) -> dict[str, Any]:
+    """Unpack and check frame 0: a MessagePack map with ``v`` and a known ``type``."""
+    view = _buffer(frame)
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            view,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_array_len=MAX_HEADER_BYTES,
+            max_map_len=4096,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, TypeError, ...)
+        raise ProtocolError("bad_message", f"header is not a valid MessagePack map: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_message", f"header must be a MessagePack map, got {type(header).__name__}")
+    if "v" not in header:
+        raise ProtocolError("bad_message", "header is missing field 'v' (protocol version)")
+    version = header["v"]
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError("version", f"header.v = {version!r}, this peer speaks protocol version {PROTOCOL_VERSION}")
+    if "type" not in header:
+        raise ProtocolError("bad_message", "header is missing field 'type'")
+    msg_type = header["type"]
+    if not isinstance(msg_type, str) or msg_type not in MESSAGE_TYPES:
+        raise ProtocolError(
+            "bad_message", f"header.type = {msg_type!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}"
+        )
+    validate_header(header)
+    return header
+
+
+def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Turn received frames (bytes, memoryviews or ``zmq.Frame``s) back into a typed message.
+
+    Raises only ``ProtocolError``. A raw group's ``images`` is a read-only numpy view over the
+    payload frame (no copy).
+    """
+    if not isinstance(frames, (list, tuple)) or len(frames) == 0:
+        raise ProtocolError("bad_message", "a message needs at least one frame (the header)")
+    views = [_buffer(f) for f in frames]
+    _check_sizes(views, max_bytes)
+    header = decode_header(views[0])
+    msg_type = header["type"]
+    payload = views[1:]
+    if msg_type != "group":
+        if payload:
+            raise ProtocolError("bad_message", f"{msg_type} carries no payload frames, got {len(payload)}")
+        cls = MESSAGE_TYPES[msg_type]
+        return cls(**{name: header[name] for name in SCHEMA[msg_type]})
+    _check_group_payload(header, payload)
+    shape = tuple(header["shape"])
+    common = dict(
+        group_id=header["group_id"],
+        caption_id=header["caption_id"],
+        caption=header["caption"],
+        seeds=list(header["seeds"]),
+        encoding=header["encoding"],
+        shape=shape,
+        generator=header["generator"],
+        gen_seconds=header["gen_seconds"],
+    )
+    if header["encoding"] == "raw":
+        images = np.frombuffer(payload[0], dtype=np.uint8).reshape(shape)
+        if images.flags.writeable:
+            images.flags.writeable = False
+        return Group(images=images, **common)
+    return Group(encoded=[bytes(p) for p in payload], **common)

@@ -1,0 +1,22 @@
+"""The one exception the protocol raises."""
+from __future__ import annotations
+
+ERROR_CODES = ("version", "bad_message", "too_large")
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted.
+
+    Attributes:
+        code: ``"version"`` (wrong protocol version), ``"bad_message"`` (unknown type, missing or
+            mistyped field, payload that disagrees with its header) or ``"too_large"`` (over the
+            size limit). The same codes travel in ``error`` messages.
+        message: a sentence naming the field and value at fault.
+    """
+
+    def __init__(self, code: str, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown protocol error code {code!r}; expected one of {ERROR_CODES}")
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message

@@ -1,0 +1,19 @@
+"""Version and size limits of wire protocol v1."""
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+#: Largest multipart message (header plus payload frames) a peer accepts, in bytes. 256 MiB holds
+#: a group of 10 images at 2048x2048 raw; the socket option ZMQ_MAXMSGSIZE enforces it per frame.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+#: Largest header frame (the MessagePack map), in bytes.
+MAX_HEADER_BYTES = 64 * 1024
+
+#: Most images one group may hold, and most credits one ``credit`` message may grant.
+MAX_IMAGES_PER_GROUP = 1024
+MAX_CREDIT = 1 << 20
+
+#: Image encodings a ``group`` may carry. ``raw`` is one frame of m*H*W*3 bytes; the others are
+#: one encoded image per frame.
+ENCODINGS = ("raw", "png", "jpeg", "webp")
