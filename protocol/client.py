@@ -170,7 +170,7 @@ class GroupClient:
             log.debug("send to %s would block; dropped %s", endpoint.url, type(msg).__name__)
 
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self._wake.read_fd, zmq.POLLIN)
         try:
             for url in self.endpoints:
@@ -221,6 +221,8 @@ class GroupClient:
                     return
                 continue
             self._handle(endpoint, msg, frames)
+            if self._endpoints.get(endpoint.url) is not endpoint:
+                return  # reconnected: this socket is closed
 
     def _handle(self, endpoint: _Endpoint, msg: Any, frames: list[Any]) -> None:
         if isinstance(msg, Welcome):
@@ -252,6 +254,10 @@ class GroupClient:
             log.warning("service %s reports error [%s] %s", endpoint.url, msg.code, msg.message)
             if endpoint.welcome is None and msg.code == "version":
                 self._fatal = ProtocolError("version", f"service {endpoint.url} refused our version: {msg.message}")
+            elif endpoint.welcome is not None and monotonic() - endpoint.hello_sent > endpoint.heartbeat_s:
+                # The service no longer knows this session (it restarted, or declared us dead):
+                # start a new one rather than talk past each other.
+                self._reconnect(endpoint, self._poller)
         elif isinstance(msg, Heartbeat):
             pass
         else:

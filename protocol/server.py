@@ -216,6 +216,8 @@ class GroupServer:
             self._send(socket, identity, Welcome(self.service_id, self.generator_info, self.heartbeat_ms))
         elif isinstance(msg, Credit):
             if client is None:
+                with self._cond:
+                    self._stats.bad_messages += 1
                 self._send(socket, identity, Error("bad_message", "credit from a client that sent no hello"))
                 return
             with self._cond:
@@ -225,6 +227,8 @@ class GroupServer:
                 self._clients.pop(identity, None)
         elif isinstance(msg, Heartbeat):
             if client is None:
+                with self._cond:
+                    self._stats.bad_messages += 1
                 self._send(socket, identity, Error("bad_message", "heartbeat from a client that sent no hello"))
         elif isinstance(msg, Error):
             log.warning("client %s reports error [%s] %s", identity.hex()[:8], msg.code, msg.message)
