@@ -2,8 +2,8 @@
 
 One I/O thread owns every socket. ``start()`` connects and performs the hello/welcome handshake
 with each endpoint, then grants ``credits`` to each. Every received group is passed to
-``on_group`` on the I/O thread; when the callback returns, one credit goes back to that service.
-So at most ``credits`` groups per endpoint are ever in flight or waiting in the callback: memory
+``on_group`` on the I/O thread; when the callback returns, its credit is owed back to that service
+(granted back in batches of a quarter of ``credits``). So at most ``credits`` groups per endpoint are ever in flight or waiting in the callback: memory
 is bounded by credits. A service silent for more than three heartbeat intervals is reconnected
 (a fresh socket, a new hello, credits granted again).
 """
@@ -245,9 +245,7 @@ class GroupClient:
                     self._stats.callback_errors += 1
                 log.exception("on_group failed for group %s from %s", msg.group_id, endpoint.url)
             if endpoint.welcome is not None:
-                with self._lock:
-                    endpoint.outstanding += 1
-                self._send(endpoint, Credit(1))
+                self._replenish(endpoint)
         elif isinstance(msg, Error):
             with self._lock:
                 self._stats.errors_from_service += 1
@@ -264,6 +262,14 @@ class GroupClient:
             with self._lock:
                 self._stats.bad_messages += 1
             self._send(endpoint, Error("bad_message", f"type {msg.TYPE!r} is not sent by services"))
+
+    def _replenish(self, endpoint: _Endpoint) -> None:
+        """Grant back consumed credits, batched: once a quarter of them (at least one) is used."""
+        owed = self.credits - endpoint.outstanding
+        if owed >= max(1, self.credits // 4):
+            with self._lock:
+                endpoint.outstanding += owed
+            self._send(endpoint, Credit(owed))
 
     def _keepalive(self, endpoint: _Endpoint, poller: zmq.Poller) -> None:
         now = monotonic()
