@@ -1,0 +1,179 @@
+"""The diffusers backend: any diffusers text-to-image pipeline, one seed per image.
+
+- ``config.model``: a local pipeline folder (works offline), a hub id, or "random:sd15" (SD v1.5's
+  architecture with seeded random weights, `random_sd15`). Loaded with
+  ``DiffusionPipeline.from_pretrained(model, torch_dtype=...)``; the safety checker is disabled.
+- ``config.scheduler``: swapped by name with ``SchedulerClass.from_config(pipe.scheduler.config)``
+  (`schedulers.SCHEDULERS`; "default" keeps the pipeline's own).
+- ``config.attention``: "sdpa" keeps diffusers' default attention (torch scaled_dot_product_attention);
+  "xformers" needs the xformers package.
+- ``config.compile``: ``torch.compile`` of the denoiser (UNet or transformer) and the VAE decoder.
+- On CUDA the denoiser and VAE use channels_last.
+
+Seeds: image ``j`` of caption ``i`` starts from latents drawn by its own CPU ``torch.Generator``
+seeded ``seeds[i][j]`` (diffusers draws one latent per generator when given a list, in the order
+prompt-major, image-minor that ``num_images_per_prompt`` produces). A CPU generator makes the
+initial noise the same on every device. All B*m images run in one pipeline call.
+
+The decoded images are resized to ``save_size`` on the device (antialiased bicubic) and converted
+to uint8 there; only uint8 ``[B, m, S, S, 3]`` leaves the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from generator_service.backends import register_backend
+from generator_service.backends.base import Backend
+from generator_service.backends.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
+from generator_service.config import RANDOM_MODELS
+
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def load_pipeline(model: str, torch_dtype):
+    """Load a diffusers pipeline from a folder, a hub id or "random:sd15"; clear errors when it is missing."""
+    from diffusers import DiffusionPipeline
+
+    if model in RANDOM_MODELS:
+        from generator_service.backends.random_sd15 import build_random_sd15_pipeline
+
+        return build_random_sd15_pipeline(torch_dtype)
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{path} is a folder but not a diffusers pipeline: it has no model_index.json")
+        model_index = json.loads(index_file.read_text())
+        source = str(path)
+    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1 or path.exists():
+        raise FileNotFoundError(
+            f"diffusers model {model!r} not found: no such folder (hub ids look like 'organization/name')"
+        )
+    else:
+        try:
+            model_index = DiffusionPipeline.load_config(model)
+        except Exception as exc:
+            raise OSError(
+                f"diffusers model {model!r} is not a local folder and could not be fetched from the hub "
+                f"or its local cache ({type(exc).__name__}: {exc})"
+            ) from exc
+        source = model
+    kwargs = {}
+    if "safety_checker" in model_index:
+        kwargs["safety_checker"] = None
+    if "requires_safety_checker" in model_index:
+        kwargs["requires_safety_checker"] = False
+    from diffusers.pipelines import pipeline_utils
+
+    # Newer diffusers name the argument `dtype` (and deprecate `torch_dtype`).
+    kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = torch_dtype
+    return DiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+def swap_scheduler(pipe, name: str) -> None:
+    """Replace ``pipe.scheduler`` by the scheduler called ``name`` (`schedulers.SCHEDULERS`), keeping its config."""
+    if name == DEFAULT_SCHEDULER_NAME:
+        return
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join([DEFAULT_SCHEDULER_NAME, *SCHEDULERS])}")
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    scheduler_class = getattr(diffusers, class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+
+
+def _denoiser(pipe):
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else getattr(pipe, "transformer", None)
+
+
+@register_backend("diffusers")
+class DiffusersBackend(Backend):
+    name = "diffusers"
+
+    def __init__(self, config, device: str = "cpu") -> None:
+        if config.backend != "diffusers":
+            raise ValueError(f"DiffusersBackend needs config.backend='diffusers', got {config.backend!r}")
+        super().__init__(config, device)
+        import torch
+
+        self.torch = torch
+        self.torch_device = torch.device(device)
+        dtype = getattr(torch, TORCH_DTYPES[config.dtype])
+        pipe = load_pipeline(config.model, dtype)
+        swap_scheduler(pipe, config.scheduler)
+        if config.attention == "xformers":
+            if importlib.util.find_spec("xformers") is None:
+                raise ValueError("attention='xformers' needs the xformers package: pip install 'stablerep[xformers]'")
+            pipe.enable_xformers_memory_efficient_attention()
+        pipe = pipe.to(self.torch_device)
+        denoiser, vae = _denoiser(pipe), getattr(pipe, "vae", None)
+        if self.torch_device.type == "cuda":
+            for module in (denoiser, vae):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        if config.compile:
+            if denoiser is not None:
+                denoiser.compile()
+            if vae is not None:
+                vae.decoder.compile()
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self._call_parameters = set(inspect.signature(pipe.__call__).parameters)
+        for required in ("prompt", "num_images_per_prompt", "generator", "output_type"):
+            if required not in self._call_parameters:
+                raise ValueError(f"pipeline {type(pipe).__name__} of {config.model!r} does not take {required!r}: not a text-to-image pipeline")
+
+    def pipeline_kwargs(self, captions: list[str], seeds: list[list[int]]) -> dict:
+        """The keyword arguments of the one pipeline call that generates every image of the batch."""
+        generators = [self.torch.Generator("cpu").manual_seed(seed) for group in seeds for seed in group]
+        kwargs = dict(
+            prompt=captions,
+            num_images_per_prompt=len(seeds[0]),
+            generator=generators,
+            num_inference_steps=self.config.steps,
+            guidance_scale=self.config.guidance,
+            eta=self.config.eta,
+            height=self.config.height,
+            width=self.config.width,
+            output_type="pt",
+        )
+        return {key: value for key, value in kwargs.items() if key in self._call_parameters}
+
+    def _generate(self, captions: list[str], seeds: list[list[int]]) -> np.ndarray:
+        """uint8 [B, m, S, S, 3]: one pipeline call, resize and uint8 conversion on the device."""
+        torch = self.torch
+        with torch.inference_mode():
+            images = self.pipe(**self.pipeline_kwargs(captions, seeds)).images
+            images = to_uint8_hwc(images, self.config.save_size, self.torch_device)
+        b, m, size = len(captions), len(seeds[0]), self.config.save_size
+        return images.cpu().numpy().reshape(b, m, size, size, 3)
+
+    def close(self) -> None:
+        self.pipe = None
+        if self.torch_device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+def to_uint8_hwc(images, size: int, device):
+    """Pipeline output (float [N, 3, H, W] in [0, 1], or numpy/PIL) -> uint8 [N, size, size, 3] on ``device``."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(images, list):
+        images = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
+    images = images.float()
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    images = torch.nan_to_num(images, nan=0.0).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous()
