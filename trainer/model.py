@@ -1,0 +1,196 @@
+"""StableRep model: a timm backbone, the paper's projection head, and an optional CLIP text tower.
+
+``build_model`` -> :class:`StableRepModel`. The backbone is exported on its own
+(``backbone.safetensors`` + ``backbone.json``) so evaluation and downstream users load it with
+``timm.create_model(name, pretrained=False, **model_kwargs)`` and ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.losses import INITIAL_LOGIT_SCALE
+from trainer.text import TextConfig, TextTower
+
+BACKBONE_WEIGHTS = "backbone.safetensors"
+BACKBONE_META = "backbone.json"
+
+
+def projection_head(in_dim: int, hidden: int = 4096, out: int = 256, layers: int = 3) -> nn.Sequential:
+    """The paper's MLP head: ``layers - 1`` blocks of Linear-BN-ReLU, then Linear(hidden, out).
+
+    ``[N, in_dim] -> [N, out]``. ``layers=1`` is a single Linear(in_dim, out); ``layers=0`` is no head
+    at all (identity, ``[N, in_dim]``), for image-text-only models such as CLIP.
+    """
+    if layers < 0:
+        raise ValueError(f"head_layers must be >= 0, got {layers}")
+    if layers == 0:
+        return nn.Sequential()
+    blocks: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers - 1):
+        blocks += [nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        dim = hidden
+    blocks.append(nn.Linear(dim, out))
+    return nn.Sequential(*blocks)
+
+
+class StableRepModel(nn.Module):
+    """Backbone + projection head (+ text tower, image projection and logit scale for image-text methods).
+
+    Attributes:
+        backbone: timm model with ``num_classes=0``: ``[N, 3, S, S] -> [N, num_features]``.
+        head: projection head ``[N, num_features] -> [N, head_out]``.
+        text: :class:`TextTower` or None.
+        image_projection: Linear ``num_features -> text.embed_dim`` (None without text tower).
+        logit_scale: scalar parameter, log inverse temperature of image-text logits (None without text).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, model_name: str, model_kwargs: dict,
+                 text: TextTower | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs)
+        self.text = text
+        if text is not None:
+            self.image_projection = nn.Linear(backbone.num_features, text.config.embed_dim, bias=False)
+            nn.init.normal_(self.image_projection.weight, std=backbone.num_features ** -0.5)
+            self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
+        else:
+            self.image_projection = None
+            self.logit_scale = None
+
+    @property
+    def num_features(self) -> int:
+        return int(self.backbone.num_features)
+
+    def _require_text(self) -> TextTower:
+        if self.text is None:
+            raise RuntimeError("this model has no text tower: build it with build_model(..., text=TextConfig())")
+        return self.text
+
+    def forward(self, images: torch.Tensor, text_tokens: torch.Tensor | None = None, *, ssl: bool = True):
+        """Run the model. Goes through ``__call__`` so data-parallel wrappers see every branch.
+
+        Args:
+            images: float ``[N, 3, S, S]``, normalized.
+            text_tokens: int64 ``[G, L]`` or None.
+            ssl: with text tokens, also return the projection-head output.
+        Returns:
+            without ``text_tokens``: head output ``[N, head_out]``;
+            with them: dict with ``image_embed`` ``[N, E]``, ``text_embed`` ``[G, E]``, ``logit_scale``
+            (scalar parameter) and, when ``ssl``, ``ssl`` ``[N, head_out]``.
+        """
+        features = self.backbone(images)
+        if text_tokens is None:
+            return self.head(features)
+        text = self._require_text()
+        out = {"image_embed": self.image_projection(features), "text_embed": text(text_tokens),
+               "logit_scale": self.logit_scale}
+        if ssl:
+            out["ssl"] = self.head(features)
+        return out
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> image embedding ``[N, E]`` in the joint image-text space."""
+        self._require_text()
+        return self.image_projection(self.backbone(images))
+
+    def encode_text(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """int64 ``[G, L]`` -> text embedding ``[G, E]``."""
+        return self._require_text()(text_tokens)
+
+    def tokenize(self, captions: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """Captions -> int64 ``[G, L]`` for :meth:`encode_text` / :meth:`forward`."""
+        return self._require_text().tokenize(captions, device)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: ``weight_decay`` on weight matrices / conv kernels, none on
+        biases, norm parameters, other 1-D parameters, the logit scale, and token / position
+        embeddings (the backbone's ``no_weight_decay()`` names and the text tower's positions)."""
+        skip = set()
+        if hasattr(self.backbone, "no_weight_decay"):
+            skip |= {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        if self.text is not None:
+            skip |= {f"text.{name}" for name in self.text.no_weight_decay_names}
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def backbone_meta(self) -> dict:
+        """``backbone.json`` content: ``{"model", "model_kwargs", "num_features"}``."""
+        return {"model": self.model_name, "model_kwargs": dict(self.model_kwargs),
+                "num_features": self.num_features}
+
+    def export_backbone(self, path_dir: str | Path) -> Path:
+        """Write ``backbone.safetensors`` and ``backbone.json`` into ``path_dir``; returns the weights path."""
+        path_dir = Path(path_dir)
+        path_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        weights = path_dir / BACKBONE_WEIGHTS
+        tmp = weights.with_suffix(".safetensors.tmp")
+        save_file(state, str(tmp))
+        tmp.replace(weights)
+        (path_dir / BACKBONE_META).write_text(json.dumps(self.backbone_meta(), indent=2) + "\n")
+        return weights
+
+
+def build_model(name: str = "vit_base_patch16_224", img_size: int = 224, model_kwargs: dict | None = None,
+                head_hidden: int = 4096, head_out: int = 256, head_layers: int = 3, sync_bn: bool = False,
+                text: TextConfig | dict | None = None) -> StableRepModel:
+    """Build the StableRep model.
+
+    Args:
+        name: timm model name (created with ``pretrained=False``, ``num_classes=0``).
+        img_size: training resolution passed to timm.
+        model_kwargs: extra timm kwargs (e.g. ``{"patch_size": 8}``).
+        head_hidden, head_out, head_layers: projection head sizes (paper: 4096, 256, 3; ``head_layers=0``
+            = no head, e.g. for the clip method, so no parameter goes unused under DDP).
+        sync_bn: convert every BatchNorm to SyncBatchNorm (multi-GPU runs).
+        text: a :class:`TextConfig` (or its dict) to add the text tower for clip / stablerep+.
+    """
+    kwargs = {"num_classes": 0, "img_size": img_size, **(model_kwargs or {})}
+    try:
+        backbone = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        raise ValueError(f"timm cannot build model {name!r} with {kwargs}: {err}") from err
+    head = projection_head(backbone.num_features, head_hidden, head_out, head_layers)
+    if isinstance(text, dict):
+        text = TextConfig(**text)
+    model = StableRepModel(backbone, head, name, kwargs, TextTower(text) if text is not None else None)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def load_backbone(run_or_file: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load an exported backbone as a timm model in eval mode.
+
+    ``run_or_file``: a run / export directory holding ``backbone.safetensors`` + ``backbone.json``,
+    or the path of either file.
+    """
+    path = Path(run_or_file)
+    directory = path if path.is_dir() else path.parent
+    weights, meta_path = directory / BACKBONE_WEIGHTS, directory / BACKBONE_META
+    for needed in (weights, meta_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"exported backbone file missing: {needed}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        name, kwargs = meta["model"], dict(meta["model_kwargs"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{meta_path}: expected {{'model': str, 'model_kwargs': dict, ...}}: {err}") from err
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval()

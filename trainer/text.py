@@ -1,0 +1,151 @@
+"""CLIP-style text tower for StableRep+ and CLIP: tokenizer + causal transformer + EOT pooling + projection.
+
+The transformer is ``transformers.CLIPTextModel`` built from a config (random init, nothing is
+downloaded). Tokenizers work offline: the default :class:`ByteTokenizer` maps UTF-8 bytes to ids;
+``tokenizer=<folder>`` loads a local Hugging Face tokenizer folder with ``AutoTokenizer``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TextConfig:
+    """Text tower size. Defaults follow CLIP ViT-B/16's text encoder."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    context_length: int = 77
+    embed_dim: int = 512
+    tokenizer: str = "bytes"  # "bytes", or the path of a local Hugging Face tokenizer folder
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0..255 are bytes, then PAD, BOS, EOS.
+
+    ``tokenize(texts) -> int64 [B, context_length]``: BOS, the first ``context_length - 2`` bytes,
+    EOS, then PAD. Truncation never drops the EOS token the tower pools from.
+    """
+
+    pad_id, bos_id, eos_id = 256, 257, 258
+    vocab_size = 259
+
+    def __init__(self, context_length: int = 77) -> None:
+        if context_length < 3:
+            raise ValueError(f"context_length must be >= 3, got {context_length}")
+        self.context_length = context_length
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            body = list(text.encode("utf-8"))[: self.context_length - 2]
+            ids = [self.bos_id, *body, self.eos_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer folder, padded / truncated to ``context_length``."""
+
+    def __init__(self, path: str | Path, context_length: int = 77) -> None:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"text tokenizer folder not found: {path} (use tokenizer='bytes' "
+                                    "or a local folder holding a Hugging Face tokenizer)")
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load a Hugging Face tokenizer from {path}: {err}") from err
+        tok = self.tokenizer
+        self.context_length = context_length
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        if self.pad_id is None:
+            raise ValueError(f"tokenizer in {path} has no pad, eos or sep token to pad with")
+        if tok.pad_token_id is None:
+            tok.pad_token_id = self.pad_id
+        self.bos_id = tok.bos_token_id
+        self.vocab_size = len(tok)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=self.context_length, return_tensors="pt")["input_ids"].long()
+
+
+def build_tokenizer(config: TextConfig) -> ByteTokenizer | HFTokenizer:
+    """``"bytes"`` -> :class:`ByteTokenizer`; anything else is a local tokenizer folder."""
+    if config.tokenizer == "bytes":
+        return ByteTokenizer(config.context_length)
+    return HFTokenizer(config.tokenizer, config.context_length)
+
+
+def eot_positions(tokens: torch.Tensor, eos_id: int | None, pad_id: int) -> torch.Tensor:
+    """Index of the token each sequence is pooled from.
+
+    The first EOS when the row has one, else the last non-pad token.
+    Args: tokens int ``[B, L]``. Returns: int64 ``[B]``.
+    """
+    length = tokens.shape[1]
+    positions = torch.arange(length, device=tokens.device).expand_as(tokens)
+    last_real = torch.where(tokens != pad_id, positions, 0).amax(dim=1)
+    if eos_id is None:
+        return last_real
+    is_eos = tokens == eos_id
+    first_eos = torch.where(is_eos, positions, length).amin(dim=1)
+    return torch.where(is_eos.any(dim=1), first_eos, last_real)
+
+
+class TextTower(nn.Module):
+    """Captions -> embeddings ``[B, embed_dim]`` in the joint image-text space."""
+
+    def __init__(self, config: TextConfig | None = None) -> None:
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.config = config = config or TextConfig()
+        self.tokenizer = build_tokenizer(config)
+        hf_config = CLIPTextConfig(
+            vocab_size=self.tokenizer.vocab_size,
+            hidden_size=config.width,
+            intermediate_size=int(config.width * config.mlp_ratio),
+            projection_dim=config.embed_dim,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            max_position_embeddings=config.context_length,
+            pad_token_id=self.tokenizer.pad_id,
+            bos_token_id=self.tokenizer.bos_id,
+            eos_token_id=self.tokenizer.eos_id,
+        )
+        self.transformer = CLIPTextModel(hf_config)  # causal self-attention inside
+        self.projection = nn.Linear(config.width, config.embed_dim, bias=False)
+        nn.init.normal_(self.projection.weight, std=config.width ** -0.5)
+
+    @property
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names (relative to this module) that AdamW should not decay: the position embedding."""
+        from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
+        skip = {id(m.position_embedding.weight) for m in self.modules() if isinstance(m, CLIPTextEmbeddings)}
+        return {name for name, param in self.named_parameters() if id(param) in skip}
+
+    def tokenize(self, texts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """Captions -> int64 ``[B, context_length]`` on ``device``."""
+        tokens = self.tokenizer(texts)
+        return tokens.to(device) if device is not None else tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B, L]`` -> float ``[B, embed_dim]`` (the EOT token's final state, projected)."""
+        if tokens.dim() != 2 or tokens.shape[1] > self.config.context_length:
+            raise ValueError(f"expected tokens [B, <= {self.config.context_length}], got {tuple(tokens.shape)}")
+        hidden = self.transformer(input_ids=tokens).last_hidden_state  # [B, L, width], final LN applied
+        pos = eot_positions(tokens, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), pos]
+        return self.projection(pooled)
