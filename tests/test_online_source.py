@@ -1,0 +1,118 @@
+"""Online source against a real GroupServer on 127.0.0.1 (real ZeroMQ sockets)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tests.train_helpers import SyntheticService, free_tcp_endpoint
+from trainer.sources import build_source
+from trainer.sources.online import GroupStreamError, OnlineSource, choose_storage_device
+
+
+def test_batches_stream_from_the_service():
+    with SyntheticService(num_captions=40, m=4, size=24) as service:
+        source = build_source("online", endpoints=[service.endpoint], batch_captions=8, images_per_caption=3,
+                              capacity_groups=32, connect_timeout=5, sample_timeout=20)
+        try:
+            assert isinstance(source, OnlineSource)
+            for _ in range(3):
+                batch = source.next_batch()
+                assert batch.images.shape == (8, 3, 24, 24, 3) and batch.images.dtype == torch.uint8
+                assert len(set(batch.caption_ids.tolist())) == 8  # distinct captions per batch
+                # images of one caption come from the same layout: closer to each other than to others
+                g = batch.images.float().flatten(2)
+                within = (g[:, 0] - g[:, 1]).abs().mean()
+                across = (g[:, 0] - g.roll(1, dims=0)[:, 0]).abs().mean()
+                assert within < across
+            stats = source.stats()
+            assert stats["groups_received"] >= 8 and stats["batches"] == 3 and stats["draws"] == 24
+            for key in ("reuse_mean", "reuse_max", "staleness_mean_s", "stall_seconds", "fresh_fraction_last"):
+                assert key in stats
+            assert stats["capacity"] == 32 and stats["storage"] == "cpu"
+        finally:
+            source.close()
+
+
+def test_buffer_sized_from_first_group_and_resized_by_flag():
+    # no save_size in the welcome: the buffer is allocated from the first group's shape
+    with SyntheticService(num_captions=20, m=4, size=20, save_size=False) as service:
+        source = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, connect_timeout=5,
+                              sample_timeout=20)
+        try:
+            assert source.next_batch().images.shape == (4, 2, 20, 20, 3)
+        finally:
+            source.close()
+        resized = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, image_size=12,
+                               capacity_gib=4 * 12 * 12 * 3 * 10 / 2**30, connect_timeout=5, sample_timeout=20)
+        try:
+            assert resized.next_batch().images.shape == (4, 2, 12, 12, 3)
+            stats = resized.stats()
+            assert stats["capacity"] == 10 and stats["groups_resized"] >= 4
+        finally:
+            resized.close()
+
+
+def test_state_dict_restores_replay_counters():
+    with SyntheticService(num_captions=20, m=3, size=16) as service:
+        first = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, connect_timeout=5)
+        try:
+            first.next_batch(), first.next_batch()
+            state = first.state_dict()
+        finally:
+            first.close()
+        second = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, connect_timeout=5)
+        try:
+            second.load_state_dict(state)
+            second.next_batch()
+            assert second.stats()["batches"] == 3 and second.stats()["draws"] == 12
+        finally:
+            second.close()
+
+
+def test_unreachable_generator_names_the_endpoint():
+    endpoint = free_tcp_endpoint()
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=endpoint.replace(".", r"\.")):
+        OnlineSource([endpoint], batch_captions=4, images_per_caption=2, connect_timeout=0.5)
+    assert time.monotonic() - start < 5
+
+
+def test_too_few_images_per_group_is_refused():
+    with SyntheticService(num_captions=8, m=2, size=16) as service:
+        with pytest.raises(ValueError, match=r"serves 2 images per group, fewer than images_per_caption=6"):
+            OnlineSource([service.endpoint], batch_captions=4, images_per_caption=6, connect_timeout=5)
+
+
+def test_storage_rule():
+    assert choose_storage_device("auto", torch.device("cpu"), 10) == torch.device("cpu")
+    assert choose_storage_device("host", torch.device("cpu"), 10) == torch.device("cpu")
+    with pytest.raises(ValueError, match="needs a CUDA training device"):
+        choose_storage_device("gpu", torch.device("cpu"), 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_storage_rule_on_gpu():
+    device = torch.device("cuda", 0)
+    free, _ = torch.cuda.mem_get_info(device)
+    assert choose_storage_device("auto", device, 1 << 20) == device
+    assert choose_storage_device("auto", device, int(free)) == torch.device("cpu")
+    assert choose_storage_device("host", device, 1 << 20) == torch.device("cpu")
+
+
+def test_a_group_that_does_not_fit_fails_the_next_batch_with_its_name():
+    from protocol.server import GroupServer
+    from tests.train_helpers import generator_info, make_group
+
+    # the welcome promises 4 images per group, the groups carry 2
+    with GroupServer("tcp://127.0.0.1:*", "liar", generator_info(4, 16), heartbeat_ms=200) as server:
+        source = OnlineSource([server.endpoint], batch_captions=2, images_per_caption=2, connect_timeout=5,
+                              sample_timeout=10)
+        try:
+            server.put(make_group(7, 2, 16), timeout=5)
+            with pytest.raises(GroupStreamError, match="synthetic-000000007"):
+                source.next_batch()
+        finally:
+            source.close()

@@ -1,0 +1,141 @@
+"""Trainer config: presets, YAML + flag precedence, validation errors, schedule values."""
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import yaml
+
+from trainer import cli
+from trainer.config import ConfigError, TrainConfig, build_config, from_dict, load_yaml, write_config
+from trainer.schedule import lr_at
+
+GEN = ["--generators", "tcp://127.0.0.1:5555"]
+
+
+def test_paper_preset_is_the_papers_recipe():
+    cfg, _ = cli.parse_config(["--preset", "paper_vitb16_cc12m_1x", *GEN])
+    assert cfg.model.name == "vit_base_patch16_224"
+    assert (cfg.model.head_hidden, cfg.model.head_out, cfg.model.head_layers) == (4096, 256, 3)
+    assert (cfg.data.batch_captions, cfg.data.images_per_caption) == (1376, 6)
+    assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.weight_decay == 0.1
+    assert cfg.method.name == "stablerep" and cfg.method.temperature == 0.1 and cfg.augment.strong
+    assert cfg.run.precision == "bf16"
+    assert cfg.peak_lr() == pytest.approx(2e-4 * 1376 * 6 / 256)
+    steps_per_epoch = 10_000_000 / 1376
+    assert cfg.total_steps() == math.ceil(15 * steps_per_epoch)
+    assert cfg.warmup_steps() == round(0.5 * steps_per_epoch)
+    assert cfg.crop_size() == 224
+
+
+def test_precedence_defaults_preset_config_file_flags(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({
+        "optim": {"base_lr": 5e-4, "weight_decay": 0.05},
+        "data": {"batch_captions": 16},
+        "model": {"model_kwargs": {"depth": 2}},
+    }))
+    cfg, _ = cli.parse_config([
+        "--preset", "cpu_small", "--config", str(override), *GEN,
+        "--batch-captions", "8", "--model-kwargs", "embed_dim=96", "--weak-aug", "--steps", "7", "--warmup-steps", "2",
+    ])
+    assert cfg.model.name == "vit_tiny_patch16_224"  # preset
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.base_lr == 5e-4  # config file over preset
+    assert cfg.data.batch_captions == 8  # flag over config file
+    assert cfg.schedule.steps == 7 and cfg.augment.strong is False
+    # keyword maps merge across layers: preset patch_size, file depth, flag embed_dim
+    assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 2, "embed_dim": 96}
+    assert cfg.optim.betas == [0.9, 0.98]  # untouched default
+    assert cfg.peak_lr() == pytest.approx(5e-4 * 8 * 4 / 256)
+    assert cli.parse_config(["--preset", "cpu_small", *GEN, "--lr", "0.01"])[0].peak_lr() == 0.01
+
+
+def test_written_config_round_trips(tmp_path):
+    cfg = build_config("cpu_small", overrides={"data": {"generators": ["tcp://127.0.0.1:1"]}, "schedule": {"steps": 9, "warmup_steps": 1}})
+    path = write_config(cfg, tmp_path / "run")
+    data = load_yaml(path)
+    assert data["resolved"]["total_steps"] == 9 and data["resolved"]["peak_lr"] == pytest.approx(cfg.peak_lr())
+    assert from_dict(data) == cfg
+    again, _ = cli.parse_config(["--config", str(path)])
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--lr", "-1"], "optim.lr = -1.0"),
+        (["--lr", "inf"], "optim.lr = inf"),
+        (["--min-fresh", "1.5"], "replay.min_fresh = 1.5"),
+        (["--steps", "5", "--epochs", "2"], "schedule.epochs"),
+        (["--warmup-steps", "500"], "schedule.warmup_steps = 500"),
+        (["--replay-capacity", "10", "--replay-gib", "1"], "replay.capacity_gib"),
+        (["--betas", "0.9", "1.5"], "optim.betas"),
+        (["--generators", "localhost:5555"], "data.generators = 'localhost:5555'"),
+        (["--source", "offline"], "data.data"),
+    ],
+)
+def test_bad_values_name_field_and_value(argv, needle):
+    with pytest.raises(ConfigError) as err:
+        cli.parse_config(["--preset", "cpu_small", *GEN, *argv])
+    assert needle in str(err.value)
+
+
+def test_yaml_errors_name_file_and_field(tmp_path):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate.*bad_key\.yaml"):
+        build_config(config_file=str(bad_key))
+    bad_type = tmp_path / "bad_type.yaml"
+    bad_type.write_text("data:\n  batch_captions: many\n")
+    with pytest.raises(ConfigError, match=r"data\.batch_captions = 'many'.*bad_type\.yaml.*expected int"):
+        build_config(config_file=str(bad_type))
+    bad_group = tmp_path / "bad_group.yaml"
+    bad_group.write_text("optimizer:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config group 'optimizer'"):
+        build_config(config_file=str(bad_group))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        build_config(preset="nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(config_file=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="run length is not set"):
+        TrainConfig(data=TrainConfig().data.__class__(generators=["tcp://a:1"])).validate()
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert cli.main(["--preset", "cpu_small", *GEN, "--max-reuse", "0"]) == 2
+    assert "replay.max_reuse = 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: unknown choice
+        cli.main(["--preset", "cpu_small", *GEN, "--precision", "fp8"])
+    assert exc.value.code == 2
+
+
+def test_print_config(capsys):
+    assert cli.main(["--preset", "cpu_small", *GEN, "--steps", "3", "--warmup-steps", "0", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["schedule"]["steps"] == 3 and printed["resolved"]["total_steps"] == 3
+
+
+def test_demo_preset_dispatches_to_trainer_demo(monkeypatch):
+    calls = []
+    demo = types.ModuleType("trainer.demo")
+    demo.run_demo = lambda argv, output: calls.append((argv, output)) or 0
+    monkeypatch.setitem(sys.modules, "trainer.demo", demo)
+    assert cli.main(["--preset", "demo", "--output", "runs/d", "--steps", "3"]) == 0
+    assert calls == [(["--steps", "3"], "runs/d")]
+
+
+def test_schedule_values_at_known_steps():
+    kw = dict(peak_lr=1.0, total_steps=110, warmup_steps=10, min_lr=0.0)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(4, **kw) == pytest.approx(0.5)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(35, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_at(110, **kw) == pytest.approx(0.0) and lr_at(500, **kw) == pytest.approx(0.0)
+    assert lr_at(60, peak_lr=1.0, total_steps=110, warmup_steps=10, min_lr=0.2) == pytest.approx(0.6)
+    assert lr_at(0, peak_lr=3.0, total_steps=5) == pytest.approx(3.0)  # no warmup
+    with pytest.raises(ValueError):
+        lr_at(-1, **kw)

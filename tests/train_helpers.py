@@ -1,0 +1,127 @@
+"""Helpers for the trainer tests: learnable synthetic caption groups, a local group server, shards.
+
+A caption's images share a colour layout (a few random rectangles seeded by the caption id) and
+differ by noise and a random shift, so a tiny ViT can learn which images belong together within a
+few steps: the contrastive loss falls.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from protocol import Group
+from protocol.server import GroupServer
+
+
+def caption_images(caption_id: int, m: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 ``[m, size, size, 3]``: one caption's layout, per-image shift and noise."""
+    layout_rng = np.random.default_rng(caption_id)
+    base = np.zeros((size, size, 3), dtype=np.float32)
+    base[:] = layout_rng.uniform(0, 255, 3)
+    for _ in range(3):
+        y0, x0 = layout_rng.integers(0, size // 2, 2)
+        h, w = layout_rng.integers(size // 4, size // 2 + 1, 2)
+        base[y0:y0 + h, x0:x0 + w] = layout_rng.uniform(0, 255, 3)
+    rng = np.random.default_rng((seed, caption_id))
+    out = np.empty((m, size, size, 3), dtype=np.uint8)
+    for i in range(m):
+        shifted = np.roll(base, tuple(rng.integers(-2, 3, 2)), axis=(0, 1))
+        out[i] = np.clip(shifted + rng.normal(0, 12, shifted.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def make_group(caption_id: int, m: int, size: int, epoch: int = 0) -> Group:
+    return Group(
+        group_id=f"synthetic-{caption_id:09d}-e{epoch}",
+        caption_id=caption_id,
+        caption=f"synthetic caption {caption_id}",
+        seeds=[epoch * m + i for i in range(m)],
+        images=caption_images(caption_id, m, size, seed=epoch),
+        generator="synthetic",
+    )
+
+
+def generator_info(m: int, size: int, save_size: bool = True) -> dict:
+    info = {"backend": "synthetic", "model": "none", "scheduler": "none", "steps": 0, "guidance": 0.0,
+            "height": size, "width": size, "images_per_group": m, "fingerprint": "synthetic"}
+    if save_size:
+        info["save_size"] = size
+    return info
+
+
+class SyntheticService:
+    """A real ``GroupServer`` on 127.0.0.1 fed by a thread cycling over ``num_captions`` captions."""
+
+    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32, save_size: bool = True) -> None:
+        self.num_captions, self.m, self.size = num_captions, m, size
+        self.server = GroupServer("tcp://127.0.0.1:*", "synthetic-test", generator_info(m, size, save_size),
+                                  heartbeat_ms=200, max_queue=16)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._feed, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def _feed(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            caption_id, epoch = i % self.num_captions, i // self.num_captions
+            group = make_group(caption_id, self.m, self.size, epoch)
+            while not self._stop.is_set() and not self.server.put(group, timeout=0.2):
+                pass
+            i += 1
+
+    def __enter__(self) -> "SyntheticService":
+        self.server.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.server.close()
+
+
+def free_tcp_endpoint() -> str:
+    """An endpoint on 127.0.0.1 nobody listens on (the port was free a moment ago)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+def write_shards(out: Path, num_captions: int, m: int, size: int, groups_per_shard: int = 16) -> Path:
+    """Offline shards in the documented layout (tar members KEY.txt, KEY.json, KEY.{i}.png; manifest)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, start in enumerate(range(0, num_captions, groups_per_shard)):
+        name = f"shard-{index:06d}.tar"
+        ids = list(range(start, min(start + groups_per_shard, num_captions)))
+        tmp = out / f".{name}.tmp"
+        with tarfile.open(tmp, "w") as tar:
+            for caption_id in ids:
+                group = make_group(caption_id, m, size)
+                key = group.group_id
+                members = [(f"{key}.txt", group.caption.encode()),
+                           (f"{key}.json", json.dumps(group.header_fields()).encode())]
+                for i, image in enumerate(group.images):
+                    buf = io.BytesIO()
+                    Image.fromarray(image).save(buf, format="PNG")
+                    members.append((f"{key}.{i}.png", buf.getvalue()))
+                for member, data in members:
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        tmp.rename(out / name)
+        shards.append({"name": name, "groups": len(ids), "images": len(ids) * m, "caption_ids": ids})
+    manifest = {"version": 1, "generator": generator_info(m, size), "fingerprint": "synthetic", "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

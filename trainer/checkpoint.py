@@ -1,0 +1,127 @@
+"""Crash-safe checkpoints of a training run.
+
+Layout of ``OUTPUT/checkpoints/last/``:
+
+- what ``accelerator.save_state`` writes: model weights, optimizer state, grad scaler, and one
+  ``random_states_{rank}.pkl`` per process (python, numpy, torch and CUDA RNG);
+- ``trainer_state.json``: step, images seen, the resolved config, the loss and lr of the last
+  step, the main process's source counters (replay reuse, staleness, stall, ...) and source state
+  (as JSON, for reading), and where the RNG states are;
+- ``source_state_{rank}.pt``: each process's ``source.state_dict()`` (``torch.save``).
+
+A checkpoint is written into ``checkpoints/.last.tmp`` and only then swapped in: ``last`` is
+renamed to ``.last.prev``, ``.last.tmp`` to ``last``, and ``.last.prev`` deleted. A kill at any
+moment leaves either a complete ``last`` or (killed between the two renames) a complete
+``.last.prev``, which :func:`find_checkpoint` falls back to; a torn ``.last.tmp`` is never read.
+The backbone is exported next to it as ``OUTPUT/backbone.safetensors`` + ``backbone.json``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+LAST, TMP, PREV = "last", ".last.tmp", ".last.prev"
+
+
+def checkpoint_dir(output: str | Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def _jsonable(value: Any) -> Any:
+    """Best-effort conversion of stats to JSON (tensors and numpy scalars become numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def save_checkpoint(
+    accelerator,
+    output: str | Path,
+    *,
+    step: int,
+    trainer_state: dict[str, Any],
+    source_state: Any,
+    model,
+) -> Path:
+    """Save the full training state as ``OUTPUT/checkpoints/last``; call on every process.
+
+    ``model`` is the unwrapped model; the main process exports its backbone into ``OUTPUT``.
+    Returns the path of the checkpoint.
+    """
+    root = checkpoint_dir(output)
+    tmp, last, prev = root / TMP, root / LAST, root / PREV
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save(source_state, tmp / f"source_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()  # every rank's files are in tmp
+    if accelerator.is_main_process:
+        state = dict(trainer_state, step=step, world_size=accelerator.num_processes, saved_at=time.time())
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
+            json.dump(_jsonable(state), fh, indent=2)
+        if prev.exists():
+            shutil.rmtree(prev)
+        if last.exists():
+            last.rename(prev)
+        tmp.rename(last)
+        if prev.exists():
+            shutil.rmtree(prev)
+        model.export_backbone(Path(output))
+    accelerator.wait_for_everyone()
+    return last
+
+
+def find_checkpoint(resume: str | None, output: str | Path) -> Path | None:
+    """Resolve ``--resume``: ``None`` -> no resume; ``"auto"`` -> ``OUTPUT/checkpoints/last`` if
+    there is one (or the ``.last.prev`` left by a kill mid-swap), else ``None``; any other value
+    must be a checkpoint directory holding ``trainer_state.json``."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return _latest_in_run(output)
+    path = Path(resume)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        path = _latest_in_run(path) or path  # a run directory was given
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint there ({path / STATE_FILE} does not exist)")
+    return path
+
+
+def _latest_in_run(output: str | Path) -> Path | None:
+    root = checkpoint_dir(output)
+    for name in (LAST, PREV):
+        if (root / name / STATE_FILE).is_file():
+            return root / name
+    return None
+
+
+def load_checkpoint(accelerator, path: str | Path) -> tuple[dict[str, Any], Any]:
+    """Restore model, optimizer and RNG state from ``path`` (on every process).
+
+    Returns ``(trainer_state, source_state)``; ``source_state`` is this process's saved source
+    state, or ``None`` when the checkpoint was written by a run with fewer processes.
+    """
+    path = Path(path)
+    with open(path / STATE_FILE, encoding="utf-8") as fh:
+        state = json.load(fh)
+    accelerator.load_state(str(path))
+    source_file = path / f"source_state_{accelerator.process_index}.pt"
+    source_state = torch.load(source_file, weights_only=False) if source_file.is_file() else None
+    return state, source_state

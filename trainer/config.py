@@ -1,0 +1,414 @@
+"""Typed configuration of a training run: dataclasses, YAML presets, validation.
+
+Precedence, lowest to highest: dataclass defaults < preset YAML (``--preset NAME``, a file in
+``trainer/presets/``) < config YAML (``--config FILE``) < command-line flags (``trainer/cli.py``).
+A higher layer replaces a lower layer's value, except for keyword maps (``model.model_kwargs``,
+``method.kwargs``), whose keys merge into the lower layer's.
+The resolved config is written to ``OUTPUT/config.yaml`` and can be fed back with ``--config``.
+
+YAML files are nested maps whose top-level keys are the groups below (``model``, ``method``,
+``augment``, ``data``, ``replay``, ``optim``, ``schedule``, ``run``); an unknown key, a wrong
+type or an out-of-range value is an error that names the file, the field and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEMO_PRESET = "demo"  # reserved: dispatched to ``trainer.demo.run_demo`` by the CLI
+RESOLVED_KEY = "resolved"  # informational section of a written config.yaml, ignored on load
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range; the message names it."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (a timm model name plus its keyword arguments) and projection head."""
+
+    name: str = "vit_base_patch16_224"
+    img_size: int = 224  # training resolution (the augmented crop side)
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+    head_hidden: int = 4096
+    head_out: int = 256
+    head_layers: int = 3  # (layers - 1) x Linear-BN-ReLU, then Linear(hidden, out)
+    sync_bn: bool = False  # SyncBatchNorm in the head (multi-process runs)
+    text: dict = field(default_factory=dict)  # TextConfig fields for clip / stablerep+ (empty = CLIP B/16 text)
+
+
+@dataclass
+class MethodConfig:
+    """Which objective trains the model; ``kwargs`` go to ``build_method`` unchanged."""
+
+    name: str = field(default="stablerep", metadata=_choices("stablerep", "stablerep+", "simclr", "clip"))
+    temperature: float = 0.1
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """GPU augmentation applied to every image of a batch (``trainer.augment.GPUAugment``)."""
+
+    size: Optional[int] = None  # output crop side S; None = model.img_size
+    strong: bool = True  # the paper's strong augmentation; False = crop + flip only
+    scale_min: float = 0.08  # RandomResizedCrop scale range (scale_min, 1)
+    downsample: Optional[int] = None  # shrink images to this side before augmenting (None = as stored)
+
+
+@dataclass
+class DataConfig:
+    """Where caption groups come from and how many a step takes."""
+
+    source: str = field(default="online", metadata=_choices("online", "offline"))
+    generators: list[str] = field(default_factory=list)  # online: tcp:// endpoints
+    data: list[str] = field(default_factory=list)  # offline: shard directories / files
+    batch_captions: int = 1376  # global caption groups per step, split evenly over processes
+    images_per_caption: int = 6  # n_img images drawn from each group
+    image_size: Optional[int] = None  # stored image side (online buffer / offline decode); None = the generator's save size
+    connect_timeout: float = 30.0  # seconds to wait for a generator's welcome
+    sample_timeout: float = 600.0  # seconds a step may wait for enough groups before failing
+    credits: int = 8  # groups in flight per generator endpoint
+    num_workers: int = 2  # offline: decoding workers
+    dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps
+
+
+@dataclass
+class ReplayConfig:
+    """Online replay buffer: capacity, storage and sampling policy."""
+
+    capacity_groups: Optional[int] = None  # exclusive with capacity_gib
+    capacity_gib: Optional[float] = None
+    storage: str = field(default="auto", metadata=_choices("auto", "gpu", "host"))
+    evict: str = field(default="fifo", metadata=_choices("fifo", "most-used"))
+    max_reuse: Optional[int] = None  # a group is retired after this many draws (None = no limit)
+    min_fresh: float = 0.0  # minimum fraction of never-drawn groups per batch, in [0, 1]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; the peak lr is ``lr`` when given, else ``base_lr * global images per step / 256``."""
+
+    base_lr: float = 2e-4
+    lr: Optional[float] = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to biases and norm parameters
+    grad_clip: Optional[float] = None  # max global grad norm (None = no clipping)
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of the run and the lr schedule: linear warmup, then cosine to ``min_lr``."""
+
+    steps: Optional[int] = None  # exclusive with epochs
+    epochs: Optional[float] = None  # needs data.dataset_captions
+    warmup_steps: Optional[int] = None  # exclusive with warmup_epochs; default 0
+    warmup_epochs: Optional[float] = None
+    min_lr: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """Output, precision, checkpointing and logging."""
+
+    output: str = "runs/stablerep"
+    precision: str = field(default="bf16", metadata=_choices("bf16", "fp16", "no"))
+    seed: int = 0
+    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    resume: Optional[str] = None  # checkpoint dir, or "auto" = OUTPUT/checkpoints/last if present
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
+    progress: bool = True  # progress bar on the main process
+    cpu: bool = False  # force CPU even when an accelerator is present
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ----- derived values -------------------------------------------------------------------
+    def crop_size(self) -> int:
+        """Side of the augmented crops, which is the model's input size."""
+        return self.augment.size or self.model.img_size
+
+    def images_per_step(self) -> int:
+        """Global images per optimizer step (all processes together)."""
+        return self.data.batch_captions * self.data.images_per_caption
+
+    def peak_lr(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self.optim.base_lr * self.images_per_step() / 256
+
+    def _steps_per_epoch(self, what: str) -> float:
+        if self.data.dataset_captions is None:
+            raise ConfigError(f"{what} is given in epochs but data.dataset_captions is not set")
+        return self.data.dataset_captions / self.data.batch_captions
+
+    def total_steps(self) -> int:
+        if self.schedule.steps is not None:
+            return self.schedule.steps
+        if self.schedule.epochs is not None:
+            return max(1, math.ceil(self.schedule.epochs * self._steps_per_epoch("schedule.epochs")))
+        raise ConfigError("the run length is not set: give schedule.steps (--steps) or schedule.epochs (--epochs)")
+
+    def warmup_steps(self) -> int:
+        if self.schedule.warmup_steps is not None:
+            return self.schedule.warmup_steps
+        if self.schedule.warmup_epochs is not None:
+            return round(self.schedule.warmup_epochs * self._steps_per_epoch("schedule.warmup_epochs"))
+        return 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolved_dict(self) -> dict:
+        """The config plus the numbers derived from it (steps, warmup, peak lr)."""
+        out = self.to_dict()
+        out[RESOLVED_KEY] = {
+            "total_steps": self.total_steps(),
+            "warmup_steps": self.warmup_steps(),
+            "peak_lr": self.peak_lr(),
+            "images_per_step": self.images_per_step(),
+        }
+        return out
+
+    # ----- validation -------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ``ConfigError`` naming the first bad field and its value."""
+        for group in dataclasses.fields(self):
+            sub = getattr(self, group.name)
+            for f in dataclasses.fields(sub):
+                value = getattr(sub, f.name)
+                choices = f.metadata.get("choices")
+                if choices is not None and value not in choices:
+                    _fail(f"{group.name}.{f.name}", value, f"must be one of {', '.join(choices)}")
+        d, r, o, s, run = self.data, self.replay, self.optim, self.schedule, self.run
+        for name in ("img_size", "head_hidden", "head_out", "head_layers"):
+            _positive(f"model.{name}", getattr(self.model, name))
+        _positive("method.temperature", self.method.temperature)
+        _positive("augment.size", self.augment.size, optional=True)
+        if self.augment.size is not None and self.augment.size != self.model.img_size:
+            _fail("augment.size", self.augment.size, f"differs from model.img_size = {self.model.img_size}")
+        if not 0 < self.augment.scale_min <= 1:
+            _fail("augment.scale_min", self.augment.scale_min, "must be in (0, 1]")
+        _positive("augment.downsample", self.augment.downsample, optional=True)
+        _positive("data.batch_captions", d.batch_captions)
+        _positive("data.images_per_caption", d.images_per_caption)
+        _positive("data.image_size", d.image_size, optional=True)
+        _positive("data.connect_timeout", d.connect_timeout)
+        _positive("data.sample_timeout", d.sample_timeout)
+        _positive("data.credits", d.credits)
+        _positive("data.dataset_captions", d.dataset_captions, optional=True)
+        if d.num_workers < 0:
+            _fail("data.num_workers", d.num_workers, "must be >= 0")
+        if d.source == "online" and not d.generators:
+            _fail("data.generators", d.generators, "the online source needs at least one endpoint (--generators)")
+        for endpoint in d.generators:
+            if "://" not in endpoint:
+                _fail("data.generators", endpoint, "an endpoint looks like tcp://HOST:PORT")
+        if d.source == "offline" and not d.data:
+            _fail("data.data", d.data, "the offline source needs at least one shard directory (--data)")
+        if r.capacity_groups is not None and r.capacity_gib is not None:
+            _fail("replay.capacity_gib", r.capacity_gib, "give replay.capacity_groups or replay.capacity_gib, not both")
+        _positive("replay.capacity_groups", r.capacity_groups, optional=True)
+        _positive("replay.capacity_gib", r.capacity_gib, optional=True)
+        _positive("replay.max_reuse", r.max_reuse, optional=True)
+        if not 0.0 <= r.min_fresh <= 1.0:
+            _fail("replay.min_fresh", r.min_fresh, "must be in [0, 1]")
+        _positive("optim.base_lr", o.base_lr)
+        _positive("optim.lr", o.lr, optional=True)
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            _fail("optim.betas", o.betas, "must be two numbers in [0, 1)")
+        _positive("optim.eps", o.eps)
+        if o.weight_decay < 0:
+            _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+        _positive("optim.grad_clip", o.grad_clip, optional=True)
+        if s.steps is not None and s.epochs is not None:
+            _fail("schedule.epochs", s.epochs, "give schedule.steps or schedule.epochs, not both")
+        if s.warmup_steps is not None and s.warmup_epochs is not None:
+            _fail("schedule.warmup_epochs", s.warmup_epochs, "give warmup_steps or warmup_epochs, not both")
+        _positive("schedule.steps", s.steps, optional=True)
+        _positive("schedule.epochs", s.epochs, optional=True)
+        if s.warmup_steps is not None and s.warmup_steps < 0:
+            _fail("schedule.warmup_steps", s.warmup_steps, "must be >= 0")
+        if s.warmup_epochs is not None and s.warmup_epochs < 0:
+            _fail("schedule.warmup_epochs", s.warmup_epochs, "must be >= 0")
+        if s.min_lr < 0:
+            _fail("schedule.min_lr", s.min_lr, "must be >= 0")
+        total, warmup = self.total_steps(), self.warmup_steps()
+        if warmup > total:
+            _fail("schedule.warmup_steps", warmup, f"exceeds the run length of {total} steps")
+        if s.min_lr > self.peak_lr():
+            _fail("schedule.min_lr", s.min_lr, f"exceeds the peak lr {self.peak_lr():g}")
+        _positive("run.save_every", run.save_every)
+        _positive("run.log_every", run.log_every)
+        for name in run.log_with:
+            if name not in ("tensorboard", "wandb"):
+                _fail("run.log_with", name, "must be tensorboard or wandb")
+        if not run.output:
+            _fail("run.output", run.output, "must be a directory path")
+        return self
+
+
+def _fail(name: str, value: Any, why: str) -> typing.NoReturn:
+    raise ConfigError(f"config field {name} = {value!r}: {why}")
+
+
+def _positive(name: str, value: Any, optional: bool = False, each: bool = False) -> None:
+    if value is None:
+        if not optional:
+            _fail(name, value, "must be set")
+        return
+    for v in value if each else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            _fail(name, value, "must be a finite number > 0")
+
+
+# ----- loading and merging --------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, name: str, origin: str) -> Any:
+    """Check/convert one YAML or flag value to the annotated type ``tp``."""
+    where = f" (in {origin})" if origin else ""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name, origin)
+    base = typing.get_origin(tp) or tp
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    elif base is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], name, origin) for v in value] if args else list(value)
+        if isinstance(value, (str, int, float)) and args:
+            return [_coerce(value, args[0], name, origin)]
+    elif base is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"config field {name} = {value!r}{where}: expected {getattr(tp, '__name__', tp)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict, origin: str = "") -> TrainConfig:
+    """Set the fields named in the nested map ``overrides`` (``{group: {field: value}}``)."""
+    where = f" in {origin}" if origin else ""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config{where} must be a map of groups, got {type(overrides).__name__}")
+    groups = {f.name for f in dataclasses.fields(cfg)}
+    for group, values in overrides.items():
+        if group == RESOLVED_KEY:
+            continue
+        if group not in groups:
+            raise ConfigError(f"unknown config group {group!r}{where}; known: {', '.join(sorted(groups))}")
+        sub = getattr(cfg, group)
+        if not isinstance(values, dict):
+            raise ConfigError(f"config group {group}{where} must be a map, got {values!r}")
+        hints = _hints(type(sub))
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config field {group}.{key}{where}; known: {', '.join(sorted(hints))}"
+                )
+            value = _coerce(value, hints[key], f"{group}.{key}", origin)
+            if isinstance(value, dict):  # keyword maps merge into what lower layers set
+                value = {**getattr(sub, key), **value}
+            setattr(sub, key, value)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    return data or {}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}, {DEMO_PRESET}")
+    return path
+
+
+def build_config(
+    preset: str | None = None, config_file: str | None = None, overrides: dict | None = None
+) -> TrainConfig:
+    """Defaults < preset < config file < ``overrides`` (nested map, e.g. from flags); validated."""
+    cfg = TrainConfig()
+    if preset:
+        path = preset_path(preset)
+        apply_overrides(cfg, load_yaml(path), origin=f"preset {preset} ({path})")
+    if config_file:
+        apply_overrides(cfg, load_yaml(config_file), origin=f"config file {config_file}")
+    if overrides:
+        apply_overrides(cfg, overrides, origin="command line")
+    return cfg.validate()
+
+
+def from_dict(data: dict) -> TrainConfig:
+    """Rebuild a config from ``to_dict()`` / ``config.yaml`` contents."""
+    return apply_overrides(TrainConfig(), data, origin="saved config").validate()
+
+
+def write_config(cfg: TrainConfig, output: str | Path) -> Path:
+    """Write the resolved config to ``OUTPUT/config.yaml`` (temp file + rename)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "config.yaml"
+    tmp = output / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path

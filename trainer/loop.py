@@ -1,0 +1,324 @@
+"""The training loop: one flat function, readable top to bottom.
+
+``train(cfg)`` builds everything from a :class:`trainer.config.TrainConfig`, runs
+``schedule.total_steps`` optimizer steps (continuing from a checkpoint with ``run.resume``) and
+returns a summary dict. Each step:
+
+    batch (uint8 [G, n, H, W, 3]) from the source -> device (non_blocking)
+    -> method(model, batch, augment) -> (loss, metrics)   [under autocast]
+    -> backward -> non-finite check -> optional grad clip -> AdamW step
+
+Multi-process runs go through ``accelerate launch``: every process builds its own source and
+draws ``batch_captions / num_processes`` groups per step; the contrastive loss gathers features
+across processes.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import ConfigError, TrainConfig, write_config
+from trainer.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before that step's update."""
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None) -> None:
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"non-finite loss ({loss}) at step {step}: training stopped before applying that step's update; {kept}. "
+            "Lower the learning rate (--lr / --base-lr), add --grad-clip, or use --precision bf16 instead of fp16."
+        )
+
+
+# ----- building blocks ---------------------------------------------------------------------------
+
+
+def build_components(cfg: TrainConfig):
+    """Model (unwrapped, on CPU), method and augmentation as the config names them."""
+    from trainer.augment import GPUAugment
+    from trainer.methods import METHODS, build_method
+    from trainer.model import build_model
+
+    method_kwargs = dict(cfg.method.kwargs)
+    if "temperature" in inspect.signature(METHODS[cfg.method.name]).parameters:  # clip has a learned scale
+        method_kwargs.setdefault("temperature", cfg.method.temperature)
+    method = build_method(cfg.method.name, **method_kwargs)
+    m = cfg.model
+    model = build_model(
+        m.name, img_size=m.img_size, model_kwargs=m.model_kwargs, head_hidden=m.head_hidden, head_out=m.head_out,
+        head_layers=m.head_layers if method.needs_head else 0,  # clip uses no SSL head: DDP needs every param used
+        sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None,
+    )
+    augment = GPUAugment(
+        size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.augment.scale_min, 1.0),
+        downsample=cfg.augment.downsample,
+    )
+    return model, method, augment
+
+
+def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_size: int, local_captions: int):
+    """The data source of this process (``data.source``) through the source registry."""
+    from trainer import sources
+
+    d, r = cfg.data, cfg.replay
+    if d.source == "online":
+        import trainer.sources.online  # noqa: F401  (registers "online")
+
+        return sources.build_source(
+            "online", endpoints=d.generators, batch_captions=local_captions, images_per_caption=d.images_per_caption,
+            device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
+            capacity_gib=r.capacity_gib, storage=r.storage, evict=r.evict, max_reuse=r.max_reuse,
+            min_fresh=r.min_fresh, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
+            sample_timeout=d.sample_timeout, seed=cfg.run.seed,
+        )
+    return sources.build_source(
+        "offline", paths=d.data, batch_captions=local_captions, images_per_caption=d.images_per_caption,
+        image_size=d.image_size, rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.run.seed,
+    )
+
+
+def _trackers(cfg: TrainConfig) -> list[str]:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    chosen = []
+    for name in cfg.run.log_with:
+        if available.get(name):
+            chosen.append(name)
+        else:
+            log.warning("logging to %s was asked for but it is not installed; skipped", name)
+    return chosen
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat {"group.field": scalar} (trackers take scalars only)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not prefix:
+            out.update(_flat(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _numbers(prefix: str, stats: dict) -> dict[str, float]:
+    """Numeric entries (numbers, 0-d tensors) as floats; everything else is left out."""
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[f"{prefix}{key}"] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----- the loop ----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
+    """Run training as configured; returns a summary (see the end of this function).
+
+    ``source``: an already-built source to use instead of the one ``cfg.data`` describes (the
+    caller keeps ownership and closes it).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+        ConfigError: the batch does not split over the processes.
+        ConnectionError: the online source reached no generator.
+    """
+    cfg.validate()
+    output = Path(cfg.run.output)
+    trackers = _trackers(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.run.precision, cpu=cfg.run.cpu, log_with=trackers or None, project_dir=str(output),
+    )
+    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if cfg.data.batch_captions % world_size:
+        raise ConfigError(
+            f"config field data.batch_captions = {cfg.data.batch_captions}: not divisible by the {world_size} processes"
+        )
+    local_captions = cfg.data.batch_captions // world_size
+    total_steps, warmup_steps, peak_lr = cfg.total_steps(), cfg.warmup_steps(), cfg.peak_lr()
+    images_per_step = cfg.images_per_step()  # global
+    set_seed(cfg.run.seed, device_specific=True)
+    if accelerator.is_main_process:
+        write_config(cfg, output)
+
+    # Model, optimizer (AdamW, no decay on biases/norms), method, augmentation.
+    model, method, augment = build_components(cfg)
+    unwrapped = model
+    if cfg.run.compile:
+        model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
+    optimizer = torch.optim.AdamW(
+        model.param_groups(cfg.optim.weight_decay), lr=peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        fused=device.type == "cuda",
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(augment, torch.nn.Module):
+        augment = augment.to(device)
+
+    # Resume: model, optimizer, RNG and source counters from the checkpoint.
+    start_step, images_seen, last_checkpoint, source_state = 0, 0, None, None
+    resume_from = find_checkpoint(cfg.run.resume, output)
+    if resume_from is not None:
+        state, source_state = load_checkpoint(accelerator, resume_from)
+        start_step, images_seen = int(state["step"]), int(state.get("images_seen", 0))
+        last_checkpoint = resume_from
+        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+    own_source = source is None
+    if own_source:
+        source = build_source(cfg, device=device, rank=rank, world_size=world_size, local_captions=local_captions)
+    if source_state is not None:
+        source.load_state_dict(source_state)
+
+    if trackers:
+        accelerator.init_trackers("stablerep", config=_flat(cfg.resolved_dict()))
+    progress = tqdm(
+        total=total_steps, initial=start_step, disable=not (accelerator.is_main_process and cfg.run.progress),
+        dynamic_ncols=True, desc="train",
+    )
+
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    stopped = "completed"
+    step = start_step
+
+    def checkpoint(last_loss: float | None) -> Path:
+        source_state = source.state_dict()
+        trainer_state = {
+            "images_seen": images_seen, "config": cfg.to_dict(), "loss": last_loss, "lr": lr_at(
+                max(step - 1, 0), peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                min_lr=cfg.schedule.min_lr),
+            "total_steps": total_steps, "source_stats": source.stats(), "source_state": source_state,
+            "rng": {"seed": cfg.run.seed, "states": [f"random_states_{r}.pkl" for r in range(world_size)]},
+        }
+        return save_checkpoint(
+            accelerator, output, step=step, trainer_state=trainer_state, source_state=source_state, model=unwrapped,
+        )
+
+    try:
+        with _StopFlag() as stop:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                           min_lr=cfg.schedule.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                batch = source.next_batch().to(device, non_blocking=True)
+                with accelerator.autocast():
+                    loss, metrics = method(model, batch, augment)
+                accelerator.backward(loss)
+
+                # Sync point: the loss value decides whether this step's update is applied at all.
+                loss_value = loss.item()
+                non_finite = not math.isfinite(loss_value)
+                if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
+                    flag = torch.tensor(float(non_finite), device=device)
+                    non_finite = accelerator.reduce(flag, reduction="sum").item() > 0
+                if non_finite:
+                    raise NonFiniteLossError(step + 1, loss_value, last_checkpoint)
+
+                grad_norm = None
+                if cfg.optim.grad_clip is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                step += 1
+                images_seen += images_per_step
+                losses.append(loss_value)
+                step_seconds.append(time.perf_counter() - t0)
+
+                if step % cfg.run.log_every == 0 or step == total_steps:
+                    recent = step_seconds[-cfg.run.log_every:]
+                    images_per_s = images_per_step * len(recent) / max(sum(recent), 1e-9)
+                    source_stats = source.stats()
+                    logs = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": images_per_s,
+                            "train/images_seen": images_seen}
+                    if grad_norm is not None:
+                        logs["train/grad_norm"] = float(grad_norm)
+                    logs.update(_numbers("train/", {k: v for k, v in metrics.items() if k != "loss"}))
+                    logs.update(_numbers("batch/", batch.meta))
+                    logs.update(_numbers("source/", source_stats))
+                    accelerator.log(logs, step=step)
+                    postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "img/s": f"{images_per_s:.1f}"}
+                    for key in ("reuse_mean", "fresh_fraction_last", "stall_seconds"):
+                        if key in source_stats:
+                            postfix[key.split("_")[0]] = f"{float(source_stats[key]):.2f}"
+                    progress.set_postfix(postfix, refresh=False)
+                progress.update(1)
+
+                if step % cfg.run.save_every == 0 and step < total_steps:
+                    last_checkpoint = checkpoint(loss_value)
+                if stop.signal is not None:
+                    stopped = f"signal {signal.Signals(stop.signal).name}"
+                    break
+        if step > start_step or last_checkpoint is None:
+            last_checkpoint = checkpoint(losses[-1] if losses else None)
+        source_stats = source.stats()
+    finally:
+        progress.close()
+        if own_source:
+            source.close()
+        accelerator.end_training()
+
+    timed = step_seconds[1:] or step_seconds  # the first step includes warm-up (compile, allocation)
+    return {
+        "steps": step,
+        "start_step": start_step,
+        "total_steps": total_steps,
+        "images_seen": images_seen,
+        "images_per_step": images_per_step,
+        "losses": losses,
+        "images_per_s": images_per_step * len(timed) / sum(timed) if timed else 0.0,
+        "source_stats": source_stats,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "output": str(output),
+        "stopped": stopped,
+        "world_size": world_size,
+        "device": str(device),
+    }

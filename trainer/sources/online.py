@@ -1,0 +1,295 @@
+"""Online source: caption groups streamed from generator services into a replay buffer.
+
+Each trainer process owns one :class:`protocol.client.GroupClient` connected to every generator
+endpoint. The client's I/O thread hands every received group to :meth:`ReplayBuffer.add` (the one
+copy of its pixels, into preallocated storage); :meth:`OnlineSource.next_batch` draws a batch with
+:meth:`ReplayBuffer.sample`. Generation and training thus overlap completely; when the generators
+are slower than the trainer, groups are reused (bounded by ``max_reuse``) and the wait for enough
+eligible groups is reported as stall time.
+
+Buffer geometry:
+
+- image side: ``image_size`` when given (groups of another size are resized on arrival, with
+  antialiasing), else the ``save_size`` of the generators' ``welcome`` info, else the size of the
+  first group received;
+- images per group: the smallest ``images_per_group`` the generators announce (extra images of a
+  group are dropped); it must be at least ``images_per_caption``;
+- capacity: ``capacity_groups``, or as many groups as fit in ``capacity_gib`` GiB, or by default
+  ``max(8 * batch_captions, 64)`` groups.
+
+Storage rule (``storage="auto"``): the buffer lives in GPU memory when the training device is a
+CUDA device and the buffer takes at most a quarter of the GPU memory free at start (then a batch
+needs no host-to-device copy at all); otherwise in pinned host memory, from which batches are
+copied with ``non_blocking=True``. ``storage="gpu"`` / ``"host"`` force either.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protocol.client import GroupClient
+from trainer.batch import Batch
+from trainer.replay import ReplayBuffer, ReplayBufferClosed
+from trainer.sources import register_source
+
+GPU_STORAGE_FRACTION = 0.25  # auto storage: buffer on the GPU when it takes <= this share of free memory
+DEFAULT_CAPACITY_FACTOR = 8  # default capacity: this many batches' worth of groups
+
+
+class GroupStreamError(RuntimeError):
+    """A received group could not be stored (the source stops; the message names the group)."""
+
+
+def choose_storage_device(storage: str, device: torch.device, nbytes: int) -> torch.device:
+    """Apply the storage rule of the module docstring; returns the storage device."""
+    if storage == "host" or device.type != "cuda":
+        if storage == "gpu" and device.type != "cuda":
+            raise ValueError(f"replay storage 'gpu' needs a CUDA training device, got {device}")
+        return torch.device("cpu")
+    if storage == "gpu":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= GPU_STORAGE_FRACTION * free else torch.device("cpu")
+
+
+@register_source("online")
+class OnlineSource:
+    """Batches of caption groups from live generator services.
+
+    Args:
+        endpoints: generator endpoints, e.g. ``["tcp://127.0.0.1:5555"]``.
+        batch_captions: caption groups per batch on this process (``G``).
+        images_per_caption: images drawn per group (``n``).
+        device: the training device (decides where the buffer may live).
+        rank, world_size: this process's place among the trainer processes (sent in ``hello``).
+        capacity_groups, capacity_gib: buffer capacity (at most one of them).
+        storage: ``"auto"`` | ``"gpu"`` | ``"host"``.
+        evict, max_reuse, min_fresh: replay policies (see ``trainer.replay``).
+        image_size: buffer image side (``None``: from the generators).
+        credits: groups in flight per endpoint.
+        connect_timeout: seconds to wait for every generator's ``welcome``.
+        sample_timeout: seconds ``next_batch`` waits for enough groups before failing.
+        seed: sampling seed (offset by rank).
+
+    Raises:
+        ConnectionError: a generator did not answer within ``connect_timeout`` (names the endpoint).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        batch_captions: int,
+        images_per_caption: int = 6,
+        *,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        capacity_groups: int | None = None,
+        capacity_gib: float | None = None,
+        storage: str = "auto",
+        evict: str = "fifo",
+        max_reuse: int | None = None,
+        min_fresh: float = 0.0,
+        image_size: int | None = None,
+        credits: int = 8,
+        connect_timeout: float = 30.0,
+        sample_timeout: float = 600.0,
+        seed: int = 0,
+        client_name: str = "stablerep-train",
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        if not endpoints:
+            raise ValueError("the online source needs at least one generator endpoint (--generators)")
+        if capacity_groups is not None and capacity_gib is not None:
+            raise ValueError("give the replay capacity in groups or in GiB, not both")
+        self.endpoints = list(endpoints)
+        self.batch_captions = int(batch_captions)
+        self.images_per_caption = int(images_per_caption)
+        self.device = torch.device(device)
+        self.sample_timeout = float(sample_timeout)
+        self._buffer_args = dict(
+            capacity_groups=capacity_groups, capacity_gib=capacity_gib, storage=storage, evict=evict,
+            max_reuse=max_reuse, min_fresh=min_fresh, seed=seed + 1000 * rank,
+        )
+        self._image_size = image_size
+        self._images_per_group: int | None = None
+        self.replay: ReplayBuffer | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._pending_state: dict | None = None
+        self._resized_groups = 0
+        self._started_at = time.monotonic()
+        self.client = GroupClient(
+            self.endpoints, self._on_group, client_name=client_name, rank=rank, world_size=world_size,
+            credits=credits, connect_timeout=connect_timeout,
+        )
+        try:
+            self.client.start()
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"online source: no generator reachable at {', '.join(self.endpoints)} within "
+                f"{connect_timeout:g} s ({exc})"
+            ) from exc
+        self._configure_from_welcomes()
+
+    # ----- buffer setup ---------------------------------------------------------------------
+    def _configure_from_welcomes(self) -> None:
+        infos = {url: w.generator for url, w in self.client.welcomes.items()}
+        counts = {url: int(i["images_per_group"]) for url, i in infos.items() if "images_per_group" in i}
+        if counts:
+            self._images_per_group = min(counts.values())
+            if self._images_per_group < self.images_per_caption:
+                url = min(counts, key=counts.get)
+                self.close()
+                raise ValueError(
+                    f"generator {url} serves {counts[url]} images per group, fewer than "
+                    f"images_per_caption={self.images_per_caption}"
+                )
+        sizes = {url: int(i["save_size"]) for url, i in infos.items() if "save_size" in i}
+        side = self._image_size or (max(sizes.values()) if sizes else None)
+        if side is not None and self._images_per_group is not None:
+            with self._lock:
+                self._allocate(side, side)
+
+    def _allocate(self, height: int, width: int) -> None:
+        """Create the replay buffer (lock held)."""
+        per_group = (self._images_per_group or self.images_per_caption) * height * width * 3
+        args = self._buffer_args
+        if args["capacity_groups"] is not None:
+            capacity = int(args["capacity_groups"])
+        elif args["capacity_gib"] is not None:
+            capacity = ReplayBuffer.capacity_for_bytes(
+                int(args["capacity_gib"] * 2**30), self._images_per_group or self.images_per_caption, height, width
+            )
+            if capacity < 1:
+                raise ValueError(f"--replay-gib {args['capacity_gib']} holds no group of {per_group} bytes")
+        else:
+            capacity = max(DEFAULT_CAPACITY_FACTOR * self.batch_captions, 64)
+        if capacity < self.batch_captions:
+            raise ValueError(
+                f"replay capacity of {capacity} groups is smaller than the {self.batch_captions} captions of a batch"
+            )
+        storage_device = choose_storage_device(args["storage"], self.device, capacity * per_group)
+        self.replay = ReplayBuffer(
+            capacity, self._images_per_group or self.images_per_caption, height, width, device=storage_device,
+            evict=args["evict"], max_reuse=args["max_reuse"], min_fresh=args["min_fresh"], seed=args["seed"],
+        )
+        if self._pending_state is not None:
+            self.replay.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._ready.set()
+
+    # ----- I/O thread -----------------------------------------------------------------------
+    def _on_group(self, group: Any) -> None:
+        """Called by the client's I/O thread for every received group."""
+        if self._error is not None:  # already failed: next_batch reports it; drop quietly
+            return
+        try:
+            if self.replay is None:
+                with self._lock:
+                    if self.replay is None:
+                        m, h, w, _ = group.shape
+                        if self._images_per_group is None:
+                            self._images_per_group = m
+                        side = self._image_size
+                        self._allocate(side or h, side or w)
+            self.replay.add(self._fit(group))
+        except BaseException as exc:  # surfaced by next_batch on the training thread
+            if self._error is None:
+                self._error = exc
+            self._ready.set()
+            if self.replay is not None:
+                self.replay.close()  # wakes a next_batch waiting in sample()
+            raise
+
+    def _fit(self, group: Any) -> Any:
+        """Resize a raw group whose images are not the buffer's size (antialiased bilinear)."""
+        replay = self.replay
+        images = getattr(group, "images", None)
+        if images is None or tuple(images.shape[1:3]) == (replay.height, replay.width):
+            return group
+        x = torch.from_numpy(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2)  # a copy: frames are read-only
+        x = F.interpolate(x, size=(replay.height, replay.width), mode="bilinear", antialias=True, align_corners=False)
+        resized = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        self._resized_groups += 1
+        return dataclasses.replace(group, images=resized, shape=tuple(resized.shape))
+
+    # ----- source interface -----------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        """Draw ``G`` groups x ``n`` images: ``Batch.images`` uint8 ``[G, n, H, W, 3]``."""
+        if not self._ready.wait(self.sample_timeout):
+            raise TimeoutError(
+                f"online source: no group arrived from {', '.join(self.endpoints)} within {self.sample_timeout:g} s"
+            )
+        self._raise_if_failed()
+        try:
+            return self.replay.sample(self.batch_captions, self.images_per_caption, timeout=self.sample_timeout)
+        except ReplayBufferClosed:
+            self._raise_if_failed()
+            raise
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise GroupStreamError(f"online source: receiving groups failed: {self._error}") from self._error
+
+    def stats(self) -> dict[str, Any]:
+        """Replay counters (reuse, staleness, stall, freshness) plus client counters."""
+        out: dict[str, Any] = dict(self.replay.stats()) if self.replay is not None else {}
+        client = self.client.stats()
+        out.update(
+            groups_received=client.groups_received,
+            mib_received=client.bytes_received / 2**20,
+            callback_errors=client.callback_errors,
+            reconnects=client.reconnects,
+            bad_messages=client.bad_messages,
+            groups_resized=self._resized_groups,
+        )
+        elapsed = time.monotonic() - self._started_at
+        out["groups_per_s"] = client.groups_received / elapsed if elapsed > 0 else 0.0
+        if self.replay is not None:
+            out["storage"] = str(self.replay.device)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"replay": self.replay.state_dict() if self.replay is not None else self._pending_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        replay_state = state.get("replay")
+        if replay_state is None:
+            return
+        with self._lock:
+            if self.replay is None:
+                self._pending_state = replay_state
+            else:
+                self.replay.load_state_dict(_merge_replay_state(replay_state, self.replay.state_dict()))
+
+    def close(self) -> None:
+        self.client.close()
+        if self.replay is not None:
+            self.replay.close()
+
+
+def _merge_replay_state(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """Saved counters plus those of the groups that arrived since this process started.
+
+    Groups stream in as soon as the client connects, possibly before a checkpoint's counters are
+    restored: cumulative counters add up (so the insertion sequence stays ahead of every stored
+    group), maxima take the larger value, and the sampling RNG comes from the checkpoint.
+    """
+    counters = dict(saved["counters"])
+    for key, value in current["counters"].items():
+        if key not in counters:
+            continue
+        if key.endswith("_max") or key.endswith("_max_s"):
+            counters[key] = max(counters[key], value)
+        elif not key.endswith("_last"):
+            counters[key] = counters[key] + value
+    return {**saved, "counters": counters}
