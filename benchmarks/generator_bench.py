@@ -1,0 +1,254 @@
+"""Generator throughput: this service's path vs a plain diffusers pipeline call, same recipe, same run.
+
+Three numbers, in images per second, on one device:
+
+- ``diffusers_eager``: the baseline a user writes by hand: ``pipe(prompt, num_images_per_prompt=m,
+  generator=[...], output_type="np")`` per caption (``baseline_batch_captions`` captions per call),
+  then uint8 conversion on the host. Eager, the same dtype, scheduler, steps, guidance and size.
+- ``service_backend``: the service's ``DiffusersBackend.generate`` in this process (batched captions,
+  channels_last on CUDA, resize + uint8 on the device, ``torch.compile`` when ``compile``).
+- ``service_pool``: end to end through the worker pool (a worker process, images back over a pipe,
+  turned into protocol groups), steady state: the worker's start-up and first task are excluded.
+
+The procedural backend has no diffusers baseline; it reports the pool path only.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from generator_service.config import GeneratorConfig
+from generator_service.pool import WorkerPool
+from generator_service.procedural import sample_captions
+from generator_service.seeds import image_seed
+from generator_service.service import work_items
+from protocol import Group
+
+
+def _seeds(caption_ids: list[int], m: int, base_seed: int = 0) -> list[list[int]]:
+    return [[image_seed(base_seed, c, j) for j in range(m)] for c in caption_ids]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int = 1,
+                          warmup_calls: int = 1) -> dict[str, Any]:
+    """Plain pipeline calls over ``captions`` (after ``warmup_calls`` untimed calls); images/s."""
+    import torch
+
+    from generator_service.backends.diffusers_backend import TORCH_DTYPES, load_pipeline, swap_scheduler
+
+    pipe = load_pipeline(config.model, getattr(torch, TORCH_DTYPES[config.dtype]))
+    swap_scheduler(pipe, config.scheduler)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    m = config.images_per_group
+    seeds = _seeds(list(range(len(captions))), m)
+
+    def call(start: int) -> np.ndarray:
+        chunk = captions[start : start + batch_captions]
+        generators = [torch.Generator("cpu").manual_seed(s) for group in seeds[start : start + batch_captions] for s in group]
+        images = pipe(
+            prompt=chunk, num_images_per_prompt=m, generator=generators, num_inference_steps=config.steps,
+            guidance_scale=config.guidance, eta=config.eta, height=config.height, width=config.width, output_type="np",
+        ).images
+        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+    for i in range(warmup_calls):
+        call(0)
+    _sync(device)
+    started = time.perf_counter()
+    images = 0
+    for start in range(0, len(captions), batch_captions):
+        images += call(start).shape[0]
+    _sync(device)
+    seconds = time.perf_counter() - started
+    del pipe
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds}
+
+
+def bench_service_backend(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int,
+                          warmup_calls: int = 1) -> dict[str, Any]:
+    """``create_backend(config).generate`` over ``captions`` in batches of ``batch_captions``; images/s."""
+    from generator_service.backends import create_backend
+
+    backend = create_backend(config, device)
+    m = config.images_per_group
+    seeds = _seeds(list(range(len(captions))), m)
+    for _ in range(warmup_calls):
+        backend.generate(captions[:batch_captions], seeds[:batch_captions])
+    _sync(device)
+    started = time.perf_counter()
+    images = 0
+    for start in range(0, len(captions), batch_captions):
+        out = backend.generate(captions[start : start + batch_captions], seeds[start : start + batch_captions])
+        images += out.shape[0] * out.shape[1]
+    _sync(device)
+    seconds = time.perf_counter() - started
+    backend.close()
+    return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds}
+
+
+class _TimingSink:
+    """Counts delivered groups with their arrival times."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, int]] = []
+
+    def offer(self, group: Group) -> bool:
+        self.arrivals.append((time.perf_counter(), group.num_images))
+        return True
+
+
+def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int,
+                       threads: int | None = None) -> dict[str, Any]:
+    """The worker pool on one device; steady-state images/s after the first task (warm-up, compile)."""
+    from generator_service.captions import CaptionSet
+
+    caption_set = CaptionSet(path="<bench>", caption_ids=list(range(len(captions))), captions=list(captions),
+                             total=len(captions))
+    fingerprint = config.fingerprint()
+    pool = WorkerPool(config.to_dict(), fingerprint, [device], batch_captions=batch_captions, threads_per_worker=threads)
+    sink = _TimingSink()
+    items = work_items(caption_set, fingerprint, 0, config.images_per_group, epochs=1)
+    pool.run(items, sink)
+    warm = sink.arrivals[batch_captions - 1][0] if len(sink.arrivals) > batch_captions else None
+    timed = sink.arrivals[batch_captions:]
+    if warm is None or not timed:
+        raise ValueError(f"the pool bench needs more than one task: {len(captions)} captions, batch {batch_captions}")
+    seconds = timed[-1][0] - warm
+    images = sum(n for _, n in timed)
+    return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds,
+            "worker": pool.stats().workers[0]}
+
+
+def run_generator_bench(
+    model: str | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    save_size: int | None = None,
+    images_per_caption: int = 4,
+    batch_captions: int = 8,
+    captions: int = 32,
+    dtype: str | None = None,
+    compile: bool | None = None,
+    baseline_batch_captions: int = 1,
+    include_backend: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Measure the generator paths (module docstring) and return a JSON-able dict.
+
+    Defaults: on CUDA, diffusers ``random:sd15`` fp16 with ``torch.compile`` for the service (the
+    baseline stays eager); without CUDA, the procedural backend unless ``model`` names a pipeline.
+    ``threads``: torch CPU threads for every path (this process and the pool's worker); default:
+    torch's own choice here, the pool's default in the worker.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = device or ("cuda:0" if cuda else "cpu")
+    if backend is None:
+        backend = "diffusers" if (model is not None or cuda) else "procedural"
+    fields: dict[str, Any] = dict(backend=backend, images_per_group=images_per_caption)
+    if backend == "diffusers":
+        fields.update(model=model or "random:sd15", scheduler=scheduler, steps=steps, guidance=guidance,
+                      height=height, width=width, save_size=save_size,
+                      dtype=dtype or ("fp16" if device.startswith("cuda") else "fp32"))
+    else:
+        fields.update(height=height, width=width, save_size=save_size)
+    config = GeneratorConfig(**{k: v for k, v in fields.items() if v is not None})
+    service_config = config.replace(compile=bool(device.startswith("cuda") if compile is None else compile)) \
+        if backend == "diffusers" else config
+    texts = sample_captions(captions, seed=0)
+    result: dict[str, Any] = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
+        "config": config.to_dict(),
+        "service_compile": service_config.compile,
+        "captions": captions,
+        "batch_captions": batch_captions,
+        "baseline_batch_captions": baseline_batch_captions,
+        "threads": threads,
+        "paths": {},
+    }
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if backend == "diffusers":
+            result["paths"]["diffusers_eager"] = bench_diffusers_eager(config, device, texts, baseline_batch_captions)
+            if include_backend:
+                result["paths"]["service_backend"] = bench_service_backend(service_config, device, texts, batch_captions)
+        result["paths"]["service_pool"] = bench_service_pool(service_config, device, texts, batch_captions, threads)
+    finally:
+        torch.set_num_threads(threads_before)
+    baseline = result["paths"].get("diffusers_eager")
+    if baseline:
+        result["speedup_pool_vs_eager"] = result["paths"]["service_pool"]["images_per_second"] / baseline["images_per_second"]
+        if "service_backend" in result["paths"]:
+            result["speedup_backend_vs_eager"] = (
+                result["paths"]["service_backend"]["images_per_second"] / baseline["images_per_second"]
+            )
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A small text table of ``run_generator_bench``'s result."""
+    lines = [f"generator throughput on {result['device_name']} ({result['config']['backend']}, "
+             f"{result['config']['model']})", f"{'path':<18}{'images/s':>12}{'images':>10}{'seconds':>10}"]
+    for name, run in result["paths"].items():
+        lines.append(f"{name:<18}{run['images_per_second']:>12.2f}{run['images']:>10}{run['seconds']:>10.2f}")
+    if "speedup_pool_vs_eager" in result:
+        lines.append(f"speedup (pool vs diffusers eager): {result['speedup_pool_vs_eager']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="generator_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--backend", choices=["diffusers", "procedural"])
+    parser.add_argument("--device")
+    parser.add_argument("--scheduler")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--save-size", type=int)
+    parser.add_argument("--images-per-caption", type=int, default=4)
+    parser.add_argument("--batch-captions", type=int, default=8)
+    parser.add_argument("--captions", type=int, default=32)
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--baseline-batch-captions", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch CPU threads for every path")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k != "json"}
+    result = run_generator_bench(**kwargs)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

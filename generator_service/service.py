@@ -1,0 +1,338 @@
+"""The generation run: caption set -> work items -> worker pool -> shards and/or the online server.
+
+Modes (``ServiceOptions``):
+
+- offline (``out``): one pass over the caption set into shards; a rerun resumes, skipping the
+  groups already listed in ``OUT/manifest.json``.
+- online (``bind``): protocol v1 through ``protocol.server.GroupServer``. The caption set is cycled
+  in epochs without end (until ``max_groups`` or a stop signal); epoch ``e`` of caption ``c`` uses
+  image indices ``e*m .. e*m+m-1`` of that caption's seed stream, so every epoch brings fresh images
+  and epoch 0 equals the offline pass. ``archive`` also writes every served group to shards.
+- ``bind`` and ``out`` together: one pass, each group both served and written.
+
+Group ids are ``{fingerprint[:8]}-{caption_id:09d}`` (epoch 0) and ``...-e{epoch}`` after, so a
+rerun never writes a group twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from generator_service.captions import CaptionSet
+from generator_service.config import GeneratorConfig
+from generator_service.pool import GroupSink, PoolStats, StopSignal, WorkerPool, WorkItem
+from generator_service.seeds import image_seed
+from generator_service.shards import ShardWriter
+from protocol import Group
+
+log = logging.getLogger(__name__)
+
+
+def group_id_for(fingerprint: str, caption_id: int, epoch: int = 0) -> str:
+    """Stable group id of caption ``caption_id`` in ``epoch`` (no dots: it is the WebDataset key)."""
+    base = f"{fingerprint[:8]}-{caption_id:09d}"
+    return base if epoch == 0 else f"{base}-e{epoch}"
+
+
+def epoch_seeds(base_seed: int, caption_id: int, epoch: int, images_per_group: int) -> list[int]:
+    """Seeds of a caption's group in ``epoch``: images ``e*m .. e*m+m-1`` of its seed stream."""
+    first = epoch * images_per_group
+    return [image_seed(base_seed, caption_id, first + j) for j in range(images_per_group)]
+
+
+def work_items(
+    captions: CaptionSet,
+    fingerprint: str,
+    base_seed: int,
+    images_per_group: int,
+    epochs: int | None = 1,
+    skip_group_ids: set[str] | frozenset[str] = frozenset(),
+) -> Iterator[WorkItem]:
+    """Work items over ``captions`` for ``epochs`` passes (``None``: endless), skipping done groups."""
+    for epoch in itertools.count() if epochs is None else range(epochs):
+        for caption_id, caption in captions:
+            group_id = group_id_for(fingerprint, caption_id, epoch)
+            if group_id in skip_group_ids:
+                continue
+            yield WorkItem(group_id, caption_id, caption, epoch_seeds(base_seed, caption_id, epoch, images_per_group), epoch)
+
+
+# --- sinks --------------------------------------------------------------------------------------
+
+
+class ShardSink:
+    """Writes every group to a ``ShardWriter``; never refuses."""
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+
+    def offer(self, group: Group) -> bool:
+        self.writer.write(group)
+        return True
+
+
+class ServerSink:
+    """Queues groups on a ``GroupServer``; refuses (without waiting) while its queue is full."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def offer(self, group: Group) -> bool:
+        return bool(self.server.put(group, timeout=0))
+
+
+class PreviewSink:
+    """Keeps the first ``limit`` groups and writes their preview grid to ``path`` as soon as it has
+    them (or, via ``write``, at the end of a shorter run); never refuses."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.groups: list[Group] = []
+        self.written = False
+
+    def offer(self, group: Group) -> bool:
+        if len(self.groups) < self.limit:
+            self.groups.append(group)
+            if len(self.groups) == self.limit:
+                self.write()
+        return True
+
+    def write(self) -> None:
+        if self.written or not self.groups:
+            return
+        from generator_service.preview import write_preview
+
+        write_preview(self.groups, self.path)
+        self.written = True
+        log.info("preview of %d group(s) written to %s", len(self.groups), self.path)
+
+
+class FanOutSink:
+    """Offers each group to several sinks in order; a group is delivered once all took it.
+
+    A sink that refuses is offered the same group again later; the sinks before it are not.
+    """
+
+    def __init__(self, sinks: list[GroupSink]) -> None:
+        self.sinks = sinks
+        self._head: str | None = None
+        self._taken = 0
+
+    def offer(self, group: Group) -> bool:
+        if group.group_id != self._head:
+            self._head, self._taken = group.group_id, 0
+        while self._taken < len(self.sinks):
+            if not self.sinks[self._taken].offer(group):
+                return False
+            self._taken += 1
+        self._head = None
+        return True
+
+    def settle(self, group: Group) -> None:
+        """Offer ``group`` once to every sink that has not taken it yet, ignoring refusals."""
+        start = self._taken if group.group_id == self._head else 0
+        for sink in self.sinks[start:]:
+            sink.offer(group)
+        self._head = None
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceOptions:
+    """One generation run (the CLI fills this from its flags)."""
+
+    config: GeneratorConfig
+    captions: CaptionSet
+    devices: list[str]
+    seed: int = 0
+    batch_captions: int = 8
+    out: str | None = None
+    archive: str | None = None
+    bind: str | None = None
+    queue: int = 64
+    heartbeat_ms: int = 1000
+    shard_size: int = 1000
+    image_format: str = "png"
+    quality: int = 95
+    max_groups: int | None = None
+    preview: str | None = None
+    preview_groups: int = 8
+    drain_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.archive and not self.bind:
+            raise ValueError("--archive DIR writes the groups served online; without --bind use --out DIR")
+        if not (self.out or self.bind):
+            raise ValueError("nothing to do: give --out DIR (offline shards) and/or --bind ENDPOINT (online)")
+        if self.archive and self.out:
+            raise ValueError("give either --out DIR or --archive DIR, not both (they write the same shards)")
+        if self.max_groups is not None and self.max_groups < 1:
+            raise ValueError(f"--max-groups must be >= 1, got {self.max_groups}")
+        if self.queue < 1:
+            raise ValueError(f"--queue must be >= 1, got {self.queue}")
+
+    @property
+    def shard_dir(self) -> str | None:
+        return self.out or self.archive
+
+    @property
+    def epochs(self) -> int | None:
+        """Passes over the caption set: endless online (without --out), one otherwise."""
+        return None if self.bind and not self.out else 1
+
+
+@dataclass
+class RunResult:
+    stats: PoolStats
+    endpoint: str | None
+    shard_dir: str | None
+    groups_written: int
+    skipped_done: int
+    server: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "groups": s.groups_delivered,
+            "images": s.images_delivered,
+            "seconds": round(s.elapsed_s, 3),
+            "images_per_second": round(s.images_per_second, 3),
+            "restarts": s.restarts,
+            "duplicates_dropped": s.duplicates_dropped,
+            "requeued": s.requeued,
+            "undelivered_at_stop": s.settled_at_stop,
+            "endpoint": self.endpoint,
+            "shard_dir": self.shard_dir,
+            "groups_written": self.groups_written,
+            "skipped_already_done": self.skipped_done,
+            "workers": s.workers,
+            "server": self.server,
+        }
+
+
+def captions_digest(captions: CaptionSet) -> str:
+    """Short hash of a caption set's ids and texts: a rerun into the same shards must use the same captions."""
+    digest = hashlib.sha256()
+    for caption_id, caption in captions:
+        digest.update(f"{caption_id}\t{caption}\n".encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def service_id() -> str:
+    return f"stablerep-generator@{socket.gethostname()}:{os.getpid()}"
+
+
+def run_service(
+    options: ServiceOptions,
+    stop: StopSignal | None = None,
+    on_tick: Callable[[WorkerPool, Any], None] | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run generation as ``options`` say until done, ``max_groups`` or ``stop``.
+
+    ``on_start(info)`` is called once the outputs are open (``info``: endpoint, to-do count);
+    ``on_tick(pool, server)`` on every supervisor iteration (progress displays).
+    """
+    config = options.config
+    fingerprint = config.fingerprint()
+    m = config.images_per_group
+    stop = stop or StopSignal()
+    writer: ShardWriter | None = None
+    server = None
+    sinks: list[GroupSink] = []
+    preview = PreviewSink(options.preview, options.preview_groups) if options.preview else None
+    if preview is not None:
+        sinks.append(preview)
+    skip: set[str] = set()
+    try:
+        if options.shard_dir:
+            writer = ShardWriter(
+                options.shard_dir,
+                config.to_dict(),
+                fingerprint,
+                shard_size=options.shard_size,
+                image_format=options.image_format,
+                quality=options.quality,
+                extra={
+                    "seed": options.seed,
+                    "images_per_group": m,
+                    "caption_shard": list(options.captions.shard),
+                    "captions_digest": captions_digest(options.captions),
+                },
+            ).open()
+            skip = set(writer.done_group_ids)
+            sinks.append(ShardSink(writer))
+        if options.bind:
+            from protocol.server import GroupServer
+
+            server = GroupServer(
+                options.bind, service_id(), config.welcome_info(), heartbeat_ms=options.heartbeat_ms, max_queue=options.queue
+            ).start()
+            sinks.append(ServerSink(server))
+        items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip)
+        remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id) not in skip)
+        skipped = len(options.captions) - remaining
+        todo = remaining if options.epochs is not None else None
+        if options.max_groups is not None:
+            items = itertools.islice(items, options.max_groups)
+            todo = options.max_groups if todo is None else min(todo, options.max_groups)
+        if skipped:
+            log.info("%d group(s) already in %s are skipped", skipped, options.shard_dir)
+        if on_start is not None:
+            on_start({"endpoint": server.endpoint if server else None, "todo": todo, "skipped": skipped,
+                      "fingerprint": fingerprint})
+        pool = WorkerPool(
+            config.to_dict(),
+            fingerprint,
+            options.devices,
+            batch_captions=options.batch_captions,
+            drain_timeout=options.drain_timeout,
+            log_level=logging.getLogger().getEffectiveLevel(),
+            # Shards only: workers encode the images in parallel instead of the supervisor.
+            image_codec=(options.image_format, options.quality) if options.out and not options.bind else None,
+        )
+        tick = (lambda p: on_tick(p, server)) if on_tick is not None else None
+        stats = pool.run(items, FanOutSink(sinks), stop=stop, on_tick=tick)
+        if server is not None and not stop.requested:
+            _wait_until_sent(server, stop)
+        if preview is not None:
+            preview.write()
+        return RunResult(
+            stats=stats,
+            endpoint=server.endpoint if server else None,
+            shard_dir=options.shard_dir,
+            groups_written=writer.groups_written if writer else 0,
+            skipped_done=skipped,
+            server=_server_summary(server) if server else None,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+        if server is not None:
+            server.close()
+
+
+def _wait_until_sent(server: Any, stop: StopSignal, poll_s: float = 0.1) -> None:
+    """After a finite run, keep serving until every queued group went to a client (or stop)."""
+    while server.stats().queue_depth > 0 and not stop.requested:
+        time.sleep(poll_s)
+
+
+def _server_summary(server: Any) -> dict[str, Any]:
+    stats = server.stats()
+    return {
+        "groups_sent": stats.groups_sent,
+        "queue_depth": stats.queue_depth,
+        "bad_messages": stats.bad_messages,
+        "dead_clients": stats.dead_clients,
+        "put_wait_seconds": round(stats.put_wait_seconds, 3),
+    }

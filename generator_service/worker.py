@@ -1,0 +1,241 @@
+"""One generator worker process: owns a device and a backend, turns tasks into caption groups.
+
+Protocol with the supervisor (``generator_service.pool``), over two one-way pipes:
+
+- supervisor -> worker (``task_conn``): ``(task_id, [(group_id, caption, seeds), ...])`` or ``None``
+  (finish and exit).
+- worker -> supervisor (``result_conn``):
+  ``("ready", pid, load_seconds)`` once the backend is built;
+  ``("groups", task_id, [(group_id, images, gen_seconds), ...])`` per batch, ``images`` being uint8
+  ``[m, S, S, 3]`` or, when the spec asks for an image codec, ``EncodedImages``;
+  ``("task_done", task_id)``; ``("batch_limit", n)`` after an out-of-memory halving;
+  ``("error", traceback_text, during_startup, failed_group_ids)`` just before the process exits
+  with status 1 (``failed_group_ids``: the batch that raised, empty when none).
+
+Results leave through an ``Outbox`` thread, so encoding and the pipe overlap the next batch.
+A task holds at most ``--batch-captions`` captions; they run as one backend batch unless the device
+ran out of memory, in which case the worker halves its batch limit, logs it, and retries.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: What a task carries per caption: (group_id, caption, seeds).
+TaskItem = tuple[str, str, list[int]]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; picklable for the spawn start method.
+
+    ``device`` is the torch device the worker uses in its own process: ``cuda:0`` for a GPU worker
+    (its physical GPU is the only one ``CUDA_VISIBLE_DEVICES`` shows it), ``cpu`` otherwise.
+    ``num_threads``: torch CPU threads, the host's cores divided among the workers.
+    """
+
+    index: int
+    device: str
+    config: dict[str, Any]
+    batch_captions: int
+    num_threads: int = 1
+    log_level: int = logging.INFO
+    image_codec: tuple[str, int] | None = None  # (format, quality): send encoded images (offline-only runs)
+
+
+class EncodedImages(NamedTuple):
+    """A group's images encoded in the worker: ``data`` holds m png/jpeg/webp files of shape [m, H, W, 3]."""
+
+    encoding: str
+    data: list[bytes]
+    shape: tuple[int, int, int, int]
+
+
+class Outbox:
+    """Sends a worker's results from a background thread, so encoding, pickling and the pipe
+    overlap the next batch's generation. Messages go out in order; ``put`` blocks while
+    ``max_pending`` messages wait (bounded memory). A broken pipe (supervisor gone) ends the worker.
+    """
+
+    def __init__(self, conn: Any, image_codec: tuple[str, int] | None = None, max_pending: int = 4) -> None:
+        self.conn = conn
+        self.image_codec = image_codec
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.broken = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="worker-outbox", daemon=True)
+        self.thread.start()
+
+    def put(self, message: tuple) -> None:
+        while True:
+            if self.broken.is_set():
+                raise BrokenPipeError("the supervisor is gone")
+            try:
+                self.queue.put(message, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Send everything queued, then stop the thread."""
+        if not self.broken.is_set():
+            try:
+                self.queue.put(None, timeout=timeout)
+            except queue.Full:
+                return
+        self.thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            message = self.queue.get()
+            if message is None:
+                return
+            if message[0] == "groups" and self.image_codec is not None:
+                message = ("groups", message[1], [(g, self._encode(images), s) for g, images, s in message[2]])
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                self.broken.set()
+                return
+
+    def _encode(self, images: np.ndarray) -> EncodedImages:
+        from generator_service.shards import IMAGE_FORMATS, encode_image
+
+        image_format, quality = self.image_codec  # type: ignore[misc]
+        data = [encode_image(image, image_format, quality) for image in images]
+        return EncodedImages(IMAGE_FORMATS[image_format][2], data, tuple(int(d) for d in images.shape))  # type: ignore[arg-type]
+
+
+class GenerationFailed(RuntimeError):
+    """The backend raised (not out of memory) on a batch; ``group_ids`` names the batch."""
+
+    def __init__(self, group_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"generating {len(group_ids)} group(s) failed: {type(cause).__name__}: {cause}")
+        self.group_ids = group_ids
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def generate_task(
+    generate: Callable[[list[str], list[list[int]]], np.ndarray],
+    items: list[TaskItem],
+    batch_limit: int,
+    emit: Callable[[list[tuple[str, np.ndarray, float]]], None],
+    on_batch_limit: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Run ``items`` through ``generate`` in batches of at most ``batch_limit`` captions.
+
+    Each finished batch goes to ``emit`` as ``[(group_id, images [m, S, S, 3], gen_seconds)]``.
+    On an out-of-memory error the batch limit halves (``on_batch_limit`` is told) and the batch is
+    retried; at a limit of one caption, or for any other error, ``GenerationFailed`` is raised.
+    Returns the final batch limit.
+    """
+    position = 0
+    while position < len(items):
+        chunk = items[position : position + batch_limit]
+        started = time.perf_counter()
+        try:
+            images = generate([caption for _, caption, _ in chunk], [list(seeds) for _, _, seeds in chunk])
+        except Exception as exc:
+            if not _is_out_of_memory(exc) or len(chunk) == 1:
+                raise GenerationFailed([group_id for group_id, _, _ in chunk], exc) from exc
+            batch_limit = max(1, len(chunk) // 2)
+            log.warning("out of memory with %d captions per batch; retrying with %d", len(chunk), batch_limit)
+            _release_cached_memory()
+            on_batch_limit(batch_limit)
+            continue
+        seconds_each = (time.perf_counter() - started) / len(chunk)
+        emit([(group_id, images[i], seconds_each) for i, (group_id, _, _) in enumerate(chunk)])
+        position += len(chunk)
+    return batch_limit
+
+
+def _release_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _quiet_loading_bars() -> None:
+    """One "Loading pipeline components" bar per worker clutters the service's console; keep it quiet."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _setup_device(spec: WorkerSpec) -> None:
+    import torch
+
+    if spec.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(spec.device))
+    torch.set_num_threads(max(1, spec.num_threads))  # the host's cores, shared among the workers
+
+
+def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
+    """Entry point of a worker process (``multiprocessing`` spawn target)."""
+    # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=spec.log_level, format=f"%(asctime)s worker{spec.index}[{spec.device}] %(levelname)s %(message)s"
+    )
+    during_startup = True
+    outbox = Outbox(result_conn, spec.image_codec)
+    try:
+        started = time.perf_counter()
+        _setup_device(spec)
+        if spec.config.get("backend") == "diffusers":
+            _quiet_loading_bars()
+        from generator_service.backends import create_backend
+        from generator_service.config import GeneratorConfig
+
+        backend = create_backend(GeneratorConfig.from_dict(spec.config), device=spec.device)
+        outbox.put(("ready", os.getpid(), time.perf_counter() - started))
+        during_startup = False
+        batch_limit = spec.batch_captions
+        while True:
+            try:
+                task = task_conn.recv()
+            except (EOFError, OSError):  # the supervisor is gone
+                break
+            if task is None:
+                break
+            task_id, items = task
+            batch_limit = generate_task(
+                backend.generate,
+                items,
+                batch_limit,
+                emit=lambda groups: outbox.put(("groups", task_id, groups)),
+                on_batch_limit=lambda n: outbox.put(("batch_limit", n)),
+            )
+            outbox.put(("task_done", task_id))
+        outbox.close()
+        backend.close()
+    except BrokenPipeError:  # the supervisor is gone; nothing to report to
+        os._exit(1)
+    except BaseException as exc:
+        text = traceback.format_exc()
+        log.error("worker %d failed:\n%s", spec.index, text)
+        failed = exc.group_ids if isinstance(exc, GenerationFailed) else []
+        try:
+            outbox.put(("error", text, during_startup, failed))
+            outbox.close(timeout=10.0)
+        except BrokenPipeError:
+            pass
+        os._exit(1)

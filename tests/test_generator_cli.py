@@ -1,0 +1,197 @@
+"""stablerep-generator CLI: bad input, subcommands, and a service killed / stopped / resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from generator_service.cli import main
+from generator_service.procedural import write_caption_file
+from generator_service.shards import MANIFEST_NAME, ShardWriter, read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+N_CAPTIONS = 40
+M = 3
+
+
+@pytest.fixture
+def captions_file(tmp_path):
+    return str(write_caption_file(tmp_path / "captions.txt", N_CAPTIONS))
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_gpus_spec(capsys, captions_file, tmp_path):
+    err = _error(capsys, ["--captions", captions_file, "--out", str(tmp_path / "o"), "--gpus", "2-0"])
+    assert "--gpus '2-0'" in err and "runs backwards" in err
+    err = _error(capsys, ["--captions", captions_file, "--out", str(tmp_path / "o"), "--gpus", "cpu:x"])
+    assert "cpu:N" in err
+
+
+def test_missing_captions_file(capsys, tmp_path):
+    missing = tmp_path / "nope.txt"
+    err = _error(capsys, ["--captions", str(missing), "--out", str(tmp_path / "o"), "--gpus", "cpu"])
+    assert "caption file not found" in err and str(missing) in err
+    assert "--captions FILE is required" in _error(capsys, ["--out", str(tmp_path / "o"), "--gpus", "cpu"])
+
+
+def test_fingerprint_mismatch(capsys, captions_file, tmp_path):
+    out = tmp_path / "shards"
+    ShardWriter(out, {"backend": "other"}, "feedfacefeedface").open().close()
+    err = _error(capsys, ["--captions", captions_file, "--out", str(out), "--gpus", "cpu"])
+    assert str(out) in err and "feedfacefeedface" in err and "fingerprint" in err
+    assert not list(out.glob("shard-*.tar"))
+
+
+def test_bad_mode_combinations_and_config(capsys, captions_file, tmp_path):
+    assert "nothing to do" in _error(capsys, ["--captions", captions_file, "--gpus", "cpu"])
+    err = _error(capsys, ["--captions", captions_file, "--gpus", "cpu", "--archive", str(tmp_path / "a")])
+    assert "--archive" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nnot_a_flag: 1\n")
+    err = _error(capsys, ["--config", str(bad), "--captions", captions_file, "--out", str(tmp_path / "o")])
+    assert str(bad) in err and "not_a_flag" in err
+
+
+def test_captions_and_probe_set_subcommands(tmp_path):
+    captions = tmp_path / "c.txt"
+    assert main(["captions", "--n", "7", "--out", str(captions), "--seed", "3"]) == 0
+    assert len(captions.read_text().splitlines()) == 7
+    probe = tmp_path / "probe"
+    argv = ["probe-set", "--out", str(probe), "--train-per-class", "1", "--val-per-class", "1", "--size", "16"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in probe.iterdir() if p.is_dir()) == ["train", "val"]
+    assert len(list((probe / "train").rglob("*.png"))) >= 2
+
+
+def _manifest_groups(out: Path) -> int:
+    try:
+        manifest = read_manifest(out)
+    except Exception:  # mid-rename on a first write
+        return 0
+    return sum(s["groups"] for s in manifest["shards"]) if manifest else 0
+
+
+def _wait_for_groups(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 240.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        groups = _manifest_groups(out)
+        if groups >= at_least:
+            return groups
+        assert proc.poll() is None, f"service exited early: {proc.communicate()}"
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"fewer than {at_least} groups in {out} after {timeout}s")
+
+
+def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
+    out = tmp_path / "shards"
+    config = tmp_path / "run.yaml"
+    # Large procedural renders so that a run takes a few seconds; saved small.
+    config.write_text(yaml.safe_dump({"height": 256, "width": 256, "save-size": 32, "images-per-caption": M,
+                                      "shard_size": 4, "gpus": "cpu:2"}))
+    argv = ["--config", str(config), "--captions", captions_file, "--out", str(out), "--batch-captions", "2"]
+    command = [sys.executable, "-m", "generator_service.cli", *argv, "--no-progress", "--log-level", "WARNING"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    # 1. SIGKILL the whole service once it has completed a shard.
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_groups(out, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    after_kill = _manifest_groups(out)
+    assert 4 <= after_kill < N_CAPTIONS, "the service finished before it was killed"
+
+    # 2. Resume, then SIGTERM: clean exit 0 with every finished group flushed to a listed shard.
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_groups(out, after_kill + 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["stopped_by_signal"] is True
+    assert summary["skipped_already_done"] == after_kill
+    after_term = _manifest_groups(out)
+    assert after_term == after_kill + summary["groups_written"] and after_term < N_CAPTIONS
+    assert not list(out.glob(".shard-*"))
+
+    # 3. Resume in-process to the end (flags override the YAML file).
+    preview = tmp_path / "preview.png"
+    assert main([*argv, "--no-progress", "--preview", str(preview), "--preview-groups", "3"]) == 0
+    manifest = read_manifest(out)
+    listed = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert listed == sorted(s["name"] for s in manifest["shards"])  # nothing torn, nothing unlisted
+    caption_ids: list[int] = []
+    for name in listed:
+        with tarfile.open(out / name) as tar:
+            names = tar.getnames()
+            for member in names:
+                if member.endswith(".json"):
+                    header = json.loads(tar.extractfile(member).read())
+                    caption_ids.append(header["caption_id"])
+                    key = header["group_id"]
+                    assert [f"{key}.{j}.png" in names for j in range(M)] == [True] * M
+                    assert len(header["seeds"]) == M and header["shape"] == [M, 32, 32, 3]
+    assert Counter(caption_ids) == Counter(range(N_CAPTIONS))  # every caption exactly once
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["generator"]["height"] == 256 and resolved["run"]["batch_captions"] == 2
+    assert resolved["fingerprint"] == manifest["fingerprint"]
+    with Image.open(preview) as grid:
+        assert grid.height >= 3 * 32
+
+    # 4. Another image count into the same directory is refused.
+    assert main([*argv, "--images-per-caption", str(M + 1)]) == 2
+    assert (out / MANIFEST_NAME).exists()
+
+
+def test_backend_that_cannot_start_fails_the_run_with_its_error(capsys, captions_file, tmp_path):
+    not_a_pipeline = tmp_path / "empty_model"
+    not_a_pipeline.mkdir()
+    out = tmp_path / "shards"
+    argv = ["--captions", captions_file, "--out", str(out), "--gpus", "cpu", "--backend", "diffusers",
+            "--model", str(not_a_pipeline), "--dtype", "fp32", "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "could not start the backend" in err and str(not_a_pipeline) in err and "model_index.json" in err
+    assert read_manifest(out)["shards"] == []
+
+
+def test_caption_the_backend_rejects_fails_the_run_naming_it(capsys, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle with dots on a dark background\nthis is not a procedural caption\n")
+    out = tmp_path / "shards"
+    argv = ["--captions", str(captions), "--out", str(out), "--gpus", "cpu", "--batch-captions", "1",
+            "--images-per-caption", "2", "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "caption 1 ('this is not a procedural caption') failed to generate 2 times" in err
+    assert "does not follow the procedural grammar" in err
+    # what was generated before the failure is kept
+    assert [c for s in read_manifest(out)["shards"] for c in s["caption_ids"]] == [0]
+
+
+def test_max_groups_stops_after_that_many(capsys, captions_file, tmp_path):
+    out = tmp_path / "shards"
+    argv = ["--captions", captions_file, "--out", str(out), "--gpus", "cpu", "--max-groups", "5",
+            "--images-per-caption", "2", "--shard-size", "2", "--format", "jpg", "--quality", "80", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["groups"] == 5 and summary["images"] == 10
+    manifest = read_manifest(out)
+    assert [c for s in manifest["shards"] for c in s["caption_ids"]] == [0, 1, 2, 3, 4]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert any(name.endswith(".1.jpg") for name in tar.getnames())
