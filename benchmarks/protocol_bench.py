@@ -26,6 +26,7 @@ from protocol.client import GroupClient
 from protocol.server import GroupServer
 
 METHODS = ("protocol", "bare", "pickle")
+RUN_TIMEOUT_S = 120.0
 
 
 def _payload(shape: tuple[int, ...]) -> np.ndarray:
@@ -109,7 +110,12 @@ def _receive_protocol_after_warmup(endpoint: str, shape: tuple[int, ...], warmup
             state["end"] = time.perf_counter()
 
     client = GroupClient([endpoint], on_group, credits=16, connect_timeout=30).start()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     while state["end"] == 0.0:
+        if time.monotonic() > deadline:
+            client.close()
+            raise TimeoutError(f"protocol run over {endpoint} received {state['count']} of {warmup + groups} groups "
+                               f"in {RUN_TIMEOUT_S} s")
         time.sleep(0.001)
     client.close()
     return state["end"] - state["start"]
@@ -119,6 +125,8 @@ def _receive_bare_after_warmup(endpoint: str, shape: tuple[int, ...], warmup: in
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 16)
+    sock.setsockopt(zmq.RCVTIMEO, int(RUN_TIMEOUT_S * 1000))  # zmq.Again instead of hanging forever
+    sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     nbytes = int(np.prod(shape))
     start = 0.0

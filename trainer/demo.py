@@ -1,0 +1,412 @@
+"""The embedded default, end to end on a CPU: ``stablerep-train --preset demo [--output DIR]``.
+
+1. ``stablerep-generator captions`` writes procedural captions; ``stablerep-generator probe-set``
+   writes held-out labelled ImageFolders (one per probed caption attribute, e.g. shape) whose image
+   seeds the training stream never uses.
+2. The procedural generator service starts as a subprocess serving protocol v1 on a free local port.
+3. The real training loop (``trainer.loop.train``, online source, StableRep loss, ViT-Tiny at 64 px)
+   runs in this process; every ``--probe-every`` steps the exported backbone is snapshotted.
+4. Each snapshot (step 0 = the model's random init) gets the fast linear probe on the probe sets.
+5. ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` summarize the run; the generator is always stopped.
+
+Flags of this demo (all others go to ``stablerep-train`` on top of the ``cpu_small`` preset):
+``--steps N``, ``--quick``, ``--probe-every N``, ``--attributes shape,texture``, ``--captions N``,
+``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.report import write_demo_report
+
+DEMO_BASE_PRESET = "cpu_small"
+# On top of the preset (the user's trainer flags override these): a ViT small enough for a
+# 2-core CPU (64 px, 8 px patches, 4 blocks of width 96), 16 captions x 4 images per step.
+DEMO_TRAINER_DEFAULTS = [
+    "--model-kwargs", "patch_size=8", "depth=4", "embed_dim=96", "num_heads=3",
+    "--batch-captions", "16", "--images-per-caption", "4", "--lr", "1e-3",
+]
+GENERATOR_NICENESS = 10
+FEWSHOT_MIN_PER_CLASS = 11  # 1 shot + 10 queries
+DEFAULT_OUTPUT = "runs/demo"
+SNAPSHOTS = "snapshots"
+
+
+@dataclass
+class DemoPlan:
+    """What one demo run does; ``--quick`` shrinks every part.
+
+    The first attribute is the headline probe. In a few hundred CPU steps the tiny ViT learns the
+    caption's colour (invariant to the colour jitter) and background well beyond its random init;
+    shape and texture need far longer runs and are probed in the full demo to show exactly that.
+    """
+
+    steps: int = 400
+    probe_every: int = 100
+    attributes: tuple[str, ...] = ("colour", "background", "texture", "shape")
+    captions: int = 576
+    probe_train_per_class: int = 20
+    probe_val_per_class: int = 25
+    generator_workers: int = 1
+    seed: int = 0
+    probe_epochs: int = 100
+
+    @classmethod
+    def quick(cls) -> "DemoPlan":
+        return cls(steps=100, probe_every=50, attributes=("colour",))
+
+
+def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
+    """Split ``argv`` into the demo's own flags (-> :class:`DemoPlan`) and flags for the trainer."""
+    parser = argparse.ArgumentParser(prog="stablerep-train --preset demo", add_help=True,
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a shorter run (about a minute on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--probe-every", type=int, help="steps between backbone snapshots that get probed")
+    parser.add_argument("--attributes", help="comma-separated caption attributes to probe; the first is the headline")
+    parser.add_argument("--captions", type=int, help="procedural captions to train on (576 distinct)")
+    parser.add_argument("--probe-train-per-class", type=int)
+    parser.add_argument("--probe-val-per-class", type=int)
+    parser.add_argument("--generator-workers", type=int, help="CPU workers of the generator service")
+    parser.add_argument("--seed", type=int, help="seed of captions, probe sets, generator and trainer")
+    args, rest = parser.parse_known_args(argv)
+    plan = DemoPlan.quick() if args.quick else DemoPlan()
+    for name in ("steps", "probe_every", "captions", "probe_train_per_class", "probe_val_per_class",
+                 "generator_workers", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < (0 if name == "seed" else 1):
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            setattr(plan, name, value)
+    if args.attributes:
+        plan.attributes = tuple(a.strip() for a in args.attributes.split(",") if a.strip())
+    if args.steps is not None and args.probe_every is None:
+        plan.probe_every = max(1, plan.steps // 4)
+    return plan, rest
+
+
+GENERATOR_MODULE = "generator_service.cli"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generator_env() -> dict[str, str]:
+    """The subprocess environment: the project importable, one BLAS thread (the trainer needs the cores)."""
+    env = dict(os.environ)
+    if (PROJECT_ROOT / "generator_service").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def _lower_priority() -> None:
+    """In the generator subprocess: yield the CPU to the trainer (the procedural backend renders far
+    faster than a CPU trainer consumes, and the replay buffer absorbs the surplus)."""
+    os.nice(GENERATOR_NICENESS)
+
+
+def run_generator_cli(args: list[str], timeout: float = 300.0) -> str:
+    """Run ``stablerep-generator ARGS`` to completion in a subprocess; its stdout, or an error with its stderr."""
+    command = [sys.executable, "-m", GENERATOR_MODULE, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_generator_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """``tcp://host:PORT`` with a port the OS just reported free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return f"tcp://{host}:{sock.getsockname()[1]}"
+
+
+class GeneratorProcess:
+    """The generator service as a subprocess (own process group, output to ``log_path``).
+
+    Leaving the ``with`` block always stops it: SIGTERM (the service drains and exits), then after
+    ``stop_timeout`` seconds SIGKILL to its whole process group (worker processes included).
+    """
+
+    def __init__(self, args: list[str], log_path: Path, stop_timeout: float = 20.0) -> None:
+        self.command = [sys.executable, "-m", GENERATOR_MODULE, *args]
+        self.log_path, self.stop_timeout = Path(log_path), stop_timeout
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.pid: int | None = None
+
+    def __enter__(self) -> "GeneratorProcess":
+        self._log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
+                                         env=_generator_env(), start_new_session=True,
+                                         preexec_fn=_lower_priority if hasattr(os, "nice") else None)
+        except BaseException:
+            self._log.close()
+            raise
+        self.pid = self.proc.pid
+        return self
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"the generator service exited with status {self.proc.returncode}; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            try:  # the group: the service and any worker it left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(10)
+            self.returncode = proc.returncode
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self._log.close()
+
+
+class SnapshotSource:
+    """Wraps the training source; before each step, copies a newly exported backbone to
+    ``snapshots/step-NNNNNN`` (N = steps done), so probes can run after training on every snapshot."""
+
+    def __init__(self, source: Any, output: Path, snapshot_dir: Path) -> None:
+        self.source, self.output, self.snapshot_dir = source, output, snapshot_dir
+        self.steps = 0
+        self._seen_mtime: int | None = None
+        self.snapshots: dict[int, Path] = {}
+
+    def capture(self) -> None:
+        weights = self.output / "backbone.safetensors"
+        if not weights.exists():
+            return
+        mtime = weights.stat().st_mtime_ns
+        if mtime != self._seen_mtime and self.steps not in self.snapshots:
+            self.snapshots[self.steps] = copy_backbone(self.output, self.snapshot_dir / f"step-{self.steps:06d}")
+        self._seen_mtime = mtime
+
+    def next_batch(self):
+        self.capture()
+        batch = self.source.next_batch()
+        self.steps += 1
+        return batch
+
+    def stats(self) -> dict[str, Any]:
+        return self.source.stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def copy_backbone(src_dir: Path, dst_dir: Path) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("backbone.json", "backbone.safetensors"):
+        shutil.copy2(src_dir / name, dst_dir / name)
+    return dst_dir
+
+
+def export_initial_backbone(cfg, dst_dir: Path) -> Path:
+    """The backbone ``train(cfg)`` starts from (same seed, same construction order), exported."""
+    from accelerate.utils import set_seed
+
+    from trainer.loop import build_components
+
+    set_seed(cfg.run.seed)
+    model = build_components(cfg)[0]
+    model.export_backbone(dst_dir)
+    return dst_dir
+
+
+def probe_snapshots(
+    snapshots: dict[int, Path], probe_dirs: dict[str, Path], plan: DemoPlan, log
+) -> list[dict[str, Any]]:
+    """Fast linear probe of every snapshot on every attribute's train/val folders."""
+    from trainer.eval import FastProbeConfig, linear_probe, load_eval_backbone
+    from trainer.eval.features import resolve_device
+
+    device = resolve_device("auto")
+    cfg = FastProbeConfig(epochs=plan.probe_epochs, seed=plan.seed)
+    rows = []
+    for step in sorted(snapshots):
+        backbone = load_eval_backbone(snapshots[step])
+        for attribute, folder in probe_dirs.items():
+            result = linear_probe(backbone, folder / "train", folder / "val", cfg, device, batch_size=256, workers=0)
+            rows.append({"step": step, "attribute": attribute, "top1": result["top1"],
+                         "train_top1": result["grid"][0]["train_top1"], "num_classes": result["num_classes"],
+                         "selected": result["selected"], "val_images": result["val_images"],
+                         "skipped_images": result["skipped_images"], "seconds": result["seconds"]})
+            log(f"probe step {step:5d} {attribute:>10}: top-1 {result['top1']:.1f}% "
+                f"({result['num_classes']} classes, {result['val_images']} held-out images)")
+    return rows
+
+
+def fewshot_endpoints(snapshots: dict[int, Path], data_dir: Path, plan: DemoPlan, log) -> dict[str, Any]:
+    """5-way 1-shot episodes (logistic regression on L2-normalized features) at init and at the end."""
+    from trainer.eval import FewShotConfig, fewshot_probe, load_eval_backbone
+    from trainer.eval.features import resolve_device
+
+    cfg = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=plan.seed)
+    out: dict[str, Any] = {"config": asdict(cfg), "data": str(data_dir)}
+    for name, step in (("random_init", min(snapshots)), ("trained", max(snapshots))):
+        result = fewshot_probe(load_eval_backbone(snapshots[step]), data_dir, cfg, resolve_device("auto"))
+        out[name] = {"step": step, "accuracy": result["accuracy"], "ci95": result["ci95"]}
+        log(f"few-shot {cfg.n_way}-way {cfg.k_shot}-shot ({data_dir.parent.name}), {name}: "
+            f"{result['accuracy']:.1f}% +- {result['ci95']:.1f}")
+    return out
+
+
+def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, output: Path):
+    """``cpu_small`` preset < the user's trainer flags < what the demo must set (source, length, output)."""
+    from trainer.cli import parse_config
+
+    argv = ["--preset", DEMO_BASE_PRESET, *DEMO_TRAINER_DEFAULTS, *trainer_argv,
+            "--source", "online", "--generators", endpoint, "--output", str(output), "--steps", str(plan.steps),
+            "--save-every", str(plan.probe_every), "--seed", str(plan.seed)]
+    if "--log-with" not in trainer_argv:
+        argv.append("--log-with")  # no trackers unless asked for
+    cfg, _ = parse_config(argv)
+    if cfg.schedule.warmup_steps is not None and "--warmup-steps" not in trainer_argv:
+        cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(0, plan.steps // 10))
+    return cfg.validate()
+
+
+def run_demo(argv_rest: list[str], output: str | None) -> int:
+    """Run the demo (see module docstring); returns the exit status."""
+    plan, trainer_argv = parse_demo_args(list(argv_rest))
+    out = Path(output or DEFAULT_OUTPUT)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[demo] {msg}", flush=True)
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        captions = data / "captions.txt"
+        run_generator_cli(["captions", "--n", str(plan.captions), "--out", str(captions), "--seed", str(plan.seed)])
+        probe_dirs: dict[str, Path] = {}
+        for i, attribute in enumerate(plan.attributes):
+            folder = data / f"probe_{attribute}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            run_generator_cli(["probe-set", "--out", str(folder), "--attribute", attribute,
+                               "--train-per-class", str(plan.probe_train_per_class),
+                               "--val-per-class", str(plan.probe_val_per_class),
+                               "--size", "64", "--seed", str(plan.seed + 1000 + i)])
+            probe_dirs[attribute] = folder
+        timings["data_s"] = time.perf_counter() - t0
+        log(f"wrote {plan.captions} captions and probe sets for {', '.join(plan.attributes)} under {data}")
+
+        endpoint = free_tcp_endpoint()
+        cfg = _trainer_config(plan, trainer_argv, endpoint, out)
+        snapshot_dir = out / SNAPSHOTS
+        if snapshot_dir.exists():
+            shutil.rmtree(snapshot_dir)
+        snapshots = {0: export_initial_backbone(cfg, snapshot_dir / "step-000000")}
+        command = ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
+                   "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
+                   "--images-per-caption", str(max(cfg.data.images_per_caption, 4)),
+                   "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress"]
+        log(f"starting the procedural generator service at {endpoint}")
+        with GeneratorProcess(command, log_path=out / "generator.log") as generator:
+            summary, wrapper = _train(cfg, generator, out, snapshot_dir, log)
+        snapshots.update(wrapper.snapshots)
+        final_step = int(summary["steps"])
+        snapshots[final_step] = copy_backbone(out, snapshot_dir / f"step-{final_step:06d}")
+        timings["generator_connect_s"] = summary.pop("_connect_seconds")
+        timings["train_s"] = summary.pop("_train_seconds")
+
+        t0 = time.perf_counter()
+        probes = probe_snapshots(snapshots, probe_dirs, plan, log)
+        headline_val = probe_dirs[plan.attributes[0]] / "val"
+        fewshot = None
+        if plan.probe_val_per_class >= FEWSHOT_MIN_PER_CLASS and len(list(headline_val.iterdir())) >= 5:
+            fewshot = fewshot_endpoints(snapshots, headline_val, plan, log)
+        timings["probe_s"] = time.perf_counter() - t0
+    except Exception as exc:  # reported with the files produced so far left in place
+        traceback.print_exc()
+        print(f"stablerep-train --preset demo: failed: {type(exc).__name__}: {exc} (partial outputs in {out})",
+              file=sys.stderr)
+        return 1
+    timings["total_s"] = time.perf_counter() - t_start
+
+    report = write_demo_report(out, plan=asdict(plan), summary=summary, probes=probes, timings=timings,
+                               fewshot=fewshot,
+                               generator={"endpoint": endpoint, "log": str(out / "generator.log"),
+                                          "command": generator.command, "pid": generator.pid,
+                                          "exit_status": generator.returncode})
+    log(f"probe accuracy ({plan.attributes[0]}, {report['num_classes']} classes, chance "
+        f"{report['chance_accuracy']:.1f}%): trained {report['probe_accuracy']:.1f}% vs random init "
+        f"{report['random_init_probe_accuracy']:.1f}%")
+    for attribute, row in report["per_attribute"].items():
+        log(f"  {attribute:>10}: trained {row['trained']:.1f}% | random init {row['random_init']:.1f}%")
+    log(f"{report['steps']} steps, {report['images_seen']} images seen, {report['generated_groups']} groups "
+        f"generated, {report['train_images_per_s']:.1f} train images/s; report {out / 'report.json'}, "
+        f"curve {out / 'curve.png'}")
+    return 0
+
+
+def _train(cfg, generator: GeneratorProcess, out: Path, snapshot_dir: Path, log):
+    """Build the online source, wrap it for snapshots and run ``trainer.loop.train``."""
+    import torch
+
+    from trainer.loop import build_source, train
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu")
+    source = None
+    try:
+        t0 = time.perf_counter()
+        source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.batch_captions)
+        connect_seconds = time.perf_counter() - t0
+        wrapper = SnapshotSource(source, out, snapshot_dir)
+        log(f"training {cfg.model.name} {cfg.model.model_kwargs} with {cfg.method.name} for {cfg.schedule.steps} "
+            f"steps of {cfg.data.batch_captions} captions x {cfg.data.images_per_caption} images")
+        t0 = time.perf_counter()
+        summary = train(cfg, source=wrapper)
+        summary["_train_seconds"] = time.perf_counter() - t0
+        summary["_connect_seconds"] = connect_seconds
+        generator.check_alive()
+        return summary, wrapper
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; generator log:\n{generator.log_tail()}") from exc
+    finally:
+        if source is not None:
+            source.close()

@@ -1,0 +1,186 @@
+"""``stablerep-eval``: linear probe and few-shot evaluation of a frozen backbone.
+
+    stablerep-eval linear --checkpoint runs/demo --train DATA/train --val DATA/val [--protocol fast|paper]
+    stablerep-eval fewshot --checkpoint runs/demo --data DATA/val [--n-way 5 --k-shot 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.eval.backbones import BackboneSpecError, load_eval_backbone
+from trainer.eval.features import resolve_device
+from trainer.eval.fewshot import FewShotConfig
+from trainer.eval.imagefolder import ImageFolderError
+from trainer.eval.linear import FastProbeConfig, PaperProbeConfig
+from trainer.eval.probe import fewshot_probe, linear_probe
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--model-kwargs is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--checkpoint", required=True,
+                       help="run dir, backbone.json/.safetensors, timm:NAME (random init) or timm-pretrained:NAME")
+    group.add_argument("--model-kwargs", type=_json_object, default=None,
+                       help='JSON kwargs for timm:/random: specs, e.g. \'{"img_size": 64, "patch_size": 8}\'')
+    group.add_argument("--init-seed", type=int, default=0, help="seed of a random-init backbone")
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--workers", type=int, default=4, help="DataLoader workers for image decoding")
+    run.add_argument("--cache-dir", default=None, help="store extracted features here and reuse them")
+    run.add_argument("--output", default=None, help="write the result JSON to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablerep-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lin = sub.add_parser("linear", help="linear probe on a frozen backbone")
+    _add_common(lin)
+    data = lin.add_argument_group("data")
+    data.add_argument("--train", required=True, help="ImageFolder for training the probe")
+    data.add_argument("--val", required=True, help="ImageFolder for scoring it")
+    probe = lin.add_argument_group("probe")
+    probe.add_argument("--protocol", choices=("fast", "paper"), default="fast")
+    probe.add_argument("--epochs", type=int, default=None, help="default: fast 100, paper 90")
+    probe.add_argument("--lrs", type=_floats, default=None,
+                       help="fast: lrs of the grid; paper: base lrs (lr = base * batch / 256)")
+    probe.add_argument("--weight-decays", type=_floats, default=None, help="fast: weight decays of the grid")
+    probe.add_argument("--select", choices=("holdout", "val"), default="holdout",
+                       help="fast: pick the grid point on a held-out part of train (default) or on val")
+    probe.add_argument("--no-batch-norm", action="store_true", help="paper: no BatchNorm1d before the classifier")
+    probe.add_argument("--no-standardize", action="store_true", help="fast: do not standardize cached features")
+    probe.add_argument("--eval-every", type=int, default=0, help="paper: evaluate val every N epochs")
+    probe.add_argument("--seed", type=int, default=0)
+
+    few = sub.add_parser("fewshot", help="N-way K-shot episodes with logistic regression")
+    _add_common(few)
+    few.add_argument("--data", required=True, help="ImageFolder whose classes the episodes draw from")
+    few.add_argument("--n-way", type=int, default=5)
+    few.add_argument("--k-shot", type=int, default=5)
+    few.add_argument("--n-query", type=int, default=15)
+    few.add_argument("--episodes", type=int, default=600)
+    few.add_argument("--inverse-reg", type=float, default=1.0, help="C of the L2-regularized logistic regression")
+    few.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A rich table when stdout is a terminal-capable console, plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(title)
+        print("  ".join(columns))
+        for row in rows:
+            print("  ".join(_fmt(v) for v in row))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row))
+    Console(width=120).print(table)
+
+
+def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
+    if args.protocol == "fast":
+        given = {"epochs": args.epochs, "lrs": args.lrs, "weight_decays": args.weight_decays}
+        cfg = FastProbeConfig(select=args.select, standardize=not args.no_standardize, seed=args.seed,
+                              batch_size=max(args.batch_size, 1024),
+                              **{k: v for k, v in given.items() if v is not None})
+    else:
+        given = {"epochs": args.epochs, "base_lrs": args.lrs}
+        cfg = PaperProbeConfig(batch_size=args.batch_size, batch_norm=not args.no_batch_norm, seed=args.seed,
+                               eval_every=args.eval_every, workers=args.workers,
+                               **{k: v for k, v in given.items() if v is not None})
+    result = linear_probe(backbone, args.train, args.val, cfg, device, args.batch_size, args.workers, args.cache_dir)
+    if args.protocol == "fast":
+        rows = [[f"{r['lr']:g}", f"{r['weight_decay']:g}", r.get("holdout_top1"), r["train_top1"], r["top1"], r["top5"]]
+                for r in result["grid"]]
+        print_table(f"linear probe (fast), {result['num_classes']} classes", ["lr", "wd", "holdout top1",
+                    "train top1", "val top1", "val top5"], rows)
+        sel = result["selected"]
+        print(f"selected lr={sel['lr']} wd={sel['weight_decay']} on {sel['selected_on']}: "
+              f"top1 {result['top1']:.2f}%" + (f", top5 {result['top5']:.2f}%" if result["top5"] is not None else ""))
+    else:
+        rows = [[f"{r['base_lr']:g}", f"{r['lr']:g}", f"{r['final_train_loss']:.4f}", r["top1"], r["top5"]]
+                for r in result["per_lr"]]
+        print_table(f"linear probe (paper, {result['config']['epochs']} epochs), {result['num_classes']} classes",
+                    ["base lr", "lr", "train loss", "val top1", "val top5"], rows)
+        print(f"best base lr {result['selected']['base_lr']}: top1 {result['top1']:.2f}%")
+    if result["skipped_images"]:
+        print(f"skipped {result['skipped_images']} unreadable images (listed in the JSON)")
+    return result
+
+
+def _fewshot(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
+    cfg = FewShotConfig(n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes,
+                        seed=args.seed, inverse_reg=args.inverse_reg)
+    result = fewshot_probe(backbone, args.data, cfg, device, args.batch_size, args.workers, args.cache_dir)
+    print(f"{cfg.n_way}-way {cfg.k_shot}-shot over {cfg.episodes} episodes: "
+          f"{result['accuracy']:.2f}% +- {result['ci95']:.2f} (95% CI)")
+    if result["excluded_classes"]:
+        print(f"excluded classes with < {cfg.k_shot + cfg.n_query} images: {result['excluded_classes']}")
+    if result["skipped_images"]:
+        print(f"skipped {result['skipped_images']} unreadable images (listed in the JSON)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for folder in ([args.train, args.val] if args.command == "linear" else [args.data]):
+            if not Path(folder).is_dir():
+                raise ImageFolderError(f"image folder {folder} does not exist or is not a directory")
+        backbone = load_eval_backbone(args.checkpoint, args.model_kwargs, seed=args.init_seed)
+        device = resolve_device(args.device)
+        result = (_linear if args.command == "linear" else _fewshot)(args, backbone, device)
+    except (BackboneSpecError, ImageFolderError, ValueError, FloatingPointError) as err:
+        print(f"stablerep-eval: error: {err}", file=sys.stderr)
+        return 2
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

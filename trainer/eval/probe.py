@@ -1,0 +1,71 @@
+"""One-call evaluations from folders: what ``stablerep-eval`` and the demo run."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer.eval.backbones import EvalBackbone
+from trainer.eval.features import eval_transform, extract_features, train_transform
+from trainer.eval.fewshot import FewShotConfig, fewshot_eval
+from trainer.eval.imagefolder import ImageFolderDataset
+from trainer.eval.linear import FastProbeConfig, PaperProbeConfig, fast_linear_probe, paper_linear_probe
+
+
+def linear_probe(
+    backbone: EvalBackbone,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    config: FastProbeConfig | PaperProbeConfig,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Linear probe of ``backbone`` trained on ``train_dir`` and scored on ``val_dir`` (ImageFolders).
+
+    ``FastProbeConfig`` -> features extracted once with the eval view, grid on cached features;
+    ``PaperProbeConfig`` -> augmented views through the frozen backbone every epoch.
+    """
+    start = time.perf_counter()
+    if isinstance(config, PaperProbeConfig):
+        train = ImageFolderDataset(train_dir, train_transform(backbone))
+        val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
+        result = paper_linear_probe(backbone, train, val, config, device, log=log)
+    else:
+        train = ImageFolderDataset(train_dir, eval_transform(backbone))
+        val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
+        t0 = time.perf_counter()
+        train_feats = extract_features(backbone, train, device, batch_size, workers, cache_dir)
+        val_feats = extract_features(backbone, val, device, batch_size, workers, cache_dir)
+        extract_seconds = time.perf_counter() - t0
+        result = fast_linear_probe(train_feats, val_feats, config, device)
+        result["extract_seconds"] = extract_seconds
+        result["train_skipped"] = train_feats.skipped
+        result["val_skipped"] = val_feats.skipped
+    result["skipped_images"] = len(result["train_skipped"]) + len(result["val_skipped"])
+    result.update(backbone=backbone.describe(), train_dir=str(train_dir), val_dir=str(val_dir),
+                  seconds=time.perf_counter() - start)
+    return result
+
+
+def fewshot_probe(
+    backbone: EvalBackbone,
+    data_dir: str | Path,
+    config: FewShotConfig,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Few-shot episodes over the classes of ``data_dir`` (an ImageFolder) on frozen features."""
+    start = time.perf_counter()
+    data = ImageFolderDataset(data_dir, eval_transform(backbone))
+    feats = extract_features(backbone, data, device, batch_size, workers, cache_dir)
+    result = fewshot_eval(feats, config, device)
+    result.update(backbone=backbone.describe(), data_dir=str(data_dir), skipped_images=len(feats.skipped),
+                  seconds=time.perf_counter() - start)
+    return result

@@ -1,0 +1,149 @@
+"""Plots of a run for humans: ``curve.png`` with the training loss and probe accuracy over steps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
+import numpy as np  # noqa: E402
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over ``window`` values (shorter at the start); same length as ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0 or window <= 1:
+        return x
+    csum = np.cumsum(np.insert(x, 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, idx - window)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+def plot_training_curve(
+    path: str | Path,
+    losses: Sequence[float],
+    probe_curves: dict[str, tuple[Sequence[int], Sequence[float]]],
+    chance_accuracy: dict[str, float] | None = None,
+    title: str = "",
+) -> Path:
+    """Write a two-panel PNG: loss per step (raw + moving average) and probe accuracy (%) per step.
+
+    ``probe_curves[name] = (steps, top1)``: probe accuracy of the backbone snapshot taken after
+    ``steps[i]`` optimizer steps (step 0 = the random init); the first entry is drawn boldest.
+    ``chance_accuracy[name]`` adds a dotted chance line of the same colour.
+    """
+    path = Path(path)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
+    steps = np.arange(1, len(losses) + 1)
+    if len(losses):
+        ax_loss.plot(steps, losses, color="#9bb7d4", linewidth=0.8, label="loss per step")
+        window = max(1, len(losses) // 20)
+        ax_loss.plot(steps, moving_average(losses, window), color="#1f4e79", linewidth=2,
+                     label=f"moving average ({window} steps)")
+        ax_loss.legend(loc="upper right", fontsize=8)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("multi-positive contrastive loss")
+    ax_loss.set_title("training loss")
+    ax_loss.grid(alpha=0.3)
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, (xs, ys)) in enumerate(probe_curves.items()):
+        colour = colours[(i + 3) % len(colours)]
+        ax_acc.plot(xs, ys, marker="o", color=colour, linewidth=2.5 if i == 0 else 1.2, label=f"{name}")
+        if i == 0:
+            for x, y in zip(xs, ys):
+                ax_acc.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        if chance_accuracy and name in chance_accuracy:
+            ax_acc.axhline(chance_accuracy[name], color=colour, linestyle=":", linewidth=1)
+    ax_acc.set_xlabel("optimizer step (0 = random init)")
+    ax_acc.set_ylabel("held-out top-1 accuracy (%)")
+    ax_acc.set_ylim(0, 105)
+    ax_acc.set_title("linear probe on held-out images (dotted: chance)")
+    ax_acc.grid(alpha=0.3)
+    if probe_curves:
+        ax_acc.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="probed attribute")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def write_demo_report(
+    output: str | Path,
+    *,
+    plan: dict[str, Any],
+    summary: dict[str, Any],
+    probes: list[dict[str, Any]],
+    timings: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` of a demo run; returns the report.
+
+    ``probes``: rows ``{"step", "attribute", "top1", "num_classes", ...}``; step 0 is the random init,
+    the largest step the trained backbone. The first attribute of ``plan["attributes"]`` is the headline.
+    """
+    output = Path(output)
+    attributes = list(plan["attributes"])
+    headline = attributes[0]
+    by_attr: dict[str, list[dict[str, Any]]] = {a: sorted((r for r in probes if r["attribute"] == a),
+                                                          key=lambda r: r["step"]) for a in attributes}
+    per_attribute = {}
+    for attribute, rows in by_attr.items():
+        if not rows:
+            raise ValueError(f"no probe result for attribute {attribute!r}")
+        per_attribute[attribute] = {
+            "trained": rows[-1]["top1"], "random_init": rows[0]["top1"], "num_classes": rows[-1]["num_classes"],
+            "chance": 100.0 / rows[-1]["num_classes"], "steps": [r["step"] for r in rows],
+            "top1": [r["top1"] for r in rows],
+        }
+    head = per_attribute[headline]
+    losses = [float(v) for v in summary.get("losses", [])]
+    k = max(1, min(10, len(losses) // 5 or 1))
+    stats = summary.get("source_stats") or {}
+    report = {
+        "probe_attribute": headline,
+        "probe_accuracy": head["trained"],
+        "random_init_probe_accuracy": head["random_init"],
+        "probe_margin": head["trained"] - head["random_init"],
+        "num_classes": head["num_classes"],
+        "chance_accuracy": head["chance"],
+        "per_attribute": per_attribute,
+        "steps": int(summary["steps"]),
+        "images_seen": int(summary["images_seen"]),
+        "generated_groups": int(stats.get("groups_received", 0)),
+        "train_images_per_s": float(summary.get("images_per_s", 0.0)),
+        "loss_first": _mean(losses[:k]),
+        "loss_last": _mean(losses[-k:]),
+        "losses": losses,
+        "probes": probes,
+        "timings": timings,
+        "source_stats": stats,
+        "plan": plan,
+        "backbone": str(output / "backbone.safetensors"),
+        "config": str(output / "config.yaml"),
+        "device": summary.get("device"),
+        "curve": str(output / "curve.png"),
+        **extra,
+    }
+    plot_training_curve(
+        output / "curve.png", losses,
+        {f"{a} ({r['num_classes']} classes)": (r["steps"], r["top1"]) for a, r in per_attribute.items()},
+        chance_accuracy={f"{a} ({r['num_classes']} classes)": r["chance"] for a, r in per_attribute.items()},
+        title=f"StableRep demo: {report['steps']} steps, {report['images_seen']} images, "
+              f"{report['generated_groups']} generated groups",
+    )
+    tmp = output / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(output / "report.json")
+    return report
