@@ -11,7 +11,7 @@ def test_protocol_bench_writes_results(tmp_path):
                  "--transports", "ipc", "--output", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "protocol.json").read_text())
     methods = data["results"]["transports"]["ipc"]["methods"]
-    assert set(methods) == {"protocol", "bare", "pickle"}
+    assert set(methods) == {"protocol", "bare", "bare+copy", "pickle"}
     for run in methods.values():
         assert run["groups_per_s"] > 0
         assert abs(run["gb_per_s"] * 1e9 - run["groups_per_s"] * 2 * 32 * 32 * 3) / (run["gb_per_s"] * 1e9) < 1e-6
