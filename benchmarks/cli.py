@@ -1,6 +1,8 @@
 """stablerep-bench: throughput of each stage, as JSON + table + plot.
 
-    stablerep-bench protocol --output runs/bench
+    stablerep-bench protocol  --output runs/bench     # protocol v1 vs bare pyzmq vs pickle
+    stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
+    stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
 """
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ def _protocol(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _stage(name: str, module_name: str):
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        results, table, bars = module.run_from_args(args)
+        path = write_results(Path(args.output), name, results, table, bars, unit="images/s")
+        print(table)
+        print(f"wrote {path}")
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablerep-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--repeats", type=int, default=3, help="runs per method, best kept (default: %(default)s)")
     proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
     proto.set_defaults(func=_protocol)
+    from . import generator_bench, trainer_bench
+
+    gen = sub.add_parser("generator", help="generator images/s: this service vs plain diffusers, same recipe")
+    generator_bench.add_arguments(gen)
+    gen.set_defaults(func=_stage("generator", "generator_bench"))
+    train = sub.add_parser("trainer", help="trainer images/s: step fed by the replay/online source vs bare step")
+    trainer_bench.add_arguments(train)
+    train.set_defaults(func=_stage("trainer", "trainer_bench"))
     for p in sub.choices.values():
         p.add_argument("--output", default="runs/bench", help="directory for JSON, table and plot")
     return parser

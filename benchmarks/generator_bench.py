@@ -217,13 +217,11 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_arguments(parser: "argparse.ArgumentParser") -> None:
+    """The ``stablerep-bench generator`` flags."""
     import argparse
-    import json
 
-    parser = argparse.ArgumentParser(prog="generator_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="diffusers model path or hub id, or random:sd15 (default on GPU)")
     parser.add_argument("--backend", choices=["diffusers", "procedural"])
     parser.add_argument("--device")
     parser.add_argument("--scheduler")
@@ -239,16 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--baseline-batch-captions", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads for every path")
-    parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args(argv)
-    kwargs = {k: v for k, v in vars(args).items() if k != "json"}
+
+
+def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
+    """Run with parsed flags; return (results, table, bars in images/s)."""
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("output", "func", "bench")}
     result = run_generator_bench(**kwargs)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    bars = {name: run["images_per_second"] for name, run in result["paths"].items()}
+    return result, format_table(result), bars

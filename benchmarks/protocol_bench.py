@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -38,67 +39,65 @@ def _payload(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
 
 
-def _serve_protocol(endpoint: str, shape: tuple[int, ...], groups: int, ready: Any) -> None:
+def _serve_protocol(endpoint: str, shape: tuple[int, ...], groups: int, ready: Any, received: Any) -> None:
     images = _payload(shape)
     server = GroupServer(endpoint, "bench", {"backend": "bench"}, max_queue=32).start()
     ready.put(server.endpoint)
     for i in range(groups):
         server.put(Group(group_id=f"b{i}", caption_id=i, caption="bench", seeds=list(range(shape[0])), images=images))
-    while server.stats().groups_sent < groups:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    received.wait(RUN_TIMEOUT_S)  # closing earlier could drop groups still in flight
     server.close()
 
 
-def _serve_bare(endpoint: str, shape: tuple[int, ...], groups: int, ready: Any, use_pickle: bool) -> None:
+def _serve_bare(endpoint: str, shape: tuple[int, ...], groups: int, ready: Any, received: Any, use_pickle: bool) -> None:
     images = _payload(shape)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 16)
     sock.bind(endpoint)
-    ready.put(endpoint)
+    ready.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     for _ in range(groups):
         if use_pickle:
             sock.send_pyobj(images)
         else:
             sock.send(memoryview(images).cast("B"), copy=False)
-    sock.close(linger=-1)
-    ctx.term()
+    # A peer that disconnects while the receiver's queue is full loses what is still in flight:
+    # stay connected until the receiver has everything.
+    received.wait(RUN_TIMEOUT_S)
+    ctx.destroy(linger=0)
 
 
 def _endpoint(transport: str, tag: str) -> str:
+    """A fresh endpoint per run: tcp on a port the sender picks, ipc on a path never used before."""
     if transport == "tcp":
-        return "tcp://127.0.0.1:*" if tag == "protocol" else f"tcp://127.0.0.1:{_free_port()}"
-    return f"ipc://{tempfile.gettempdir()}/stablerep-bench-{os.getpid()}-{tag}.sock"
-
-
-def _free_port() -> int:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PULL)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    sock.close()
-    return port
+        return "tcp://127.0.0.1:*"
+    return f"ipc://{tempfile.gettempdir()}/stablerep-bench-{os.getpid()}-{tag}-{uuid.uuid4().hex[:8]}.sock"
 
 
 def measure(method: str, transport: str, shape: tuple[int, ...], groups: int) -> dict[str, float]:
     """Time ``groups`` transfers of one method over one transport; warm-up excluded."""
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
+    received = ctx.Event()
     endpoint = _endpoint(transport, method.replace("+", "-"))
     warmup = max(2, groups // 10)
     total = groups + warmup
     if method == "protocol":
-        proc = ctx.Process(target=_serve_protocol, args=(endpoint, shape, total, ready), daemon=True)
+        proc = ctx.Process(target=_serve_protocol, args=(endpoint, shape, total, ready, received), daemon=True)
     else:
-        proc = ctx.Process(target=_serve_bare, args=(endpoint, shape, total, ready, method == "pickle"), daemon=True)
+        proc = ctx.Process(target=_serve_bare, args=(endpoint, shape, total, ready, received, method == "pickle"),
+                           daemon=True)
     proc.start()
-    endpoint = ready.get(timeout=60)
-    if method == "protocol":
-        elapsed = _receive_protocol_after_warmup(endpoint, shape, warmup, groups)
-    else:
-        elapsed = _receive_bare_after_warmup(endpoint, shape, warmup, groups, method == "pickle",
-                                             copy_into_ring=method == "bare+copy")
-    proc.join(timeout=30)
+    try:
+        endpoint = ready.get(timeout=60)
+        if method == "protocol":
+            elapsed = _receive_protocol_after_warmup(endpoint, shape, warmup, groups)
+        else:
+            elapsed = _receive_bare_after_warmup(endpoint, shape, warmup, groups, method == "pickle",
+                                                 copy_into_ring=method == "bare+copy")
+    finally:
+        received.set()
+        proc.join(timeout=30)
     nbytes = int(np.prod(shape)) * groups
     return {"seconds": elapsed, "groups_per_s": groups / elapsed, "gb_per_s": nbytes / elapsed / 1e9}
 
@@ -138,22 +137,22 @@ def _receive_bare_after_warmup(endpoint: str, shape: tuple[int, ...], warmup: in
     sock.connect(endpoint)
     nbytes = int(np.prod(shape))
     start = 0.0
-    for i in range(warmup + groups):
-        if i == warmup:
-            start = time.perf_counter()
-        if use_pickle:
-            got = sock.recv_pyobj().nbytes
-        else:
-            frame = sock.recv(copy=False)
-            got = len(frame)
-            if copy_into_ring:
-                np.copyto(ring[i % len(ring)], np.frombuffer(frame.buffer, dtype=np.uint8))
-        if got != nbytes:
-            raise RuntimeError(f"received {got} bytes, expected {nbytes}")
-    elapsed = time.perf_counter() - start
-    sock.close()
-    ctx.term()
-    return elapsed
+    try:
+        for i in range(warmup + groups):
+            if i == warmup:
+                start = time.perf_counter()
+            if use_pickle:
+                got = sock.recv_pyobj().nbytes
+            else:
+                frame = sock.recv(copy=False)
+                got = len(frame)
+                if copy_into_ring:
+                    np.copyto(ring[i % len(ring)], np.frombuffer(frame.buffer, dtype=np.uint8))
+            if got != nbytes:
+                raise RuntimeError(f"received {got} bytes, expected {nbytes}")
+        return time.perf_counter() - start
+    finally:
+        ctx.destroy(linger=0)
 
 
 def run_protocol_bench(

@@ -228,10 +228,11 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``stablerep-bench trainer`` flags."""
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON, e.g. '{\"depth\": 2}'")
     parser.add_argument("--batch-captions", type=int, default=43)
     parser.add_argument("--images-per-caption", type=int, default=6)
     parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES))
@@ -239,18 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="replay", choices=["replay", "online"])
     parser.add_argument("--generators", nargs="*", default=None)
     parser.add_argument("--augment-batch", type=int, default=2048)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
-    results = run_trainer_bench(model=args.model, img_size=args.img_size, batch_captions=args.batch_captions,
-                                images_per_caption=args.images_per_caption, precision=args.precision,
-                                steps=args.steps, source=args.source, endpoints=args.generators,
-                                augment_batch=args.augment_batch)
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
-    return 0
+    parser.add_argument("--device")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
+    """Run with parsed flags; return (results, table, bars in images/s)."""
+    results = run_trainer_bench(model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
+                                batch_captions=args.batch_captions, images_per_caption=args.images_per_caption,
+                                precision=args.precision, steps=args.steps, source=args.source,
+                                endpoints=args.generators, augment_batch=args.augment_batch, device=args.device)
+    bars = {"bare eager": results["bare_step"]["eager_images_per_s"], "fed": results["fed_step"]["images_per_s"]}
+    if "compile_images_per_s" in results["bare_step"]:
+        bars["bare compile"] = results["bare_step"]["compile_images_per_s"]
+    return results, format_table(results), bars

@@ -141,7 +141,7 @@ class GroupClient:
             self._thread.join(timeout=10)
         self._thread = None
         if self._own_context and not self._context.closed:
-            self._context.term()
+            self._context.destroy(linger=0)  # sockets are closed by the I/O thread; this catches any left
         self._wake.close()
 
     def __enter__(self) -> "GroupClient":

@@ -101,6 +101,8 @@ class GroupServer:
         self._thread.start()
         self._ready.wait()
         if self._start_error is not None:
+            self._thread.join()
+            self._release()
             raise self._start_error
         return self
 
@@ -148,9 +150,13 @@ class GroupServer:
         self._wake.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._release()
+
+    def _release(self) -> None:
+        """Close the wake pipe and our context (any socket left open is closed without linger)."""
         self._wake.close()
-        if self._own_context:
-            self._context.term()
+        if self._own_context and not self._context.closed:
+            self._context.destroy(linger=0)
 
     def __enter__(self) -> "GroupServer":
         return self.start()
@@ -160,13 +166,14 @@ class GroupServer:
 
     # --- I/O thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        socket = self._context.socket(zmq.ROUTER)
         try:
-            socket = self._context.socket(zmq.ROUTER)
             configure(socket, self.max_message_bytes)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             socket.bind(self.bind)
             self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
+            socket.close(linger=0)
             self._start_error = OSError(f"generator service cannot bind {self.bind!r}: {exc}")
             self._ready.set()
             return
