@@ -9,6 +9,7 @@ is bounded by credits. A service silent for more than three heartbeat intervals 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class GroupClient:
 
     def stats(self) -> ClientStats:
         with self._lock:
-            stats = ClientStats(**{k: getattr(self._stats, k) for k in ClientStats.__dataclass_fields__})
+            stats = dataclasses.replace(self._stats)
             stats.endpoints = {
                 url: {"welcomed": ep.welcome is not None, "credits_outstanding": ep.outstanding, "groups": ep.groups}
                 for url, ep in self._endpoints.items()

@@ -159,15 +159,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_TYPE_CHECKS: dict[str, Any] = {
+    _INT: _is_int,
+    _FLOAT: lambda value: isinstance(value, (int, float)) and not isinstance(value, bool),
+    _STR: lambda value: isinstance(value, str),
+    _MAP: lambda value: isinstance(value, dict),
+    _LIST: lambda value: isinstance(value, (list, tuple)),
+}
+
+
 def _check_type(msg_type: str, name: str, value: Any, kind: str) -> None:
-    ok = {
-        _INT: _is_int(value),
-        _FLOAT: (isinstance(value, (int, float)) and not isinstance(value, bool)),
-        _STR: isinstance(value, str),
-        _MAP: isinstance(value, dict),
-        _LIST: isinstance(value, (list, tuple)),
-    }[kind]
-    if not ok:
+    if not _TYPE_CHECKS[kind](value):
         raise ProtocolError(
             "bad_message", f"{msg_type}.{name} must be {kind}, got {type(value).__name__} {_short(value)}"
         )

@@ -9,6 +9,7 @@ not yet sent.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class GroupServer:
 
     def stats(self) -> ServerStats:
         with self._cond:
-            stats = ServerStats(**{k: getattr(self._stats, k) for k in ServerStats.__dataclass_fields__})
+            stats = dataclasses.replace(self._stats)
             stats.queue_depth = len(self._queue)
             stats.clients = {
                 f"{c.name}#{c.rank}@{ident.hex()[:8]}": {"credits": c.credits, "groups_sent": c.groups_sent}
