@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,7 @@ from protocol.server import GroupServer
 
 METHODS = ("protocol", "bare", "bare+copy", "pickle")
 RUN_TIMEOUT_S = 120.0
+SETTLE_S = 0.5  # pause between runs so the previous sender has exited and freed its memory
 
 
 def _payload(shape: tuple[int, ...]) -> np.ndarray:
@@ -105,6 +107,7 @@ def measure(method: str, transport: str, shape: tuple[int, ...], groups: int) ->
 def _receive_protocol_after_warmup(endpoint: str, shape: tuple[int, ...], warmup: int, groups: int) -> float:
     ring = np.empty((8, *shape), dtype=np.uint8)
     state = {"count": 0, "start": 0.0, "end": 0.0}
+    finished = threading.Event()  # the main thread sleeps on it: no polling loop competing for a core
 
     def on_group(group: Group) -> None:
         np.copyto(ring[state["count"] % len(ring)], group.images)
@@ -113,15 +116,13 @@ def _receive_protocol_after_warmup(endpoint: str, shape: tuple[int, ...], warmup
             state["start"] = time.perf_counter()
         elif state["count"] == warmup + groups:
             state["end"] = time.perf_counter()
+            finished.set()
 
     client = GroupClient([endpoint], on_group, credits=16, connect_timeout=30).start()
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while state["end"] == 0.0:
-        if time.monotonic() > deadline:
-            client.close()
-            raise TimeoutError(f"protocol run over {endpoint} received {state['count']} of {warmup + groups} groups "
-                               f"in {RUN_TIMEOUT_S} s")
-        time.sleep(0.001)
+    if not finished.wait(RUN_TIMEOUT_S):
+        client.close()
+        raise TimeoutError(f"protocol run over {endpoint} received {state['count']} of {warmup + groups} groups "
+                           f"in {RUN_TIMEOUT_S} s")
     client.close()
     return state["end"] - state["start"]
 
@@ -165,8 +166,11 @@ def run_protocol_bench(
     results: dict[str, Any] = {"shape": list(shape), "groups": groups, "repeats": repeats, "transports": {}}
     for transport in transports:
         per_method: dict[str, dict[str, float]] = {}
-        for _ in range(repeats):  # interleave methods so machine noise hits all alike
-            for method in METHODS:
+        for repeat in range(repeats):
+            # Interleave methods so machine noise hits all alike, and rotate their order: the run
+            # right after another one's teardown is measurably slower on a small machine.
+            for method in METHODS[repeat % len(METHODS):] + METHODS[:repeat % len(METHODS)]:
+                time.sleep(SETTLE_S)
                 run = measure(method, transport, shape, groups)
                 best = per_method.get(method)
                 if best is None or run["gb_per_s"] > best["gb_per_s"]:

@@ -131,7 +131,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _scan_shard(path: Path) -> ShardRecord:
+def scan_shard(path: Path) -> ShardRecord:
     """Read a shard written by this module back into its manifest record (raises on a bad tar)."""
     caption_ids: list[int] = []
     group_ids: list[str] = []
@@ -252,7 +252,7 @@ class ShardWriter:
             elif SHARD_PATTERN.match(entry.name) and entry.name not in listed:
                 # Renamed (so complete and synced) but the manifest update did not happen: adopt it.
                 try:
-                    record = _scan_shard(entry)
+                    record = scan_shard(entry)
                 except (tarfile.TarError, ShardError, OSError, ValueError, KeyError) as exc:
                     aside = entry.with_name(entry.name + ".unreadable")
                     log.warning("shard %s is not listed and cannot be read (%s); moved to %s", entry, exc, aside)

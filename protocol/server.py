@@ -126,7 +126,10 @@ class GroupServer:
             if self._stop.is_set():
                 return False
             self._queue.append((group.group_id, frames))
-        self._wake.wake()
+            # Without credit anywhere the I/O thread dispatches when credit arrives: no wake-up needed.
+            dispatchable = any(client.credits > 0 for client in self._clients.values())
+        if dispatchable:
+            self._wake.wake()
         return True
 
     def stats(self) -> ServerStats:
