@@ -14,6 +14,7 @@ The procedural backend has no diffusers baseline; it reports the pool path only.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any
 
@@ -217,10 +218,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: "argparse.ArgumentParser") -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stablerep-bench generator`` flags."""
-    import argparse
-
     parser.add_argument("--model", help="diffusers model path or hub id, or random:sd15 (default on GPU)")
     parser.add_argument("--backend", choices=["diffusers", "procedural"])
     parser.add_argument("--device")

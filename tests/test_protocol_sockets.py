@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from protocol import Credit, Error, Group, Heartbeat, Hello, ProtocolError, Welcome, decode, encode
+from protocol import Credit, Error, Group, Hello, ProtocolError, Welcome, decode, encode
 from protocol.client import GroupClient
 from protocol.server import GroupServer
 

@@ -108,6 +108,24 @@ def _create(name: str, model_kwargs: dict[str, Any], spec: str, **extra: Any) ->
         raise BackboneSpecError(f"{spec}: model_kwargs {model_kwargs} do not fit timm model {name!r}: {err}") from err
 
 
+def _wrap(model: nn.Module, name: str, kwargs: dict[str, Any], source: str, stats: dict[str, Any] | None = None,
+          input_size: int | None = None, info: dict[str, Any] | None = None) -> EvalBackbone:
+    """Freeze ``model`` (classifier removed) into an ``EvalBackbone``; ``stats`` may give mean/std."""
+    stats = stats or {}
+    model = _freeze(_strip_classifier(model))
+    return EvalBackbone(
+        model=model,
+        name=name,
+        model_kwargs=kwargs,
+        input_size=int(input_size or _input_size(model)),
+        mean=tuple(stats.get("mean", IMAGENET_MEAN)),
+        std=tuple(stats.get("std", IMAGENET_STD)),
+        num_features=int(getattr(model, "num_features", stats.get("num_features", 0))),
+        source=source,
+        info=info or {},
+    )
+
+
 def _exported_files(path: Path) -> tuple[Path, Path]:
     if path.is_dir():
         meta, weights = path / BACKBONE_JSON, path / BACKBONE_WEIGHTS
@@ -151,18 +169,8 @@ def _load_exported(path: Path) -> EvalBackbone:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise BackboneSpecError(f"{weights_path} does not match {name} with {kwargs}: {err}") from err
-    model = _freeze(_strip_classifier(model))
-    size = int(meta.get("input_size") or meta.get("img_size") or _input_size(model))
-    return EvalBackbone(
-        model=model,
-        name=name,
-        model_kwargs=kwargs,
-        input_size=size,
-        mean=tuple(meta.get("mean", IMAGENET_MEAN)),
-        std=tuple(meta.get("std", IMAGENET_STD)),
-        num_features=int(getattr(model, "num_features", meta.get("num_features", 0))),
-        source=str(weights_path),
-    )
+    size = meta.get("input_size") or meta.get("img_size")
+    return _wrap(model, name, kwargs, str(weights_path), stats=meta, input_size=size)
 
 
 def _random_init(spec: str, name: str, model_kwargs: dict[str, Any], seed: int) -> EvalBackbone:
@@ -170,18 +178,7 @@ def _random_init(spec: str, name: str, model_kwargs: dict[str, Any], seed: int) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _create(name, kwargs, spec, pretrained=False)
-    model = _freeze(_strip_classifier(model))
-    return EvalBackbone(
-        model=model,
-        name=name,
-        model_kwargs=kwargs,
-        input_size=_input_size(model),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_features=int(model.num_features),
-        source=f"random init (seed {seed})",
-        info={"init_seed": seed},
-    )
+    return _wrap(model, name, kwargs, f"random init (seed {seed})", info={"init_seed": seed})
 
 
 def cached_pretrained_file(name: str) -> tuple[str, bool] | None:
@@ -218,18 +215,7 @@ def _pretrained(spec: str, name: str, model_kwargs: dict[str, Any]) -> EvalBackb
     path, custom = cached
     kwargs = {"num_classes": 0, **model_kwargs}
     model = _create(name, kwargs, spec, pretrained=True, pretrained_cfg_overlay={"file": path, "custom_load": custom})
-    cfg = model.pretrained_cfg
-    model = _freeze(_strip_classifier(model))
-    return EvalBackbone(
-        model=model,
-        name=name,
-        model_kwargs=kwargs,
-        input_size=_input_size(model),
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-        num_features=int(model.num_features),
-        source=path,
-    )
+    return _wrap(model, name, kwargs, path, stats=model.pretrained_cfg)
 
 
 def load_eval_backbone(spec: str | Path, model_kwargs: dict[str, Any] | None = None, seed: int = 0) -> EvalBackbone:
