@@ -197,4 +197,7 @@ def test_cuda_half_matches_cpu_float():
     params = aug.sample_params(8, 64, 64, generator=torch.Generator().manual_seed(0))
     cpu = aug.apply(x, params)
     gpu = aug.apply(x.cuda(), params.to("cuda")).cpu()
-    torch.testing.assert_close(gpu, cpu, rtol=0, atol=0.05)
+    assert gpu.dtype == cpu.dtype and gpu.shape == cpu.shape
+    # float16 working dtype, sampling grid included: on random-noise pixels a grid step of ~1/60 px
+    # moves single outputs by up to ~0.1 (normalized); the same bounds as the float16 test on CPU.
+    assert (gpu - cpu).abs().mean() < 0.01 and (gpu - cpu).abs().max() < 0.2

@@ -61,7 +61,7 @@ def test_method_learns_fixed_batch(name):
         if step == 0:  # every parameter takes part (what DDP without find_unused_parameters needs)
             assert all(p.grad is not None for p in model.parameters())
             assert any(p.grad.abs().sum() > 0 for p in model.backbone.parameters())
-            assert all(not v.requires_grad for v in metrics.values())
+            assert all(not v.requires_grad for k, v in metrics.items() if k != "images")
         optimizer.step()
         losses.append(loss.item())
     # the lowest reachable loss is the entropy of the targets: uniform over the 2 other images of a
@@ -71,10 +71,10 @@ def test_method_learns_fixed_batch(name):
     assert last < 0.5 * first, losses
     if name in ("stablerep", "stablerep+"):
         assert metrics["positives_per_anchor"].item() == 2.0  # 3 images per caption
-        assert metrics["images"].item() == 12
+        assert metrics["images"] == 12
     if name == "simclr":
         assert metrics["positives_per_anchor"].item() == 1.0
-        assert metrics["images"].item() == 8
+        assert metrics["images"] == 8
     if method.needs_text:
         assert 0 < metrics["logit_scale"].item() <= 100
         assert {"i2t_loss", "t2i_loss"} <= set(metrics)

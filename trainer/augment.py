@@ -223,6 +223,7 @@ class GPUAugment:
         self.jitter, self.jitter_p, self.gray_p, self.blur_p = tuple(jitter), jitter_p, gray_p, blur_p
         self.blur_sigma, self.flip_p = tuple(blur_sigma), flip_p
         self.dtype, self.out_dtype = dtype, out_dtype
+        self._normalize_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def working_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype is not None:
@@ -281,10 +282,19 @@ class GPUAugment:
             x = adjust_hue(x, params.hue)
             x = grayscale_where(x, params.gray)
             x = gaussian_blur(x, params.blur_sigma)
-        inv_std = torch.tensor([1.0 / s for s in self.std], device=x.device, dtype=self.out_dtype).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=x.device,
-                             dtype=self.out_dtype).view(1, 3, 1, 1)
+        shift, inv_std = self._normalize_constants(x.device)
         return torch.addcmul(shift, x.to(self.out_dtype), inv_std)
+
+    def _normalize_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, inv_std)``, each ``out_dtype [1, 3, 1, 1]`` on ``device``; built once per device (a
+        tensor built from a list on a CUDA device is a blocking copy, a host sync on every call)."""
+        key = (device, self.out_dtype)
+        if key not in self._normalize_cache:
+            inv_std = torch.tensor([1.0 / s for s in self.std], device=device, dtype=self.out_dtype).view(1, 3, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=device,
+                                 dtype=self.out_dtype).view(1, 3, 1, 1)
+            self._normalize_cache[key] = (shift, inv_std)
+        return self._normalize_cache[key]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 ``[N, H, W, 3]`` on any device -> normalized float ``[N, 3, size, size]`` on that device."""

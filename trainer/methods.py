@@ -2,7 +2,8 @@
 
 ``build_method(name, **cfg)`` for ``stablerep | stablerep+ | simclr | clip``. A method is called as
 ``method(model, batch, augment) -> (loss, metrics)``: ``loss`` is a differentiable scalar, ``metrics`` a
-dict of detached scalar tensors (``float()`` them when logging; no host sync happens here).
+dict of detached scalar tensors plus ``images`` (a Python int: the images in the loss), so no
+host sync happens here; ``float()`` the tensors when logging.
 ``method.needs_text`` tells the trainer to build the model with a text tower; ``method.needs_head``
 False (clip) means the projection head is unused, so build with ``head_layers=0`` (or let DDP find
 unused parameters).
@@ -72,10 +73,6 @@ def _first_images(batch: Batch, device: torch.device) -> tuple[torch.Tensor, tor
             batch.caption_ids.to(device, non_blocking=True))
 
 
-def _scalar(value: float | int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(float(value), device=device)
-
-
 @register_method("stablerep")
 class StableRepMethod:
     """All ``G x n`` images, one augmentation each; positives = images of the same caption."""
@@ -92,7 +89,7 @@ class StableRepMethod:
         features = model(augment(images))                       # [G*n, head_out]
         loss, details = self.loss(features, labels, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
-                      "images": _scalar(images.shape[0], device)}
+                      "images": int(images.shape[0])}
 
 
 @register_method("simclr")
@@ -112,7 +109,7 @@ class SimCLRMethod:
         view_a, view_b = model(views).chunk(2)                   # [G, head_out] each
         loss, details = self.loss(view_a, view_b, ids, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
-                      "images": _scalar(views.shape[0], device)}
+                      "images": int(views.shape[0])}
 
 
 @register_method("clip")
@@ -132,7 +129,7 @@ class CLIPMethod:
         out = model(augment(images), tokens, ssl=False)
         parts = self.loss(out["image_embed"], out["text_embed"], out["logit_scale"], ids, ids)
         metrics = {k: v.detach() for k, v in parts.items()}
-        metrics["images"] = _scalar(images.shape[0], device)
+        metrics["images"] = int(images.shape[0])
         return parts["loss"], metrics
 
 
@@ -155,5 +152,5 @@ class StableRepPlusMethod:
         parts = self.loss(out["ssl"], out["image_embed"], out["text_embed"], labels, text_labels,
                           out["logit_scale"])
         metrics = {k: v.detach() for k, v in parts.items()}
-        metrics["images"] = _scalar(images.shape[0], device)
+        metrics["images"] = int(images.shape[0])
         return parts["loss"], metrics

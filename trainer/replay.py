@@ -104,6 +104,9 @@ class ReplayBuffer:
         #: uint8 ``[C, P, H, W, 3]``, allocated once; slots are overwritten in place.
         self.storage = torch.empty(shape, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # CUDA storage: per slot, an event recorded after the last gather that read it (queued on the
+        # sampler's stream); the copy stream waits for it before overwriting the slot.
+        self._read_done: list[Any] = [None] * self.capacity
 
         # Per-slot metadata (host numpy, vectorized selection).
         self._state = np.full(self.capacity, _FREE, dtype=np.int8)
@@ -212,6 +215,9 @@ class ReplayBuffer:
             target.copy_(source)
         else:  # on a side stream, waited for before the slot becomes visible to samplers
             with torch.cuda.stream(self._copy_stream):
+                read_done = self._read_done[slot]
+                if read_done is not None:  # an earlier batch's gather may still be queued on that slot
+                    self._copy_stream.wait_event(read_done)
                 target.copy_(source, non_blocking=True)
             self._copy_stream.synchronize()
 
@@ -309,6 +315,11 @@ class ReplayBuffer:
             images = self._gather(slots, image_choice)
         finally:
             with self._cond:
+                if self._copy_stream is not None:  # the gather is only queued: mark when it is done reading
+                    read_done = torch.cuda.Event()
+                    read_done.record(torch.cuda.current_stream(self.device))
+                    for slot in slots:
+                        self._read_done[int(slot)] = read_done
                 self._pins[slots] -= 1
                 self._cond.notify_all()
         meta = {"reuse_mean": float(previous.mean()), "fresh_fraction": fresh / G}
