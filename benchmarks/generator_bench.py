@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from generator_service.backends.compile_support import compile_unavailable
 from generator_service.config import GeneratorConfig
 from generator_service.pool import WorkerPool
 from generator_service.procedural import sample_captions
@@ -172,14 +173,18 @@ def run_generator_bench(
     else:
         fields.update(height=height, width=width, save_size=save_size)
     config = GeneratorConfig(**{k: v for k, v in fields.items() if v is not None})
-    service_config = config.replace(compile=bool(device.startswith("cuda") if compile is None else compile)) \
-        if backend == "diffusers" else config
+    compile_skipped = None
+    if backend == "diffusers" and compile is None:  # default: compile on CUDA where inductor can work
+        compile_skipped = compile_unavailable("cuda") if device.startswith("cuda") else "not on CUDA"
+        compile = compile_skipped is None
+    service_config = config.replace(compile=bool(compile)) if backend == "diffusers" else config
     texts = sample_captions(captions, seed=0)
     result: dict[str, Any] = {
         "device": device,
         "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
         "config": config.to_dict(),
         "service_compile": service_config.compile,
+        "service_compile_skipped": compile_skipped,
         "captions": captions,
         "batch_captions": batch_captions,
         "baseline_batch_captions": baseline_batch_captions,
@@ -215,6 +220,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<18}{run['images_per_second']:>12.2f}{run['images']:>10}{run['seconds']:>10.2f}")
     if "speedup_pool_vs_eager" in result:
         lines.append(f"speedup (pool vs diffusers eager): {result['speedup_pool_vs_eager']:.2f}x")
+    skipped = result.get("service_compile_skipped")
+    if skipped and skipped != "not on CUDA":
+        lines.append(f"torch.compile skipped for the service paths: {skipped}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from generator_service.backends.compile_support import compile_unavailable
 from protocol import Group
 from trainer.augment import GPUAugment, benchmark_augment
 from trainer.losses import MultiPosConLoss
@@ -141,8 +142,10 @@ def run_trainer_bench(
         raise ValueError(f"source must be 'replay' or 'online', got {source!r}")
     if source == "online" and not endpoints:
         raise ValueError("source='online' needs generator endpoints")
-    if compile_step is None:
-        compile_step = device.type == "cuda"
+    compile_skipped = None
+    if compile_step is None:  # default: on CUDA where inductor can work
+        compile_skipped = compile_unavailable(device.type) if device.type == "cuda" else "not on CUDA"
+        compile_step = compile_skipped is None
     model_kwargs = dict(model_kwargs or {})
     images = batch_captions * images_per_caption
     torch.manual_seed(0)
@@ -157,7 +160,8 @@ def run_trainer_bench(
     net, optimizer = _model_and_optimizer(model, img_size, model_kwargs, head, device, compile_model=False)
     bare = _time_steps(_bare_step(net, optimizer, device, precision, images, img_size, images_per_caption,
                                   temperature), device, steps, warmup)
-    results["bare_step"] = {"eager_step_ms": bare * 1e3, "eager_images_per_s": images / bare}
+    results["bare_step"] = {"eager_step_ms": bare * 1e3, "eager_images_per_s": images / bare,
+                            "compile_skipped": compile_skipped}
 
     # 2. the training step fed by a source, same model and batch
     method = build_method("stablerep", temperature=temperature)
@@ -225,6 +229,9 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [head, f"{'stage'.ljust(width)}  images/s"]
     lines += [f"{name.ljust(width)}  {value:10.1f}" for name, value in rows]
     lines.append(f"{'fed / bare'.ljust(width)}  {results['fed_over_bare']:10.3f}")
+    skipped = results["bare_step"].get("compile_skipped")
+    if skipped and skipped != "not on CUDA":
+        lines.append(f"torch.compile skipped: {skipped}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from generator_service.backends import register_backend
 from generator_service.backends.base import Backend
+from generator_service.backends.compile_support import compile_unavailable
 from generator_service.backends.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
 from generator_service.config import RANDOM_MODELS
 
@@ -107,6 +108,10 @@ class DiffusersBackend(Backend):
 
         self.torch = torch
         self.torch_device = torch.device(device)
+        if config.compile:  # checked before loading weights: inductor would fail only at the first call
+            reason = compile_unavailable(self.torch_device.type)
+            if reason is not None:
+                raise ValueError(f"compile=True on {self.torch_device}: {reason} (or run without --compile)")
         dtype = getattr(torch, TORCH_DTYPES[config.dtype])
         pipe = load_pipeline(config.model, dtype)
         swap_scheduler(pipe, config.scheduler)
