@@ -3,6 +3,7 @@
     stablerep-bench protocol  --output runs/bench     # protocol v1 vs bare pyzmq vs pickle
     stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
+    stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _protocol(args: argparse.Namespace) -> None:
     table = format_table(results)
     bars = {f"{t}/{m}": run["gb_per_s"] for t, data in results["transports"].items()
             for m, run in data["methods"].items()}
-    path = write_results(Path(args.output), "protocol", results, table, bars, unit="GB/s")
+    path = write_results(Path(args.output), args.name or "protocol", results, table, bars, unit="GB/s")
     print(table)
     print(f"wrote {path}")
 
@@ -32,11 +33,35 @@ def _stage(name: str, module_name: str):
 
         module = importlib.import_module(f"benchmarks.{module_name}")
         results, table, bars = module.run_from_args(args)
-        path = write_results(Path(args.output), name, results, table, bars, unit="images/s")
+        path = write_results(Path(args.output), args.name or name, results, table, bars, unit="images/s")
         print(table)
         print(f"wrote {path}")
 
     return run
+
+
+# What ``all`` runs: the transport run anywhere; the goals of benchmarks/RESULTS.md that need CUDA.
+ALL_RUNS = [["protocol", "--repeats", "5"]]
+ALL_CUDA_RUNS = [
+    ["generator", "--model", "random:sd15", "--scheduler", "ddim", "--steps", "50", "--name", "generator-ddim50"],
+    ["generator", "--model", "random:sd15", "--scheduler", "dpm++", "--steps", "20", "--name", "generator-dpmpp20"],
+    ["trainer", "--precision", "bf16"],
+]
+
+
+def _all(args: argparse.Namespace) -> None:
+    import torch
+
+    runs = list(ALL_RUNS)
+    if torch.cuda.is_available():
+        runs += ALL_CUDA_RUNS
+    else:
+        print("no CUDA device: the generator and trainer goals need one; running the protocol benchmark only")
+    parser = build_parser()
+    for argv in runs:
+        print(f"== stablerep-bench {' '.join(argv)}", flush=True)
+        sub_args = parser.parse_args([*argv, "--output", args.output])
+        sub_args.func(sub_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("trainer", help="trainer images/s: step fed by the replay/online source vs bare step")
     trainer_bench.add_arguments(train)
     train.set_defaults(func=_stage("trainer", "trainer_bench"))
+    every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
+    every.set_defaults(func=_all)
     for p in sub.choices.values():
         p.add_argument("--output", default="runs/bench", help="directory for JSON, table and plot")
+        if p is not every:
+            p.add_argument("--name", help="file stem of the results in --output (default: the benchmark's name)")
     return parser
 
 

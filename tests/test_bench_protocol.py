@@ -17,3 +17,24 @@ def test_protocol_bench_writes_results(tmp_path):
         assert abs(run["gb_per_s"] * 1e9 - run["groups_per_s"] * 2 * 32 * 32 * 3) / (run["gb_per_s"] * 1e9) < 1e-6
     assert (tmp_path / "protocol.png").stat().st_size > 0
     assert "protocol/bare" in (tmp_path / "protocol.txt").read_text()
+
+
+def test_name_flag_sets_the_file_stem(tmp_path):
+    assert main(["protocol", "--shape", "2x16x16x3", "--groups", "10", "--repeats", "1", "--transports", "ipc",
+                 "--name", "proto-small", "--output", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "proto-small.json").read_text())["benchmark"] == "proto-small"
+    assert not (tmp_path / "protocol.json").exists()
+
+
+def test_every_run_of_all_is_a_valid_command():
+    from benchmarks.cli import ALL_CUDA_RUNS, ALL_RUNS, build_parser
+
+    parser = build_parser()
+    names = []
+    for argv in ALL_RUNS + ALL_CUDA_RUNS:
+        args = parser.parse_args([*argv, "--output", "unused"])
+        names.append(args.name or args.bench)
+    assert len(set(names)) == len(names)  # no run overwrites another's results
+    generator = [parser.parse_args(a) for a in ALL_CUDA_RUNS if a[0] == "generator"]
+    assert {(g.scheduler, g.steps) for g in generator} == {("ddim", 50), ("dpm++", 20)}
+    assert all(g.model == "random:sd15" for g in generator)
