@@ -56,8 +56,8 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("data", ("--source",), "data.source", dict(choices=["online", "offline"])),
     ("data", ("--generators",), "data.generators", dict(nargs="+", metavar="ENDPOINT", help="online: generator endpoints tcp://HOST:PORT")),
     ("data", ("--data",), "data.data", dict(nargs="+", metavar="DIR", help="offline: shard directories")),
-    ("data", ("--batch-captions",), "data.batch_captions", dict(type=int, help="caption groups per step, over all processes")),
-    ("data", ("--images-per-caption",), "data.images_per_caption", dict(type=int, help="images drawn per caption")),
+    ("data", ("--captions-per-step", "--batch-captions"), "data.captions_per_step", dict(type=int, help="captions per optimizer step over all processes (each rank takes captions-per-step / world size); --batch-captions is a deprecated alias")),
+    ("data", ("--draw-per-caption", "--images-per-caption"), "data.draw_per_caption", dict(type=int, help="images drawn from each caption group per step (n; the official n_img); --images-per-caption is a deprecated alias")),
     ("data", ("--image-size",), "data.image_size", dict(type=int, help="stored image side: online replay buffer, offline decode (default: the generator's save size)")),
     ("data", ("--connect-timeout",), "data.connect_timeout", dict(type=float, metavar="SECONDS")),
     ("data", ("--sample-timeout",), "data.sample_timeout", dict(type=float, metavar="SECONDS")),
@@ -157,8 +157,20 @@ def _run_demo(rest: list[str], output: str | None) -> int:
     return result if isinstance(result, int) else 0
 
 
+#: Old flag -> its name now; the old ones still work and print a warning.
+DEPRECATED_FLAGS = {"--batch-captions": "--captions-per-step", "--images-per-caption": "--draw-per-caption"}
+
+
+def warn_deprecated_flags(argv: Sequence[str]) -> None:
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in DEPRECATED_FLAGS:
+            print(f"stablerep-train: warning: {name} is deprecated; use {DEPRECATED_FLAGS[name]}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warn_deprecated_flags(argv)
     pre, _ = _preset_parser(add_help=False)
     pre.add_argument("--output", "-o", default=None)
     known, rest = pre.parse_known_args(argv)

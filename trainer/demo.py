@@ -35,7 +35,7 @@ DEMO_BASE_PRESET = "cpu_small"
 # 2-core CPU (64 px, 8 px patches, 4 blocks of width 96), 16 captions x 4 images per step.
 DEMO_TRAINER_DEFAULTS = [
     "--model-kwargs", "patch_size=8", "depth=4", "embed_dim=96", "num_heads=3",
-    "--batch-captions", "16", "--images-per-caption", "4", "--lr", "1e-3",
+    "--captions-per-step", "16", "--draw-per-caption", "4", "--lr", "1e-3",
 ]
 GENERATOR_NICENESS = 10
 FEWSHOT_MIN_PER_CLASS = 11  # 1 shot + 10 queries
@@ -343,7 +343,7 @@ def run_demo(argv_rest: list[str], output: str | None) -> int:
         snapshots = {0: export_initial_backbone(cfg, snapshot_dir / "step-000000")}
         command = ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
                    "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
-                   "--images-per-caption", str(max(cfg.data.images_per_caption, 4)),
+                   "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
                    "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress"]
         log(f"starting the procedural generator service at {endpoint}")
         with GeneratorProcess(command, log_path=out / "generator.log") as generator:
@@ -394,11 +394,11 @@ def _train(cfg, generator: GeneratorProcess, out: Path, snapshot_dir: Path, log)
     source = None
     try:
         t0 = time.perf_counter()
-        source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.batch_captions)
+        source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.captions_per_step)
         connect_seconds = time.perf_counter() - t0
         wrapper = SnapshotSource(source, out, snapshot_dir)
         log(f"training {cfg.model.name} {cfg.model.model_kwargs} with {cfg.method.name} for {cfg.schedule.steps} "
-            f"steps of {cfg.data.batch_captions} captions x {cfg.data.images_per_caption} images")
+            f"steps of {cfg.data.captions_per_step} captions x {cfg.data.draw_per_caption} images")
         t0 = time.perf_counter()
         summary = train(cfg, source=wrapper)
         summary["_train_seconds"] = time.perf_counter() - t0

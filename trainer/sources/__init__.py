@@ -6,7 +6,7 @@ and ``close()``. Sources register themselves by name::
     @register_source("offline")
     class OfflineSource: ...
 
-    source = build_source("offline", data="shards/", batch_captions=64, images_per_caption=6)
+    source = build_source("offline", data="shards/", captions_per_rank=64, draw_per_caption=6)
 
 ``build_source`` imports ``trainer.sources.<name>`` on first use, so a module only has to define and
 register its class.
