@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/stablerep-train --preset demo --output runs/demo
+	$(VENV)/bin/stablerep-bench demo --output runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import yaml
@@ -117,13 +115,10 @@ def test_print_config(capsys):
     assert printed["schedule"]["steps"] == 3 and printed["resolved"]["total_steps"] == 3
 
 
-def test_demo_preset_dispatches_to_trainer_demo(monkeypatch):
-    calls = []
-    demo = types.ModuleType("trainer.demo")
-    demo.run_demo = lambda argv, output: calls.append((argv, output)) or 0
-    monkeypatch.setitem(sys.modules, "trainer.demo", demo)
-    assert cli.main(["--preset", "demo", "--output", "runs/d", "--steps", "3"]) == 0
-    assert calls == [(["--steps", "3"], "runs/d")]
+def test_demo_preset_holds_the_demo_trainer_settings():
+    cfg, _ = cli.parse_config(["--preset", "demo", *GEN])
+    assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}
+    assert (cfg.data.captions_per_step, cfg.data.draw_per_caption, cfg.model.img_size) == (16, 4, 64)
 
 
 def test_schedule_values_at_known_steps():

@@ -7,7 +7,8 @@ given on the command line overrides them (flags not given leave the preset's val
     stablerep-train --preset paper_vitb16_cc12m_1x --generators tcp://gen0:5555 tcp://gen1:5555
     stablerep-train --preset cpu_small --source offline --data shards/ --steps 100
     accelerate launch --num_processes 8 -m trainer.cli --preset paper_vitb16_cc12m_1x ...
-    stablerep-train --preset demo            # the embedded end-to-end demo (trainer.demo)
+    stablerep-train --preset demo --generators tcp://127.0.0.1:5555   # the demo's trainer settings
+    (the embedded default end to end, generator and probes included, is ``stablerep-bench demo``)
 
 Exit codes: 0 done; 1 training failed (non-finite loss, no generator, data error); 2 bad
 command line or config.
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from trainer.config import DEMO_PRESET, ConfigError, TrainConfig, available_presets, build_config
+from trainer.config import ConfigError, TrainConfig, available_presets, build_config
 
 S = argparse.SUPPRESS
 
@@ -106,7 +107,7 @@ def _preset_parser(add_help: bool) -> tuple[argparse.ArgumentParser, argparse._A
     )
     group = parser.add_argument_group("preset and config")
     group.add_argument("--preset", metavar="NAME",
-                       help=f"defaults from trainer/presets/NAME.yaml ({', '.join(available_presets())}) or '{DEMO_PRESET}'")
+                       help=f"defaults from trainer/presets/NAME.yaml ({', '.join(available_presets())})")
     group.add_argument("--config", metavar="FILE", help="YAML config (e.g. a run's config.yaml); overrides the preset")
     return parser, group
 
@@ -150,13 +151,6 @@ def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return cfg, ns
 
 
-def _run_demo(rest: list[str], output: str | None) -> int:
-    from trainer.demo import run_demo
-
-    result = run_demo(rest, output)
-    return result if isinstance(result, int) else 0
-
-
 #: Old flag -> its name now; the old ones still work and print a warning.
 DEPRECATED_FLAGS = {"--batch-captions": "--captions-per-step", "--images-per-caption": "--draw-per-caption"}
 
@@ -171,14 +165,6 @@ def warn_deprecated_flags(argv: Sequence[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warn_deprecated_flags(argv)
-    pre, _ = _preset_parser(add_help=False)
-    pre.add_argument("--output", "-o", default=None)
-    known, rest = pre.parse_known_args(argv)
-    if known.preset == DEMO_PRESET:
-        if known.config:
-            rest = ["--config", known.config, *rest]
-        return _run_demo(rest, known.output)
-
     try:
         cfg, ns = parse_config(argv)
     except ConfigError as exc:

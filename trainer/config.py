@@ -24,7 +24,6 @@ from typing import Any, Optional
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-DEMO_PRESET = "demo"  # reserved: dispatched to ``trainer.demo.run_demo`` by the CLI
 RESOLVED_KEY = "resolved"  # informational section of a written config.yaml, ignored on load
 
 
@@ -388,7 +387,7 @@ def available_presets() -> list[str]:
 def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}, {DEMO_PRESET}")
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
     return path
 
 
