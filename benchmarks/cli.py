@@ -3,6 +3,7 @@
     stablerep-bench protocol  --output runs/bench     # protocol v1 vs bare pyzmq vs pickle
     stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
+    stablerep-bench flops     --steps 50 --guidance 2  # FLOPs per generated / trained image, limit at a peak
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
 """
@@ -29,13 +30,13 @@ def _protocol(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def _stage(name: str, module_name: str):
+def _stage(name: str, module_name: str, unit: str = "images/s"):
     def run(args: argparse.Namespace) -> None:
         import importlib
 
         module = importlib.import_module(f"benchmarks.{module_name}")
         results, table, bars = module.run_from_args(args)
-        path = write_results(Path(args.output), args.name or name, results, table, bars, unit="images/s")
+        path = write_results(Path(args.output), args.name or name, results, table, bars, unit=unit)
         print(table)
         print(f"wrote {path}")
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--repeats", type=int, default=3, help="runs per method, best kept (default: %(default)s)")
     proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
     proto.set_defaults(func=_protocol)
-    from . import generator_bench, trainer_bench
+    from . import flops, generator_bench, trainer_bench
 
     gen = sub.add_parser("generator", help="generator images/s: this service vs plain diffusers, same recipe")
     generator_bench.add_arguments(gen)
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("trainer", help="trainer images/s: step fed by the replay/online source vs bare step")
     trainer_bench.add_arguments(train)
     train.set_defaults(func=_stage("trainer", "trainer_bench"))
+    flop = sub.add_parser("flops", help="FLOPs per generated and per trained image, and the physical limit in images/s")
+    flops.add_arguments(flop)
+    flop.set_defaults(func=_stage("flops", "flops", unit="TFLOP per image"))
     sub.add_parser("demo", add_help=False,
                    help="the embedded default end to end: generator service + trainer + probes (make demo); "
                         "see `stablerep-bench demo --help`")
