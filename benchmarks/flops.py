@@ -176,19 +176,19 @@ def format_table(result: dict[str, Any]) -> str:
     g, t = result["generator"], result["trainer"]
     r = g["recipe"]
     lines = [
-        f"recipe: {r['model']} {r['scheduler']} {r['steps']} steps ({g['unet_calls']} UNet calls), guidance "
-        f"{r['guidance']} (x{g['cfg_factor']}), {r['height']}x{r['width']}, {r['images_per_group']} images/group",
+        (f"recipe: {r['model']} {r['scheduler']} {r['steps']} steps ({g['unet_calls']} UNet calls), guidance "
+        f"{r['guidance']} (x{g['cfg_factor']}), {r['height']}x{r['width']}, {r['images_per_group']} images/group"),
         f"{'component':<16} {'TFLOP/forward':>14} {'TFLOP/image':>12}",
     ]
     for name in ("unet", "unet_dense", "unet_attention", "text_encoder", "vae_decode"):
         lines.append(f"{name:<16} {g['per_forward_tflop'][name]:>14.4f} {g['breakdown_tflop'][name]:>12.3f}")
     lines += [
         f"{'generated image':<16} {'':>14} {g['tflop_per_image']:>12.3f}",
-        f"{'trained image':<16} {t['forward_tflop_per_image']:>14.4f} {t['tflop_per_image']:>12.4f}"
-        f"  ({t['model']} @ {t['img_size']}, forward+backward)",
-        f"limit at {result['peak_tflops']:g} TFLOP/s: {result['generator_images_per_s_limit']:.1f} generated images/s, "
+        (f"{'trained image':<16} {t['forward_tflop_per_image']:>14.4f} {t['tflop_per_image']:>12.4f}"
+        f"  ({t['model']} @ {t['img_size']}, forward+backward)"),
+        (f"limit at {result['peak_tflops']:g} TFLOP/s: {result['generator_images_per_s_limit']:.1f} generated images/s, "
         f"{result['trainer_images_per_s_limit']:.0f} trained images/s "
-        f"(one generated image = {result['generation_over_training']:.0f} trained images)",
+        f"(one generated image = {result['generation_over_training']:.0f} trained images)"),
     ]
     return "\n".join(lines)
 
