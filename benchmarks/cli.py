@@ -1,9 +1,10 @@
 """stablerep-bench: throughput of each stage, as JSON + table + plot.
 
-    stablerep-bench protocol  --output runs/bench     # protocol v1 vs bare pyzmq vs pickle
+    stablerep-bench transport --output runs/bench     # protocol v1 vs bare pyzmq vs pickle (alias: protocol)
     stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
     stablerep-bench flops     --steps 50 --guidance 2  # FLOPs per generated / trained image, limit at a peak
+    stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
 """
@@ -19,13 +20,15 @@ from .report import write_results
 def _protocol(args: argparse.Namespace) -> None:
     from .protocol_bench import format_table, run_protocol_bench
 
+    if args.quick:
+        args.shape, args.groups, args.repeats, args.transports = "2x32x32x3", 20, 1, ["ipc"]
     shape = tuple(int(s) for s in args.shape.split("x"))
     results = run_protocol_bench(shape=shape, groups=args.groups, transports=tuple(args.transports),
                                  repeats=args.repeats)
     table = format_table(results)
     bars = {f"{t}/{m}": run["gb_per_s"] for t, data in results["transports"].items()
             for m, run in data["methods"].items()}
-    path = write_results(Path(args.output), args.name or "protocol", results, table, bars, unit="GB/s")
+    path = write_results(Path(args.output), args.name or args.bench, results, table, bars, unit="GB/s")
     print(table)
     print(f"wrote {path}")
 
@@ -44,7 +47,7 @@ def _stage(name: str, module_name: str, unit: str = "images/s"):
 
 
 # What ``all`` runs: the transport run anywhere; the goals of benchmarks/RESULTS.md that need CUDA.
-ALL_RUNS = [["protocol", "--repeats", "5"]]
+ALL_RUNS = [["transport", "--repeats", "5"]]
 ALL_CUDA_RUNS = [
     ["generator", "--model", "random:sd15", "--scheduler", "ddim", "--steps", "50", "--name", "generator-ddim50"],
     ["generator", "--model", "random:sd15", "--scheduler", "dpm++", "--steps", "20", "--name", "generator-dpmpp20"],
@@ -71,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablerep-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    proto = sub.add_parser("protocol", help="transport throughput: protocol v1 vs bare pyzmq vs pickle")
+    proto = sub.add_parser("transport", aliases=["protocol"],
+                           help="transport throughput: protocol v1 vs bare pyzmq vs pickle (alias: protocol)")
     proto.add_argument("--shape", default="10x256x256x3", help="group shape m x H x W x 3 (default: %(default)s)")
     proto.add_argument("--groups", type=int, default=500, help="timed groups per run (default: %(default)s)")
     proto.add_argument("--repeats", type=int, default=3, help="runs per method, best kept (default: %(default)s)")
     proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
+    proto.add_argument("--quick", action="store_true", help="a small run over ipc (tests)")
     proto.set_defaults(func=_protocol)
-    from . import flops, generator_bench, trainer_bench
+    from . import flops, generator_bench, plan, trainer_bench
 
     gen = sub.add_parser("generator", help="generator images/s: this service vs plain diffusers, same recipe")
     generator_bench.add_arguments(gen)
@@ -88,12 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     flop = sub.add_parser("flops", help="FLOPs per generated and per trained image, and the physical limit in images/s")
     flops.add_arguments(flop)
     flop.set_defaults(func=_stage("flops", "flops", unit="TFLOP per image"))
+    planner = sub.add_parser("plan", help="generator GPUs per trainer GPU for a target reuse; stall at other ratios")
+    plan.add_arguments(planner)
+    planner.set_defaults(func=_stage("plan", "plan", unit="trainer stall fraction"))
     sub.add_parser("demo", add_help=False,
                    help="the embedded default end to end: generator service + trainer + probes (make demo); "
                         "see `stablerep-bench demo --help`")
     every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
     every.set_defaults(func=_all)
-    for p in sub.choices.values():
+    for p in {id(p): p for p in sub.choices.values()}.values():  # aliases share a parser
         if p.prog.endswith(" demo"):
             continue
         p.add_argument("--output", default="runs/bench", help="directory for JSON, table and plot")

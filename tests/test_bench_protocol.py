@@ -38,3 +38,10 @@ def test_every_run_of_all_is_a_valid_command():
     generator = [parser.parse_args(a) for a in ALL_CUDA_RUNS if a[0] == "generator"]
     assert {(g.scheduler, g.steps) for g in generator} == {("ddim", 50), ("dpm++", 20)}
     assert all(g.model == "random:sd15" for g in generator)
+
+
+def test_transport_is_the_name_and_protocol_its_alias(tmp_path):
+    assert main(["transport", "--quick", "--output", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "transport.json").read_text())
+    assert data["benchmark"] == "transport"
+    assert set(data["results"]["transports"]["ipc"]["methods"]) == {"protocol", "bare", "bare+copy", "pickle"}
