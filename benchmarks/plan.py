@@ -108,10 +108,10 @@ def rates_from_json(path: str | Path) -> dict[str, float]:
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        f"generator {result['generator_images_per_s']:.4g} images/s per GPU, trainer "
-        f"{result['trainer_images_per_s']:.4g} images/s per GPU, reuse {result['reuse']:g}",
-        f"generator GPUs per trainer GPU: {result['generators_per_trainer']:.3f} -> {result['generator_gpus']} "
-        f"generator GPUs for {result['trainer_gpus']} trainer GPU(s)",
+        (f"generator {result['generator_images_per_s']:.4g} images/s per GPU, trainer "
+        f"{result['trainer_images_per_s']:.4g} images/s per GPU, reuse {result['reuse']:g}"),
+        (f"generator GPUs per trainer GPU: {result['generators_per_trainer']:.3f} -> {result['generator_gpus']} "
+        f"generator GPUs for {result['trainer_gpus']} trainer GPU(s)"),
         f"{'gen/trainer':>11} {'reuse':>6} {'stall':>7} {'surplus':>8} {'trainer img/s':>14}",
     ]
     for table in ("by_ratio", "by_reuse"):
