@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--heartbeat-ms", type=int, default=1000)
     group.add_argument("--archive", help="with --bind: also write every served group to shards in this directory")
     group.add_argument("--status-every", type=float, default=5.0, help="seconds between online status lines")
+    group.add_argument("--metrics-port", type=int,
+                       help="serve Prometheus metrics (stablerep_generator_*) on this port (0: any free port)")
     group = parser.add_argument_group("offline")
     group.add_argument("--out", help="write one pass over the captions to WebDataset shards in this directory")
     group.add_argument("--shard-size", type=int, default=1000, help="groups per shard (default 1000)")
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--quality", type=int, default=95, help="jpg / webp quality")
     group = parser.add_argument_group("run")
     group.add_argument("--max-groups", type=int, help="stop after this many groups")
+    group.add_argument("--max-groups-per-s", type=float,
+                       help="throttle: hand out at most this many groups per second (simulates a slower device)")
     group.add_argument("--preview", help="write a labelled grid of the first groups to this .png")
     group.add_argument("--preview-groups", type=int, default=8, help="rows of the preview grid (default 8)")
     group.add_argument("--drain-timeout", type=float, default=300.0, help="seconds a stop waits for in-flight groups")
@@ -271,6 +275,7 @@ def _run(argv: list[str]) -> int:
         preview=args.preview,
         preview_groups=args.preview_groups,
         drain_timeout=args.drain_timeout,
+        max_groups_per_s=args.max_groups_per_s,
     )
     stop = StopSignal()
     restore = _install_signal_handlers(stop)
@@ -291,11 +296,26 @@ def _run(argv: list[str]) -> int:
         else:
             progress = OfflineProgress(info["todo"], enabled=not args.no_progress)
 
+    metrics = None
+    if args.metrics_port is not None:
+        from generator_service.metrics import GeneratorMetrics
+
+        metrics = GeneratorMetrics(args.metrics_port)
+        log.info("metrics at %s", metrics.url)
+
+    def on_tick(pool: Any, server: Any) -> None:
+        if progress is not None:
+            progress(pool, server)
+        if metrics is not None:
+            metrics.tick(pool, server)
+
     try:
-        result = run_service(options, stop=stop, on_start=on_start, on_tick=lambda p, s: progress and progress(p, s))
+        result = run_service(options, stop=stop, on_start=on_start, on_tick=on_tick)
     finally:
         if progress is not None:
             progress.close()
+        if metrics is not None:
+            metrics.close()
         restore()
     summary = result.to_dict()
     summary["stopped_by_signal"] = stop.requested

@@ -87,6 +87,7 @@ class ServiceOptions:
     preview: str | None = None
     preview_groups: int = 8
     drain_timeout: float = 300.0
+    max_groups_per_s: float | None = None  # throttle (generator_service.throttle); None: as fast as the devices go
 
     def __post_init__(self) -> None:
         if self.archive and not self.bind:
@@ -99,6 +100,8 @@ class ServiceOptions:
             raise ValueError(f"--max-groups must be >= 1, got {self.max_groups}")
         if self.queue < 1:
             raise ValueError(f"--queue must be >= 1, got {self.queue}")
+        if self.max_groups_per_s is not None and not self.max_groups_per_s > 0:
+            raise ValueError(f"--max-groups-per-s must be > 0, got {self.max_groups_per_s}")
 
     @property
     def shard_dir(self) -> str | None:
@@ -204,6 +207,10 @@ def run_service(
         if options.max_groups is not None:
             items = itertools.islice(items, options.max_groups)
             todo = options.max_groups if todo is None else min(todo, options.max_groups)
+        if options.max_groups_per_s is not None:
+            from generator_service.throttle import throttled
+
+            items = throttled(items, options.max_groups_per_s, stop)
         if skipped:
             log.info("%d group(s) already in %s are skipped", skipped, options.shard_dir)
         if on_start is not None:

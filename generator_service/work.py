@@ -52,6 +52,10 @@ class StopSignal:
     def immediate(self) -> bool:
         return self.requests >= 2
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a stop request; True if one came."""
+        return self._event.wait(timeout)
+
 
 @dataclass
 class PoolStats:

@@ -92,6 +92,8 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("run", ("--log-with",), "run.log_with", dict(nargs="*", choices=["tensorboard", "wandb"])),
     ("run", ("--no-progress",), "run.progress", dict(action="store_const", const=False, help="no progress bar")),
     ("run", ("--cpu",), "run.cpu", dict(action="store_const", const=True, help="train on the CPU even with a GPU present")),
+    ("run", ("--metrics-port",), "run.metrics_port",
+     dict(type=int, metavar="PORT", help="serve Prometheus metrics (stablerep_trainer_*) on this port (0: any)")),
 ]
 
 

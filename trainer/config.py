@@ -138,6 +138,7 @@ class RunConfig:
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
     progress: bool = True  # progress bar on the main process
     cpu: bool = False  # force CPU even when an accelerator is present
+    metrics_port: Optional[int] = None  # serve Prometheus metrics (trainer/metrics.py) on this port, main process
 
 
 @dataclass
@@ -268,6 +269,8 @@ class TrainConfig:
             _fail("schedule.min_lr", s.min_lr, f"exceeds the peak lr {self.peak_lr():g}")
         _positive("run.save_every", run.save_every)
         _positive("run.log_every", run.log_every)
+        if run.metrics_port is not None and not 0 <= run.metrics_port <= 65535:
+            _fail("run.metrics_port", run.metrics_port, "must be a port number 0..65535")
         for name in run.log_with:
             if name not in ("tensorboard", "wandb"):
                 _fail("run.log_with", name, "must be tensorboard or wandb")

@@ -221,6 +221,12 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         dynamic_ncols=True, desc="train",
     )
 
+    live = None  # Prometheus endpoint (trainer/metrics.py), main process only
+    if cfg.run.metrics_port is not None and accelerator.is_main_process:
+        from trainer.metrics import TrainerMetrics
+
+        live = TrainerMetrics(cfg.run.metrics_port)
+        accelerator.print(f"metrics at {live.url}")
     losses: list[float] = []
     step_seconds: list[float] = []
     stopped = "completed"
@@ -285,6 +291,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     logs.update(_numbers("batch/", batch.meta))
                     logs.update(_numbers("source/", source_stats))
                     accelerator.log(logs, step=step)
+                    if live is not None:
+                        live.update(step, logs, source_stats)
                     postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "img/s": f"{images_per_s:.1f}"}
                     for key in ("reuse_mean", "fresh_fraction_last", "stall_seconds"):
                         if key in source_stats:
@@ -302,6 +310,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         source_stats = source.stats()
     finally:
         progress.close()
+        if live is not None:
+            live.close()
         if own_source:
             source.close()
         accelerator.end_training()
