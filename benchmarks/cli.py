@@ -4,6 +4,7 @@
     stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
     stablerep-bench flops     --steps 50 --guidance 2  # FLOPs per generated / trained image, limit at a peak
+    stablerep-bench buffer    --precision bf16      # replay sampling + augmentation per batch vs the step
     stablerep-bench online    --generators 2 --generator-rate 5  # the whole system: stall, idle, reuse
     stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
@@ -83,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
     proto.add_argument("--quick", action="store_true", help="a small run over ipc (tests)")
     proto.set_defaults(func=_protocol)
-    from . import flops, generator_bench, online_bench, plan, trainer_bench
+    from . import (
+        buffer_bench,
+        flops,
+        generator_bench,
+        online_bench,
+        plan,
+        trainer_bench,
+    )
 
     gen = sub.add_parser("generator", help="generator images/s: this service vs plain diffusers, same recipe")
     generator_bench.add_arguments(gen)
@@ -94,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     flop = sub.add_parser("flops", help="FLOPs per generated and per trained image, and the physical limit in images/s")
     flops.add_arguments(flop)
     flop.set_defaults(func=_stage("flops", "flops", unit="TFLOP per image"))
+    buf = sub.add_parser("buffer", help="cost per batch of replay sampling and GPU augmentation vs the train step")
+    buffer_bench.add_arguments(buf)
+    buf.set_defaults(func=_stage("buffer", "buffer_bench"))
     online = sub.add_parser("online", help="generator services + trainer in one run: stall, idle, reuse, eviction")
     online_bench.add_arguments(online)
     online.set_defaults(func=_stage("online", "online_bench"))

@@ -245,11 +245,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--baseline-worker-batch", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads for every path")
+    parser.add_argument("--quick", action="store_true", help="the procedural backend, 8 small captions (tests)")
 
 
 def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("output", "func", "bench")}
+    if args.quick:
+        args.backend, args.height, args.width, args.save_size, args.captions = "procedural", 32, 32, 32, 8
+        args.images_per_group, args.worker_batch, args.threads = 2, 2, 1
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("output", "func", "bench", "quick", "name")}
     result = run_generator_bench(**kwargs)
     bars = {name: run["images_per_second"] for name, run in result["paths"].items()}
     return result, format_table(result), bars

@@ -248,11 +248,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", nargs="*", default=None)
     parser.add_argument("--augment-batch", type=int, default=2048)
     parser.add_argument("--device")
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT at 32 px on the replay source (tests)")
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
-    results = run_trainer_bench(model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
+    extra: dict[str, Any] = {}
+    if args.quick:
+        args.model, args.img_size, args.model_kwargs = "vit_tiny_patch16_224", 32, {"patch_size": 8, "depth": 1}
+        args.captions_per_step, args.draw_per_caption, args.precision, args.steps = 4, 3, "no", 2
+        args.augment_batch, args.source = 16, "replay"
+        extra = {"head": (32, 16, 2), "stored_size": 40, "warmup": 1, "augment_iters": 1}
+    results = run_trainer_bench(**extra, model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
                                 captions_per_step=args.captions_per_step, draw_per_caption=args.draw_per_caption,
                                 precision=args.precision, steps=args.steps, source=args.source,
                                 endpoints=args.generators, augment_batch=args.augment_batch, device=args.device)
