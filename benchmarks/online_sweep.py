@@ -46,7 +46,8 @@ def sweep(reuse: int = 9, target_ratio: float = 2.5, max_generators: int = 4,
     recommended = planned["generator_gpus"]
     by_reuse = []
     for r in reuses:
-        run = run_online_bench(generators=recommended, generator_rate=rate, max_reuse=r, **common)
+        same = [run for run in by_ratio if run["generators"] == recommended and r == reuse]
+        run = same[0] if same else run_online_bench(generators=recommended, generator_rate=rate, max_reuse=r, **common)
         by_reuse.append(run)
         log(f"  {recommended} generators, max reuse {r}: stall {run['trainer_stall_fraction']:.1%}, "
             f"evicted unused {run['evicted_unused_fraction']:.1%}")
