@@ -49,11 +49,12 @@ def _stage(name: str, module_name: str, unit: str = "images/s"):
 
 
 # What ``all`` runs: the transport run anywhere; the goals of benchmarks/RESULTS.md that need CUDA.
-ALL_RUNS = [["transport", "--repeats", "5"]]
+ALL_RUNS = [["transport", "--repeats", "5"], ["flops"]]
 ALL_CUDA_RUNS = [
     ["generator", "--model", "random:sd15", "--scheduler", "ddim", "--steps", "50", "--name", "generator-ddim50"],
     ["generator", "--model", "random:sd15", "--scheduler", "dpm++", "--steps", "20", "--name", "generator-dpmpp20"],
     ["trainer", "--precision", "bf16"],
+    ["buffer", "--precision", "bf16"],
 ]
 
 
