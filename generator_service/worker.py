@@ -221,7 +221,7 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
                 backend.generate,
                 items,
                 batch_limit,
-                emit=lambda groups: outbox.put(("groups", task_id, groups)),
+                emit=lambda groups, task_id=task_id: outbox.put(("groups", task_id, groups)),
                 on_batch_limit=lambda n: outbox.put(("batch_limit", n)),
             )
             outbox.put(("task_done", task_id))
