@@ -69,7 +69,7 @@ def unet_calls(scheduler: str, steps: int, scheduler_config: dict) -> int:
     """UNet evaluations per image for ``steps`` (what the pipeline loop runs: ``len(scheduler.timesteps)``)."""
     import diffusers
 
-    from generator_service.backends.schedulers import SCHEDULERS
+    from generator_service.schedulers import SCHEDULERS
 
     if scheduler in (None, "default"):
         class_name, overrides = scheduler_config.get("_class_name", "PNDMScheduler"), {}
