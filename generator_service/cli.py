@@ -25,6 +25,7 @@ import yaml
 from generator_service.config import GeneratorConfig
 from generator_service.devices import DeviceSpecError, parse_devices, visible_cuda_count
 from generator_service.pool import PoolError, StopSignal, WorkerPool
+from generator_service.preflight import PreflightError, backend_name, check_model
 from generator_service.shards import IMAGE_FORMATS, ShardError
 
 log = logging.getLogger("stablerep-generator")
@@ -32,6 +33,8 @@ log = logging.getLogger("stablerep-generator")
 PROG = "stablerep-generator"
 SUBCOMMANDS = ("captions", "probe-set")
 RESOLVED_CONFIG_NAME = "config.yaml"
+#: exit status after SIGINT / SIGTERM (128 + SIGINT); the work done so far is flushed first
+EXIT_INTERRUPTED = 130
 
 
 class CliError(ValueError):
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generate only caption shard i of N (positions i, i+N, ...)")
     group.add_argument("--seed", type=int, default=0, help="base seed: image j of caption c uses image_seed(seed, c, j)")
     group = parser.add_argument_group("generator (unset: the backend's defaults)")
-    group.add_argument("--backend", default="procedural", help="procedural (CPU, no weights) | diffusers")
+    group.add_argument("--backend", default="procedural", type=backend_name,
+                       help="procedural (CPU, no weights) | diffusers (checked before any worker starts)")
     group.add_argument("--model", help="diffusers pipeline folder, hub id or random:sd15")
     group.add_argument("--scheduler", help="ddim | dpm++ | euler | euler-a | lcm | ...")
     group.add_argument("--steps", type=int)
@@ -252,6 +256,7 @@ def _run(argv: list[str]) -> int:
         raise CliError(f"--worker-batch must be >= 1, got {args.worker_batch}")
     devices = _devices(args.gpus)
     config = generator_config(args)
+    check_model(config)  # before any worker starts: one line, exit 2
     captions = load_captions(args.captions, column=args.caption_column, shard=tuple(args.shard))
     options = ServiceOptions(
         config=config,
@@ -300,7 +305,7 @@ def _run(argv: list[str]) -> int:
     summary = result.to_dict()
     summary["stopped_by_signal"] = stop.requested
     print(json.dumps(summary))
-    return 0
+    return EXIT_INTERRUPTED if stop.requested else 0
 
 
 def _install_signal_handlers(stop: StopSignal):
@@ -341,7 +346,11 @@ def _probe_set(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``stablerep-generator``; returns the exit status (0 ok, 1 failed run, 2 bad input)."""
+    """Entry point of ``stablerep-generator``; returns the exit status.
+
+    0 completed, 1 failed run, 2 bad input (found before any worker starts), 130 stopped by
+    SIGINT/SIGTERM (shards are flushed and the manifest written first).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "captions":
@@ -353,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     except SystemExit as exc:  # argparse: --help or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    except (CliError, DeviceSpecError, ShardError, FileNotFoundError, ValueError) as exc:
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, PreflightError, DeviceSpecError, ShardError, FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except PoolError as exc:
