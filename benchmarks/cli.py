@@ -5,6 +5,8 @@
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
+
+Exit codes: 0 completed, 1 failed, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from .report import write_results
 
 
 def _protocol(args: argparse.Namespace) -> None:
-    from .protocol_bench import format_table, run_protocol_bench
+    from .protocol_bench import METHOD_LEGEND, format_table, run_protocol_bench
 
     shape = tuple(int(s) for s in args.shape.split("x"))
     results = run_protocol_bench(shape=shape, groups=args.groups, transports=tuple(args.transports),
@@ -24,7 +26,12 @@ def _protocol(args: argparse.Namespace) -> None:
     table = format_table(results)
     bars = {f"{t}/{m}": run["gb_per_s"] for t, data in results["transports"].items()
             for m, run in data["methods"].items()}
-    path = write_results(Path(args.output), args.name or "protocol", results, table, bars, unit="GB/s")
+    spread = {f"{t}/{m}": (min(run["runs_gb_per_s"]), max(run["runs_gb_per_s"]))
+              for t, data in results["transports"].items() for m, run in data["methods"].items()}
+    note = "bars: best run; lines: min-max over the runs\n" + "\n".join(
+        f"{name}: {text}" for name, text in METHOD_LEGEND.items())
+    path = write_results(Path(args.output), args.name or "protocol", results, table, bars, unit="GB/s",
+                         spread=spread, note=note)
     print(table)
     print(f"wrote {path}")
 
@@ -105,7 +112,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("stablerep-bench: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"stablerep-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"stablerep-bench: failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,6 @@ path keeps.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ import torch
 from generator_service.backends.compile_support import compile_unavailable
 from protocol import Group
 from trainer.augment import GPUAugment, benchmark_augment
+from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 from trainer.losses import MultiPosConLoss
 from trainer.methods import build_method
 from trainer.model import build_model
@@ -239,7 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stablerep-bench trainer`` flags."""
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON, e.g. '{\"depth\": 2}'")
+    add_kwargs_argument(parser, "--model-kwargs", default=None, help="timm.create_model arguments, e.g. depth=2")
     parser.add_argument("--captions-per-step", type=int, default=43)
     parser.add_argument("--draw-per-caption", type=int, default=6)
     parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES))
@@ -252,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
-    results = run_trainer_bench(model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
+    results = run_trainer_bench(model=args.model, img_size=args.img_size, model_kwargs=merge_kwargs(args.model_kwargs),
                                 captions_per_step=args.captions_per_step, draw_per_caption=args.draw_per_caption,
                                 precision=args.precision, steps=args.steps, source=args.source,
                                 endpoints=args.generators, augment_batch=args.augment_batch, device=args.device)
