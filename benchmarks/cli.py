@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--shape", default="10x256x256x3", help="group shape m x H x W x 3 (default: %(default)s)")
     proto.add_argument("--groups", type=int, default=500, help="timed groups per run (default: %(default)s)")
     proto.add_argument("--repeats", type=int, default=3, help="runs per method, best kept (default: %(default)s)")
-    proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
+    proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"],
+                       help="socket transports to time (default: tcp ipc)")
     proto.set_defaults(func=_protocol)
     from . import generator_bench, trainer_bench
 

@@ -237,17 +237,17 @@ def format_table(results: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stablerep-bench trainer`` flags."""
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm backbone (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=224, help="crop side (default: %(default)s)")
     add_kwargs_argument(parser, "--model-kwargs", default=None, help="timm.create_model arguments, e.g. depth=2")
-    parser.add_argument("--captions-per-step", type=int, default=43)
-    parser.add_argument("--draw-per-caption", type=int, default=6)
-    parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--source", default="replay", choices=["replay", "online"])
-    parser.add_argument("--generators", nargs="*", default=None)
-    parser.add_argument("--augment-batch", type=int, default=2048)
-    parser.add_argument("--device")
+    parser.add_argument("--captions-per-step", type=int, default=43, help="caption groups per step (default: %(default)s)")
+    parser.add_argument("--draw-per-caption", type=int, default=6, help="images drawn per group (default: %(default)s)")
+    parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES), help="autocast dtype (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    parser.add_argument("--source", default="replay", choices=["replay", "online"], help="replay: a filled replay buffer in this process; online: live generators (default: %(default)s)")
+    parser.add_argument("--generators", nargs="*", default=None, help="online: generator endpoints tcp://HOST:PORT")
+    parser.add_argument("--augment-batch", type=int, default=2048, help="images per timed augmentation batch (default: %(default)s)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when present)")
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:

@@ -51,7 +51,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--init-seed", type=int, default=0, help="seed of a random-init backbone")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch (default: %(default)s)")
     run.add_argument("--workers", type=int, default=default_workers(),
                      help="DataLoader workers for image decoding (default: min(4, usable CPU cores) = %(default)s)")
     run.add_argument("--cache-dir", default=None, help="store extracted features here and reuse them")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train", required=True, help="ImageFolder for training the probe")
     data.add_argument("--val", required=True, help="ImageFolder for scoring it")
     probe = lin.add_argument_group("probe")
-    probe.add_argument("--protocol", choices=("fast", "paper"), default="fast")
+    probe.add_argument("--protocol", choices=("fast", "paper"), default="fast", help="fast: the quick probe; paper: the paper's linear protocol (default: %(default)s)")
     probe.add_argument("--epochs", type=int, default=None, help="default: fast 100, paper 90")
     probe.add_argument("--lrs", type=_floats, default=None,
                        help="fast: lrs of the grid; paper: base lrs (lr = base * batch / 256)")
@@ -79,17 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--no-batch-norm", action="store_true", help="paper: no BatchNorm1d before the classifier")
     probe.add_argument("--no-standardize", action="store_true", help="fast: do not standardize cached features")
     probe.add_argument("--eval-every", type=int, default=0, help="paper: evaluate val every N epochs")
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--seed", type=int, default=0, help="seed of the probe training (default: %(default)s)")
 
     few = sub.add_parser("fewshot", help="N-way K-shot episodes with logistic regression")
     _add_common(few)
     few.add_argument("--data", required=True, help="ImageFolder whose classes the episodes draw from")
-    few.add_argument("--n-way", type=int, default=5)
-    few.add_argument("--k-shot", type=int, default=5)
-    few.add_argument("--n-query", type=int, default=15)
-    few.add_argument("--episodes", type=int, default=600)
+    few.add_argument("--n-way", type=int, default=5, help="classes per episode (default: %(default)s)")
+    few.add_argument("--k-shot", type=int, default=5, help="labelled images per class (default: %(default)s)")
+    few.add_argument("--n-query", type=int, default=15, help="query images per class (default: %(default)s)")
+    few.add_argument("--episodes", type=int, default=600, help="episodes averaged (default: %(default)s)")
     few.add_argument("--inverse-reg", type=float, default=1.0, help="C of the L2-regularized logistic regression")
-    few.add_argument("--seed", type=int, default=0)
+    few.add_argument("--seed", type=int, default=0, help="seed of the episode sampling (default: %(default)s)")
     return parser
 
 
