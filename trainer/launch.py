@@ -91,9 +91,9 @@ def check_joined(env: LaunchEnv, num_processes: int, process_index: int) -> None
 
 
 def backend_name() -> str:
-    """The process group's backend ("gloo", "nccl", ...) or "none" for a single process."""
+    """The process group's backend ("gloo", "nccl", ...) or "single process" without a group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return str(dist.get_backend())
-    return "none"
+    return "single process"
