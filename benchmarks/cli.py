@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_stage("trainer", "trainer_bench"))
     sub.add_parser("demo", add_help=False,
                    help="the embedded default end to end: generator service + trainer + probes (make demo); "
-                        "see `stablerep-bench demo --help`")
+                        "--quick is the 1-minute version, --steps N a longer one; see `stablerep-bench demo --help`")
     every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
     every.set_defaults(func=_all)
     for p in sub.choices.values():

@@ -93,7 +93,7 @@ def test_plain_status_lines_reach_a_pipe_while_training_and_sigint_exits_130_wit
                 if len(status_lines) == 3:
                     break
         assert proc.poll() is None, "training should still be running while status lines arrive"
-        assert all(f"/100000 " in line and "img/s" in line and "ETA" in line for line in status_lines)
+        assert all("/100000 " in line and "img/s" in line and "ETA" in line for line in status_lines)
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=120)
     finally:

@@ -342,7 +342,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         if main and losses:
             from trainer.report import plot_training_curve
 
-            plot_training_curve(output / "curve.png", losses, {}, lrs=lrs,
+            plot_training_curve(output / "curve.png", losses, {}, lrs=lrs, first_step=start_step + 1,
                                 title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}")
     finally:
         progress.close()

@@ -30,13 +30,15 @@ def plot_training_curve(
     chance_accuracy: dict[str, float] | None = None,
     title: str = "",
     lrs: Sequence[float] | None = None,
+    first_step: int = 1,
 ) -> Path:
     """Write a two-panel PNG: loss per step (raw + moving average) and probe accuracy (%) per step.
 
     ``probe_curves[name] = (steps, top1)``: probe accuracy of the backbone snapshot taken after
     ``steps[i]`` optimizer steps (step 0 = the random init); the first entry is drawn boldest.
     ``chance_accuracy[name]`` adds a dotted chance line of the same colour. ``lrs``: the learning
-    rate per step, drawn dashed on a second axis of the loss panel. Without probe curves the figure
+    rate per step, drawn dashed on a second axis of the loss panel; ``first_step``: the step number of
+    ``losses[0]`` (a resumed run starts after its checkpoint). Without probe curves the figure
     has the loss panel only.
     """
     path = Path(path)
@@ -45,7 +47,7 @@ def plot_training_curve(
     else:  # a plain training run: the loss panel only
         fig, ax_loss = plt.subplots(1, 1, figsize=(7, 4.4), dpi=110)
         ax_acc = None
-    steps = np.arange(1, len(losses) + 1)
+    steps = np.arange(first_step, first_step + len(losses))
     if len(losses):
         ax_loss.plot(steps, losses, color="#9bb7d4", linewidth=0.8, label="loss per step")
         window = max(1, len(losses) // 20)
@@ -58,7 +60,7 @@ def plot_training_curve(
     ax_loss.grid(alpha=0.3)
     if lrs is not None and len(lrs):
         ax_lr = ax_loss.twinx()
-        ax_lr.plot(np.arange(1, len(lrs) + 1), lrs, color="#c0504d", linewidth=1, linestyle="--", label="lr")
+        ax_lr.plot(np.arange(first_step, first_step + len(lrs)), lrs, color="#c0504d", linewidth=1, linestyle="--", label="lr")
         ax_lr.set_ylabel("learning rate (dashed)", color="#c0504d")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     if ax_acc is None:
