@@ -9,6 +9,8 @@
     stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
+
+Exit codes: 0 completed, 1 failed, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .report import write_results
 
 
 def _protocol(args: argparse.Namespace) -> None:
-    from .protocol_bench import format_table, run_protocol_bench
+    from .protocol_bench import METHOD_LEGEND, format_table, run_protocol_bench
 
     if args.quick:
         args.shape, args.groups, args.repeats, args.transports = "2x32x32x3", 20, 1, ["ipc"]
@@ -30,7 +32,12 @@ def _protocol(args: argparse.Namespace) -> None:
     table = format_table(results)
     bars = {f"{t}/{m}": run["gb_per_s"] for t, data in results["transports"].items()
             for m, run in data["methods"].items()}
-    path = write_results(Path(args.output), args.name or args.bench, results, table, bars, unit="GB/s")
+    spread = {f"{t}/{m}": (min(run["runs_gb_per_s"]), max(run["runs_gb_per_s"]))
+              for t, data in results["transports"].items() for m, run in data["methods"].items()}
+    note = "bars: best run; lines: min-max over the runs\n" + "\n".join(
+        f"{name}: {text}" for name, text in METHOD_LEGEND.items())
+    path = write_results(Path(args.output), args.name or args.bench, results, table, bars, unit="GB/s",
+                         spread=spread, note=note)
     print(table)
     print(f"wrote {path}")
 
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--shape", default="10x256x256x3", help="group shape m x H x W x 3 (default: %(default)s)")
     proto.add_argument("--groups", type=int, default=500, help="timed groups per run (default: %(default)s)")
     proto.add_argument("--repeats", type=int, default=3, help="runs per method, best kept (default: %(default)s)")
-    proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"])
+    proto.add_argument("--transports", nargs="+", default=["tcp", "ipc"], choices=["tcp", "ipc"],
+                       help="socket transports to time (default: tcp ipc)")
     proto.add_argument("--quick", action="store_true", help="a small run over ipc (tests)")
     proto.set_defaults(func=_protocol)
     from . import (
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     planner.set_defaults(func=_stage("plan", "plan", unit="trainer stall fraction"))
     sub.add_parser("demo", add_help=False,
                    help="the embedded default end to end: generator service + trainer + probes (make demo); "
-                        "see `stablerep-bench demo --help`")
+                        "--quick is the 1-minute version, --steps N a longer one; see `stablerep-bench demo --help`")
     every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
     every.set_defaults(func=_all)
     for p in {id(p): p for p in sub.choices.values()}.values():  # aliases share a parser
@@ -133,7 +141,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("stablerep-bench: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"stablerep-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"stablerep-bench: failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -264,9 +264,15 @@ def probe_snapshots(
     device = resolve_device("auto")
     cfg = FastProbeConfig(epochs=plan.probe_epochs, seed=plan.seed)
     rows = []
+    total, done, t0 = len(snapshots) * len(probe_dirs), 0, time.perf_counter()
     for step in sorted(snapshots):
         backbone = load_eval_backbone(snapshots[step])
         for attribute, folder in probe_dirs.items():
+            elapsed = time.perf_counter() - t0
+            eta = f", about {elapsed / done * (total - done):.0f} s left" if done else ""
+            log(f"probe {done + 1}/{total}: snapshot step {step}, attribute {attribute} "
+                f"({elapsed:.0f} s into the probe phase{eta})")
+            done += 1
             result = linear_probe(backbone, folder / "train", folder / "val", cfg, device, batch_size=256, workers=0)
             rows.append({"step": step, "attribute": attribute, "top1": result["top1"],
                          "train_top1": result["grid"][0]["train_top1"], "num_classes": result["num_classes"],

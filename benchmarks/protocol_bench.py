@@ -18,6 +18,7 @@ for the same cores, so the receiver's copy (which ``bare`` skips) is visible in 
 from __future__ import annotations
 
 import multiprocessing as mp
+import statistics
 import os
 import tempfile
 import threading
@@ -168,16 +169,21 @@ def run_protocol_bench(
     """Best of ``repeats`` for each (transport, method), plus the ratios the goals are stated in."""
     results: dict[str, Any] = {"shape": list(shape), "groups": groups, "repeats": repeats, "transports": {}}
     for transport in transports:
-        per_method: dict[str, dict[str, float]] = {}
+        per_method: dict[str, dict[str, Any]] = {}
+        all_runs: dict[str, list[float]] = {}
         for repeat in range(repeats):
             # Interleave methods so machine noise hits all alike, and rotate their order: the run
             # right after another one's teardown is measurably slower on a small machine.
             for method in METHODS[repeat % len(METHODS):] + METHODS[:repeat % len(METHODS)]:
                 time.sleep(SETTLE_S)
                 run = measure(method, transport, shape, groups)
+                all_runs.setdefault(method, []).append(run["gb_per_s"])
                 best = per_method.get(method)
                 if best is None or run["gb_per_s"] > best["gb_per_s"]:
                     per_method[method] = run
+        for method, values in all_runs.items():  # the spread over the repeats, next to the best
+            per_method[method] = {**per_method[method], "runs_gb_per_s": values, "min_gb_per_s": min(values),
+                                  "median_gb_per_s": float(statistics.median(values))}
         per_method_ratios = {
             "protocol_vs_bare": per_method["protocol"]["gb_per_s"] / per_method["bare"]["gb_per_s"],
             "protocol_vs_bare_copy": per_method["protocol"]["gb_per_s"] / per_method["bare+copy"]["gb_per_s"],
@@ -187,13 +193,25 @@ def run_protocol_bench(
     return results
 
 
+#: what each method of the table is (printed under the table and on the plot)
+METHOD_LEGEND = {
+    "protocol": "protocol v1: GroupServer -> GroupClient, credits + header, copy into a ring buffer",
+    "bare": "pyzmq PUSH/PULL, one zero-copy frame, no header, no copy (the transport's ceiling)",
+    "bare+copy": "bare plus the receiver's copy into a ring buffer (what the protocol adds is the rest)",
+    "pickle": "pyzmq send_pyobj / recv_pyobj of the numpy array",
+}
+
+
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"group {results['shape']} uint8, {results['groups']} groups, best of {results['repeats']}",
-             f"{'transport':<10}{'method':<11}{'GB/s':>8}{'groups/s':>10}"]
+    lines = [f"group {results['shape']} uint8, {results['groups']} groups, best of {results['repeats']} runs "
+             "(min / median over the runs show the spread)",
+             f"{'transport':<10}{'method':<11}{'GB/s':>8}{'min':>8}{'median':>8}{'groups/s':>10}"]
     for transport, data in results["transports"].items():
         for method, run in data["methods"].items():
-            lines.append(f"{transport:<10}{method:<11}{run['gb_per_s']:>8.2f}{run['groups_per_s']:>10.1f}")
+            lines.append(f"{transport:<10}{method:<11}{run['gb_per_s']:>8.2f}{run.get('min_gb_per_s', run['gb_per_s']):>8.2f}"
+                         f"{run.get('median_gb_per_s', run['gb_per_s']):>8.2f}{run['groups_per_s']:>10.1f}")
         r = data["ratios"]
         lines.append(f"{transport:<10}ratios: protocol/bare {r['protocol_vs_bare']:.2f}x, protocol/bare+copy "
                      f"{r['protocol_vs_bare_copy']:.2f}x, protocol/pickle {r['protocol_vs_pickle']:.2f}x")
+    lines += [f"  {name:<10} {text}" for name, text in METHOD_LEGEND.items()]
     return "\n".join(lines)

@@ -18,7 +18,6 @@ path keeps.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ import torch
 from generator_service.backends.compile_support import compile_unavailable
 from protocol import Group
 from trainer.augment import GPUAugment, benchmark_augment
+from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 from trainer.losses import MultiPosConLoss
 from trainer.methods import build_method
 from trainer.model import build_model
@@ -237,29 +237,30 @@ def format_table(results: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stablerep-bench trainer`` flags."""
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON, e.g. '{\"depth\": 2}'")
-    parser.add_argument("--captions-per-step", type=int, default=43)
-    parser.add_argument("--draw-per-caption", type=int, default=6)
-    parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--source", default="replay", choices=["replay", "online"])
-    parser.add_argument("--generators", nargs="*", default=None)
-    parser.add_argument("--augment-batch", type=int, default=2048)
-    parser.add_argument("--device")
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm backbone (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=224, help="crop side (default: %(default)s)")
+    add_kwargs_argument(parser, "--model-kwargs", default=None, help="timm.create_model arguments, e.g. depth=2")
+    parser.add_argument("--captions-per-step", type=int, default=43, help="caption groups per step (default: %(default)s)")
+    parser.add_argument("--draw-per-caption", type=int, default=6, help="images drawn per group (default: %(default)s)")
+    parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES), help="autocast dtype (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    parser.add_argument("--source", default="replay", choices=["replay", "online"], help="replay: a filled replay buffer in this process; online: live generators (default: %(default)s)")
+    parser.add_argument("--generators", nargs="*", default=None, help="online: generator endpoints tcp://HOST:PORT")
+    parser.add_argument("--augment-batch", type=int, default=2048, help="images per timed augmentation batch (default: %(default)s)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when present)")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT at 32 px on the replay source (tests)")
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
     extra: dict[str, Any] = {}
+    model_kwargs = merge_kwargs(args.model_kwargs)
     if args.quick:
-        args.model, args.img_size, args.model_kwargs = "vit_tiny_patch16_224", 32, {"patch_size": 8, "depth": 1}
+        args.model, args.img_size, model_kwargs = "vit_tiny_patch16_224", 32, {"patch_size": 8, "depth": 1}
         args.captions_per_step, args.draw_per_caption, args.precision, args.steps = 4, 3, "no", 2
         args.augment_batch, args.source = 16, "replay"
         extra = {"head": (32, 16, 2), "stored_size": 40, "warmup": 1, "augment_iters": 1}
-    results = run_trainer_bench(**extra, model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
+    results = run_trainer_bench(**extra, model=args.model, img_size=args.img_size, model_kwargs=model_kwargs,
                                 captions_per_step=args.captions_per_step, draw_per_caption=args.draw_per_caption,
                                 precision=args.precision, steps=args.steps, source=args.source,
                                 endpoints=args.generators, augment_batch=args.augment_batch, device=args.device)

@@ -25,6 +25,7 @@ import yaml
 from generator_service.config import GeneratorConfig
 from generator_service.devices import DeviceSpecError, parse_devices, visible_cuda_count
 from generator_service.pool import PoolError, StopSignal, WorkerPool
+from generator_service.preflight import PreflightError, backend_name, check_model
 from generator_service.shards import IMAGE_FORMATS, ShardError
 
 log = logging.getLogger("stablerep-generator")
@@ -32,6 +33,8 @@ log = logging.getLogger("stablerep-generator")
 PROG = "stablerep-generator"
 SUBCOMMANDS = ("captions", "probe-set")
 RESOLVED_CONFIG_NAME = "config.yaml"
+#: exit status after SIGINT / SIGTERM (128 + SIGINT); the work done so far is flushed first
+EXIT_INTERRUPTED = 130
 
 
 class CliError(ValueError):
@@ -62,19 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generate only caption shard i of N (positions i, i+N, ...)")
     group.add_argument("--seed", type=int, default=0, help="base seed: image j of caption c uses image_seed(seed, c, j)")
     group = parser.add_argument_group("generator (unset: the backend's defaults)")
-    group.add_argument("--backend", default="procedural", help="procedural (CPU, no weights) | diffusers")
+    group.add_argument("--backend", default="procedural", type=backend_name,
+                       help="procedural (CPU, no weights) | diffusers (checked before any worker starts)")
     group.add_argument("--model", help="diffusers pipeline folder, hub id or random:sd15")
     group.add_argument("--scheduler", help="ddim | dpm++ | euler | euler-a | lcm | ...")
-    group.add_argument("--steps", type=int)
+    group.add_argument("--steps", type=int, help="denoising steps (paper: DDIM 50)")
     group.add_argument("--guidance", type=float, help="classifier-free guidance scale (paper: 2)")
-    group.add_argument("--eta", type=float)
-    group.add_argument("--height", type=int)
-    group.add_argument("--width", type=int)
+    group.add_argument("--eta", type=float, help="DDIM eta (paper: 0)")
+    group.add_argument("--height", type=int, help="generated image height in pixels (paper: 512)")
+    group.add_argument("--width", type=int, help="generated image width in pixels (paper: 512)")
     group.add_argument("--save-size", type=int, help="side of the saved / served images")
     group.add_argument("--images-per-group", "--images-per-caption", type=int, dest="images_per_group",
                        help="m, images generated and stored per caption group (--images-per-caption: deprecated alias)")
-    group.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
-    group.add_argument("--attention", choices=["sdpa", "xformers"])
+    group.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="weights and activations dtype of the diffusers pipeline")
+    group.add_argument("--attention", choices=["sdpa", "xformers"], help="attention kernel of the diffusers pipeline")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     group = parser.add_argument_group("devices")
     group.add_argument("--gpus", default="auto", help="0-3 | 0,2 | cpu | cpu:N | auto (default: every GPU, else one CPU worker)")
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("online")
     group.add_argument("--bind", help="serve protocol v1 here, e.g. tcp://127.0.0.1:5555")
     group.add_argument("--queue", type=int, default=64, help="groups queued for clients before workers pause (default 64)")
-    group.add_argument("--heartbeat-ms", type=int, default=1000)
+    group.add_argument("--heartbeat-ms", type=int, default=1000, help="online: heartbeat interval; a client silent for 3 intervals is dead (default: %(default)s)")
     group.add_argument("--archive", help="with --bind: also write every served group to shards in this directory")
     group.add_argument("--status-every", type=float, default=5.0, help="seconds between online status lines")
     group.add_argument("--metrics-port", type=int,
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--preview", help="write a labelled grid of the first groups to this .png")
     group.add_argument("--preview-groups", type=int, default=8, help="rows of the preview grid (default 8)")
     group.add_argument("--drain-timeout", type=float, default=300.0, help="seconds a stop waits for in-flight groups")
-    group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (default: %(default)s)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -256,6 +260,7 @@ def _run(argv: list[str]) -> int:
         raise CliError(f"--worker-batch must be >= 1, got {args.worker_batch}")
     devices = _devices(args.gpus)
     config = generator_config(args)
+    check_model(config)  # before any worker starts: one line, exit 2
     captions = load_captions(args.captions, column=args.caption_column, shard=tuple(args.shard))
     options = ServiceOptions(
         config=config,
@@ -320,7 +325,7 @@ def _run(argv: list[str]) -> int:
     summary = result.to_dict()
     summary["stopped_by_signal"] = stop.requested
     print(json.dumps(summary))
-    return 0
+    return EXIT_INTERRUPTED if stop.requested else 0
 
 
 def _install_signal_handlers(stop: StopSignal):
@@ -361,7 +366,11 @@ def _probe_set(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``stablerep-generator``; returns the exit status (0 ok, 1 failed run, 2 bad input)."""
+    """Entry point of ``stablerep-generator``; returns the exit status.
+
+    0 completed, 1 failed run, 2 bad input (found before any worker starts), 130 stopped by
+    SIGINT/SIGTERM (shards are flushed and the manifest written first).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "captions":
@@ -373,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     except SystemExit as exc:  # argparse: --help or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    except (CliError, DeviceSpecError, ShardError, FileNotFoundError, ValueError) as exc:
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, PreflightError, DeviceSpecError, ShardError, FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except PoolError as exc:

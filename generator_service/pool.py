@@ -315,7 +315,8 @@ class WorkerPool:
         """At a stop: hand undelivered groups to the sinks that take them now (``sink.settle``), drop the rest."""
         settle = getattr(sink, "settle", None)
         if self._undelivered:
-            log.warning("stopping with %d undelivered group(s): kept where a sink takes them, dropped otherwise",
+            log.warning("stopping: %d generated group(s) had not reached every output yet; they are written to "
+                        "the shard folder if there is one (a trainer that is not connected gets none of them)",
                         len(self._undelivered))
         while self._undelivered:
             group = self._undelivered.popleft()

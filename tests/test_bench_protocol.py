@@ -19,6 +19,18 @@ def test_protocol_bench_writes_results(tmp_path):
     assert "protocol/bare" in (tmp_path / "protocol.txt").read_text()
 
 
+def test_table_explains_the_methods_and_reports_the_spread_of_the_repeats(tmp_path):
+    assert main(["protocol", "--shape", "2x16x16x3", "--groups", "10", "--repeats", "2", "--transports", "ipc",
+                 "--output", str(tmp_path)]) == 0
+    methods = json.loads((tmp_path / "protocol.json").read_text())["results"]["transports"]["ipc"]["methods"]
+    for run in methods.values():
+        assert len(run["runs_gb_per_s"]) == 2
+        assert run["min_gb_per_s"] <= run["median_gb_per_s"] <= run["gb_per_s"] == max(run["runs_gb_per_s"])
+    table = (tmp_path / "protocol.txt").read_text()
+    assert "min" in table and "median" in table
+    assert "bare+copy  bare plus the receiver's copy" in table and "zero-copy frame, no header" in table
+
+
 def test_name_flag_sets_the_file_stem(tmp_path):
     assert main(["protocol", "--shape", "2x16x16x3", "--groups", "10", "--repeats", "1", "--transports", "ipc",
                  "--name", "proto-small", "--output", str(tmp_path)]) == 0

@@ -26,7 +26,8 @@ def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
     assert report["images_seen"] == plan.steps * 16 * 4
     assert report["generated_groups"] >= 16  # groups really arrived over ZeroMQ
     assert report["train_images_per_s"] > 0
-    assert report["loss_last"] < report["loss_first"]
+    assert report["loss_last_mean"] < report["loss_first_mean"]
+    assert report["loss_first"] == report["losses"][0] and report["loss_last"] == report["losses"][-1]
     # probes at init, mid-run and the end, on held-out images whose seeds training never used
     assert [p["step"] for p in report["probes"]] == [0, 50, 100]
     assert report["probe_attribute"] == "colour" and report["num_classes"] == 8

@@ -123,12 +123,12 @@ def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
     after_kill = _complete_groups_on_disk(out)
     assert 4 <= after_kill < N_CAPTIONS, "the service finished before it was killed"
 
-    # 2. Resume, then SIGTERM: clean exit 0 with every finished group flushed to a listed shard.
+    # 2. Resume, then SIGTERM: exit 130 (interrupted) with every finished group flushed to a listed shard.
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_groups(out, after_kill + 4, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 130, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["stopped_by_signal"] is True
     assert summary["skipped_already_done"] == after_kill
@@ -166,16 +166,29 @@ def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
     assert (out / MANIFEST_NAME).exists()
 
 
-def test_backend_that_cannot_start_fails_the_run_with_its_error(capsys, captions_file, tmp_path):
+def test_a_model_folder_that_is_not_a_pipeline_is_one_line_exit_2_before_any_worker(capsys, captions_file, tmp_path):
     not_a_pipeline = tmp_path / "empty_model"
     not_a_pipeline.mkdir()
     out = tmp_path / "shards"
     argv = ["--captions", captions_file, "--out", str(out), "--gpus", "cpu", "--backend", "diffusers",
             "--model", str(not_a_pipeline), "--dtype", "fp32", "--no-progress"]
-    assert main(argv) == 1
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(not_a_pipeline) in err and "model_index.json" in err
+    assert not out.exists()  # refused before the service (and its workers) started
+
+
+def test_a_missing_model_path_and_an_unknown_backend_are_one_line_exit_2(capsys, captions_file, tmp_path):
+    out = tmp_path / "shards"
+    base = ["--captions", captions_file, "--out", str(out), "--gpus", "cpu", "--no-progress"]
+    assert main([*base, "--backend", "diffusers", "--model", str(tmp_path / "no_such_model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such folder" in err and "no_such_model" in err
+    assert main([*base, "--backend", "difusers"]) == 2
     err = capsys.readouterr().err
-    assert "could not start the backend" in err and str(not_a_pipeline) in err and "model_index.json" in err
-    assert read_manifest(out).shards == []
+    assert "unknown backend 'difusers'" in err and "diffusers" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_caption_the_backend_rejects_fails_the_run_naming_it(capsys, tmp_path):

@@ -43,8 +43,8 @@ def test_precedence_defaults_preset_config_file_flags(tmp_path):
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.base_lr == 5e-4  # config file over preset
     assert cfg.data.captions_per_step == 8  # flag over config file
     assert cfg.schedule.steps == 7 and cfg.augment.strong is False
-    # keyword maps merge across layers: preset patch_size, file depth, flag embed_dim
-    assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 2, "embed_dim": 96}
+    # keyword maps merge across layers: preset patch_size/num_heads, file depth over preset, flag embed_dim
+    assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 2, "embed_dim": 96, "num_heads": 3}
     assert cfg.optim.betas == [0.9, 0.98]  # untouched default
     assert cfg.peak_lr() == pytest.approx(5e-4 * 8 * 4 / 256)
     assert cli.parse_config(["--preset", "cpu_small", *GEN, "--lr", "0.01"])[0].peak_lr() == 0.01

@@ -10,8 +10,9 @@ given on the command line overrides them (flags not given leave the preset's val
     stablerep-train --preset demo --generators tcp://127.0.0.1:5555   # the demo's trainer settings
     (the embedded default end to end, generator and probes included, is ``stablerep-bench demo``)
 
-Exit codes: 0 done; 1 training failed (non-finite loss, no generator, data error); 2 bad
-command line or config.
+Exit codes: 0 completed; 1 training failed (non-finite loss, no generator, data error); 2 bad
+command line, config or launch; 130 interrupted by SIGINT/SIGTERM (a checkpoint was saved first;
+``--resume auto`` continues).
 """
 from __future__ import annotations
 
@@ -24,44 +25,39 @@ from typing import Any, Sequence
 import yaml
 
 from trainer.config import ConfigError, TrainConfig, available_presets, build_config
+from trainer.kwargs_arg import kwargs_token, merge_kwargs
 
 S = argparse.SUPPRESS
-
-
-def _key_values(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as YAML (``depth=2`` -> ("depth", 2))."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+#: exit status of a run stopped by SIGINT / SIGTERM (128 + SIGINT, the shell's convention)
+EXIT_INTERRUPTED = 130
 
 
 # (group title, flags, config path, argparse keyword arguments)
 _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("model", ("--model",), "model.name", dict(metavar="TIMM_NAME", help="timm backbone name")),
     ("model", ("--model-kwargs",), "model.model_kwargs",
-     dict(nargs="+", type=_key_values, metavar="KEY=VALUE", help="extra timm.create_model arguments, e.g. patch_size=8 depth=6")),
+     dict(nargs="+", type=kwargs_token, metavar="KEY=VALUE", help="extra timm.create_model arguments, e.g. patch_size=8 depth=6")),
     ("model", ("--img-size",), "model.img_size", dict(type=int, help="training resolution (crop side)")),
     ("model", ("--head-hidden",), "model.head_hidden", dict(type=int, help="projection head hidden width")),
     ("model", ("--head-out",), "model.head_out", dict(type=int, help="projection head output (feature) width")),
     ("model", ("--head-layers",), "model.head_layers", dict(type=int, help="projection head Linear layers")),
     ("model", ("--sync-bn",), "model.sync_bn", dict(action="store_const", const=True, help="SyncBatchNorm across processes")),
-    ("model", ("--text-kwargs",), "model.text", dict(nargs="+", type=_key_values, metavar="KEY=VALUE", help="text tower size for clip / stablerep+, e.g. layers=4 width=256")),
-    ("method", ("--method",), "method.name", dict(choices=["stablerep", "stablerep+", "simclr", "clip"])),
+    ("model", ("--text-kwargs",), "model.text", dict(nargs="+", type=kwargs_token, metavar="KEY=VALUE", help="text tower size for clip / stablerep+, e.g. layers=4 width=256")),
+    ("method", ("--method",), "method.name", dict(choices=["stablerep", "stablerep+", "simclr", "clip"], help="training objective: stablerep (multi-positive), stablerep+ (with image-text terms), simclr, clip")),
     ("method", ("--temperature",), "method.temperature", dict(type=float, help="contrastive temperature T")),
-    ("method", ("--method-kwargs",), "method.kwargs", dict(nargs="+", type=_key_values, metavar="KEY=VALUE", help="extra build_method arguments")),
+    ("method", ("--method-kwargs",), "method.kwargs", dict(nargs="+", type=kwargs_token, metavar="KEY=VALUE", help="extra build_method arguments")),
     ("augmentation", ("--weak-aug",), "augment.strong", dict(action="store_const", const=False, help="crop + flip only (no color jitter, grayscale, blur)")),
     ("augmentation", ("--strong-aug",), "augment.strong", dict(action="store_const", const=True, help="the paper's strong augmentation")),
     ("augmentation", ("--scale-min",), "augment.scale_min", dict(type=float, help="RandomResizedCrop lower scale")),
     ("augmentation", ("--downsample",), "augment.downsample", dict(type=int, metavar="SIDE", help="shrink images to SIDE before augmenting")),
-    ("data", ("--source",), "data.source", dict(choices=["online", "offline"])),
+    ("data", ("--source",), "data.source", dict(choices=["online", "offline"], help="online: groups streamed from generator services; offline: shards on disk")),
     ("data", ("--generators",), "data.generators", dict(nargs="+", metavar="ENDPOINT", help="online: generator endpoints tcp://HOST:PORT")),
     ("data", ("--data",), "data.data", dict(nargs="+", metavar="DIR", help="offline: shard directories")),
     ("data", ("--captions-per-step", "--batch-captions"), "data.captions_per_step", dict(type=int, help="captions per optimizer step over all processes (each rank takes captions-per-step / world size); --batch-captions is a deprecated alias")),
     ("data", ("--draw-per-caption", "--images-per-caption"), "data.draw_per_caption", dict(type=int, help="images drawn from each caption group per step (n; the official n_img); --images-per-caption is a deprecated alias")),
     ("data", ("--image-size",), "data.image_size", dict(type=int, help="stored image side: online replay buffer, offline decode (default: the generator's save size)")),
-    ("data", ("--connect-timeout",), "data.connect_timeout", dict(type=float, metavar="SECONDS")),
-    ("data", ("--sample-timeout",), "data.sample_timeout", dict(type=float, metavar="SECONDS")),
+    ("data", ("--connect-timeout",), "data.connect_timeout", dict(type=float, metavar="SECONDS", help="online: seconds to wait for the first welcome of a generator")),
+    ("data", ("--sample-timeout",), "data.sample_timeout", dict(type=float, metavar="SECONDS", help="online: seconds without a new group before the run fails")),
     ("data", ("--credits",), "data.credits", dict(type=int, help="online: groups in flight per generator")),
     ("data", ("--num-workers",), "data.num_workers", dict(type=int, help="offline: decoding workers")),
     ("data", ("--dataset-captions",), "data.dataset_captions", dict(type=int, help="captions per epoch (for --epochs)")),
@@ -73,28 +69,45 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("replay", ("--min-fresh",), "replay.min_fresh", dict(type=float, help="fraction of never-drawn groups per batch")),
     ("optimizer", ("--lr",), "optim.lr", dict(type=float, help="peak lr (default: base lr x images per step / 256)")),
     ("optimizer", ("--base-lr",), "optim.base_lr", dict(type=float, help="lr per 256 images")),
-    ("optimizer", ("--betas",), "optim.betas", dict(nargs=2, type=float, metavar=("B1", "B2"))),
-    ("optimizer", ("--eps",), "optim.eps", dict(type=float)),
-    ("optimizer", ("--weight-decay", "--wd"), "optim.weight_decay", dict(type=float)),
-    ("optimizer", ("--grad-clip",), "optim.grad_clip", dict(type=float, metavar="MAX_NORM")),
+    ("optimizer", ("--betas",), "optim.betas", dict(nargs=2, type=float, metavar=("B1", "B2"), help="AdamW betas")),
+    ("optimizer", ("--eps",), "optim.eps", dict(type=float, help="AdamW epsilon")),
+    ("optimizer", ("--weight-decay", "--wd"), "optim.weight_decay", dict(type=float, help="AdamW weight decay (none on biases and norms)")),
+    ("optimizer", ("--grad-clip",), "optim.grad_clip", dict(type=float, metavar="MAX_NORM", help="clip the gradient norm to MAX_NORM (default: no clipping)")),
     ("schedule", ("--steps",), "schedule.steps", dict(type=int, help="optimizer steps of the whole run")),
     ("schedule", ("--epochs",), "schedule.epochs", dict(type=float, help="run length in epochs of --dataset-captions")),
-    ("schedule", ("--warmup-steps",), "schedule.warmup_steps", dict(type=int)),
-    ("schedule", ("--warmup-epochs",), "schedule.warmup_epochs", dict(type=float)),
-    ("schedule", ("--min-lr",), "schedule.min_lr", dict(type=float)),
+    ("schedule", ("--warmup-steps",), "schedule.warmup_steps", dict(type=int, help="linear lr warmup steps (default: from --warmup-epochs)")),
+    ("schedule", ("--warmup-epochs",), "schedule.warmup_epochs", dict(type=float, help="linear lr warmup in epochs of --dataset-captions")),
+    ("schedule", ("--min-lr",), "schedule.min_lr", dict(type=float, help="lr at the end of the cosine decay")),
     ("run", ("--output", "-o"), "run.output", dict(metavar="DIR", help="run directory")),
-    ("run", ("--precision",), "run.precision", dict(choices=["bf16", "fp16", "no"])),
-    ("run", ("--seed",), "run.seed", dict(type=int)),
-    ("run", ("--save-every",), "run.save_every", dict(type=int, metavar="STEPS")),
+    ("run", ("--precision",), "run.precision", dict(choices=["bf16", "fp16", "no"], help="mixed precision of the autocast region (no = fp32)")),
+    ("run", ("--seed",), "run.seed", dict(type=int, help="seed of model init, sampling and augmentation")),
+    ("run", ("--save-every",), "run.save_every", dict(type=int, metavar="STEPS", help="steps between checkpoints (one is always written at the end and on Ctrl-C)")),
     ("run", ("--resume",), "run.resume", dict(metavar="PATH|auto", help="checkpoint dir, or auto = OUTPUT/checkpoints/last")),
     ("run", ("--compile",), "run.compile", dict(action="store_const", const=True, help="torch.compile the model")),
-    ("run", ("--log-every",), "run.log_every", dict(type=int, metavar="STEPS")),
-    ("run", ("--log-with",), "run.log_with", dict(nargs="*", choices=["tensorboard", "wandb"])),
-    ("run", ("--no-progress",), "run.progress", dict(action="store_const", const=False, help="no progress bar")),
+    ("run", ("--log-every",), "run.log_every", dict(type=int, metavar="STEPS", help="steps between tracker (tensorboard / wandb) logs")),
+    ("run", ("--log-with",), "run.log_with", dict(nargs="*", choices=["tensorboard", "wandb"], help="trackers; give the flag alone for none")),
+    ("run", ("--no-progress",), "run.progress", dict(action="store_const", const=False, help="no progress bar: plain status lines on stdout instead (also when stdout is not a terminal)")),
+    ("run", ("--status-every",), "run.status_every", dict(type=float, metavar="SECONDS", help="seconds between plain status lines (stdout without a bar, and always RUN/train.log)")),
     ("run", ("--cpu",), "run.cpu", dict(action="store_const", const=True, help="train on the CPU even with a GPU present")),
     ("run", ("--metrics-port",), "run.metrics_port",
      dict(type=int, metavar="PORT", help="serve Prometheus metrics (stablerep_trainer_*) on this port (0: any)")),
+    ("run", ("--force",), "run.force", dict(action="store_const", const=True, help="train paper-scale settings on a CPU anyway (normally refused)")),
 ]
+
+
+EPILOG = """\
+exit codes: 0 completed, 1 training failed, 2 bad command line, config or launch,
+  130 interrupted by SIGINT/SIGTERM (a checkpoint is saved first; --resume auto continues)
+
+status lines (stdout when it is not a terminal or with --no-progress; always RUN/train.log):
+  step done/total | loss of the last step | lr | img/s over all processes |
+  reuse = mean draws per group in the replay buffer | fresh = share of never-drawn groups in
+  the last batch | stall = seconds spent waiting for generators | ETA at the current speed
+  (reuse, fresh and stall come from the online source only)
+
+multi-process: torchrun --nproc_per_node N -m trainer.cli ... (add --cpu without GPUs), or
+  accelerate launch --multi_gpu --num_processes N -m trainer.cli ...; see README "Workflows"
+"""
 
 
 def _default_of(path: str) -> Any:
@@ -116,7 +129,7 @@ def _preset_parser(add_help: bool) -> tuple[argparse.ArgumentParser, argparse._A
 
 def build_parser() -> argparse.ArgumentParser:
     parser, preset_group = _preset_parser(add_help=True)
-    parser.epilog = "Exit codes: 0 done, 1 training failed, 2 bad command line or config."
+    parser.epilog = EPILOG
     preset_group.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for title, flags, path, kwargs in _FLAGS:
@@ -141,7 +154,7 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
             continue
         group, name = key.split(".", 1)
         if name in ("model_kwargs", "kwargs", "text"):
-            value = dict(value)
+            value = merge_kwargs(value)
         out.setdefault(group, {})[name] = value
     return out
 
@@ -149,7 +162,12 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     """argv -> validated config (raises ``ConfigError``; argparse exits with 2 on bad flags)."""
     ns = build_parser().parse_args(list(argv))
-    cfg = build_config(preset=ns.preset, config_file=ns.config, overrides=overrides_from_args(ns))
+    cfg = build_config(preset=ns.preset, config_file=ns.config, overrides=overrides_from_args(ns), validate=False)
+    if not ns.print_config:
+        from trainer.guards import check_data_paths
+
+        check_data_paths(cfg)  # the most fundamental error first: no data (before derived schedule checks)
+        cfg.validate()
     return cfg, ns
 
 
@@ -172,32 +190,45 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"stablerep-train: error: {exc}", file=sys.stderr)
         return 2
-    if ns.print_config:
-        print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False), end="")
+    if ns.print_config:  # also for a config still missing its data (e.g. a preset without --generators)
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            print(f"stablerep-train: note: not runnable as is: {exc}", file=sys.stderr)
+        try:
+            print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False), end="")
+        except (ConfigError, ValueError, ZeroDivisionError) as exc:
+            print(f"stablerep-train: error: {exc}", file=sys.stderr)
+            return 2
         return 0
 
+    from trainer.launch import LaunchError
     from trainer.loop import NonFiniteLossError, train
     from trainer.sources.online import GroupStreamError
 
     try:
         summary = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, LaunchError) as exc:
         print(f"stablerep-train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a final checkpoint
+        print("stablerep-train: interrupted twice: stopped without a final checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (NonFiniteLossError, GroupStreamError, ConnectionError, TimeoutError, FileNotFoundError,
             ValueError) as exc:
         print(f"stablerep-train: training failed: {exc}", file=sys.stderr)
         return 1
     summary_path = Path(cfg.run.output) / "train_summary.json"
+    code = EXIT_INTERRUPTED if summary["interrupted"] else 0
     if not _is_main_process():
-        return 0
+        return code
     summary_path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     last = summary["losses"][-1] if summary["losses"] else float("nan")
     print(
         f"stablerep-train: {summary['stopped']} at step {summary['steps']}/{summary['total_steps']}, "
         f"loss {last:.4f}, {summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}"
     )
-    return 0
+    return code
 
 
 def _is_main_process() -> bool:

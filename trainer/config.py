@@ -136,9 +136,11 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     log_every: int = 10
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
-    progress: bool = True  # progress bar on the main process
+    progress: bool = True  # progress bar on the main process (plain status lines when False or not a terminal)
+    status_every: float = 30.0  # seconds between plain status lines (stdout without a bar, and RUN/train.log)
     cpu: bool = False  # force CPU even when an accelerator is present
     metrics_port: Optional[int] = None  # serve Prometheus metrics (trainer/metrics.py) on this port, main process
+    force: bool = False  # train paper-scale settings on a CPU anyway (trainer.guards)
 
 
 @dataclass
@@ -271,6 +273,7 @@ class TrainConfig:
         _positive("run.log_every", run.log_every)
         if run.metrics_port is not None and not 0 <= run.metrics_port <= 65535:
             _fail("run.metrics_port", run.metrics_port, "must be a port number 0..65535")
+        _positive("run.status_every", run.status_every)
         for name in run.log_with:
             if name not in ("tensorboard", "wandb"):
                 _fail("run.log_with", name, "must be tensorboard or wandb")
@@ -395,9 +398,10 @@ def preset_path(name: str) -> Path:
 
 
 def build_config(
-    preset: str | None = None, config_file: str | None = None, overrides: dict | None = None
+    preset: str | None = None, config_file: str | None = None, overrides: dict | None = None,
+    validate: bool = True,
 ) -> TrainConfig:
-    """Defaults < preset < config file < ``overrides`` (nested map, e.g. from flags); validated."""
+    """Defaults < preset < config file < ``overrides`` (nested map, e.g. from flags); validated unless told not."""
     cfg = TrainConfig()
     if preset:
         path = preset_path(preset)
@@ -406,7 +410,7 @@ def build_config(
         apply_overrides(cfg, load_yaml(config_file), origin=f"config file {config_file}")
     if overrides:
         apply_overrides(cfg, overrides, origin="command line")
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def from_dict(data: dict) -> TrainConfig:

@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,10 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, write_config
+from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
+from trainer.launch import accelerator_cpu_flag, backend_name, check_joined, check_single_launch, launch_env
 from trainer.schedule import lr_at
+from trainer.status import StatusLog
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,13 @@ def build_components(cfg: TrainConfig):
         downsample=cfg.augment.downsample,
     )
     return model, method, augment
+
+
+def meta_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The configured model on the meta device: its shapes without allocating memory."""
+    with torch.device("meta"):
+        model, _, _ = build_components(cfg)
+    return model
 
 
 def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_size: int, local_captions: int):
@@ -166,16 +177,25 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-        ConfigError: the batch does not split over the processes.
+        ConfigError: the batch does not split over the processes; paper-scale settings on a CPU.
+        LaunchError: the processes of a multi-process launch did not form one process group.
         ConnectionError: the online source reached no generator.
     """
+    check_data_paths(cfg)  # the most fundamental error first: no data at all
     cfg.validate()
     output = Path(cfg.run.output)
     trackers = _trackers(cfg)
+    env = launch_env()
+    check_single_launch(env)
+    memory = estimate_memory(cfg, meta_model(cfg), env.world_size)  # before anything big is allocated
+    on_cpu = accelerator_cpu_flag(cfg.run.cpu, env) or not torch.cuda.is_available()
+    check_cpu_scale(cfg, memory, torch.device("cpu" if on_cpu else "cuda"), env.world_size, cfg.run.force)
     accelerator = Accelerator(
-        mixed_precision=cfg.run.precision, cpu=cfg.run.cpu, log_with=trackers or None, project_dir=str(output),
+        mixed_precision=cfg.run.precision, cpu=accelerator_cpu_flag(cfg.run.cpu, env), log_with=trackers or None,
+        project_dir=str(output),
     )
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    check_joined(env, world_size, rank)
     if cfg.data.captions_per_step % world_size:
         raise ConfigError(
             f"config field data.captions_per_step = {cfg.data.captions_per_step}: not divisible by the {world_size} processes"
@@ -190,6 +210,18 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     # Model, optimizer (AdamW, no decay on biases/norms), method, augmentation.
     model, method, augment = build_components(cfg)
     unwrapped = model
+    main = accelerator.is_main_process
+    bar = main and cfg.run.progress and sys.stderr.isatty()
+    status = StatusLog(output / "train.log" if main else None, cfg.run.status_every, echo=main and not bar)
+    source_name = cfg.data.source + (f" {' '.join(cfg.data.generators)}" if cfg.data.source == "online"
+                                     else f" {' '.join(cfg.data.data)}")
+    status.note(
+        f"stablerep-train: device {device} ({backend_name()}), world size {world_size}, rank {rank}, "
+        f"model {cfg.model.name} {cfg.model.img_size}px ({memory.params / 1e6:.2f} M params, method "
+        f"{cfg.method.name}), images per step {images_per_step} ({cfg.data.captions_per_step} captions x "
+        f"{cfg.data.draw_per_caption}, {local_captions} captions per rank), {total_steps} steps, source "
+        f"{source_name}, output {output}", echo=main)
+    status.note(memory.line(), echo=main)
     if cfg.run.compile:
         model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     optimizer = torch.optim.AdamW(
@@ -207,7 +239,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         state, source_state = load_checkpoint(accelerator, resume_from)
         start_step, images_seen = int(state["step"]), int(state.get("images_seen", 0))
         last_checkpoint = resume_from
-        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+        status.note(f"resumed from {resume_from} at step {start_step}", echo=main)
     own_source = source is None
     if own_source:
         source = build_source(cfg, device=device, rank=rank, world_size=world_size, local_captions=local_captions)
@@ -216,10 +248,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
     if trackers:
         accelerator.init_trackers("stablerep", config=_flat(cfg.resolved_dict()))
-    progress = tqdm(
-        total=total_steps, initial=start_step, disable=not (accelerator.is_main_process and cfg.run.progress),
-        dynamic_ncols=True, desc="train",
-    )
+    progress = tqdm(total=total_steps, initial=start_step, disable=not bar, dynamic_ncols=True, desc="train")
 
     live = None  # Prometheus endpoint (trainer/metrics.py), main process only
     if cfg.run.metrics_port is not None and accelerator.is_main_process:
@@ -228,6 +257,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         live = TrainerMetrics(cfg.run.metrics_port)
         accelerator.print(f"metrics at {live.url}")
     losses: list[float] = []
+    lrs: list[float] = []
     step_seconds: list[float] = []
     stopped = "completed"
     step = start_step
@@ -245,6 +275,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
             accelerator, output, step=step, trainer_state=trainer_state, source_state=source_state, model=unwrapped,
         )
 
+    status.start(start_step)
     try:
         with _StopFlag() as stop:
             while step < total_steps:
@@ -262,9 +293,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 # Sync point: the loss value decides whether this step's update is applied at all.
                 loss_value = loss.item()
                 non_finite = not math.isfinite(loss_value)
+                stop_now = stop.signal is not None
                 if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
-                    flag = torch.tensor(float(non_finite), device=device)
-                    non_finite = accelerator.reduce(flag, reduction="sum").item() > 0
+                    flags = torch.tensor([float(non_finite), float(stop_now)], device=device)
+                    flags = accelerator.reduce(flags, reduction="sum")
+                    non_finite, stop_now = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
                 if non_finite:
                     raise NonFiniteLossError(step + 1, loss_value, last_checkpoint)
 
@@ -277,7 +310,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 step += 1
                 images_seen += images_per_step
                 losses.append(loss_value)
+                lrs.append(lr)
                 step_seconds.append(time.perf_counter() - t0)
+                if main:
+                    status.step(step, total_steps, loss_value, lr, images_per_step, source.stats,
+                                force=step == total_steps or stop_now)
 
                 if step % cfg.run.log_every == 0 or step == total_steps:
                     recent = step_seconds[-cfg.run.log_every:]
@@ -302,16 +339,24 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
                 if step % cfg.run.save_every == 0 and step < total_steps:
                     last_checkpoint = checkpoint(loss_value)
-                if stop.signal is not None:
-                    stopped = f"signal {signal.Signals(stop.signal).name}"
+                if stop_now:
+                    name = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another rank"
+                    stopped = f"interrupted ({name})"
                     break
         if step > start_step or last_checkpoint is None:
             last_checkpoint = checkpoint(losses[-1] if losses else None)
         source_stats = source.stats()
+        status.note(f"{stopped} at step {step}/{total_steps}; checkpoint {last_checkpoint}", echo=main)
+        if main and losses:
+            from trainer.report import plot_training_curve
+
+            plot_training_curve(output / "curve.png", losses, {}, lrs=lrs, first_step=start_step + 1,
+                                title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}")
     finally:
         progress.close()
         if live is not None:
             live.close()
+        status.close()
         if own_source:
             source.close()
         accelerator.end_training()
@@ -329,6 +374,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "output": str(output),
         "stopped": stopped,
+        "interrupted": stopped.startswith("interrupted"),
+        "lrs": lrs,
         "world_size": world_size,
         "device": str(device),
     }

@@ -29,16 +29,25 @@ def plot_training_curve(
     probe_curves: dict[str, tuple[Sequence[int], Sequence[float]]],
     chance_accuracy: dict[str, float] | None = None,
     title: str = "",
+    lrs: Sequence[float] | None = None,
+    first_step: int = 1,
 ) -> Path:
     """Write a two-panel PNG: loss per step (raw + moving average) and probe accuracy (%) per step.
 
     ``probe_curves[name] = (steps, top1)``: probe accuracy of the backbone snapshot taken after
     ``steps[i]`` optimizer steps (step 0 = the random init); the first entry is drawn boldest.
-    ``chance_accuracy[name]`` adds a dotted chance line of the same colour.
+    ``chance_accuracy[name]`` adds a dotted chance line of the same colour. ``lrs``: the learning
+    rate per step, drawn dashed on a second axis of the loss panel; ``first_step``: the step number of
+    ``losses[0]`` (a resumed run starts after its checkpoint). Without probe curves the figure
+    has the loss panel only.
     """
     path = Path(path)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
-    steps = np.arange(1, len(losses) + 1)
+    if probe_curves:
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
+    else:  # a plain training run: the loss panel only
+        fig, ax_loss = plt.subplots(1, 1, figsize=(7, 4.4), dpi=110)
+        ax_acc = None
+    steps = np.arange(first_step, first_step + len(losses))
     if len(losses):
         ax_loss.plot(steps, losses, color="#9bb7d4", linewidth=0.8, label="loss per step")
         window = max(1, len(losses) // 20)
@@ -49,6 +58,19 @@ def plot_training_curve(
     ax_loss.set_ylabel("multi-positive contrastive loss")
     ax_loss.set_title("training loss")
     ax_loss.grid(alpha=0.3)
+    if lrs is not None and len(lrs):
+        ax_lr = ax_loss.twinx()
+        ax_lr.plot(np.arange(first_step, first_step + len(lrs)), lrs, color="#c0504d", linewidth=1, linestyle="--", label="lr")
+        ax_lr.set_ylabel("learning rate (dashed)", color="#c0504d")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if ax_acc is None:
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, (xs, ys)) in enumerate(probe_curves.items()):
@@ -123,8 +145,11 @@ def write_demo_report(
         "images_seen": int(summary["images_seen"]),
         "generated_groups": int(stats.get("groups_received", 0)),
         "train_images_per_s": float(summary.get("images_per_s", 0.0)),
-        "loss_first": _mean(losses[:k]),
-        "loss_last": _mean(losses[-k:]),
+        "loss_first": losses[0] if losses else None,  # the loss of the first optimizer step
+        "loss_last": losses[-1] if losses else None,  # the loss of the last optimizer step
+        "loss_window": k,  # steps averaged in loss_first_mean / loss_last_mean (noise of single steps)
+        "loss_first_mean": _mean(losses[:k]),
+        "loss_last_mean": _mean(losses[-k:]),
         "losses": losses,
         "probes": probes,
         "timings": timings,
@@ -142,6 +167,7 @@ def write_demo_report(
         chance_accuracy={f"{a} ({r['num_classes']} classes)": r["chance"] for a, r in per_attribute.items()},
         title=f"StableRep demo: {report['steps']} steps, {report['images_seen']} images, "
               f"{report['generated_groups']} generated groups",
+        lrs=summary.get("lrs"),
     )
     tmp = output / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str))

@@ -2,11 +2,14 @@
 
     stablerep-eval linear --checkpoint runs/demo --train DATA/train --val DATA/val [--protocol fast|paper]
     stablerep-eval fewshot --checkpoint runs/demo --data DATA/val [--n-way 5 --k-shot 5]
+
+Exit codes: 0 completed, 1 evaluation failed, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from trainer.eval.fewshot import FewShotConfig
 from trainer.eval.imagefolder import ImageFolderError
 from trainer.eval.linear import FastProbeConfig, PaperProbeConfig
 from trainer.eval.probe import fewshot_probe, linear_probe
+from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -29,27 +33,27 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def default_workers() -> int:
+    """min(4, the CPU cores this process may use): torch warns about more workers than cores."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--model-kwargs is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object, got {text!r}")
-    return value
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backbone")
     group.add_argument("--checkpoint", required=True,
                        help="run dir, backbone.json/.safetensors, timm:NAME (random init) or timm-pretrained:NAME")
-    group.add_argument("--model-kwargs", type=_json_object, default=None,
-                       help='JSON kwargs for timm:/random: specs, e.g. \'{"img_size": 64, "patch_size": 8}\'')
+    add_kwargs_argument(group, "--model-kwargs", default=None,
+                        help="timm.create_model arguments for timm:/random: specs, e.g. img_size=64 patch_size=8")
     group.add_argument("--init-seed", type=int, default=0, help="seed of a random-init backbone")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    run.add_argument("--batch-size", type=int, default=256)
-    run.add_argument("--workers", type=int, default=4, help="DataLoader workers for image decoding")
+    run.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch (default: %(default)s)")
+    run.add_argument("--workers", type=int, default=default_workers(),
+                     help="DataLoader workers for image decoding (default: min(4, usable CPU cores) = %(default)s)")
     run.add_argument("--cache-dir", default=None, help="store extracted features here and reuse them")
     run.add_argument("--output", default=None, help="write the result JSON to this file")
 
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train", required=True, help="ImageFolder for training the probe")
     data.add_argument("--val", required=True, help="ImageFolder for scoring it")
     probe = lin.add_argument_group("probe")
-    probe.add_argument("--protocol", choices=("fast", "paper"), default="fast")
+    probe.add_argument("--protocol", choices=("fast", "paper"), default="fast", help="fast: the quick probe; paper: the paper's linear protocol (default: %(default)s)")
     probe.add_argument("--epochs", type=int, default=None, help="default: fast 100, paper 90")
     probe.add_argument("--lrs", type=_floats, default=None,
                        help="fast: lrs of the grid; paper: base lrs (lr = base * batch / 256)")
@@ -75,17 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--no-batch-norm", action="store_true", help="paper: no BatchNorm1d before the classifier")
     probe.add_argument("--no-standardize", action="store_true", help="fast: do not standardize cached features")
     probe.add_argument("--eval-every", type=int, default=0, help="paper: evaluate val every N epochs")
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--seed", type=int, default=0, help="seed of the probe training (default: %(default)s)")
 
     few = sub.add_parser("fewshot", help="N-way K-shot episodes with logistic regression")
     _add_common(few)
     few.add_argument("--data", required=True, help="ImageFolder whose classes the episodes draw from")
-    few.add_argument("--n-way", type=int, default=5)
-    few.add_argument("--k-shot", type=int, default=5)
-    few.add_argument("--n-query", type=int, default=15)
-    few.add_argument("--episodes", type=int, default=600)
+    few.add_argument("--n-way", type=int, default=5, help="classes per episode (default: %(default)s)")
+    few.add_argument("--k-shot", type=int, default=5, help="labelled images per class (default: %(default)s)")
+    few.add_argument("--n-query", type=int, default=15, help="query images per class (default: %(default)s)")
+    few.add_argument("--episodes", type=int, default=600, help="episodes averaged (default: %(default)s)")
     few.add_argument("--inverse-reg", type=float, default=1.0, help="C of the L2-regularized logistic regression")
-    few.add_argument("--seed", type=int, default=0)
+    few.add_argument("--seed", type=int, default=0, help="seed of the episode sampling (default: %(default)s)")
     return parser
 
 
@@ -166,12 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         for folder in ([args.train, args.val] if args.command == "linear" else [args.data]):
             if not Path(folder).is_dir():
                 raise ImageFolderError(f"image folder {folder} does not exist or is not a directory")
-        backbone = load_eval_backbone(args.checkpoint, args.model_kwargs, seed=args.init_seed)
+        backbone = load_eval_backbone(args.checkpoint, merge_kwargs(args.model_kwargs), seed=args.init_seed)
         device = resolve_device(args.device)
         result = (_linear if args.command == "linear" else _fewshot)(args, backbone, device)
     except (BackboneSpecError, ImageFolderError, ValueError, FloatingPointError) as err:
         print(f"stablerep-eval: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stablerep-eval: interrupted", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as err:
+        print(f"stablerep-eval: evaluation failed: {err}", file=sys.stderr)
+        return 1
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,50 @@
+"""Checks of the backend name and the model that run before any worker process starts.
+
+A bad ``--backend`` is refused by argparse (:func:`backend_name`); a ``--model`` that cannot load is
+found by :func:`check_model` with cheap file-system and cache look-ups, so the user gets one line
+and exit status 2 instead of a traceback from every worker.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from generator_service.backends import BACKENDS
+from generator_service.config import RANDOM_MODELS, GeneratorConfig
+
+
+class PreflightError(ValueError):
+    """The generator cannot start with these settings (printed as one line, exit status 2)."""
+
+
+def backend_name(text: str) -> str:
+    """argparse ``type`` of ``--backend``: a registered backend name."""
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {', '.join(sorted(BACKENDS))}")
+    return text
+
+
+def check_model(config: GeneratorConfig) -> None:
+    """Raise :class:`PreflightError` when ``config.model`` of the diffusers backend cannot be loaded.
+
+    Random-weight models always load. A local folder needs a ``model_index.json``. A hub id
+    (``organization/name``) must be in the local Hugging Face cache when ``HF_HUB_OFFLINE`` is set;
+    otherwise the workers fetch it.
+    """
+    if config.backend != "diffusers" or config.model in RANDOM_MODELS:
+        return
+    model = str(config.model)
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise PreflightError(f"--model {model}: a folder but not a diffusers pipeline (no model_index.json)")
+        return
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1 or path.exists():
+        raise PreflightError(f"--model {model}: no such folder (hub ids look like 'organization/name'; "
+                             f"random weights: {', '.join(RANDOM_MODELS)})")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise PreflightError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
