@@ -14,7 +14,6 @@ Measured in one run, on one device, for one batch of ``G = captions_per_step`` g
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from benchmarks.trainer_bench import (
     _time_steps,
 )
 from trainer.augment import GPUAugment
+from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 
 
 def run_buffer_bench(model: str = "vit_base_patch16_224", img_size: int = 224, model_kwargs: dict | None = None,
@@ -89,7 +89,7 @@ def format_table(r: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--model-kwargs", type=json.loads, default=None)
+    add_kwargs_argument(parser, "--model-kwargs", default=None, help="timm.create_model arguments, e.g. depth=2")
     parser.add_argument("--captions-per-step", type=int, default=43)
     parser.add_argument("--draw-per-caption", type=int, default=6)
     parser.add_argument("--images-per-group", type=int, default=10)
@@ -103,10 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     head = (4096, 256, 3)
     if args.quick:
-        args.model, args.img_size, args.model_kwargs = "vit_tiny_patch16_224", 32, {"patch_size": 8, "depth": 1}
+        args.model, args.img_size, args.model_kwargs = "vit_tiny_patch16_224", 32, [{"patch_size": 8, "depth": 1}]
         args.captions_per_step, args.draw_per_caption, args.images_per_group = 8, 2, 4
         args.stored_size, args.steps, args.precision, head = 40, 2, "no", (32, 16, 2)
-    result = run_buffer_bench(args.model, args.img_size, args.model_kwargs, head, args.captions_per_step,
+    result = run_buffer_bench(args.model, args.img_size, merge_kwargs(args.model_kwargs), head, args.captions_per_step,
                               args.draw_per_caption, args.images_per_group, args.stored_size, None, args.steps,
                               2, args.precision, args.device)
     bars = {"sample": result["sample_images_per_s"], "augment": result["augment_images_per_s"],

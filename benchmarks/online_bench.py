@@ -23,12 +23,12 @@ keep (the same ones their ``--metrics-port`` endpoints serve):
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from typing import Any
 
 import torch
+from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 
 DEFAULTS = {"generators": 2, "generator_rate": None, "images_per_group": 2, "image_size": 32, "captions": 576,
             "model": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 1},
@@ -243,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="generated image side")
     parser.add_argument("--model", default=DEFAULTS["model"])
     parser.add_argument("--img-size", type=int, default=DEFAULTS["img_size"])
-    parser.add_argument("--model-kwargs", type=json.loads, default=DEFAULTS["model_kwargs"])
+    add_kwargs_argument(parser, "--model-kwargs", default=None,
+                        help=f"timm.create_model arguments (default: {DEFAULTS['model_kwargs']})")
     parser.add_argument("--captions-per-step", type=int, default=DEFAULTS["captions_per_step"])
     parser.add_argument("--draw-per-caption", type=int, default=DEFAULTS["draw_per_caption"])
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
@@ -262,7 +263,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
         args.generators, args.steps, args.warmup = 1, 6, 2
     result = run_online_bench(
         generators=args.generators, generator_rate=args.generator_rate, images_per_group=args.images_per_group,
-        image_size=args.image_size, model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
+        image_size=args.image_size, model=args.model, img_size=args.img_size, model_kwargs=merge_kwargs(args.model_kwargs) or dict(DEFAULTS["model_kwargs"]),
         captions_per_step=args.captions_per_step, draw_per_caption=args.draw_per_caption, steps=args.steps,
         warmup=args.warmup, max_reuse=args.max_reuse, capacity_groups=args.capacity_groups,
         precision=args.precision, device=args.device, metrics_port=args.metrics_port,
