@@ -25,6 +25,7 @@ import yaml
 from generator_service.config import GeneratorConfig
 from generator_service.devices import DeviceSpecError, parse_devices, visible_cuda_count
 from generator_service.pool import PoolError, StopSignal, WorkerPool
+from generator_service.recipes import RECIPE_NAMES
 from generator_service.shards import IMAGE_FORMATS, ShardError
 
 log = logging.getLogger("stablerep-generator")
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="i/N",
                        help="generate only caption shard i of N (positions i, i+N, ...)")
     group.add_argument("--seed", type=int, default=0, help="base seed: image j of caption c uses image_seed(seed, c, j)")
-    group = parser.add_argument_group("generator (unset: the backend's defaults)")
+    group = parser.add_argument_group("generator (unset: the recipe's, then the backend's defaults)")
     group.add_argument("--backend", default="procedural", help="procedural (CPU, no weights) | diffusers")
+    group.add_argument("--recipe", choices=list(RECIPE_NAMES),
+                       help="named sampler settings of the diffusers backend (default paper); flags given override them")
     group.add_argument("--model", help="diffusers pipeline folder, hub id or random:sd15")
     group.add_argument("--scheduler", help="ddim | dpm++ | euler | euler-a | lcm | ...")
     group.add_argument("--steps", type=int)
@@ -75,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
     group.add_argument("--attention", choices=["sdpa", "xformers"])
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    group.add_argument("--lora", metavar="PATH_OR_ID", help="LoRA adapter (folder, .safetensors or hub id; 'none'), fused")
+    group.add_argument("--lora-scale", type=float, help="strength the adapter is fused at (default 1.0)")
+    group.add_argument("--vae", metavar="default|tiny:PATH_OR_ID|tiny:random",
+                       help="decoder: the pipeline's own, or diffusers AutoencoderTiny (TAESD) weights")
     group = parser.add_argument_group("devices")
     group.add_argument("--gpus", default="auto", help="0-3 | 0,2 | cpu | cpu:N | auto (default: every GPU, else one CPU worker)")
     group.add_argument("--batch-captions", type=int, default=8, help="captions per worker batch (default 8)")
@@ -146,6 +153,10 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         dtype=args.dtype,
         attention=args.attention,
         compile=args.compile,
+        recipe=args.recipe,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        vae=args.vae,
     )
     return GeneratorConfig(**{key: value for key, value in fields.items() if value is not None})
 
