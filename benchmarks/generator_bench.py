@@ -4,9 +4,12 @@ Three numbers, in images per second, on one device:
 
 - ``diffusers_eager``: the baseline a user writes by hand: ``pipe(prompt, num_images_per_prompt=m,
   generator=[...], output_type="np")`` per caption (``baseline_batch_captions`` captions per call),
-  then uint8 conversion on the host. Eager, the same dtype, scheduler, steps, guidance and size.
-- ``service_backend``: the service's ``DiffusersBackend.generate`` in this process (batched captions,
-  channels_last on CUDA, resize + uint8 on the device, ``torch.compile`` when ``compile``).
+  then uint8 conversion on the host. Eager, the same recipe: dtype, scheduler, steps, guidance,
+  size, and the same fused LoRA and decoder (``prepare_pipeline``).
+- ``service_backend``: the service's ``DiffusersBackend`` in this process, batches handed over with
+  ``submit`` as the worker does (its own loop: no unconditional batch at guidance <= 1, distinct
+  captions encoded once, decode of batch k overlapping denoising of batch k+1; channels_last on
+  CUDA, resize + uint8 on the device, ``torch.compile`` when ``compile``).
 - ``service_pool``: end to end through the worker pool (a worker process, images back over a pipe,
   turned into protocol groups), steady state: the worker's start-up and first task are excluded.
 
@@ -45,11 +48,9 @@ def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[s
     """Plain pipeline calls over ``captions`` (after ``warmup_calls`` untimed calls); images/s."""
     import torch
 
-    from generator_service.backends.diffusers_backend import TORCH_DTYPES, load_pipeline, swap_scheduler
+    from generator_service.backends.diffusers_backend import TORCH_DTYPES, prepare_pipeline
 
-    pipe = load_pipeline(config.model, getattr(torch, TORCH_DTYPES[config.dtype]))
-    swap_scheduler(pipe, config.scheduler)
-    pipe = pipe.to(device)
+    pipe = prepare_pipeline(config, getattr(torch, TORCH_DTYPES[config.dtype])).to(device)
     pipe.set_progress_bar_config(disable=True)
     m = config.images_per_group
     seeds = _seeds(list(range(len(captions))), m)
@@ -80,7 +81,7 @@ def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[s
 
 def bench_service_backend(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int,
                           warmup_calls: int = 1) -> dict[str, Any]:
-    """``create_backend(config).generate`` over ``captions`` in batches of ``batch_captions``; images/s."""
+    """``create_backend(config).submit`` over ``captions`` in batches of ``batch_captions``, then ``drain``; images/s."""
     from generator_service.backends import create_backend
 
     backend = create_backend(config, device)
@@ -90,13 +91,18 @@ def bench_service_backend(config: GeneratorConfig, device: str, captions: list[s
         backend.generate(captions[:batch_captions], seeds[:batch_captions])
     _sync(device)
     started = time.perf_counter()
-    images = 0
+    finished: list[np.ndarray] = []
+    failures: list[BaseException] = []
     for start in range(0, len(captions), batch_captions):
-        out = backend.generate(captions[start : start + batch_captions], seeds[start : start + batch_captions])
-        images += out.shape[0] * out.shape[1]
+        backend.submit(captions[start : start + batch_captions], seeds[start : start + batch_captions],
+                       finished.append, failures.append)
+    backend.drain()
     _sync(device)
     seconds = time.perf_counter() - started
     backend.close()
+    if failures:
+        raise failures[0]
+    images = sum(out.shape[0] * out.shape[1] for out in finished)
     return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds}
 
 
@@ -136,6 +142,10 @@ def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str]
 def run_generator_bench(
     model: str | None = None,
     backend: str | None = None,
+    recipe: str | None = None,
+    lora: str | None = None,
+    lora_scale: float | None = None,
+    vae: str | None = None,
     device: str | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
@@ -164,10 +174,11 @@ def run_generator_bench(
     cuda = torch.cuda.is_available()
     device = device or ("cuda:0" if cuda else "cpu")
     if backend is None:
-        backend = "diffusers" if (model is not None or cuda) else "procedural"
+        backend = "diffusers" if (model is not None or recipe is not None or cuda) else "procedural"
     fields: dict[str, Any] = dict(backend=backend, images_per_group=images_per_caption)
     if backend == "diffusers":
-        fields.update(model=model or "random:sd15", scheduler=scheduler, steps=steps, guidance=guidance,
+        fields.update(model=model or ("random:sd15" if recipe is None else None), recipe=recipe, lora=lora,
+                      lora_scale=lora_scale, vae=vae, scheduler=scheduler, steps=steps, guidance=guidance,
                       height=height, width=width, save_size=save_size,
                       dtype=dtype or ("fp16" if device.startswith("cuda") else "fp32"))
     else:
@@ -215,10 +226,13 @@ def run_generator_bench(
 
 def format_table(result: dict[str, Any]) -> str:
     """A small text table of ``run_generator_bench``'s result."""
+    recipe = result["config"].get("recipe")
     lines = [f"generator throughput on {result['device_name']} ({result['config']['backend']}, "
-             f"{result['config']['model']})", f"{'path':<18}{'images/s':>12}{'images':>10}{'seconds':>10}"]
+             f"{result['config']['model']}{f', recipe {recipe}' if recipe not in (None, 'none') else ''})", f"{'path':<18}{'images/s':>12}{'images':>10}{'seconds':>10}"]
     for name, run in result["paths"].items():
         lines.append(f"{name:<18}{run['images_per_second']:>12.2f}{run['images']:>10}{run['seconds']:>10.2f}")
+    if "speedup_backend_vs_eager" in result:
+        lines.append(f"speedup (backend vs diffusers eager): {result['speedup_backend_vs_eager']:.2f}x")
     if "speedup_pool_vs_eager" in result:
         lines.append(f"speedup (pool vs diffusers eager): {result['speedup_pool_vs_eager']:.2f}x")
     skipped = result.get("service_compile_skipped")
@@ -231,6 +245,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stablerep-bench generator`` flags."""
     parser.add_argument("--model", help="diffusers model path or hub id, or random:sd15 (default on GPU)")
     parser.add_argument("--backend", choices=["diffusers", "procedural"])
+    parser.add_argument("--recipe", help="paper | dpm20 | lcm4 | turbo | turbo-tiny (both paths run it; flags override)")
+    parser.add_argument("--lora", help="LoRA adapter (or 'none'), fused in both paths")
+    parser.add_argument("--lora-scale", type=float)
+    parser.add_argument("--vae", help="default | tiny:PATH_OR_ID | tiny:random, in both paths")
     parser.add_argument("--device")
     parser.add_argument("--scheduler")
     parser.add_argument("--steps", type=int)
@@ -249,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("output", "func", "bench")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("output", "func", "bench", "name")}
     result = run_generator_bench(**kwargs)
     bars = {name: run["images_per_second"] for name, run in result["paths"].items()}
     return result, format_table(result), bars
