@@ -186,3 +186,20 @@ def test_every_recipe_runs_through_the_service(name, paths, tmp_path):
         assert header["generator"] == config.fingerprint()
         alone = backend.generate([header["caption"]], [header["seeds"]])[0]
         assert np.abs(images.astype(int) - alone).max() <= 1  # batched in the service, alone here
+
+
+def test_finisher_hands_failures_to_the_failure_path_and_keeps_going():
+    from generator_service.backends.denoise import Finisher
+
+    def decode(latents):
+        if latents.sum() < 0:
+            raise ValueError("cannot decode negative latents")
+        return (latents * 2).to(torch.uint8)
+
+    finisher = Finisher(decode, torch.device("cpu"))
+    done, failed = [], []
+    finisher.submit(-torch.ones(2, 3), (2, 3), done.append, failed.append)
+    finisher.submit(torch.ones(2, 3), (1, 2, 3), done.append, failed.append)
+    finisher.close()
+    assert [str(exc) for exc in failed] == ["cannot decode negative latents"]
+    assert len(done) == 1 and done[0].shape == (1, 2, 3) and (done[0] == 2).all()
