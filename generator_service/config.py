@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from generator_service.recipes import PAPER_RECIPE, RECIPE_NAMES, recipe_settings
+from protocol import GeneratorInfo
 
 PROCEDURAL_MODEL = "procedural-v1"
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -291,19 +292,27 @@ class GeneratorConfig:
         object.__setattr__(self, "_fingerprint", digest)  # computed once per config (local folders are read)
         return digest
 
-    def welcome_info(self) -> dict[str, Any]:
-        """The ``generator`` map of protocol v1's ``welcome`` message."""
-        return {
-            "backend": self.backend,
-            "model": self.model,
-            "scheduler": self.scheduler,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "height": self.height,
-            "width": self.width,
-            "images_per_group": self.images_per_group,
-            "fingerprint": self.fingerprint(),
-        }
+    def welcome_info(self) -> GeneratorInfo:
+        """The generator description of protocol v1 (``welcome.generator``, manifest ``generator``)."""
+        return GeneratorInfo(
+            backend=self.backend,
+            model=self.model,
+            scheduler=self.scheduler,
+            steps=self.steps,
+            guidance=self.guidance,
+            height=self.height,
+            width=self.width,
+            save_size=self.save_size,
+            images_per_group=self.images_per_group,
+            fingerprint=self.fingerprint(),
+            extra=self._recipe_extra(),
+        )
+
+    def _recipe_extra(self) -> dict[str, Any] | None:
+        """``GeneratorInfo.extra``: recipe, adapter and decoder, when any differs from the paper's."""
+        if self.backend == "procedural" or (self.recipe, self.lora, self.vae) == (PAPER_RECIPE, NO_LORA, DEFAULT_VAE):
+            return None
+        return {"recipe": self.recipe, "lora": self.lora, "lora_scale": self.lora_scale, "vae": self.vae}
 
 
 _HEAD_TAIL_BYTES = 1 << 20

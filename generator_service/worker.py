@@ -15,7 +15,7 @@ Protocol with the supervisor (``generator_service.pool``), over two one-way pipe
 Results leave through an ``Outbox`` thread, so encoding and the pipe overlap the next batch.
 Batches go to the backend with ``submit``: a backend that overlaps (diffusers) denoises the next
 batch while its finisher thread decodes this one and hands it, then ``task_done``, to the outbox.
-A task holds at most ``--batch-captions`` captions; they run as one backend batch unless the device
+A task holds at most ``--worker-batch`` captions; they run as one backend batch unless the device
 ran out of memory, in which case the worker halves its batch limit, logs it, and retries.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class WorkerSpec:
     index: int
     device: str
     config: dict[str, Any]
-    batch_captions: int
+    worker_batch: int
     num_threads: int = 1
     log_level: int = logging.INFO
     image_codec: tuple[str, int] | None = None  # (format, quality): send encoded images (offline-only runs)
@@ -115,7 +115,7 @@ class Outbox:
 
         image_format, quality = self.image_codec  # type: ignore[misc]
         data = [encode_image(image, image_format, quality) for image in images]
-        return EncodedImages(IMAGE_FORMATS[image_format][2], data, tuple(int(d) for d in images.shape))  # type: ignore[arg-type]
+        return EncodedImages(IMAGE_FORMATS[image_format][1], data, tuple(int(d) for d in images.shape))  # type: ignore[arg-type]
 
 
 class GenerationFailed(RuntimeError):
@@ -242,7 +242,7 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
         backend = create_backend(GeneratorConfig.from_dict(spec.config), device=spec.device)
         outbox.put(("ready", os.getpid(), time.perf_counter() - started))
         during_startup = False
-        batch_limit = spec.batch_captions
+        batch_limit = spec.worker_batch
         while True:
             try:
                 task = task_conn.recv()

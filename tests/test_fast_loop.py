@@ -171,7 +171,7 @@ def test_every_recipe_runs_through_the_service(name, paths, tmp_path):
     out = tmp_path / "shards"
     argv = ["--captions", str(captions), "--out", str(out), "--gpus", "cpu", "--backend", "diffusers",
             "--recipe", name, "--model", str(tiny_sd_path), "--height", "32", "--width", "32", "--save-size", "32",
-            "--dtype", "fp32", "--images-per-caption", "2", "--batch-captions", "2", "--no-progress"]
+            "--dtype", "fp32", "--images-per-group", "2", "--worker-batch", "2", "--no-progress"]
     if name in STEPS:
         argv += ["--steps", str(STEPS[name])]
     if name == "lcm4":

@@ -9,7 +9,7 @@ from benchmarks.generator_bench import format_table, run_generator_bench
 def test_generator_bench_reports_all_paths(tiny_sd_path):
     result = run_generator_bench(
         model=str(tiny_sd_path), device="cpu", steps=2, height=32, width=32, save_size=32,
-        images_per_caption=2, batch_captions=2, captions=6, threads=1,
+        images_per_group=2, worker_batch=2, captions=6, threads=1,
     )
     json.dumps(result)  # JSON-able
     paths = result["paths"]
@@ -30,8 +30,8 @@ def test_generator_bench_runs_a_recipe_with_its_adapter_in_both_paths(tiny_sd_pa
 
     args = build_parser().parse_args([
         "generator", "--recipe", "lcm4", "--model", str(tiny_sd_path), "--lora", str(tiny_lora_path), "--device", "cpu",
-        "--height", "32", "--width", "32", "--save-size", "32", "--images-per-caption", "2", "--batch-captions", "2",
-        "--captions", "6", "--threads", "1", "--baseline-batch-captions", "2", "--dtype", "fp32"])
+        "--height", "32", "--width", "32", "--save-size", "32", "--images-per-group", "2", "--worker-batch", "2",
+        "--captions", "6", "--threads", "1", "--baseline-worker-batch", "2", "--dtype", "fp32"])
     result, table, bars = run_from_args(args)
     config = result["config"]
     assert (config["recipe"], config["scheduler"], config["steps"], config["lora"]) == ("lcm4", "lcm", 4, str(tiny_lora_path))

@@ -105,3 +105,11 @@ def test_fingerprint_follows_adapter_content_and_scale(tmp_path):
     first = fingerprint(vae=f"tiny:{folder}")
     (folder / "config.json").write_text('{"_class_name": "AutoencoderTiny", "latent_channels": 4}')
     assert PAPER.replace(vae=f"tiny:{folder}").fingerprint() != first
+
+
+def test_welcome_describes_recipe_adapter_and_decoder():
+    assert PAPER.welcome_info().extra is None  # the paper's description is unchanged
+    info = GeneratorConfig(backend="diffusers", recipe="lcm4", vae="tiny:random").welcome_info()
+    assert info.extra == {"recipe": "lcm4", "lora": LCM_LORA_SD15, "lora_scale": 1.0, "vae": "tiny:random"}
+    assert (info.scheduler, info.steps, info.guidance) == ("lcm", 4, 1.0)
+    assert info.to_wire()["extra"]["recipe"] == "lcm4"
