@@ -46,6 +46,7 @@ class Backend(ABC):
 
     def drain(self) -> None:
         """Until every submitted batch has been handed to its callback."""
+        return None  # the default submit finishes inline: nothing is pending
 
     def check_request(self, captions: list[str], seeds: list[list[int]]) -> tuple[list[str], list[list[int]]]:
         """The validated request: captions as a list, seeds as lists of Python ints."""
