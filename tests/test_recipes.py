@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from generator_service.cli import build_parser, generator_config
@@ -29,7 +31,7 @@ def test_each_recipe_sets_its_fields(name):
     config = GeneratorConfig(backend="diffusers", recipe=name)
     for field, value in RECIPES[name].settings.items():
         assert getattr(config, field) == value, field
-    assert GeneratorConfig.from_json(config.to_json()) == config
+    assert GeneratorConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_recipe_values():

@@ -42,7 +42,7 @@ from generator_service.backends.base import Backend
 from generator_service.backends.compile_support import compile_unavailable
 from generator_service.backends.components import apply_lora, swap_vae
 from generator_service.backends.denoise import Finisher, SDLoop, supports_own_loop
-from generator_service.backends.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
+from generator_service.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
 from generator_service.config import RANDOM_MODELS
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
