@@ -60,6 +60,11 @@ ALL_RUNS = [["transport", "--repeats", "5"], ["flops"]]
 ALL_CUDA_RUNS = [
     ["generator", "--model", "random:sd15", "--scheduler", "ddim", "--steps", "50", "--name", "generator-ddim50"],
     ["generator", "--model", "random:sd15", "--scheduler", "dpm++", "--steps", "20", "--name", "generator-dpmpp20"],
+    # Fast recipes on the same random SD v1.5 weights (no hub adapter/decoder: a fused LoRA costs nothing,
+    # TAESD's architecture with random weights costs what TAESD does).
+    ["generator", "--model", "random:sd15", "--recipe", "lcm4", "--lora", "none", "--name", "generator-lcm4"],
+    ["generator", "--model", "random:sd15", "--recipe", "turbo-tiny", "--vae", "tiny:random", "--name",
+     "generator-turbo-tiny"],
     ["trainer", "--precision", "bf16"],
     ["buffer", "--precision", "bf16"],
 ]

@@ -26,6 +26,7 @@ from generator_service.config import GeneratorConfig
 from generator_service.devices import DeviceSpecError, parse_devices, visible_cuda_count
 from generator_service.pool import PoolError, StopSignal, WorkerPool
 from generator_service.preflight import PreflightError, backend_name, check_model
+from generator_service.recipes import RECIPE_NAMES
 from generator_service.shards import IMAGE_FORMATS, ShardError
 
 log = logging.getLogger("stablerep-generator")
@@ -64,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="i/N",
                        help="generate only caption shard i of N (positions i, i+N, ...)")
     group.add_argument("--seed", type=int, default=0, help="base seed: image j of caption c uses image_seed(seed, c, j)")
-    group = parser.add_argument_group("generator (unset: the backend's defaults)")
+    group = parser.add_argument_group("generator (unset: the recipe's, then the backend's defaults)")
     group.add_argument("--backend", default="procedural", type=backend_name,
                        help="procedural (CPU, no weights) | diffusers (checked before any worker starts)")
+    group.add_argument("--recipe", choices=list(RECIPE_NAMES),
+                       help="named sampler settings of the diffusers backend (default paper); flags given override them")
     group.add_argument("--model", help="diffusers pipeline folder, hub id or random:sd15")
     group.add_argument("--scheduler", help="ddim | dpm++ | euler | euler-a | lcm | ...")
     group.add_argument("--steps", type=int, help="denoising steps (paper: DDIM 50)")
@@ -80,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="weights and activations dtype of the diffusers pipeline")
     group.add_argument("--attention", choices=["sdpa", "xformers"], help="attention kernel of the diffusers pipeline")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    group.add_argument("--lora", metavar="PATH_OR_ID", help="LoRA adapter (folder, .safetensors or hub id; 'none'), fused")
+    group.add_argument("--lora-scale", type=float, help="strength the adapter is fused at (default 1.0)")
+    group.add_argument("--vae", metavar="default|tiny:PATH_OR_ID|tiny:random",
+                       help="decoder: the pipeline's own, or diffusers AutoencoderTiny (TAESD) weights")
     group = parser.add_argument_group("devices")
     group.add_argument("--gpus", default="auto", help="0-3 | 0,2 | cpu | cpu:N | auto (default: every GPU, else one CPU worker)")
     group.add_argument("--worker-batch", "--batch-captions", type=int, default=8, dest="worker_batch",
@@ -169,6 +176,10 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         dtype=args.dtype,
         attention=args.attention,
         compile=args.compile,
+        recipe=args.recipe,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        vae=args.vae,
     )
     return GeneratorConfig(**{key: value for key, value in fields.items() if value is not None})
 

@@ -15,6 +15,12 @@ config is built (see `BACKEND_DEFAULTS`):
 The fingerprint is a short hash of the fields that change pixels plus the model's identity; it
 travels with every group so that images from different generators are never mixed unknowingly.
 Random-weight models ("random:sd15") are marked in the fingerprint (suffix "-random-sd15").
+
+Recipes (`generator_service.recipes`): ``recipe`` names a set of sampler defaults of the diffusers
+backend ("paper", the default, is the paper's settings). Precedence for every field: the value
+given explicitly, then the recipe's, then the backend's default. ``lora`` (an adapter folder,
+file or hub id, or "none") is loaded and fused at ``lora_scale``; ``vae`` is "default" (the
+pipeline's own) or "tiny:PATH_OR_ID" / "tiny:random" (diffusers ``AutoencoderTiny``, TAESD).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from generator_service.recipes import PAPER_RECIPE, RECIPE_NAMES, recipe_settings
 from generator_service.schedulers import SCHEDULER_NAMES
 from protocol import GeneratorInfo
 
@@ -37,6 +44,10 @@ RANDOM_MODEL_PREFIX = "random:"
 RANDOM_MODELS = ("random:sd15",)
 
 DTYPES = ("fp16", "bf16", "fp32")
+NO_LORA = "none"
+DEFAULT_VAE = "default"
+TINY_VAE_PREFIX = "tiny:"
+TINY_VAE_RANDOM = "tiny:random"
 ATTENTIONS = ("sdpa", "xformers")
 
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -51,6 +62,10 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
         "save_size": 256,
         "images_per_group": 10,
         "dtype": "fp16",
+        "recipe": PAPER_RECIPE,
+        "lora": NO_LORA,
+        "lora_scale": 1.0,
+        "vae": DEFAULT_VAE,
     },
     "procedural": {
         "model": PROCEDURAL_MODEL,
@@ -63,6 +78,10 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
         "save_size": 64,
         "images_per_group": 10,
         "dtype": "fp32",
+        "recipe": "none",
+        "lora": NO_LORA,
+        "lora_scale": 1.0,
+        "vae": DEFAULT_VAE,
     },
 }
 
@@ -75,9 +94,14 @@ _PROCEDURAL_NOT_APPLICABLE: dict[str, Any] = {
     "dtype": "fp32",
     "attention": "sdpa",
     "compile": False,
+    "recipe": "none",
+    "lora": NO_LORA,
+    "lora_scale": 1.0,
+    "vae": DEFAULT_VAE,
 }
 
-# Fields that change the pixels, per backend (the model's identity is hashed separately).
+# Fields that change the pixels, per backend (the model's identity is hashed separately; recipe,
+# adapter and decoder are hashed only when they differ from the paper's, so older fingerprints hold).
 _PIXEL_FIELDS: dict[str, tuple[str, ...]] = {
     "procedural": ("backend", "height", "width", "save_size"),
     "diffusers": ("backend", "scheduler", "steps", "guidance", "eta", "height", "width", "save_size", "dtype"),
@@ -105,6 +129,10 @@ class GeneratorConfig:
     dtype: str | None = None
     attention: str = "sdpa"
     compile: bool = False
+    recipe: str | None = None
+    lora: str | None = None
+    lora_scale: float | None = None
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:
@@ -126,6 +154,14 @@ class GeneratorConfig:
                         object.__setattr__(self, name, self.save_size)
             elif self.height is not None and self.height == self.width:
                 object.__setattr__(self, "save_size", self.height)
+        if self.backend != "procedural":
+            if self.recipe is None:
+                object.__setattr__(self, "recipe", PAPER_RECIPE)
+            if self.recipe not in RECIPE_NAMES:
+                raise ValueError(f"GeneratorConfig.recipe={self.recipe!r}: unknown recipe; known: {', '.join(RECIPE_NAMES)}")
+            for name, value in recipe_settings(self.recipe).items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -178,6 +214,15 @@ class GeneratorConfig:
             fail("attention", f"must be one of {', '.join(ATTENTIONS)}")
         if not isinstance(self.compile, bool):
             fail("compile", "must be true or false")
+        if not isinstance(self.recipe, str):
+            fail("recipe", "must be a string")
+        if not isinstance(self.lora, str) or not self.lora.strip():
+            fail("lora", f"must be an adapter folder, file or hub id, or {NO_LORA!r}")
+        check_float("lora_scale", -100.0, 100.0)
+        if not isinstance(self.vae, str) or not (
+            self.vae == DEFAULT_VAE or (self.vae.startswith(TINY_VAE_PREFIX) and self.vae[len(TINY_VAE_PREFIX):].strip())
+        ):
+            fail("vae", f"must be {DEFAULT_VAE!r}, 'tiny:PATH_OR_ID' or {TINY_VAE_RANDOM!r}")
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +255,10 @@ class GeneratorConfig:
         """Short stable id: 16 hex chars of SHA-256 over the pixel fields and the model identity.
 
         Random-weight models get the suffix ``-random-<name>`` (e.g. ``3fa9c2e1b7d04c55-random-sd15``).
-        Fields that do not change pixels (images_per_group, attention, compile) are left out.
+        Fields that do not change pixels (images_per_group, attention, compile) are left out. The
+        recipe name, the adapter (its content identity, `model_identity`, and scale) and the decoder
+        (its identity) enter the hash when they differ from the paper's ("paper", "none", "default"),
+        so the fingerprints of configs without them are those of earlier versions.
         """
         cached = self.__dict__.get("_fingerprint")
         if cached is not None:
@@ -218,6 +266,14 @@ class GeneratorConfig:
         names = _PIXEL_FIELDS.get(self.backend, _ALL_PIXEL_FIELDS)
         payload = {name: getattr(self, name) for name in names}
         payload["model"] = model_identity(self.model)
+        if self.backend != "procedural":
+            if self.recipe != PAPER_RECIPE:
+                payload["recipe"] = self.recipe
+            if self.lora != NO_LORA:
+                payload["lora"] = model_identity(self.lora)
+                payload["lora_scale"] = self.lora_scale
+            if self.vae != DEFAULT_VAE:
+                payload["vae"] = TINY_VAE_PREFIX + model_identity(self.vae[len(TINY_VAE_PREFIX):])
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
         if self.is_random_weights:
             digest = f"{digest}-random-{self.model[len(RANDOM_MODEL_PREFIX):]}"
@@ -237,21 +293,33 @@ class GeneratorConfig:
             save_size=self.save_size,
             images_per_group=self.images_per_group,
             fingerprint=self.fingerprint(),
+            extra=self._recipe_extra(),
         )
+
+    def _recipe_extra(self) -> dict[str, Any] | None:
+        """``GeneratorInfo.extra``: recipe, adapter and decoder, when any differs from the paper's."""
+        if self.backend == "procedural" or (self.recipe, self.lora, self.vae) == (PAPER_RECIPE, NO_LORA, DEFAULT_VAE):
+            return None
+        return {"recipe": self.recipe, "lora": self.lora, "lora_scale": self.lora_scale, "vae": self.vae}
 
 
 _HEAD_TAIL_BYTES = 1 << 20
 
 
 def model_identity(model: str) -> str:
-    """A string naming the model's content.
+    """A string naming the content of a model, adapter or decoder.
 
-    A local pipeline folder is identified by its contents, not its path: every file's relative
-    path and size, the full text of its JSON/TXT files and the first and last MiB of the others
-    (weights), so a moved folder keeps its identity and re-saved weights change it. Hub ids and
-    "random:*" names identify themselves.
+    A local folder is identified by its contents, not its path: every file's relative path and
+    size, the full text of its JSON/TXT files and the first and last MiB of the others (weights),
+    so a moved folder keeps its identity and re-saved weights change it. A local file (e.g. one
+    LoRA ``.safetensors``) is identified the same way by its size and bytes. Hub ids and
+    "random*" names identify themselves.
     """
     path = Path(os.path.expanduser(model))
+    if path.is_file():
+        digest = hashlib.sha256(f"{path.stat().st_size}\0".encode())
+        _hash_content(digest, path)
+        return f"local-file:{digest.hexdigest()}"
     if not path.is_dir():
         return model
     digest = hashlib.sha256()
@@ -259,13 +327,18 @@ def model_identity(model: str) -> str:
         rel = file.relative_to(path).as_posix()
         if rel.startswith(".") or "/." in rel:
             continue
-        size = file.stat().st_size
-        digest.update(f"{rel}\0{size}\0".encode())
-        with open(file, "rb") as handle:
-            if file.suffix in (".json", ".txt") or size <= 2 * _HEAD_TAIL_BYTES:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(_HEAD_TAIL_BYTES))
-                handle.seek(size - _HEAD_TAIL_BYTES)
-                digest.update(handle.read(_HEAD_TAIL_BYTES))
+        digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
+        _hash_content(digest, file)
     return f"local:{digest.hexdigest()}"
+
+
+def _hash_content(digest, file: Path) -> None:
+    """Feed ``digest`` a JSON/TXT file or a small file whole, else its first and last MiB."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        if file.suffix in (".json", ".txt") or size <= 2 * _HEAD_TAIL_BYTES:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(_HEAD_TAIL_BYTES))
+            handle.seek(size - _HEAD_TAIL_BYTES)
+            digest.update(handle.read(_HEAD_TAIL_BYTES))

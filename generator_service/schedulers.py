@@ -16,6 +16,8 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpm-single": ("DPMSolverSinglestepScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
+    # One-step samplers (SD-Turbo) must start at the last training timestep: "trailing" spacing.
+    "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),

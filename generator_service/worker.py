@@ -13,6 +13,8 @@ Protocol with the supervisor (``generator_service.pool``), over two one-way pipe
   with status 1 (``failed_group_ids``: the batch that raised, empty when none).
 
 Results leave through an ``Outbox`` thread, so encoding and the pipe overlap the next batch.
+Batches go to the backend with ``submit``: a backend that overlaps (diffusers) denoises the next
+batch while its finisher thread decodes this one and hands it, then ``task_done``, to the outbox.
 A task holds at most ``--worker-batch`` captions; they run as one backend batch unless the device
 ran out of memory, in which case the worker halves its batch limit, logs it, and retries.
 """
@@ -133,37 +135,69 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def generate_task(
-    generate: Callable[[list[str], list[list[int]]], np.ndarray],
+    backend: Any,
     items: list[TaskItem],
     batch_limit: int,
     emit: Callable[[list[tuple[str, np.ndarray, float]]], None],
     on_batch_limit: Callable[[int], None] = lambda n: None,
+    on_task_done: Callable[[], None] = lambda: None,
+    on_failed: Callable[[GenerationFailed], None] | None = None,
 ) -> int:
-    """Run ``items`` through ``generate`` in batches of at most ``batch_limit`` captions.
+    """Submit ``items`` to ``backend`` (a `Backend`, or a bare ``generate`` function) in batches of at most ``batch_limit`` captions.
 
-    Each finished batch goes to ``emit`` as ``[(group_id, images [m, S, S, 3], gen_seconds)]``.
-    On an out-of-memory error the batch limit halves (``on_batch_limit`` is told) and the batch is
-    retried; at a limit of one caption, or for any other error, ``GenerationFailed`` is raised.
-    Returns the final batch limit.
+    Each finished batch goes to ``emit`` as ``[(group_id, images [m, S, S, 3], gen_seconds)]``
+    (``gen_seconds``: the batch's wall time from submission to finish, per group), and after the
+    task's last batch ``on_task_done()`` is called; with an overlapping backend both happen in its
+    finisher thread, in order, while the caller goes on. A batch that fails while finishing goes to
+    ``on_failed`` as ``GenerationFailed`` (raised here when ``on_failed`` is None and the backend
+    finishes inline). An out-of-memory error while submitting halves the batch limit
+    (``on_batch_limit`` is told) and the batch is retried; at a limit of one caption, or for any
+    other error, ``GenerationFailed`` is raised. Returns the final batch limit.
     """
+    def raise_failed(failure: GenerationFailed) -> None:
+        raise failure
+
+    on_failed = on_failed or raise_failed
+    submit = getattr(backend, "submit", None) or _inline_submit(backend)
     position = 0
     while position < len(items):
         chunk = items[position : position + batch_limit]
+        group_ids = [group_id for group_id, _, _ in chunk]
+        last = position + len(chunk) == len(items)
         started = time.perf_counter()
+
+        def done(images, chunk=chunk, started=started, last=last) -> None:
+            seconds_each = (time.perf_counter() - started) / len(chunk)
+            emit([(group_id, images[i], seconds_each) for i, (group_id, _, _) in enumerate(chunk)])
+            if last:
+                on_task_done()
+
+        def failed(exc: BaseException, group_ids=group_ids) -> None:
+            on_failed(GenerationFailed(group_ids, exc))
+
         try:
-            images = generate([caption for _, caption, _ in chunk], [list(seeds) for _, _, seeds in chunk])
+            submit([caption for _, caption, _ in chunk], [list(seeds) for _, _, seeds in chunk], done, failed)
+        except GenerationFailed:
+            raise
         except Exception as exc:
             if not _is_out_of_memory(exc) or len(chunk) == 1:
-                raise GenerationFailed([group_id for group_id, _, _ in chunk], exc) from exc
+                raise GenerationFailed(group_ids, exc) from exc
             batch_limit = max(1, len(chunk) // 2)
             log.warning("out of memory with %d captions per batch; retrying with %d", len(chunk), batch_limit)
             _release_cached_memory()
             on_batch_limit(batch_limit)
             continue
-        seconds_each = (time.perf_counter() - started) / len(chunk)
-        emit([(group_id, images[i], seconds_each) for i, (group_id, _, _) in enumerate(chunk)])
         position += len(chunk)
     return batch_limit
+
+
+def _inline_submit(generate: Callable[[list[str], list[list[int]]], np.ndarray]):
+    """``submit`` for a bare ``generate(captions, seeds)`` function: finish inline."""
+
+    def submit(captions, seeds, done, failed) -> None:
+        done(generate(captions, seeds))
+
+    return submit
 
 
 def _release_cached_memory() -> None:
@@ -219,24 +253,31 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
                 break
             task_id, items = task
             batch_limit = generate_task(
-                backend.generate,
+                backend,
                 items,
                 batch_limit,
                 emit=lambda groups, task_id=task_id: outbox.put(("groups", task_id, groups)),
                 on_batch_limit=lambda n: outbox.put(("batch_limit", n)),
+                on_task_done=lambda task_id=task_id: outbox.put(("task_done", task_id)),
+                on_failed=lambda failure: _fail(spec, outbox, failure, during_startup=False),
             )
-            outbox.put(("task_done", task_id))
+        backend.drain()
         outbox.close()
         backend.close()
     except BrokenPipeError:  # the supervisor is gone; nothing to report to
         os._exit(1)
     except BaseException as exc:
-        text = traceback.format_exc()
-        log.error("worker %d failed:\n%s", spec.index, text)
-        failed = exc.group_ids if isinstance(exc, GenerationFailed) else []
-        try:
-            outbox.put(("error", text, during_startup, failed))
-            outbox.close(timeout=10.0)
-        except BrokenPipeError:
-            pass
-        os._exit(1)
+        _fail(spec, outbox, exc, during_startup)
+
+
+def _fail(spec: WorkerSpec, outbox: Outbox, exc: BaseException, during_startup: bool) -> None:
+    """Report ``exc`` to the supervisor and end the process (from the main or the finisher thread)."""
+    text = "".join(traceback.format_exception(exc))
+    log.error("worker %d failed:\n%s", spec.index, text)
+    failed = exc.group_ids if isinstance(exc, GenerationFailed) else []
+    try:
+        outbox.put(("error", text, during_startup, failed))
+        outbox.close(timeout=10.0)
+    except BrokenPipeError:
+        pass
+    os._exit(1)

@@ -48,7 +48,8 @@ def test_every_run_of_all_is_a_valid_command():
         names.append(args.name or args.bench)
     assert len(set(names)) == len(names)  # no run overwrites another's results
     generator = [parser.parse_args(a) for a in ALL_CUDA_RUNS if a[0] == "generator"]
-    assert {(g.scheduler, g.steps) for g in generator} == {("ddim", 50), ("dpm++", 20)}
+    assert {(g.scheduler, g.steps) for g in generator if g.recipe is None} == {("ddim", 50), ("dpm++", 20)}
+    assert {g.recipe for g in generator if g.recipe is not None} == {"lcm4", "turbo-tiny"}
     assert all(g.model == "random:sd15" for g in generator)
 
 

@@ -22,3 +22,18 @@ def test_generator_bench_reports_all_paths(tiny_sd_path):
         paths["service_pool"]["images_per_second"] / paths["diffusers_eager"]["images_per_second"]
     )
     assert "service_pool" in format_table(result)
+
+
+def test_generator_bench_runs_a_recipe_with_its_adapter_in_both_paths(tiny_sd_path, tiny_lora_path):
+    from benchmarks.cli import build_parser
+    from benchmarks.generator_bench import run_from_args
+
+    args = build_parser().parse_args([
+        "generator", "--recipe", "lcm4", "--model", str(tiny_sd_path), "--lora", str(tiny_lora_path), "--device", "cpu",
+        "--height", "32", "--width", "32", "--save-size", "32", "--images-per-group", "2", "--worker-batch", "2",
+        "--captions", "6", "--threads", "1", "--baseline-worker-batch", "2", "--dtype", "fp32"])
+    result, table, bars = run_from_args(args)
+    config = result["config"]
+    assert (config["recipe"], config["scheduler"], config["steps"], config["lora"]) == ("lcm4", "lcm", 4, str(tiny_lora_path))
+    assert set(bars) == {"diffusers_eager", "service_backend", "service_pool"}
+    assert result["speedup_backend_vs_eager"] > 0 and "recipe lcm4" in table

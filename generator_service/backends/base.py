@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,26 @@ class Backend(ABC):
 
     def generate(self, captions: list[str], seeds: list[list[int]]) -> np.ndarray:
         """Validate the request, run the backend, check the result. Returns uint8 [B, m, S, S, 3]."""
+        captions, seeds = self.check_request(captions, seeds)
+        return self.check_result(self._generate(captions, seeds), len(captions), len(seeds[0]))
+
+    def submit(self, captions: list[str], seeds: list[list[int]], done: Callable[[np.ndarray], None],
+               failed: Callable[[BaseException], None]) -> None:
+        """Start a batch; ``done(images)`` (uint8 [B, m, S, S, 3]) or ``failed(exc)`` is called when it is finished.
+
+        Batches finish in submission order. A bad request raises here. This default finishes the
+        batch before returning; backends that overlap the end of one batch with the next
+        override it (and ``drain``), calling the callbacks from their own thread.
+        """
+        images = self.generate(captions, seeds)
+        done(images)
+
+    def drain(self) -> None:
+        """Until every submitted batch has been handed to its callback."""
+        return None  # the default submit finishes inline: nothing is pending
+
+    def check_request(self, captions: list[str], seeds: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+        """The validated request: captions as a list, seeds as lists of Python ints."""
         if isinstance(captions, str):
             raise TypeError("captions must be a list of strings, not one string")
         captions = list(captions)
@@ -46,10 +67,12 @@ class Backend(ABC):
             for seed in group:
                 if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < MAX_SEED:
                     raise ValueError(f"seed {seed!r} of caption {i} is not an integer in [0, 2**64)")
-        seeds = [[int(s) for s in group] for group in seeds]
-        images = self._generate(captions, seeds)
+        return captions, [[int(s) for s in group] for group in seeds]
+
+    def check_result(self, images: np.ndarray, b: int, m: int) -> np.ndarray:
+        """``images`` if they are uint8 [b, m, S, S, 3] (made C-contiguous), else a RuntimeError."""
         size = self.config.save_size
-        expected = (len(captions), m, size, size, 3)
+        expected = (b, m, size, size, 3)
         if images.shape != expected or images.dtype != np.uint8:
             raise RuntimeError(
                 f"backend {self.name!r} returned {images.dtype} {images.shape}, expected uint8 {expected}"

@@ -8,7 +8,15 @@
 - ``config.attention``: "sdpa" keeps diffusers' default attention (torch scaled_dot_product_attention);
   "xformers" needs the xformers package.
 - ``config.compile``: ``torch.compile`` of the denoiser (UNet or transformer) and the VAE decoder.
+- ``config.vae``: "default", or "tiny:PATH_OR_ID" / "tiny:random" for diffusers ``AutoencoderTiny``;
+  ``config.lora``: an adapter loaded with ``load_lora_weights`` and fused at ``config.lora_scale``
+  (`components`).
 - On CUDA the denoiser and VAE use channels_last.
+
+A plain ``StableDiffusionPipeline`` runs through our own loop (`denoise.SDLoop`): the same images,
+bitwise, without the unconditional batch when guidance <= 1, with each distinct caption encoded
+once, and with decode/resize/uint8/copy-to-host of batch k overlapping the denoising of batch k+1
+(``submit``; `denoise.Finisher`). Other pipelines are called as they are.
 
 Seeds: image ``j`` of caption ``i`` starts from latents drawn by its own CPU ``torch.Generator``
 seeded ``seeds[i][j]`` (diffusers draws one latent per generator when given a list, in the order
@@ -32,6 +40,8 @@ import numpy as np
 from generator_service.backends import register_backend
 from generator_service.backends.base import Backend
 from generator_service.backends.compile_support import compile_unavailable
+from generator_service.backends.components import apply_lora, swap_vae
+from generator_service.backends.denoise import Finisher, SDLoop, supports_own_loop
 from generator_service.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
 from generator_service.config import RANDOM_MODELS
 
@@ -78,6 +88,15 @@ def load_pipeline(model: str, torch_dtype):
     return DiffusionPipeline.from_pretrained(source, **kwargs)
 
 
+def prepare_pipeline(config, torch_dtype):
+    """The pipeline of ``config`` on the CPU: loaded, scheduler swapped, decoder swapped, adapter fused."""
+    pipe = load_pipeline(config.model, torch_dtype)
+    swap_scheduler(pipe, config.scheduler)
+    swap_vae(pipe, config.vae, torch_dtype)
+    apply_lora(pipe, config.lora, config.lora_scale)
+    return pipe
+
+
 def swap_scheduler(pipe, name: str) -> None:
     """Replace ``pipe.scheduler`` by the scheduler called ``name`` (`schedulers.SCHEDULERS`), keeping its config."""
     if name == DEFAULT_SCHEDULER_NAME:
@@ -113,8 +132,7 @@ class DiffusersBackend(Backend):
             if reason is not None:
                 raise ValueError(f"compile=True on {self.torch_device}: {reason} (or run without --compile)")
         dtype = getattr(torch, TORCH_DTYPES[config.dtype])
-        pipe = load_pipeline(config.model, dtype)
-        swap_scheduler(pipe, config.scheduler)
+        pipe = prepare_pipeline(config, dtype)
         if config.attention == "xformers":
             if importlib.util.find_spec("xformers") is None:
                 raise ValueError("attention='xformers' needs the xformers package: pip install 'stablerep[xformers]'")
@@ -136,6 +154,8 @@ class DiffusersBackend(Backend):
         for required in ("prompt", "num_images_per_prompt", "generator", "output_type"):
             if required not in self._call_parameters:
                 raise ValueError(f"pipeline {type(pipe).__name__} of {config.model!r} does not take {required!r}: not a text-to-image pipeline")
+        self.loop = SDLoop(pipe, config, self.torch_device) if supports_own_loop(pipe) else None
+        self.finisher: Finisher | None = None
 
     def pipeline_kwargs(self, captions: list[str], seeds: list[list[int]]) -> dict:
         """The keyword arguments of the one pipeline call that generates every image of the batch."""
@@ -154,15 +174,37 @@ class DiffusersBackend(Backend):
         return {key: value for key, value in kwargs.items() if key in self._call_parameters}
 
     def _generate(self, captions: list[str], seeds: list[list[int]]) -> np.ndarray:
-        """uint8 [B, m, S, S, 3]: one pipeline call, resize and uint8 conversion on the device."""
+        """uint8 [B, m, S, S, 3]: all B*m images in one batch, resize and uint8 conversion on the device."""
         torch = self.torch
-        with torch.inference_mode():
-            images = self.pipe(**self.pipeline_kwargs(captions, seeds)).images
-            images = to_uint8_hwc(images, self.config.save_size, self.torch_device)
         b, m, size = len(captions), len(seeds[0]), self.config.save_size
+        with torch.inference_mode():
+            if self.loop is not None:
+                images = self.loop.decode(self.loop.denoise(captions, seeds))
+            else:
+                images = self.pipe(**self.pipeline_kwargs(captions, seeds)).images
+                images = to_uint8_hwc(images, size, self.torch_device)
         return images.cpu().numpy().reshape(b, m, size, size, 3)
 
+    def submit(self, captions, seeds, done, failed) -> None:
+        """Denoise this batch now; decode it in the finisher while the caller submits the next one."""
+        if self.loop is None:
+            return super().submit(captions, seeds, done, failed)
+        captions, seeds = self.check_request(captions, seeds)
+        b, m, size = len(captions), len(seeds[0]), self.config.save_size
+        with self.torch.inference_mode():
+            latents = self.loop.denoise(captions, seeds)
+        if self.finisher is None:
+            self.finisher = Finisher(self.loop.decode, self.torch_device)
+        self.finisher.submit(latents, (b, m, size, size, 3), lambda images: done(self.check_result(images, b, m)), failed)
+
+    def drain(self) -> None:
+        if self.finisher is not None:
+            self.finisher.wait()
+
     def close(self) -> None:
+        if self.finisher is not None:
+            self.finisher.close()
+            self.finisher = None
         self.pipe = None
         if self.torch_device.type == "cuda":
             self.torch.cuda.empty_cache()
