@@ -70,6 +70,7 @@ class AugmentConfig:
     strong: bool = True  # the paper's strong augmentation; False = crop + flip only
     scale_min: float = 0.08  # RandomResizedCrop scale range (scale_min, 1)
     downsample: Optional[int] = None  # shrink images to this side before augmenting (None = as stored)
+    crops_per_image: int = 1  # augmented crops of every drawn image (official num_crop; SimCLR: 2)
 
 
 @dataclass
@@ -103,7 +104,8 @@ class ReplayConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW; the peak lr is ``lr`` when given, else ``base_lr * global images per step / 256``."""
+    """AdamW; the peak lr is ``lr`` when given, else the official rule
+    ``base_lr * captions_per_step * draw_per_caption / 256 * crops_per_image / 2``."""
 
     base_lr: float = 2e-4
     lr: Optional[float] = None
@@ -157,13 +159,18 @@ class TrainConfig:
         return self.augment.size or self.model.img_size
 
     def images_per_step(self) -> int:
-        """Global images per optimizer step (all processes together)."""
-        return self.data.captions_per_step * self.data.draw_per_caption
+        """Global augmented images per optimizer step (all processes together):
+        captions_per_step x draw_per_caption x crops_per_image."""
+        return self.data.captions_per_step * self.data.draw_per_caption * self.augment.crops_per_image
 
     def peak_lr(self) -> float:
+        """``optim.lr`` when set, else the official StableRep rule
+        ``base_lr * captions_per_step * draw_per_caption / 256 * crops_per_image / 2`` (the official
+        script scales by ``num_crop / 2``: one crop per image halves the per-256-images rule)."""
         if self.optim.lr is not None:
             return self.optim.lr
-        return self.optim.base_lr * self.images_per_step() / 256
+        drawn = self.data.captions_per_step * self.data.draw_per_caption
+        return self.optim.base_lr * drawn / 256 * self.augment.crops_per_image / 2
 
     def _steps_per_epoch(self, what: str) -> float:
         if self.data.dataset_captions is None:
@@ -218,6 +225,7 @@ class TrainConfig:
         if not 0 < self.augment.scale_min <= 1:
             _fail("augment.scale_min", self.augment.scale_min, "must be in (0, 1]")
         _positive("augment.downsample", self.augment.downsample, optional=True)
+        _positive("augment.crops_per_image", self.augment.crops_per_image)
         _positive("data.captions_per_step", d.captions_per_step)
         _positive("data.draw_per_caption", d.draw_per_caption)
         _positive("data.image_size", d.image_size, optional=True)
