@@ -42,3 +42,42 @@ def test_print_config_shows_resolved_peak_lr():
 def test_bad_crops_per_image_is_named():
     with pytest.raises(ValueError, match="augment.crops_per_image"):
         build_config("cpu_small", overrides={"data": {"generators": GEN[1:]}, "augment": {"crops_per_image": 0}})
+
+
+# ----- 3. projection head per view chunk, SyncBatchNorm ---------------------------------------------------
+def _tiny_model(**kw):
+    from trainer.model import build_model
+
+    return build_model("vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size": 8, "depth": 1},
+                       head_hidden=16, head_out=8, **kw)
+
+
+def test_head_runs_once_per_view_chunk_with_its_own_batch_statistics():
+    import torch
+
+    torch.manual_seed(0)
+    model = _tiny_model(head_per_view=True).train()
+    groups, views = 5, 3
+    features = torch.randn(groups * views, model.num_features)
+    out = model.project(features, views)
+    # official: chunk j = the images at index j of every group, the head (BN in train mode) on each chunk
+    grouped = features.view(groups, views, -1)
+    expected = torch.stack([model.head(grouped[:, j]) for j in range(views)], dim=1).flatten(0, 1)
+    assert torch.equal(out, expected)
+    # and it differs from one BN over all 15 rows
+    assert not torch.allclose(out, model.head(features))
+    old = _tiny_model(head_per_view=False).train()
+    old.load_state_dict(model.state_dict())
+    assert torch.allclose(old.project(features, views), model.head(features))
+
+
+def test_paper_preset_uses_per_view_head_and_sync_bn():
+    import torch
+
+    cfg, _ = cli.parse_config(["--preset", "paper_vitb16_cc12m_1x", *GEN])
+    assert cfg.model.head_per_view and cfg.model.sync_bn
+    assert cfg.resolved_dict()["resolved"]["head_batchnorm"] == "per view chunk, synchronized across processes"
+    model = _tiny_model(head_per_view=True, sync_bn=True)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.head.modules())
+    old, _ = cli.parse_config(["--preset", "paper_vitb16_cc12m_1x", *GEN, "--head-all-views", "--no-sync-bn"])
+    assert not old.model.head_per_view and not old.model.sync_bn

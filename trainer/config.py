@@ -49,7 +49,8 @@ class ModelConfig:
     head_hidden: int = 4096
     head_out: int = 256
     head_layers: int = 3  # (layers - 1) x Linear-BN-ReLU, then Linear(hidden, out)
-    sync_bn: bool = False  # SyncBatchNorm in the head (multi-process runs)
+    sync_bn: bool = False  # SyncBatchNorm in the head (multi-process runs; official: on)
+    head_per_view: bool = False  # head (and its BN) once per view chunk, as the official (paper preset: on)
     text: dict = field(default_factory=dict)  # TextConfig fields for clip / stablerep+ (empty = CLIP B/16 text)
 
 
@@ -202,6 +203,8 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps(),
             "peak_lr": self.peak_lr(),
             "images_per_step": self.images_per_step(),
+            "head_batchnorm": ("per view chunk" if self.model.head_per_view else "one over all images")
+            + (", synchronized across processes" if self.model.sync_bn else ", per process"),
         }
         return out
 

@@ -64,7 +64,7 @@ def build_components(cfg: TrainConfig):
     model = build_model(
         m.name, img_size=m.img_size, model_kwargs=m.model_kwargs, head_hidden=m.head_hidden, head_out=m.head_out,
         head_layers=m.head_layers if method.needs_head else 0,  # clip uses no SSL head: DDP needs every param used
-        sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None,
+        sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None, head_per_view=m.head_per_view,
     )
     augment = GPUAugment(
         size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.augment.scale_min, 1.0),

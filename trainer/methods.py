@@ -86,7 +86,7 @@ class StableRepMethod:
     def __call__(self, model: nn.Module, batch: Batch, augment: GPUAugment):
         device = _device(model)
         images, labels = _all_images(batch, device)
-        features = model(augment(images))                       # [G*n, head_out]
+        features = model(augment(images), views=batch.images_per_group)  # [G*n, head_out]
         loss, details = self.loss(features, labels, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
                       "images": int(images.shape[0])}
@@ -148,7 +148,7 @@ class StableRepPlusMethod:
         images, labels = _all_images(batch, device)
         text_labels = batch.caption_ids.to(device, non_blocking=True)
         tokens = unwrap(model).tokenize(batch.captions, device)  # [G, L]
-        out = model(augment(images), tokens, ssl=True)
+        out = model(augment(images), tokens, ssl=True, views=batch.images_per_group)
         parts = self.loss(out["ssl"], out["image_embed"], out["text_embed"], labels, text_labels,
                           out["logit_scale"])
         metrics = {k: v.detach() for k, v in parts.items()}
