@@ -81,3 +81,45 @@ def test_paper_preset_uses_per_view_head_and_sync_bn():
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.head.modules())
     old, _ = cli.parse_config(["--preset", "paper_vitb16_cc12m_1x", *GEN, "--head-all-views", "--no-sync-bn"])
     assert not old.model.head_per_view and not old.model.sync_bn
+
+
+# ----- 4. logit scale clamped to [0, ln 100] after every optimizer step -----------------------------------
+def test_clamp_logit_scale_bounds_the_parameter():
+    import math
+
+    import torch
+
+    model = _tiny_model(text={"width": 32, "heads": 2, "layers": 1, "embed_dim": 16, "context_length": 16})
+    for value, expected in ((7.0, math.log(100)), (-3.0, 0.0), (2.0, 2.0)):
+        with torch.no_grad():
+            model.logit_scale.fill_(value)
+        model.clamp_logit_scale_()
+        assert model.logit_scale.item() == pytest.approx(expected)
+
+
+def test_training_clamps_logit_scale_after_each_step(tmp_path):
+    import math
+
+    from safetensors.torch import load_file
+
+    from tests.train_helpers import write_shards
+    from trainer.loop import train
+
+    shards = write_shards(tmp_path / "shards", num_captions=8, m=2, size=32, groups_per_shard=8)
+    cfg = build_config("cpu_small", overrides={
+        "model": {"img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 1}, "head_hidden": 16, "head_out": 8,
+                  "text": {"width": 32, "heads": 2, "layers": 1, "embed_dim": 16, "context_length": 16}},
+        "method": {"name": "clip"},
+        "augment": {"strong": False},
+        "data": {"source": "offline", "data": [str(shards)], "captions_per_step": 8, "draw_per_caption": 1,
+                 "num_workers": 0},
+        "optim": {"lr": 50.0},  # one AdamW step moves the scale by about 50: far outside [0, ln 100]
+        "schedule": {"steps": 2, "warmup_steps": 0},
+        "run": {"output": str(tmp_path / "run"), "progress": False, "log_with": []},
+    })
+    summary = train(cfg)
+    state = load_file(str(next((tmp_path / "run" / "checkpoints" / "last").glob("model*.safetensors"))))
+    scale = float(state["logit_scale"])
+    assert summary["steps"] == 2
+    assert 0.0 <= scale <= math.log(100) + 1e-6
+    assert scale in (pytest.approx(0.0), pytest.approx(math.log(100)))

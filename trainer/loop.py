@@ -267,6 +267,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                unwrapped.clamp_logit_scale_()  # official: logit scale in [0, ln 100] after every step
 
                 step += 1
                 images_seen += images_per_step

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.losses import INITIAL_LOGIT_SCALE
+from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
 from trainer.text import TextConfig, TextTower
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
@@ -67,6 +67,13 @@ class StableRepModel(nn.Module):
         else:
             self.image_projection = None
             self.logit_scale = None
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the logit-scale parameter to ``[0, ln 100]`` in place (official: after every optimizer
+        step). No-op without a text tower."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
     @property
     def num_features(self) -> int:
