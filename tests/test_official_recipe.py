@@ -123,3 +123,114 @@ def test_training_clamps_logit_scale_after_each_step(tmp_path):
     assert summary["steps"] == 2
     assert 0.0 <= scale <= math.log(100) + 1e-6
     assert scale in (pytest.approx(0.0), pytest.approx(math.log(100)))
+
+
+# ----- 5. downsample augmentation: p 0.05 per image, to 64 or 128 px and back -------------------------------
+def _uint8_images(n, side, seed=0):
+    import torch
+
+    return torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_down_up_resize_probability_and_sides():
+    import torch
+
+    from trainer.augment import GPUAugment
+
+    aug = GPUAugment(size=32, down_res=(64, 128), down_prob=0.05)
+    params = aug.sample_params(20000, 256, 256, generator=torch.Generator().manual_seed(0))
+    chosen = params.down[params.down >= 0]
+    assert 0.04 < chosen.numel() / 20000 < 0.06          # official downsample_prob 0.05
+    assert 0.4 < (chosen == 0).float().mean() < 0.6      # 64 and 128 equally likely (no down_prob given)
+    # a chosen image is the input shrunk to the side and resized back (shorter side, aspect kept)
+    from trainer.augment import down_up_where
+    import torch.nn.functional as F
+
+    x = _uint8_images(3, 256).permute(0, 3, 1, 2).float()
+    out = down_up_where(x, torch.tensor([-1, 0, 1]), (64, 128))
+    assert torch.equal(out[0], x[0])
+    for i, side in ((1, 64), (2, 128)):
+        ref = F.interpolate(F.interpolate(x[i:i + 1], size=(side, side), mode="bilinear", antialias=True),
+                            size=(256, 256), mode="bilinear")
+        torch.testing.assert_close(out[i:i + 1], ref)
+
+
+def test_paper_preset_uses_the_official_downsample():
+    cfg, _ = cli.parse_config(["--preset", "paper_vitb16_cc12m_1x", *GEN])
+    assert cfg.augment.down_res == [64, 128] and cfg.augment.down_prob == 0.05 and cfg.augment.downsample is None
+    assert "p=0.05" in cfg.resolved_dict()["resolved"]["augment"]["down_up"]
+
+
+# ----- 6. weak augmentation, crops per image, ColorJitter order -----------------------------------------
+def test_weak_augmentation_is_crop_scale_half_without_flip():
+    import torch
+
+    from trainer.augment import GPUAugment
+
+    cfg, _ = cli.parse_config(["--preset", "cpu_small", *GEN, "--weak-aug"])
+    cfg.augment.scale_min = None  # the preset pins its own; the weak default is the official 0.5
+    assert cfg.crop_scale_min() == 0.5
+    aug = GPUAugment(size=32, strong=False, scale=(cfg.crop_scale_min(), 1.0))
+    params = aug.sample_params(4000, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert not params.flip.any()
+    area = params.crop[:, 2] * params.crop[:, 3] / (64 * 64)
+    assert area.min() >= 0.5 - 0.03 and area.max() <= 1.0
+    assert params.jitter_order is None and params.gray.sum() == 0 and (params.blur_sigma == 0).all()
+
+
+def test_color_jitter_order_is_random_per_image_and_matches_torchvision():
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    from trainer.augment import AugmentParams, GPUAugment, color_jitter
+
+    aug = GPUAugment(size=32)
+    params = aug.sample_params(5000, 40, 40, generator=torch.Generator().manual_seed(0))
+    orders = {tuple(o) for o in params.jitter_order.tolist()}
+    assert len(orders) == 24                              # every permutation occurs
+    n = 4
+    x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]])
+    b, c, s, h = torch.tensor([1.3, 0.7, 1.1, 0.9]), torch.tensor([0.8, 1.2, 1.3, 0.7]), \
+        torch.tensor([1.2, 0.6, 0.9, 1.4]), torch.tensor([0.05, -0.08, 0.1, -0.02])
+    p = AugmentParams(crop=torch.zeros(n, 4), flip=torch.zeros(n, dtype=torch.bool), brightness=b, contrast=c,
+                      saturation=s, hue=h, gray=torch.zeros(n, dtype=torch.bool), blur_sigma=torch.zeros(n),
+                      jitter_order=order)
+    out = color_jitter(x.clone(), p)
+    ops = [lambda im, i: TF.adjust_brightness(im, b[i].item()), lambda im, i: TF.adjust_contrast(im, c[i].item()),
+           lambda im, i: TF.adjust_saturation(im, s[i].item()), lambda im, i: TF.adjust_hue(im, h[i].item())]
+    for i in range(n):
+        ref = x[i]
+        for o in order[i].tolist():                       # torchvision: ops in the drawn order
+            ref = ops[o](ref, i)
+        torch.testing.assert_close(out[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_crops_per_image_gives_every_image_several_views():
+    import torch
+
+    from trainer.augment import GPUAugment
+    from trainer.batch import Batch
+    from trainer.methods import build_method
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(3, 4)
+
+        def forward(self, x, views=1):
+            seen["shape"], seen["views"] = tuple(x.shape), views
+            return self.w(x.mean(dim=(2, 3)))
+
+    g, n = 3, 2
+    images = _uint8_images(g * n, 16).view(g, n, 16, 16, 3)
+    batch = Batch(images=images, caption_ids=torch.tensor([10, 11, 12]), captions=["a", "b", "c"])
+    aug = GPUAugment(size=8, strong=False, crops_per_image=2)
+    loss, metrics = build_method("stablerep")(Recorder(), batch, aug)
+    assert seen["shape"] == (g * n * 2, 3, 8, 8) and seen["views"] == n * 2 and metrics["images"] == 12
+    assert metrics["positives_per_anchor"].item() == n * 2 - 1
+    # official SimCLR: one image per caption, two crops, positives = the other crop
+    loss, metrics = build_method("simclr")(Recorder(), batch, GPUAugment(size=8, strong=False))
+    assert seen["shape"] == (g * 2, 3, 8, 8) and metrics["positives_per_anchor"].item() == 1

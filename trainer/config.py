@@ -68,9 +68,11 @@ class AugmentConfig:
     """GPU augmentation applied to every image of a batch (``trainer.augment.GPUAugment``)."""
 
     size: Optional[int] = None  # output crop side S; None = model.img_size
-    strong: bool = True  # the paper's strong augmentation; False = crop + flip only
-    scale_min: float = 0.08  # RandomResizedCrop scale range (scale_min, 1)
-    downsample: Optional[int] = None  # shrink images to this side before augmenting (None = as stored)
+    strong: bool = True  # the paper's strong augmentation; False = the official weak one (crop only, no flip)
+    scale_min: Optional[float] = None  # RandomResizedCrop scale (scale_min, 1); None = 0.08 strong, 0.5 weak
+    downsample: Optional[int] = None  # shrink every image to this side before augmenting (None = as stored)
+    down_res: list[int] = field(default_factory=list)  # official random down-and-up resize sides ([] = off)
+    down_prob: float = 0.05  # probability per image of that resize (official downsample_prob)
     crops_per_image: int = 1  # augmented crops of every drawn image (official num_crop; SimCLR: 2)
 
 
@@ -159,6 +161,26 @@ class TrainConfig:
         """Side of the augmented crops, which is the model's input size."""
         return self.augment.size or self.model.img_size
 
+    def crop_scale_min(self) -> float:
+        """Lower RandomResizedCrop scale: ``augment.scale_min``, else 0.08 (strong) / 0.5 (official weak)."""
+        if self.augment.scale_min is not None:
+            return self.augment.scale_min
+        return 0.08 if self.augment.strong else 0.5
+
+    def augment_summary(self) -> dict:
+        """The augmentation as it will run (for ``--print-config``)."""
+        a = self.augment
+        out = {"crop": f"RandomResizedCrop({self.crop_size()}, scale=({self.crop_scale_min():g}, 1))",
+               "flip_p": 0.5 if a.strong else 0.0, "crops_per_image": a.crops_per_image}
+        if a.strong:
+            out["color"] = ("ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, random order per image; grayscale p=0.2; "
+                            "blur sigma U(0.1, 2) p=0.5")
+        if a.downsample is not None:
+            out["downsample"] = f"every image to {a.downsample} px"
+        if a.down_res:
+            out["down_up"] = f"p={a.down_prob:g} per image, shorter side to one of {a.down_res} and back"
+        return out
+
     def images_per_step(self) -> int:
         """Global augmented images per optimizer step (all processes together):
         captions_per_step x draw_per_caption x crops_per_image."""
@@ -203,6 +225,7 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps(),
             "peak_lr": self.peak_lr(),
             "images_per_step": self.images_per_step(),
+            "augment": self.augment_summary(),
             "head_batchnorm": ("per view chunk" if self.model.head_per_view else "one over all images")
             + (", synchronized across processes" if self.model.sync_bn else ", per process"),
         }
@@ -225,10 +248,13 @@ class TrainConfig:
         _positive("augment.size", self.augment.size, optional=True)
         if self.augment.size is not None and self.augment.size != self.model.img_size:
             _fail("augment.size", self.augment.size, f"differs from model.img_size = {self.model.img_size}")
-        if not 0 < self.augment.scale_min <= 1:
+        if self.augment.scale_min is not None and not 0 < self.augment.scale_min <= 1:
             _fail("augment.scale_min", self.augment.scale_min, "must be in (0, 1]")
         _positive("augment.downsample", self.augment.downsample, optional=True)
         _positive("augment.crops_per_image", self.augment.crops_per_image)
+        _positive("augment.down_res", self.augment.down_res, each=True)
+        if not 0.0 <= self.augment.down_prob <= 1.0:
+            _fail("augment.down_prob", self.augment.down_prob, "must be in [0, 1]")
         _positive("data.captions_per_step", d.captions_per_step)
         _positive("data.draw_per_caption", d.draw_per_caption)
         _positive("data.image_size", d.image_size, optional=True)

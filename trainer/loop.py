@@ -67,8 +67,9 @@ def build_components(cfg: TrainConfig):
         sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None, head_per_view=m.head_per_view,
     )
     augment = GPUAugment(
-        size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.augment.scale_min, 1.0),
-        downsample=cfg.augment.downsample,
+        size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.crop_scale_min(), 1.0),
+        downsample=cfg.augment.downsample, down_res=tuple(cfg.augment.down_res), down_prob=cfg.augment.down_prob,
+        crops_per_image=cfg.augment.crops_per_image,
     )
     return model, method, augment
 
