@@ -234,3 +234,75 @@ def test_crops_per_image_gives_every_image_several_views():
     # official SimCLR: one image per caption, two crops, positives = the other crop
     loss, metrics = build_method("simclr")(Recorder(), batch, GPUAugment(size=8, strong=False))
     assert seen["shape"] == (g * 2, 3, 8, 8) and metrics["positives_per_anchor"].item() == 1
+
+
+# ----- 2. caption ids unique over every input of a run, stable across resumes ----------------------------
+def _official_csv(root, captions, side=8):
+    import io
+
+    from PIL import Image
+
+    rows = [f"{r:06d}.png" for r in range(len(captions))]
+    root.mkdir(parents=True)
+    (root / "data.csv").write_text("".join(f"{p},{c}\n" for p, c in zip(rows, captions)))
+    for seed in range(2):
+        for r, relative in enumerate(rows):
+            path = root / f"seed{seed}" / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.new("RGB", (side, side), (r * 10, seed * 50, 0)).save(buf, format="PNG")
+            path.write_bytes(buf.getvalue())
+    return root / "data.csv"
+
+
+def _all_ids(source, batches):
+    return [(c, t) for _ in range(batches) for b in [source.next_batch()] for c, t in zip(b.caption_ids.tolist(), b.captions)]
+
+
+def test_two_csvs_get_distinct_caption_ids_and_resume_keeps_them(tmp_path):
+    from trainer.sources.offline import OfflineSource
+
+    a = _official_csv(tmp_path / "a", ["a dog", "a cat", "a cow"])
+    b = _official_csv(tmp_path / "b", ["a car", "a bus", "a van"])
+    source = OfflineSource([str(a), str(b)], captions_per_rank=6, draw_per_caption=2, num_workers=0, image_size=8)
+    pairs = _all_ids(source, 1)
+    ids = {c for c, _ in pairs}
+    assert len(ids) == 6                                  # the official layout gave [0, 1, 2, 0, 1, 2]
+    assert len({t for _, t in pairs}) == 6
+    again = OfflineSource([str(a), str(b)], captions_per_rank=6, draw_per_caption=2, num_workers=0, image_size=8)
+    assert dict(_all_ids(again, 1)) == dict(pairs)        # same ids in a new process / after a resume
+    # rank 1 of 2 names every caption as rank 0 does
+    ranks = [OfflineSource([str(a), str(b)], captions_per_rank=3, draw_per_caption=1, num_workers=0, image_size=8,
+                           rank=r, world_size=2, rows_per_part=1) for r in range(2)]
+    both = [p for s in ranks for p in _all_ids(s, 1)]
+    assert dict(both) == dict(pairs) and len({c for c, _ in both}) == 6
+    # the same CSV twice is the same captions: the same ids
+    twice = OfflineSource([str(a), str(a)], captions_per_rank=6, draw_per_caption=1, num_workers=0, image_size=8)
+    assert sorted(c for c, _ in _all_ids(twice, 1)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_shard_sets_with_different_captions_get_distinct_ids(tmp_path):
+    from generator_service.shards import ShardWriter
+    from tests.train_helpers import generator_config, make_group, write_shards
+    from trainer.sources.offline import OfflineSource
+
+    one = write_shards(tmp_path / "one", num_captions=4, m=2, size=8, groups_per_shard=4)
+    single = OfflineSource([str(one)], captions_per_rank=4, draw_per_caption=1, num_workers=0)
+    assert sorted(c for c, _ in _all_ids(single, 1)) == [0, 1, 2, 3]   # one input: its own ids
+    for name, digest in (("two", "captions-b"), ("three", "captions-c")):
+        with ShardWriter(tmp_path / name, generator_config(2, 8), shard_size=4, run={"captions_digest": digest}) as w:
+            for caption_id in range(4):
+                w.write(make_group(caption_id, 2, 8))
+    both = OfflineSource([str(tmp_path / "two"), str(tmp_path / "three")], captions_per_rank=8, draw_per_caption=1,
+                         num_workers=0)
+    assert len({c for c, _ in _all_ids(both, 1)}) == 8    # same local ids 0..3, other caption files
+
+
+def test_online_ids_are_namespaced_by_generator_fingerprint():
+    from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
+
+    assert not needs_namespacing(["fp-a", "fp-a"]) and needs_namespacing(["fp-a", "fp-b"])
+    a = [namespaced_caption_id("generator:fp-a", i) for i in range(1000)]
+    b = [namespaced_caption_id("generator:fp-b", i) for i in range(1000)]
+    assert len(set(a) | set(b)) == 2000 and all(0 <= x < 2**63 for x in a + b)
+    assert a == [namespaced_caption_id("generator:fp-a", i) for i in range(1000)]

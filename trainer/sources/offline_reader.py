@@ -10,6 +10,8 @@ the first dot of its base name, extension = the rest):
   same on every rank and every run;
 - official layout row ``i``: ``seed*/<path>`` images, caption id ``i``.
 
+With several inputs of different content, ids are namespaced per input (:mod:`trainer.sources.caption_ids`).
+
 Only the ``n`` images a batch needs are decoded, chosen without replacement; a group with fewer than
 ``n`` images repeats some, chosen with replacement, and is counted as ``short``. Images whose size
 differs from ``image_size`` are resized (shorter side) and center-cropped with PIL.
@@ -30,7 +32,8 @@ import torch
 from PIL import Image, ImageOps
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS, split_member
-from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe
+from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
+from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe, part_namespace
 
 log = logging.getLogger("trainer.sources.offline")
 
@@ -154,8 +157,12 @@ def _decode_image(data: bytes, image_size: int) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Generator) -> DecodedGroup:
-    """Turn a raw sample into ``n`` decoded images of one caption (see the module docstring)."""
+def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Generator,
+                  namespace: str | None = None) -> DecodedGroup:
+    """Turn a raw sample into ``n`` decoded images of one caption (see the module docstring).
+
+    ``namespace``: when set, the caption id becomes ``namespaced_caption_id(namespace, local id)`` (runs
+    with several inputs, see :mod:`trainer.sources.caption_ids`)."""
     files = sample.files
     group_images = sorted(
         ((int(m.group(1)), ext) for ext in files if (m := GROUP_IMAGE_PATTERN.match(ext))), key=lambda item: item[0]
@@ -181,7 +188,7 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
                 raise CorruptSample(f"sample {sample.key}: no image member (has {sorted(files)})")
             if "txt" not in files:
                 raise CorruptSample(f"sample {sample.key}: no {sample.key}.txt caption")
-            caption_id = key_caption_id(sample.key)
+            caption_id = key_caption_id(sample.key) if namespace is None else namespaced_caption_id(namespace, sample.key)
             caption = files["txt"]().decode("utf-8")
         m = len(image_exts)
         if m >= n:
@@ -193,6 +200,8 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
         raise
     except Exception as exc:  # undecodable image, bad JSON, bad UTF-8, I/O error
         raise CorruptSample(f"sample {sample.key}: {type(exc).__name__}: {exc}") from exc
+    if namespace is not None and group_images:
+        caption_id = namespaced_caption_id(namespace, caption_id)
     return DecodedGroup(caption_id=caption_id, caption=caption, images=torch.from_numpy(images), short=m < n)
 
 
@@ -227,6 +236,7 @@ def iterate_parts(
     """Decode the parts ``part_indices`` in order, each in a per-epoch shuffled sample order, starting
     at ``start = (part_pos, next_sample)``. Damaged data is logged, counted and skipped."""
     pending = WorkerItem(worker, 0, 0, None)
+    namespaced = needs_namespacing(part_namespace(p, tables) for p in parts)
     for part_pos, part_index in enumerate(part_indices):
         if part_pos < start[0]:
             continue
@@ -251,7 +261,8 @@ def iterate_parts(
         for k in range(first, len(samples)):
             rng = np.random.default_rng([seed, epoch, part_index, k, 1])
             try:
-                group = decode_sample(samples[order[k]], n, image_size, rng)
+                group = decode_sample(samples[order[k]], n, image_size, rng,
+                                      part_namespace(part, tables) if namespaced else None)
             except CorruptSample as exc:
                 log.warning("skipping corrupt sample in %s: %s", describe(part, tables), exc)
                 pending.corrupt_groups += 1
