@@ -143,8 +143,9 @@ def test_down_up_resize_probability_and_sides():
     assert 0.04 < chosen.numel() / 20000 < 0.06          # official downsample_prob 0.05
     assert 0.4 < (chosen == 0).float().mean() < 0.6      # 64 and 128 equally likely (no down_prob given)
     # a chosen image is the input shrunk to the side and resized back (shorter side, aspect kept)
-    from trainer.augment import down_up_where
     import torch.nn.functional as F
+
+    from trainer.augment import down_up_where
 
     x = _uint8_images(3, 256).permute(0, 3, 1, 2).float()
     out = down_up_where(x, torch.tensor([-1, 0, 1]), (64, 128))
@@ -306,3 +307,46 @@ def test_online_ids_are_namespaced_by_generator_fingerprint():
     b = [namespaced_caption_id("generator:fp-b", i) for i in range(1000)]
     assert len(set(a) | set(b)) == 2000 and all(0 <= x < 2**63 for x in a + b)
     assert a == [namespaced_caption_id("generator:fp-a", i) for i in range(1000)]
+
+
+# ----- 7. offline shuffle: global, per sample, every epoch; split like DistributedSampler --------------------
+def test_offline_shuffle_is_global_per_sample_and_resumes_exactly(tmp_path):
+    from trainer.sources.offline import OfflineSource
+
+    csv_path = _official_csv(tmp_path / "big", [f"caption {i}" for i in range(1024)], side=4)
+
+    def make(**kw):
+        args = dict(captions_per_rank=16, draw_per_caption=1, num_workers=0, image_size=4, seed=3)
+        return OfflineSource([str(csv_path)], **{**args, **kw})
+
+    source = make()
+    first = source.next_batch().caption_ids.tolist()
+    assert len({row // 256 for row in first}) >= 3   # blocks of 256 rows gave 1 block per batch
+    state = source.state_dict()
+    second = source.next_batch().caption_ids.tolist()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert resumed.next_batch().caption_ids.tolist() == second   # exact resume
+    # a new epoch is a new permutation
+    epoch0 = [c for _ in range(64) for c in make().next_batch().caption_ids.tolist()][:16]
+    source = make()
+    for _ in range(64):
+        source.next_batch()
+    epoch1 = source.next_batch().caption_ids.tolist()
+    assert source.stats()["epochs_completed"] == 1 and epoch1 != epoch0
+
+
+def test_fewer_shards_than_ranks_no_rank_starves(tmp_path):
+    from tests.train_helpers import write_shards
+    from trainer.sources.offline import OfflineSource
+
+    one_shard = write_shards(tmp_path / "one", num_captions=10, m=1, size=8, groups_per_shard=10)
+    per_rank = []
+    for rank in range(4):
+        source = OfflineSource([str(one_shard)], captions_per_rank=3, draw_per_caption=1, num_workers=0, rank=rank,
+                               world_size=4)
+        per_rank.append(source.next_batch().caption_ids.tolist())
+        assert source.stats()["epochs_completed"] == 0    # 3 of its ceil(10 / 4) = 3 groups this epoch
+    # DistributedSampler rule: 10 samples padded to 12 by wrapping, rank r takes r::4
+    assert sorted(set(c for ids in per_rank for c in ids)) == list(range(10))
+    assert sum(len(ids) for ids in per_rank) == 12
