@@ -350,3 +350,32 @@ def test_fewer_shards_than_ranks_no_rank_starves(tmp_path):
     # DistributedSampler rule: 10 samples padded to 12 by wrapping, rank r takes r::4
     assert sorted(set(c for ids in per_rank for c in ids)) == list(range(10))
     assert sum(len(ids) for ids in per_rank) == 12
+
+
+# ----- 8. official folder names: an explicit folder list with any names ---------------------------------
+def test_official_folder_list_with_any_names(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from trainer.loop import build_source
+
+    (tmp_path / "captions.csv").write_text("000000.png,a red cube\n000001.png,a blue ball\n")
+    folders = [tmp_path / "gen" / f"ddim_2.0_seed_{s}" for s in range(3)]
+    for s, folder in enumerate(folders):
+        folder.mkdir(parents=True)
+        for r in range(2):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (r * 100, s * 60, 0)).save(buf, format="PNG")
+            (folder / f"{r:06d}.png").write_bytes(buf.getvalue())
+    cfg, _ = cli.parse_config(["--preset", "cpu_small", "--source", "offline", "--data", str(tmp_path / "captions.csv"),
+                               "--folder-list", *map(str, folders), "--captions-per-step", "2",
+                               "--draw-per-caption", "3", "--image-size", "8", "--num-workers", "0", "--steps", "1",
+                               "--warmup-steps", "0"])
+    assert cfg.data.folders == [str(f) for f in folders]
+    source = build_source(cfg, device="cpu", rank=0, world_size=1, local_captions=2)
+    batch = source.next_batch()
+    for g, row in enumerate(batch.caption_ids.tolist()):
+        # every folder contributed its image of the row: green channel 0, 60, 120
+        assert sorted(batch.images[g, :, 0, 0, 1].tolist()) == [0, 60, 120]
+        assert batch.captions[g] == ["a red cube", "a blue ball"][row]

@@ -63,6 +63,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("data", ("--source",), "data.source", dict(choices=["online", "offline"])),
     ("data", ("--generators",), "data.generators", dict(nargs="+", metavar="ENDPOINT", help="online: generator endpoints tcp://HOST:PORT")),
     ("data", ("--data",), "data.data", dict(nargs="+", metavar="DIR", help="offline: shard directories")),
+    ("data", ("--folders", "--folder-list"), "data.folders", dict(nargs="+", metavar="DIR", help="offline official layout: the image folders of the CSV, any names (official --folder_list; default seed*/ beside the CSV)")),
     ("data", ("--captions-per-step", "--batch-captions"), "data.captions_per_step", dict(type=int, help="captions per optimizer step over all processes (each rank takes captions-per-step / world size); --batch-captions is a deprecated alias")),
     ("data", ("--draw-per-caption", "--images-per-caption"), "data.draw_per_caption", dict(type=int, help="images drawn from each caption group per step (n; the official n_img); --images-per-caption is a deprecated alias")),
     ("data", ("--image-size",), "data.image_size", dict(type=int, help="stored image side: online replay buffer, offline decode (default: the generator's save size)")),

@@ -83,6 +83,7 @@ class DataConfig:
     source: str = field(default="online", metadata=_choices("online", "offline"))
     generators: list[str] = field(default_factory=list)  # online: tcp:// endpoints
     data: list[str] = field(default_factory=list)  # offline: shard directories / files
+    folders: list[str] = field(default_factory=list)  # offline official layout: image folders, any names ([] = seed*/)
     captions_per_step: int = 1376  # global caption groups per step, split evenly over processes
     draw_per_caption: int = 6  # n_img images drawn from each group
     image_size: Optional[int] = None  # stored image side (online buffer / offline decode); None = the generator's save size

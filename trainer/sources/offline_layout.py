@@ -8,7 +8,8 @@ ranks and DataLoader workers:
 - plain image-text WebDataset shards (``KEY.jpg`` + ``KEY.txt``, as img2dataset writes them): same as
   above, given as a pattern or ``.tar`` paths (the sample format is recognized per sample);
 - the official StableRep layout: a CSV of ``relative/path.jpg,caption`` rows plus one image folder
-  per seed (``root/seed0/``, ``root/seed1/``, ...); given as the CSV path or as ``root`` holding
+  per seed (``root/seed0/``, ``root/seed1/``, ...), or any list of folders given explicitly (the
+  official ``--folder_list``, e.g. ``ddim_2.0_seed_0/``); given as the CSV path or as ``root`` holding
   exactly one CSV. Rows are cut into parts of ``rows_per_part`` rows.
 """
 from __future__ import annotations
