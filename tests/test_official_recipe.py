@@ -379,3 +379,33 @@ def test_official_folder_list_with_any_names(tmp_path):
         # every folder contributed its image of the row: green channel 0, 60, 120
         assert sorted(batch.images[g, :, 0, 0, 1].tolist()) == [0, 60, 120]
         assert batch.captions[g] == ["a red cube", "a blue ball"][row]
+
+
+# ----- 9. text tower: CLIP BPE tokenizer, 512 x 8 heads x 12 layers, linear or mlp projection -------------
+def test_default_text_tower_is_the_official_clip_one():
+    from trainer.text import TextConfig, TextTower
+
+    cfg = TextConfig()
+    assert (cfg.width, cfg.heads, cfg.layers, cfg.context_length, cfg.tokenizer) == (512, 8, 12, 77, "clip")
+    small = TextTower(TextConfig(width=32, heads=2, layers=1, embed_dim=16))  # default tokenizer, tiny tower
+    assert small.tokenizer.vocab_size == 49408
+    tokens = small.tokenize(["a photo of a cat", "x " * 200])
+    assert tokens.shape == (2, 77)
+    assert tokens[0, 0] == 49406 and tokens[1, -1] == 49407        # start token; truncation keeps the end token
+    assert small(tokens).shape == (2, 16)
+
+
+def test_mlp_projection_for_image_and_text():
+    import torch
+
+    text = {"width": 32, "heads": 2, "layers": 1, "embed_dim": 16, "context_length": 16, "projection": "mlp",
+            "mlp_hidden": 24, "tokenizer": "bytes"}
+    model = _tiny_model(text=text).train()
+    for projection in (model.image_projection, model.text.projection):
+        linears = [m for m in projection.modules() if isinstance(m, torch.nn.Linear)]
+        assert [m.out_features for m in linears] == [24, 24, 16]
+        assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in projection.modules()) == 2
+    out = model(torch.randn(4, 3, 32, 32), model.tokenize(["a", "b", "c", "d"]))
+    assert out["image_embed"].shape == (4, 16) and out["text_embed"].shape == (4, 16)
+    with pytest.raises(ValueError, match="projection"):
+        _tiny_model(text={**text, "projection": "conv"})

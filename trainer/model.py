@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
-from trainer.text import TextConfig, TextTower
+from trainer.text import TextConfig, TextTower, build_projection
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
@@ -61,8 +61,7 @@ class StableRepModel(nn.Module):
         self.model_kwargs = dict(model_kwargs)
         self.text = text
         if text is not None:
-            self.image_projection = nn.Linear(backbone.num_features, text.config.embed_dim, bias=False)
-            nn.init.normal_(self.image_projection.weight, std=backbone.num_features ** -0.5)
+            self.image_projection = build_projection(backbone.num_features, text.config)
             self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
         else:
             self.image_projection = None
