@@ -409,3 +409,32 @@ def test_mlp_projection_for_image_and_text():
     assert out["image_embed"].shape == (4, 16) and out["text_embed"].shape == (4, 16)
     with pytest.raises(ValueError, match="projection"):
         _tiny_model(text={**text, "projection": "conv"})
+
+
+# ----- 11. official released checkpoints: {'model': {'visual.<timm ViT keys>', 'image_mlp.*', ...}, 'args'} --
+def test_eval_loads_a_checkpoint_in_the_official_layout(tmp_path):
+    import argparse
+
+    import timm
+    import torch
+
+    from trainer.eval.backbones import load_eval_backbone
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, depth=1)  # official: vit_{size}_patch16_224
+    state = {f"visual.{k}": v for k, v in vit.state_dict().items()}
+    state["image_mlp.layer1.weight"] = torch.randn(8, 384)                  # projection head: dropped
+    state["image_mlp.bn1.running_mean"] = torch.zeros(8)
+    checkpoint = {"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 14,
+                  "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="small", n_img=6)}
+    path = tmp_path / "epoch_last.pth"
+    torch.save(checkpoint, path)
+    backbone = load_eval_backbone(path)
+    assert backbone.name == "vit_small_patch16_224" and backbone.num_features == 384
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.features(x), vit.eval()(x))
+    # a file without the layout is named in the error
+    torch.save({"weights": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth"):
+        load_eval_backbone(tmp_path / "other.pth")
