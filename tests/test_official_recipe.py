@@ -438,3 +438,27 @@ def test_eval_loads_a_checkpoint_in_the_official_layout(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth"):
         load_eval_backbone(tmp_path / "other.pth")
+
+
+# ----- 12. fp16 always goes with a gradient scaler ------------------------------------------------------
+def test_fp16_uses_a_gradient_scaler_in_the_trainer_bench():
+    import torch
+
+    from benchmarks.trainer_bench import grad_scaler, run_trainer_bench
+
+    cpu = torch.device("cpu")
+    assert grad_scaler(cpu, "fp16").is_enabled() and not grad_scaler(cpu, "bf16").is_enabled()
+    results = run_trainer_bench(
+        model="vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size": 8, "depth": 1}, head=(32, 16, 2),
+        captions_per_step=4, draw_per_caption=3, stored_size=40, precision="fp16", steps=1, warmup=1,
+        augment_batch=0, device="cpu",
+    )
+    assert results["grad_scaler"] is True and results["fed_step"]["images_per_s"] > 0
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Accelerate's fp16 mode needs CUDA")
+def test_trainer_fp16_uses_accelerates_gradient_scaler():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="fp16")
+    assert accelerator.scaler is not None  # accelerator.backward scales, the prepared optimizer unscales
