@@ -63,7 +63,7 @@ def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[s
         ).images
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
-    for i in range(warmup_calls):
+    for _ in range(warmup_calls):
         call(0)
     _sync(device)
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[s
         images += call(start).shape[0]
     _sync(device)
     seconds = time.perf_counter() - started
-    del pipe
+    pipe = None  # free the pipeline before the next path loads its own
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds}
@@ -119,7 +119,7 @@ def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str]
     caption_set = CaptionSet(path="<bench>", caption_ids=list(range(len(captions))), captions=list(captions),
                              total=len(captions))
     fingerprint = config.fingerprint()
-    pool = WorkerPool(config.to_dict(), fingerprint, [device], worker_batch=worker_batch, threads_per_worker=threads)
+    pool = WorkerPool(config, fingerprint, [device], worker_batch=worker_batch, threads_per_worker=threads)
     sink = _TimingSink()
     items = work_items(caption_set, fingerprint, 0, config.images_per_group, epochs=1)
     pool.run(items, sink)

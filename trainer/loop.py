@@ -57,7 +57,7 @@ def build_components(cfg: TrainConfig):
     from trainer.model import build_model
 
     method_kwargs = dict(cfg.method.kwargs)
-    if "temperature" in inspect.signature(METHODS[cfg.method.name]).parameters:  # clip has a learned scale
+    if "temperature" in inspect.signature(METHODS.get(cfg.method.name)).parameters:  # clip has a learned scale
         method_kwargs.setdefault("temperature", cfg.method.temperature)
     method = build_method(cfg.method.name, **method_kwargs)
     m = cfg.model

@@ -19,7 +19,6 @@ differs from ``image_size`` are resized (shorter side) and center-cropped with P
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,18 +28,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS
+from trainer.images import decode_image
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
 from trainer.sources.offline_index import SampleIndex, read_tar_sample
-from trainer.sources.offline_layout import (
-    OfficialTable,
-    Part,
-    RowsPart,
-    describe,
-    part_namespace,
-)
+from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, describe, part_namespace
 
 log = logging.getLogger("trainer.sources.offline")
 
@@ -100,14 +93,6 @@ def official_samples(part: RowsPart, table: OfficialTable) -> list[RawSample]:
     return samples
 
 
-def _decode_image(data: bytes, image_size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        if image.size != (image_size, image_size):
-            image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
-
-
 def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Generator,
                   namespace: str | None = None) -> DecodedGroup:
     """Turn a raw sample into ``n`` decoded images of one caption (see the module docstring).
@@ -146,7 +131,7 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
             chosen = rng.choice(m, size=n, replace=False)
         else:
             chosen = np.concatenate([rng.permutation(m), rng.choice(m, size=n - m, replace=True)])
-        images = np.stack([_decode_image(files[image_exts[i]](), image_size) for i in chosen])
+        images = np.stack([decode_image(files[image_exts[i]](), image_size) for i in chosen])
     except CorruptSample:
         raise
     except Exception as exc:  # undecodable image, bad JSON, bad UTF-8, I/O error
