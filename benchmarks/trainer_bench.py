@@ -70,18 +70,30 @@ def _model_and_optimizer(model_name: str, img_size: int, model_kwargs: dict, hea
     return model, optimizer
 
 
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for ``fp16`` (as the trainer's Accelerate fp16 mode and the
+    official recipe use); a disabled one (plain steps) for ``bf16`` / ``no``."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler) -> None:
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _bare_step(model, optimizer, device: torch.device, precision: str, images: int, img_size: int,
                draw_per_caption: int, temperature: float) -> Callable[[], None]:
     x = torch.randn(images, 3, img_size, img_size, device=device)
     labels = torch.arange(images // draw_per_caption, device=device).repeat_interleave(draw_per_caption)
     loss_fn = MultiPosConLoss(temperature)
+    scaler = grad_scaler(device, precision)
 
     def step() -> None:
         with _autocast(device, precision):
             loss = loss_fn(model(x), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(loss, optimizer, scaler)
 
     return step
 
@@ -177,13 +189,13 @@ def run_trainer_bench(
                               connect_timeout=60, sample_timeout=600)
         next_batch, stats, close = online.next_batch, online.stats, online.close
 
+    scaler = grad_scaler(device, precision)
+
     def fed_step() -> None:
         batch = next_batch().to(device, non_blocking=True)
         with _autocast(device, precision):
             loss, _ = method(net, batch, augment)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(loss, optimizer, scaler)
 
     try:
         fed = _time_steps(fed_step, device, steps, warmup)
@@ -195,6 +207,7 @@ def run_trainer_bench(
         "source_stats": {k: v for k, v in source_stats.items() if isinstance(v, (int, float, str))},
     }
     results["fed_over_bare"] = bare / fed
+    results["grad_scaler"] = scaler.is_enabled()
     del net, optimizer
 
     if compile_step:

@@ -48,6 +48,7 @@ def test_fast_probe_separates_colours_and_control_is_chance(folders, tmp_path):
 
 def test_paper_protocol_reports_every_lr(folders, tmp_path, capsys):
     result = _run(["linear", *TINY_VIT, "--protocol", "paper", "--epochs", "2", "--batch-size", "16",
+                   "--probe-batch-size", "16", "--batch-norm", "--eval-every", "1",
                    "--lrs", "0.01,0.1,1.0", "--train", str(folders / "train"), "--val", str(folders / "val")],
                   tmp_path / "paper.json")
     assert [r["base_lr"] for r in result["per_lr"]] == [0.01, 0.1, 1.0]
@@ -56,7 +57,27 @@ def test_paper_protocol_reports_every_lr(folders, tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(h["train_loss"])).all() for h in result["history"])
     assert result["top1"] == max(r["top1"] for r in result["per_lr"])
     assert result["top1"] > 90.0
-    assert "base lr" in capsys.readouterr().out
+    # official: best over base lrs and over the evaluations (every epoch here); winner's lr and epoch shown
+    evaluated = [(h["val_top1"][i], h["epoch"]) for h in result["history"] for i in range(3)]
+    assert result["top1"] == max(t for t, _ in evaluated)
+    sel = result["selected"]
+    winner = result["history"][sel["epoch"] - 1]["val_top1"][[0.01, 0.1, 1.0].index(sel["base_lr"])]
+    assert winner == result["top1"]
+    out = capsys.readouterr().out
+    assert f"best base lr {sel['base_lr']:g}" in out and f"at epoch {sel['epoch']}" in out
+
+
+def test_paper_protocol_defaults_are_the_official_ones():
+    from trainer.eval.linear import PaperProbeConfig
+
+    cfg = PaperProbeConfig()
+    assert cfg.base_lrs == (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+    assert (cfg.epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay) == (90, 1024, 0.9, 0.0)
+    assert cfg.batch_norm is False and cfg.eval_every == 10
+    head = ParallelLinear(10, 768, 1000)           # classifier init N(0, 0.01), zero bias
+    weights = torch.stack(list(head.weights))
+    assert abs(weights.std().item() - 0.01) < 2e-4 and torch.all(torch.stack(list(head.biases)) == 0)
+    assert isinstance(head.norm, torch.nn.Identity)
 
 
 def test_parallel_heads_train_independently():

@@ -149,13 +149,17 @@ def test_clip_and_stablerep_plus_match_reference():
     assert out["positives_per_anchor"].item() == 2.0
 
 
-def test_clip_logit_scale_is_clamped_at_100():
+def test_clip_logit_scale_is_not_clamped_in_the_forward():
+    # official: exp(scale) is used as is; the parameter is clamped after the optimizer step instead,
+    # so above ln 100 the gradient still flows
     img, txt = torch.randn(4, 5), torch.randn(4, 5)
-    big = torch.tensor(10.0, requires_grad=True)
+    big = torch.tensor(5.0, requires_grad=True)
     out = CLIPLoss()(img, txt, big)
-    assert out["logit_scale"].item() == pytest.approx(100.0)
-    i2t, t2i = reference_clip(img.double(), txt.double(), [0, 1, 2, 3], [0, 1, 2, 3], 100.0)
+    assert out["logit_scale"].item() == pytest.approx(math.exp(5.0), rel=1e-6)
+    i2t, t2i = reference_clip(img.double(), txt.double(), [0, 1, 2, 3], [0, 1, 2, 3], math.exp(5.0))
     torch.testing.assert_close(out["loss"].double(), (i2t + t2i) / 2, rtol=1e-5, atol=1e-5)
+    out["loss"].backward()
+    assert big.grad is not None and big.grad.abs() > 0
 
 
 class SimulatedWorld:

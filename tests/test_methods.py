@@ -14,7 +14,7 @@ from trainer.model import build_model
 from trainer.text import TextConfig
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=24, embed_dim=16)
+TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=24, embed_dim=16, tokenizer="bytes")
 
 
 def tiny_model(with_text: bool, with_head: bool = True):

@@ -13,7 +13,7 @@ from trainer.model import build_model, load_backbone, projection_head
 from trainer.text import ByteTokenizer, HFTokenizer, TextConfig, TextTower, eot_positions
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=12, embed_dim=16)
+TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=12, embed_dim=16, tokenizer="bytes")
 
 
 def tiny(text=None, **kw):

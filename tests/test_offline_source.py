@@ -17,6 +17,7 @@ from generator_service.config import GeneratorConfig
 from generator_service.shards import ShardWriter
 from protocol import Group
 from trainer.sources import build_source
+from trainer.sources.caption_ids import namespaced_caption_id
 from trainer.sources.offline import OfflineSource
 from trainer.sources.offline_reader import key_caption_id
 
@@ -187,21 +188,24 @@ def test_corrupt_image_truncated_and_unreadable_shards_are_skipped_and_counted(t
     (out / "garbage.tar").write_bytes(b"this is not a tar archive" * 40)
     paths = [str(out), str(out / "garbage.tar")]
     source = OfflineSource(paths, captions_per_rank=3, draw_per_caption=2, num_workers=0, image_size=S, seed=2)
-    survivors = [0, 2, 3, 4, 5, 6, 7, 8, 9]
+    # two inputs (the shard directory and garbage.tar): caption ids are namespaced by input
+    namespace = source.parts[0].namespace
+    survivors = sorted(namespaced_caption_id(namespace, c) for c in [0, 2, 3, 4, 5, 6, 7, 8, 9])
     assert sorted(read_groups(source, 3)) == survivors
     assert sorted(read_groups(source, 3)) == survivors  # next epoch: same survivors, no crash
 
     # Exact counts, with a fixed read order: shard 0 [0, 1 (bad), 2, 3], shard 1 [4..7],
-    # shard 2 [11 lost (the manifest lists 4 groups), 8, 9, 10 (torn)], then garbage.tar.
+    # shard 2 [8, 9, 10 (torn), 11 lost (the manifest lists 4 groups)]. Shard damage is found when the
+    # index is built: group 11 lost and garbage.tar unreadable count once, at start.
     source = OfflineSource(paths, captions_per_rank=9, draw_per_caption=2, num_workers=0, image_size=S, shuffle=False)
+    assert source.stats()["skipped_corrupt"] == 2 and source.stats()["corrupt_shards"] == 2  # 11, garbage.tar
     assert sorted(source.next_batch().caption_ids.tolist()) == survivors
-    assert source.stats()["skipped_corrupt"] == 2  # group 1, group 11
-    assert source.stats()["corrupt_shards"] == 1
+    assert source.stats()["skipped_corrupt"] == 3  # + group 1
     assert sorted(source.next_batch().caption_ids.tolist()) == survivors
     stats = source.stats()
-    # epoch 0: groups 1, 11, 10 and garbage.tar; epoch 1 up to group 9: groups 1 and 11
-    assert stats["skipped_corrupt"] == 6
-    assert stats["corrupt_shards"] == 3  # shard 2 and garbage.tar in epoch 0, shard 2 again in epoch 1
+    # then group 10 (torn) ends epoch 0; epoch 1 up to group 9 skips group 1 again
+    assert stats["skipped_corrupt"] == 5
+    assert stats["corrupt_shards"] == 2  # shard 2 and garbage.tar
     assert stats["epochs_completed"] == 1
 
 

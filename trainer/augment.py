@@ -3,13 +3,16 @@
 ``GPUAugment(size)(images uint8 [N, H, W, 3]) -> float [N, 3, size, size]`` (ImageNet-normalized).
 Every sample draws its own parameters; there is no per-image Python loop and no host sync:
 
-1. (optional) downsample the whole image to ``downsample`` px (antialiased bilinear);
+1. (optional) downsample the whole image to ``downsample`` px (antialiased bilinear); (optional, the
+   official ``DownSampleAndUpsample``) with probability ``down_prob`` per image, shrink its shorter side
+   to one of ``down_res`` (chosen uniformly) and resize it back to the input size;
 2. RandomResizedCrop + horizontal flip as ONE ``F.grid_sample`` with a per-sample affine grid
    (crop box and flip folded into the grid; bilinear, half-pixel centers, no antialias: crops are at
    most ``H / size`` times larger than the output, 1.14x for 256 -> 224);
 3. (strong) colour ops at output size on the crop, in this fixed order, each sample with its own
    factors and identity factors where a sample skips a step: ColorJitter with p=0.8 (brightness,
-   contrast, saturation, hue; torchvision's formulas, fixed order instead of a random one),
+   contrast, saturation, hue; torchvision's formulas, in a random order drawn per image as
+   torchvision's ColorJitter does),
    grayscale with p=0.2, Gaussian blur with p=0.5 and sigma ~ U(0.1, 2) (separable, reflect padding,
    13 taps, grouped convolution with one kernel per sample);
 4. ImageNet normalization, written in ``out_dtype``.
@@ -37,6 +40,9 @@ class AugmentParams:
     crop: float ``[N, 4]`` = (top, left, height, width) in pixels of the (downsampled) input.
     flip: bool ``[N]``. brightness, contrast, saturation: float ``[N]`` (1 = unchanged).
     hue: float ``[N]`` (0 = unchanged). gray: bool ``[N]``. blur_sigma: float ``[N]`` (0 = no blur).
+    jitter_order: int64 ``[N, 4]``, a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    per sample, or None for that fixed order. down: int64 ``[N]``, index into ``down_res`` of the
+    sample's down-and-up resize, -1 = none; None = no sample.
     """
 
     crop: torch.Tensor
@@ -47,9 +53,12 @@ class AugmentParams:
     hue: torch.Tensor
     gray: torch.Tensor
     blur_sigma: torch.Tensor
+    jitter_order: torch.Tensor | None = None
+    down: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "AugmentParams":
-        return AugmentParams(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+        return AugmentParams(**{k: None if v is None else v.to(device, non_blocking=True)
+                                for k, v in self.__dict__.items()})
 
 
 # ----------------------------------------------------------------------------------- colour ops
@@ -137,6 +146,47 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_
     return planes.view(n, c, h, w)
 
 
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue with each sample's factors, in each sample's order.
+
+    ``params.jitter_order`` ``[N, 4]`` gives the op at every position per sample (None = the fixed order
+    0..3). At position k every op runs on the whole batch with identity factors on the samples that
+    do not apply it there (brightness/contrast/saturation 1, hue 0), so there is no per-image loop.
+    x float ``[N, 3, H, W]`` in [0, 1]; computed in float32, returned in x's dtype.
+    """
+    factors = (params.brightness, params.contrast, params.saturation, params.hue)
+    if params.jitter_order is None:
+        for op, factor in zip(_JITTER_OPS, factors):
+            x = op(x, factor)
+        return x
+    dtype, x = x.dtype, x.float()  # float32: a half hue step before contrast amplifies its rounding
+    for k in range(4):
+        for o, (op, factor) in enumerate(zip(_JITTER_OPS, factors)):
+            here = params.jitter_order[:, k] == o
+            identity = torch.zeros_like(factor) if o == 3 else torch.ones_like(factor)
+            applied = op(x, torch.where(here, factor, identity))
+            x = torch.where(here.view(-1, 1, 1, 1), applied, x)
+    return x.to(dtype)
+
+
+def down_up_where(x: torch.Tensor, down: torch.Tensor, down_res: tuple[int, ...]) -> torch.Tensor:
+    """Official ``DownSampleAndUpsample`` per sample: shorter side to ``down_res[down[i]]`` and back.
+
+    x float ``[N, C, H, W]``; down int ``[N]`` (-1 = unchanged). Resizes run on the whole batch once per
+    resolution (antialiased bilinear down, bilinear up) and are selected per sample, without host sync.
+    """
+    _, _, height, width = x.shape
+    for i, res in enumerate(down_res):
+        small = (res, max(1, round(res * width / height))) if height <= width else (max(1, round(res * height / width)), res)
+        shrunk = F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False)
+        back = F.interpolate(shrunk, size=(height, width), mode="bilinear", align_corners=False)
+        x = torch.where((down == i).view(-1, 1, 1, 1), back, x)
+    return x
+
+
 # ------------------------------------------------------------------------------------- sampling
 def sample_crops(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
                  generator: torch.Generator | None, device: torch.device, attempts: int = 10) -> torch.Tensor:
@@ -198,9 +248,13 @@ class GPUAugment:
         strong: full recipe (crop, flip, colour jitter, grayscale, blur); False = crop + flip only.
         scale, ratio: RandomResizedCrop area fraction and aspect-ratio ranges.
         downsample: first resize inputs to this side (the paper's low-resolution ablation), or None.
+        down_res, down_prob: the official random down-and-up resize: with probability ``down_prob``
+            an image's shorter side goes to one of ``down_res`` (uniform choice) and back; () = off.
+        crops_per_image: augmented crops the methods take of every drawn image (official num_crop).
         mean, std: normalization per channel.
         jitter: (brightness, contrast, saturation, hue) strengths; jitter_p, gray_p, blur_p,
-        flip_p: probabilities; blur_sigma: sigma range.
+        flip_p: probabilities (default: 0.5 with ``strong``, 0 without: the official weak
+        augmentation is RandomResizedCrop only); blur_sigma: sigma range.
         dtype: working dtype (default float16 on CUDA, float32 elsewhere); out_dtype: output dtype.
     """
 
@@ -209,7 +263,8 @@ class GPUAugment:
                  std: tuple[float, ...] = IMAGENET_STD, ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
                  gray_p: float = 0.2, blur_p: float = 0.5,
-                 blur_sigma: tuple[float, float] = BLUR_SIGMA_RANGE, flip_p: float = 0.5,
+                 blur_sigma: tuple[float, float] = BLUR_SIGMA_RANGE, flip_p: float | None = None,
+                 down_res: tuple[int, ...] = (), down_prob: float = 0.05, crops_per_image: int = 1,
                  dtype: torch.dtype | None = None, out_dtype: torch.dtype = torch.float32) -> None:
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
@@ -221,7 +276,14 @@ class GPUAugment:
         self.downsample = downsample
         self.mean, self.std = tuple(mean), tuple(std)
         self.jitter, self.jitter_p, self.gray_p, self.blur_p = tuple(jitter), jitter_p, gray_p, blur_p
-        self.blur_sigma, self.flip_p = tuple(blur_sigma), flip_p
+        if not 0.0 <= down_prob <= 1.0 or any(int(r) <= 0 for r in down_res):
+            raise ValueError(f"down_res must be sides > 0 and down_prob in [0, 1], got {down_res}, {down_prob}")
+        self.blur_sigma = tuple(blur_sigma)
+        self.flip_p = (0.5 if strong else 0.0) if flip_p is None else flip_p
+        self.down_res, self.down_prob = tuple(int(r) for r in down_res), float(down_prob)
+        if crops_per_image < 1:
+            raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
+        self.crops_per_image = int(crops_per_image)
         self.dtype, self.out_dtype = dtype, out_dtype
         self._normalize_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -240,7 +302,7 @@ class GPUAugment:
         device = torch.device(device)
         gen_device = generator.device if generator is not None else device
         crop = sample_crops(n, height, width, self.scale, self.ratio, generator, gen_device)
-        u = torch.rand(n, 9, generator=generator, device=gen_device)
+        u = torch.rand(n, 11, generator=generator, device=gen_device)
         flip = u[:, 0] < self.flip_p
         ones, zeros = torch.ones(n, device=gen_device), torch.zeros(n, device=gen_device)
         if self.strong:
@@ -253,10 +315,17 @@ class GPUAugment:
             gray = u[:, 6] < self.gray_p
             lo, hi = self.blur_sigma
             blur_sigma = torch.where(u[:, 7] < self.blur_p, lo + (hi - lo) * u[:, 8], zeros)
+            order = torch.rand(n, 4, generator=generator, device=gen_device).argsort(dim=1)
         else:
             brightness, contrast, saturation, hue = ones, ones, ones, zeros
             gray, blur_sigma = torch.zeros(n, dtype=torch.bool, device=gen_device), zeros
-        return AugmentParams(crop, flip, brightness, contrast, saturation, hue, gray, blur_sigma).to(device)
+            order = None
+        down = None
+        if self.down_res:
+            choice = (u[:, 10] * len(self.down_res)).long().clamp_(max=len(self.down_res) - 1)
+            down = torch.where(u[:, 9] < self.down_prob, choice, torch.full_like(choice, -1))
+        return AugmentParams(crop, flip, brightness, contrast, saturation, hue, gray, blur_sigma,
+                             order, down).to(device)
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Augment with given parameters: uint8 ``[N, H, W, 3]`` -> ``out_dtype`` ``[N, 3, size, size]``.
@@ -273,13 +342,12 @@ class GPUAugment:
         if self.downsample is not None:  # float32: antialiased resize has no half kernel on every device
             x = F.interpolate(x.float(), size=(self.downsample, self.downsample), mode="bilinear",
                               antialias=True, align_corners=False)
+        if params.down is not None:
+            x = down_up_where(x.float(), params.down, self.down_res)
         x = x.to(dtype)
         x = crop_flip_resize(x, params.crop, params.flip, self.size).mul_(1.0 / 255.0).clamp_(0.0, 1.0)
         if self.strong:
-            x = adjust_brightness(x, params.brightness)
-            x = adjust_contrast(x, params.contrast)
-            x = adjust_saturation(x, params.saturation)
-            x = adjust_hue(x, params.hue)
+            x = color_jitter(x, params)
             x = grayscale_where(x, params.gray)
             x = gaussian_blur(x, params.blur_sigma)
         shift, inv_std = self._normalize_constants(x.device)

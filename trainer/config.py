@@ -49,7 +49,8 @@ class ModelConfig:
     head_hidden: int = 4096
     head_out: int = 256
     head_layers: int = 3  # (layers - 1) x Linear-BN-ReLU, then Linear(hidden, out)
-    sync_bn: bool = False  # SyncBatchNorm in the head (multi-process runs)
+    sync_bn: bool = False  # SyncBatchNorm in the head (multi-process runs; official: on)
+    head_per_view: bool = False  # head (and its BN) once per view chunk, as the official (paper preset: on)
     text: dict = field(default_factory=dict)  # TextConfig fields for clip / stablerep+ (empty = CLIP B/16 text)
 
 
@@ -67,9 +68,12 @@ class AugmentConfig:
     """GPU augmentation applied to every image of a batch (``trainer.augment.GPUAugment``)."""
 
     size: Optional[int] = None  # output crop side S; None = model.img_size
-    strong: bool = True  # the paper's strong augmentation; False = crop + flip only
-    scale_min: float = 0.08  # RandomResizedCrop scale range (scale_min, 1)
-    downsample: Optional[int] = None  # shrink images to this side before augmenting (None = as stored)
+    strong: bool = True  # the paper's strong augmentation; False = the official weak one (crop only, no flip)
+    scale_min: Optional[float] = None  # RandomResizedCrop scale (scale_min, 1); None = 0.08 strong, 0.5 weak
+    downsample: Optional[int] = None  # shrink every image to this side before augmenting (None = as stored)
+    down_res: list[int] = field(default_factory=list)  # official random down-and-up resize sides ([] = off)
+    down_prob: float = 0.05  # probability per image of that resize (official downsample_prob)
+    crops_per_image: int = 1  # augmented crops of every drawn image (official num_crop; SimCLR: 2)
 
 
 @dataclass
@@ -79,6 +83,7 @@ class DataConfig:
     source: str = field(default="online", metadata=_choices("online", "offline"))
     generators: list[str] = field(default_factory=list)  # online: tcp:// endpoints
     data: list[str] = field(default_factory=list)  # offline: shard directories / files
+    folders: list[str] = field(default_factory=list)  # offline official layout: image folders, any names ([] = seed*/)
     captions_per_step: int = 1376  # global caption groups per step, split evenly over processes
     draw_per_caption: int = 6  # n_img images drawn from each group
     image_size: Optional[int] = None  # stored image side (online buffer / offline decode); None = the generator's save size
@@ -103,7 +108,8 @@ class ReplayConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW; the peak lr is ``lr`` when given, else ``base_lr * global images per step / 256``."""
+    """AdamW; the peak lr is ``lr`` when given, else the official rule
+    ``base_lr * captions_per_step * draw_per_caption / 256 * crops_per_image / 2``."""
 
     base_lr: float = 2e-4
     lr: Optional[float] = None
@@ -159,14 +165,39 @@ class TrainConfig:
         """Side of the augmented crops, which is the model's input size."""
         return self.augment.size or self.model.img_size
 
+    def crop_scale_min(self) -> float:
+        """Lower RandomResizedCrop scale: ``augment.scale_min``, else 0.08 (strong) / 0.5 (official weak)."""
+        if self.augment.scale_min is not None:
+            return self.augment.scale_min
+        return 0.08 if self.augment.strong else 0.5
+
+    def augment_summary(self) -> dict:
+        """The augmentation as it will run (for ``--print-config``)."""
+        a = self.augment
+        out = {"crop": f"RandomResizedCrop({self.crop_size()}, scale=({self.crop_scale_min():g}, 1))",
+               "flip_p": 0.5 if a.strong else 0.0, "crops_per_image": a.crops_per_image}
+        if a.strong:
+            out["color"] = ("ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, random order per image; grayscale p=0.2; "
+                            "blur sigma U(0.1, 2) p=0.5")
+        if a.downsample is not None:
+            out["downsample"] = f"every image to {a.downsample} px"
+        if a.down_res:
+            out["down_up"] = f"p={a.down_prob:g} per image, shorter side to one of {a.down_res} and back"
+        return out
+
     def images_per_step(self) -> int:
-        """Global images per optimizer step (all processes together)."""
-        return self.data.captions_per_step * self.data.draw_per_caption
+        """Global augmented images per optimizer step (all processes together):
+        captions_per_step x draw_per_caption x crops_per_image."""
+        return self.data.captions_per_step * self.data.draw_per_caption * self.augment.crops_per_image
 
     def peak_lr(self) -> float:
+        """``optim.lr`` when set, else the official StableRep rule
+        ``base_lr * captions_per_step * draw_per_caption / 256 * crops_per_image / 2`` (the official
+        script scales by ``num_crop / 2``: one crop per image halves the per-256-images rule)."""
         if self.optim.lr is not None:
             return self.optim.lr
-        return self.optim.base_lr * self.images_per_step() / 256
+        drawn = self.data.captions_per_step * self.data.draw_per_caption
+        return self.optim.base_lr * drawn / 256 * self.augment.crops_per_image / 2
 
     def _steps_per_epoch(self, what: str) -> float:
         if self.data.dataset_captions is None:
@@ -198,6 +229,9 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps(),
             "peak_lr": self.peak_lr(),
             "images_per_step": self.images_per_step(),
+            "augment": self.augment_summary(),
+            "head_batchnorm": ("per view chunk" if self.model.head_per_view else "one over all images")
+            + (", synchronized across processes" if self.model.sync_bn else ", per process"),
         }
         return out
 
@@ -218,9 +252,13 @@ class TrainConfig:
         _positive("augment.size", self.augment.size, optional=True)
         if self.augment.size is not None and self.augment.size != self.model.img_size:
             _fail("augment.size", self.augment.size, f"differs from model.img_size = {self.model.img_size}")
-        if not 0 < self.augment.scale_min <= 1:
+        if self.augment.scale_min is not None and not 0 < self.augment.scale_min <= 1:
             _fail("augment.scale_min", self.augment.scale_min, "must be in (0, 1]")
         _positive("augment.downsample", self.augment.downsample, optional=True)
+        _positive("augment.crops_per_image", self.augment.crops_per_image)
+        _positive("augment.down_res", self.augment.down_res, each=True)
+        if not 0.0 <= self.augment.down_prob <= 1.0:
+            _fail("augment.down_prob", self.augment.down_prob, "must be in [0, 1]")
         _positive("data.captions_per_step", d.captions_per_step)
         _positive("data.draw_per_caption", d.draw_per_caption)
         _positive("data.image_size", d.image_size, optional=True)

@@ -68,11 +68,12 @@ def build_components(cfg: TrainConfig):
     model = build_model(
         m.name, img_size=m.img_size, model_kwargs=m.model_kwargs, head_hidden=m.head_hidden, head_out=m.head_out,
         head_layers=m.head_layers if method.needs_head else 0,  # clip uses no SSL head: DDP needs every param used
-        sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None,
+        sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None, head_per_view=m.head_per_view,
     )
     augment = GPUAugment(
-        size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.augment.scale_min, 1.0),
-        downsample=cfg.augment.downsample,
+        size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.crop_scale_min(), 1.0),
+        downsample=cfg.augment.downsample, down_res=tuple(cfg.augment.down_res), down_prob=cfg.augment.down_prob,
+        crops_per_image=cfg.augment.crops_per_image,
     )
     return model, method, augment
 
@@ -102,6 +103,7 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
     return sources.build_source(
         "offline", paths=d.data, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
         image_size=d.image_size, rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.run.seed,
+        seed_dirs=list(d.folders) or None,
     )
 
 
@@ -306,6 +308,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                unwrapped.clamp_logit_scale_()  # official: logit scale in [0, ln 100] after every step
 
                 step += 1
                 images_seen += images_per_step

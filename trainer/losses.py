@@ -146,8 +146,10 @@ class SimCLRLoss(MultiPosConLoss):
 
 
 def _logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
-    """``exp(logit_scale)`` clamped at 100 (CLIP); float32 (or float64) scalar."""
-    return _full_precision(logit_scale).exp().clamp(max=100.0)
+    """``exp(logit_scale)``; float32 (or float64) scalar. Not clamped here: as in the official recipe
+    the parameter itself is clamped to ``[0, ln 100]`` after every optimizer step
+    (:meth:`trainer.model.StableRepModel.clamp_logit_scale_`), so its gradient never vanishes."""
+    return _full_precision(logit_scale).exp()
 
 
 class CLIPLoss(nn.Module):
@@ -163,7 +165,7 @@ class CLIPLoss(nn.Module):
         """Args:
             image_embed: float ``[N, E]``.
             text_embed: float ``[G, E]``.
-            logit_scale: scalar tensor, log of the inverse temperature (used as ``exp``, clamped at 100).
+            logit_scale: scalar tensor, log of the inverse temperature (used as ``exp``).
             image_labels: int ``[N]``; text_labels: int ``[G]``. Both None means pairs (N == G).
         Returns:
             dict of scalars: ``loss`` = (i2t + t2i) / 2, ``i2t_loss``, ``t2i_loss``, ``logit_scale`` (exp, detached).
@@ -226,3 +228,4 @@ class StableRepPlusLoss(nn.Module):
 
 
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100.0)  # the parameter is clamped to [0, MAX_LOGIT_SCALE] after each step

@@ -56,23 +56,29 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _all_images(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[G*n, H, W, 3]`` (group-major) and int64 labels ``[G*n]`` = caption id of each image."""
-    images = batch.images.to(device, non_blocking=True)
-    n = batch.images_per_group
-    labels = batch.caption_ids.to(device, non_blocking=True).repeat_interleave(n)
-    return images.flatten(0, 1), labels
+def _views(images: torch.Tensor, caption_ids: torch.Tensor, crops: int, augment: GPUAugment):
+    """Augmented views of uint8 ``[G, n, H, W, 3]``: every image ``crops`` times, group-major.
+
+    Returns float ``[G*n*crops, 3, S, S]`` (group 0's ``n*crops`` views first, the crops of one image
+    next to each other), int64 labels ``[G*n*crops]`` = caption id of each view, and the views per
+    group ``n*crops`` (for the per-view projection head).
+    """
+    g, n = images.shape[:2]
+    flat = images.flatten(0, 1)                                         # [G*n, H, W, 3]
+    if crops > 1:
+        flat = flat.repeat_interleave(crops, dim=0)                     # [G*n*crops, H, W, 3]
+    labels = caption_ids.repeat_interleave(n * crops)
+    return augment(flat), labels, n * crops
 
 
-def _first_images(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[G, H, W, 3]`` (the first image of each group) and the caption ids ``[G]``."""
-    return (batch.images[:, 0].to(device, non_blocking=True),
-            batch.caption_ids.to(device, non_blocking=True))
+def _crops(augment: GPUAugment, at_least: int = 1) -> int:
+    return max(at_least, int(getattr(augment, "crops_per_image", 1)))
 
 
 @register_method("stablerep")
 class StableRepMethod:
-    """All ``G x n`` images, one augmentation each; positives = images of the same caption."""
+    """All ``G x n`` images, ``augment.crops_per_image`` augmentations each; positives = every view of the
+    same caption."""
 
     needs_text = False
     needs_head = True
@@ -82,29 +88,32 @@ class StableRepMethod:
 
     def __call__(self, model: nn.Module, batch: Batch, augment: GPUAugment):
         device = _device(model)
-        images, labels = _all_images(batch, device)
-        features = model(augment(images))                       # [G*n, head_out]
+        views, labels, per_group = _views(batch.images.to(device, non_blocking=True),
+                                          batch.caption_ids.to(device, non_blocking=True), _crops(augment), augment)
+        features = model(views, views=per_group)                        # [G*n*crops, head_out]
         loss, details = self.loss(features, labels, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
-                      "images": int(images.shape[0])}
+                      "images": int(views.shape[0])}
 
 
 @register_method("simclr")
 class SimCLRMethod:
-    """The first image of each group, two augmentations; positive = the other view of the same image."""
+    """The first image of each group, ``max(2, crops_per_image)`` crops of it (official SimCLR: one image
+    per caption, num_crop 2); positives = the other crops of the same image."""
 
     needs_text = False
     needs_head = True
 
     def __init__(self, temperature: float = 0.1) -> None:
-        self.loss = SimCLRLoss(temperature)
+        self.loss = SimCLRLoss(temperature)  # a MultiPosConLoss: labels = image ids
 
     def __call__(self, model: nn.Module, batch: Batch, augment: GPUAugment):
         device = _device(model)
-        images, ids = _first_images(batch, device)
-        views = torch.cat([augment(images), augment(images)])   # [2G, 3, S, S]
-        view_a, view_b = model(views).chunk(2)                   # [G, head_out] each
-        loss, details = self.loss(view_a, view_b, ids, return_details=True)
+        first = batch.images[:, :1].to(device, non_blocking=True)      # [G, 1, H, W, 3]
+        views, labels, per_group = _views(first, batch.caption_ids.to(device, non_blocking=True),
+                                          _crops(augment, at_least=2), augment)
+        features = model(views, views=per_group)                        # [G*crops, head_out]
+        loss, details = MultiPosConLoss.forward(self.loss, features, labels, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
                       "images": int(views.shape[0])}
 
@@ -121,7 +130,8 @@ class CLIPMethod:
 
     def __call__(self, model: nn.Module, batch: Batch, augment: GPUAugment):
         device = _device(model)
-        images, ids = _first_images(batch, device)
+        images = batch.images[:, 0].to(device, non_blocking=True)      # [G, H, W, 3]
+        ids = batch.caption_ids.to(device, non_blocking=True)
         tokens = unwrap(model).tokenize(batch.captions, device)  # [G, L]
         out = model(augment(images), tokens, ssl=False)
         parts = self.loss(out["image_embed"], out["text_embed"], out["logit_scale"], ids, ids)
@@ -142,12 +152,13 @@ class StableRepPlusMethod:
 
     def __call__(self, model: nn.Module, batch: Batch, augment: GPUAugment):
         device = _device(model)
-        images, labels = _all_images(batch, device)
         text_labels = batch.caption_ids.to(device, non_blocking=True)
+        views, labels, per_group = _views(batch.images.to(device, non_blocking=True), text_labels,
+                                          _crops(augment), augment)
         tokens = unwrap(model).tokenize(batch.captions, device)  # [G, L]
-        out = model(augment(images), tokens, ssl=True)
+        out = model(views, tokens, ssl=True, views=per_group)
         parts = self.loss(out["ssl"], out["image_embed"], out["text_embed"], labels, text_labels,
                           out["logit_scale"])
         metrics = {k: v.detach() for k, v in parts.items()}
-        metrics["images"] = int(images.shape[0])
+        metrics["images"] = int(views.shape[0])
         return parts["loss"], metrics

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.losses import INITIAL_LOGIT_SCALE
-from trainer.text import TextConfig, TextTower
+from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
+from trainer.text import TextConfig, TextTower, build_projection
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
@@ -52,20 +52,27 @@ class StableRepModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, model_name: str, model_kwargs: dict,
-                 text: TextTower | None = None) -> None:
+                 text: TextTower | None = None, head_per_view: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.head_per_view = bool(head_per_view)
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
         self.text = text
         if text is not None:
-            self.image_projection = nn.Linear(backbone.num_features, text.config.embed_dim, bias=False)
-            nn.init.normal_(self.image_projection.weight, std=backbone.num_features ** -0.5)
+            self.image_projection = build_projection(backbone.num_features, text.config)
             self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
         else:
             self.image_projection = None
             self.logit_scale = None
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the logit-scale parameter to ``[0, ln 100]`` in place (official: after every optimizer
+        step). No-op without a text tower."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
     @property
     def num_features(self) -> int:
@@ -76,13 +83,31 @@ class StableRepModel(nn.Module):
             raise RuntimeError("this model has no text tower: build it with build_model(..., text=TextConfig())")
         return self.text
 
-    def forward(self, images: torch.Tensor, text_tokens: torch.Tensor | None = None, *, ssl: bool = True):
+    def project(self, features: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """Projection head on backbone features ``[N, F]`` -> ``[N, head_out]``.
+
+        ``features`` are group-major: ``N = G x views`` rows, the ``views`` images of group 0 first.
+        With ``head_per_view`` (the official recipe) the head runs once per view chunk, i.e. on the
+        ``G`` rows at index ``j`` of every group, so its BatchNorm statistics are per chunk; else one
+        call over all ``N`` rows.
+        """
+        if not self.head_per_view or views == 1:
+            return self.head(features)
+        if features.shape[0] % views:
+            raise ValueError(f"{features.shape[0]} feature rows do not split into groups of {views} views")
+        grouped = features.view(-1, views, features.shape[-1])              # [G, views, F]
+        chunks = [self.head(grouped[:, j]) for j in range(views)]          # views x [G, head_out]
+        return torch.stack(chunks, dim=1).flatten(0, 1)                     # [G * views, head_out]
+
+    def forward(self, images: torch.Tensor, text_tokens: torch.Tensor | None = None, *, ssl: bool = True,
+                views: int = 1):
         """Run the model. Goes through ``__call__`` so data-parallel wrappers see every branch.
 
         Args:
-            images: float ``[N, 3, S, S]``, normalized.
+            images: float ``[N, 3, S, S]``, normalized, group-major (``N = G x views``).
             text_tokens: int64 ``[G, L]`` or None.
             ssl: with text tokens, also return the projection-head output.
+            views: images per group in ``images`` (for the per-view head, see :meth:`project`).
         Returns:
             without ``text_tokens``: head output ``[N, head_out]``;
             with them: dict with ``image_embed`` ``[N, E]``, ``text_embed`` ``[G, E]``, ``logit_scale``
@@ -90,12 +115,12 @@ class StableRepModel(nn.Module):
         """
         features = self.backbone(images)
         if text_tokens is None:
-            return self.head(features)
+            return self.project(features, views)
         text = self._require_text()
         out = {"image_embed": self.image_projection(features), "text_embed": text(text_tokens),
                "logit_scale": self.logit_scale}
         if ssl:
-            out["ssl"] = self.head(features)
+            out["ssl"] = self.project(features, views)
         return out
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -148,7 +173,7 @@ class StableRepModel(nn.Module):
 
 def build_model(name: str = "vit_base_patch16_224", img_size: int = 224, model_kwargs: dict | None = None,
                 head_hidden: int = 4096, head_out: int = 256, head_layers: int = 3, sync_bn: bool = False,
-                text: TextConfig | dict | None = None) -> StableRepModel:
+                text: TextConfig | dict | None = None, head_per_view: bool = False) -> StableRepModel:
     """Build the StableRep model.
 
     Args:
@@ -157,7 +182,9 @@ def build_model(name: str = "vit_base_patch16_224", img_size: int = 224, model_k
         model_kwargs: extra timm kwargs (e.g. ``{"patch_size": 8}``).
         head_hidden, head_out, head_layers: projection head sizes (paper: 4096, 256, 3; ``head_layers=0``
             = no head, e.g. for the clip method, so no parameter goes unused under DDP).
-        sync_bn: convert every BatchNorm to SyncBatchNorm (multi-GPU runs).
+        sync_bn: convert every BatchNorm to SyncBatchNorm (multi-GPU runs; the official recipe).
+        head_per_view: apply the head to each view chunk separately (the official recipe), see
+            :meth:`StableRepModel.project`.
         text: a :class:`TextConfig` (or its dict) to add the text tower for clip / stablerep+.
     """
     kwargs = {"num_classes": 0, "img_size": img_size, **(model_kwargs or {})}
@@ -168,7 +195,8 @@ def build_model(name: str = "vit_base_patch16_224", img_size: int = 224, model_k
     head = projection_head(backbone.num_features, head_hidden, head_out, head_layers)
     if isinstance(text, dict):
         text = TextConfig(**text)
-    model = StableRepModel(backbone, head, name, kwargs, TextTower(text) if text is not None else None)
+    model = StableRepModel(backbone, head, name, kwargs, TextTower(text) if text is not None else None,
+                           head_per_view=head_per_view)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

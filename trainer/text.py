@@ -1,8 +1,12 @@
 """CLIP-style text tower for StableRep+ and CLIP: tokenizer + causal transformer + EOT pooling + projection.
 
 The transformer is ``transformers.CLIPTextModel`` built from a config (random init, nothing is
-downloaded). Tokenizers work offline: the default :class:`ByteTokenizer` maps UTF-8 bytes to ids;
+downloaded). Tokenizers work offline: the default ``"clip"`` is CLIP's BPE tokenizer (vocabulary 49408,
+context 77, as the official StableRep+) from ``open_clip``, whose vocabulary file ships inside the
+package; ``"bytes"`` (:class:`ByteTokenizer`) maps UTF-8 bytes to ids (small CPU towers);
 ``tokenizer=<folder>`` loads a local Hugging Face tokenizer folder with ``AutoTokenizer``.
+The projection into the joint space is ``linear`` or ``mlp`` (the official ``vl_projection``: the
+projection head's Linear-BN-ReLU x 2 + Linear, hidden ``mlp_hidden``).
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ class TextConfig:
     mlp_ratio: float = 4.0
     context_length: int = 77
     embed_dim: int = 512
-    tokenizer: str = "bytes"  # "bytes", or the path of a local Hugging Face tokenizer folder
+    tokenizer: str = "clip"  # "clip" (BPE, open_clip), "bytes", or the path of a local Hugging Face tokenizer folder
+    projection: str = "linear"  # "linear" or "mlp" (official vl_projection), for both image and text
+    mlp_hidden: int = 4096  # hidden width of the mlp projection (official ssl_mlp_dim)
 
 
 class ByteTokenizer:
@@ -48,6 +54,22 @@ class ByteTokenizer:
             ids = [self.bos_id, *body, self.eos_id]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
+
+
+class ClipTokenizer:
+    """CLIP's BPE tokenizer (``open_clip.tokenizer.SimpleTokenizer``): vocabulary 49408, start token
+    49406, end token 49407, padded with 0 to ``context_length``; truncation keeps the end token."""
+
+    def __init__(self, context_length: int = 77) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.vocab_size = len(self.tokenizer.encoder)
+        self.bos_id, self.eos_id, self.pad_id = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id, 0
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts), context_length=self.context_length).long()
 
 
 class HFTokenizer:
@@ -80,8 +102,11 @@ class HFTokenizer:
                               max_length=self.context_length, return_tensors="pt")["input_ids"].long()
 
 
-def build_tokenizer(config: TextConfig) -> ByteTokenizer | HFTokenizer:
-    """``"bytes"`` -> :class:`ByteTokenizer`; anything else is a local tokenizer folder."""
+def build_tokenizer(config: TextConfig) -> ByteTokenizer | ClipTokenizer | HFTokenizer:
+    """``"clip"`` -> :class:`ClipTokenizer`; ``"bytes"`` -> :class:`ByteTokenizer`; anything else is a
+    local tokenizer folder."""
+    if config.tokenizer == "clip":
+        return ClipTokenizer(config.context_length)
     if config.tokenizer == "bytes":
         return ByteTokenizer(config.context_length)
     return HFTokenizer(config.tokenizer, config.context_length)
@@ -101,6 +126,20 @@ def eot_positions(tokens: torch.Tensor, eos_id: int | None, pad_id: int) -> torc
     is_eos = tokens == eos_id
     first_eos = torch.where(is_eos, positions, length).amin(dim=1)
     return torch.where(is_eos.any(dim=1), first_eos, last_real)
+
+
+def build_projection(in_dim: int, config: TextConfig) -> nn.Module:
+    """``[B, in_dim] -> [B, embed_dim]``: bias-free Linear (init N(0, in_dim^-0.5)) for ``linear``, or
+    the 3-layer projection-head MLP for ``mlp``."""
+    if config.projection == "linear":
+        layer = nn.Linear(in_dim, config.embed_dim, bias=False)
+        nn.init.normal_(layer.weight, std=in_dim ** -0.5)
+        return layer
+    if config.projection == "mlp":
+        from trainer.model import projection_head
+
+        return projection_head(in_dim, config.mlp_hidden, config.embed_dim, layers=3)
+    raise ValueError(f"text projection must be 'linear' or 'mlp', got {config.projection!r}")
 
 
 class TextTower(nn.Module):
@@ -125,8 +164,7 @@ class TextTower(nn.Module):
             eos_token_id=self.tokenizer.eos_id,
         )
         self.transformer = CLIPTextModel(hf_config)  # causal self-attention inside
-        self.projection = nn.Linear(config.width, config.embed_dim, bias=False)
-        nn.init.normal_(self.projection.weight, std=config.width ** -0.5)
+        self.projection = build_projection(config.width, config)
 
     @property
     def no_weight_decay_names(self) -> set[str]:

@@ -4,6 +4,12 @@ Accepted specs:
 
 - a ``stablerep-train`` run directory holding ``backbone.json`` + ``backbone.safetensors``;
 - either of those two files directly (the other is looked up next to it);
+- an official StableRep checkpoint (``*.pth`` / ``*.pt`` from google-research/syn-rep-learn): a dict
+  whose ``model`` entry holds the training model's state dict; the backbone is every ``visual.*`` key
+  without that prefix (``visual.head*`` left out), as the official linear-probe script reads it, into
+  ``vit_{small,base,large}_patch16_224`` (the size from the checkpoint's ``args.model`` or from the
+  width of ``cls_token``; the depth from the ``blocks.N`` keys). Read with ``torch.load(weights_only=True)``
+  (only ``argparse.Namespace`` allowed besides tensors, for the saved ``args``);
 - ``timm:NAME`` or ``random:NAME``: the timm architecture at random init (``model_kwargs`` are passed
   to ``timm.create_model``), the baseline every trained backbone must beat;
 - ``timm-pretrained:NAME``: timm's pretrained weights, only when already in the local cache
@@ -173,6 +179,48 @@ def _load_exported(path: Path) -> EvalBackbone:
     return _wrap(model, name, kwargs, str(weights_path), stats=meta, input_size=size)
 
 
+OFFICIAL_SUFFIXES = (".pth", ".pt")
+OFFICIAL_WIDTHS = {384: "small", 768: "base", 1024: "large"}
+
+
+def official_backbone_state(checkpoint: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """The backbone state dict inside an official StableRep checkpoint (see the module docstring)."""
+    state = checkpoint.get("model", checkpoint.get("state_dict")) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise BackboneSpecError(f"{where}: no 'model' state dict (keys: {sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__})")
+    out = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.startswith("visual.") and not key.startswith("visual.head"):
+            out[key[len("visual."):]] = value
+    if "cls_token" not in out:
+        raise BackboneSpecError(f"{where}: no 'visual.cls_token' key: not an official StableRep ViT checkpoint")
+    return out
+
+
+def _load_official(path: Path) -> EvalBackbone:
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported with its path
+        raise BackboneSpecError(f"{path}: cannot read as an official StableRep checkpoint: {err}") from err
+    state = official_backbone_state(checkpoint, str(path))
+    size = getattr(checkpoint.get("args"), "model", None) or OFFICIAL_WIDTHS.get(int(state["cls_token"].shape[-1]))
+    if size not in OFFICIAL_WIDTHS.values():
+        raise BackboneSpecError(f"{path}: unknown ViT width {state['cls_token'].shape[-1]} (official: small, base, large)")
+    name = f"vit_{size}_patch16_224"
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    kwargs = {"depth": depth} if depth != (24 if size == "large" else 12) else {}
+    model = _create(name, kwargs, str(path), pretrained=False, num_classes=0)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise BackboneSpecError(f"{path}: weights do not match {name} {kwargs}: {err}") from err
+    return _wrap(model, name, kwargs, str(path), info={"format": "official StableRep checkpoint"})
+
+
 def _random_init(spec: str, name: str, model_kwargs: dict[str, Any], seed: int) -> EvalBackbone:
     kwargs = {"num_classes": 0, **model_kwargs}
     with torch.random.fork_rng(devices=[]):
@@ -239,4 +287,6 @@ def load_eval_backbone(spec: str | Path, model_kwargs: dict[str, Any] | None = N
         )
     if kwargs:
         raise BackboneSpecError(f"checkpoint {path}: --model-kwargs only apply to timm:/random:/timm-pretrained: specs")
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        return _load_official(path)
     return _load_exported(path)

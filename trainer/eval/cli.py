@@ -76,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--weight-decays", type=_floats, default=None, help="fast: weight decays of the grid")
     probe.add_argument("--select", choices=("holdout", "val"), default="holdout",
                        help="fast: pick the grid point on a held-out part of train (default) or on val")
-    probe.add_argument("--no-batch-norm", action="store_true", help="paper: no BatchNorm1d before the classifier")
+    probe.add_argument("--no-batch-norm", action="store_true", help="paper: no BatchNorm1d before the classifier (the default)")
+    probe.add_argument("--batch-norm", action="store_true", help="paper: BatchNorm1d(affine=False) before the classifier")
+    probe.add_argument("--probe-batch-size", type=int, default=None, help="paper: SGD batch (default 1024, official)")
+    probe.add_argument("--momentum", type=float, default=None, help="paper: SGD momentum (default 0.9)")
+    probe.add_argument("--weight-decay", type=float, default=None, help="paper: SGD weight decay (default 0)")
     probe.add_argument("--no-standardize", action="store_true", help="fast: do not standardize cached features")
-    probe.add_argument("--eval-every", type=int, default=0, help="paper: evaluate val every N epochs")
+    probe.add_argument("--eval-every", type=int, default=None,
+                       help="paper: evaluate val every N epochs, best over evaluations (default 10; 0 = end only)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the probe training (default: %(default)s)")
 
     few = sub.add_parser("fewshot", help="N-way K-shot episodes with logistic regression")
@@ -127,10 +132,10 @@ def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
                               batch_size=max(args.batch_size, 1024),
                               **{k: v for k, v in given.items() if v is not None})
     else:
-        given = {"epochs": args.epochs, "base_lrs": args.lrs}
-        cfg = PaperProbeConfig(batch_size=args.batch_size, batch_norm=not args.no_batch_norm, seed=args.seed,
-                               eval_every=args.eval_every, workers=args.workers,
-                               **{k: v for k, v in given.items() if v is not None})
+        given = {"epochs": args.epochs, "base_lrs": args.lrs, "batch_size": args.probe_batch_size,
+                 "eval_every": args.eval_every, "momentum": args.momentum, "weight_decay": args.weight_decay}
+        cfg = PaperProbeConfig(batch_norm=args.batch_norm and not args.no_batch_norm, seed=args.seed,
+                               workers=args.workers, **{k: v for k, v in given.items() if v is not None})
     result = linear_probe(backbone, args.train, args.val, cfg, device, args.batch_size, args.workers, args.cache_dir)
     if args.protocol == "fast":
         rows = [[f"{r['lr']:g}", f"{r['weight_decay']:g}", r.get("holdout_top1"), r["train_top1"], r["top1"], r["top5"]]
@@ -141,11 +146,12 @@ def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
         print(f"selected lr={sel['lr']} wd={sel['weight_decay']} on {sel['selected_on']}: "
               f"top1 {result['top1']:.2f}%" + (f", top5 {result['top5']:.2f}%" if result["top5"] is not None else ""))
     else:
-        rows = [[f"{r['base_lr']:g}", f"{r['lr']:g}", f"{r['final_train_loss']:.4f}", r["top1"], r["top5"]]
-                for r in result["per_lr"]]
+        rows = [[f"{r['base_lr']:g}", f"{r['lr']:g}", f"{r['final_train_loss']:.4f}", r["top1"], r["best_epoch"],
+                 r["top5"]] for r in result["per_lr"]]
         print_table(f"linear probe (paper, {result['config']['epochs']} epochs), {result['num_classes']} classes",
-                    ["base lr", "lr", "train loss", "val top1", "val top5"], rows)
-        print(f"best base lr {result['selected']['base_lr']}: top1 {result['top1']:.2f}%")
+                    ["base lr", "lr", "train loss", "best val top1", "at epoch", "val top5"], rows)
+        sel = result["selected"]
+        print(f"best base lr {sel['base_lr']:g} (lr {sel['lr']:g}) at epoch {sel['epoch']}: top1 {result['top1']:.2f}%")
     if result["skipped_images"]:
         print(f"skipped {result['skipped_images']} unreadable images (listed in the JSON)")
     return result

@@ -218,17 +218,20 @@ def fast_linear_probe(train: FeatureSet, val: FeatureSet, cfg: FastProbeConfig, 
 
 @dataclass
 class PaperProbeConfig:
-    """SGD (momentum 0.9, no weight decay) on augmented views through the frozen backbone, one
-    classifier per base lr (lr = base * batch / 256), cosine schedule; best lr on val is reported."""
+    """The official StableRep linear probe: SGD (momentum 0.9, weight decay 0) on augmented views
+    through the frozen backbone, batch 1024, 90 epochs, cosine schedule, one classifier per base lr
+    (lr = base * batch / 256; the official 10 base lrs 0.001..0.5), classifiers initialised N(0, 0.01)
+    with zero bias, no BatchNorm before them by default. Val is evaluated every ``eval_every`` epochs
+    (and at the end); the reported result is the best over base lrs *and* evaluations."""
 
-    base_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    base_lrs: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
     epochs: int = 90
-    batch_size: int = 256
+    batch_size: int = 1024
     momentum: float = 0.9
     weight_decay: float = 0.0
-    batch_norm: bool = True
+    batch_norm: bool = False
     warmup_epochs: int = 0
-    eval_every: int = 0  # epochs between val evaluations (0: only at the end)
+    eval_every: int = 10  # epochs between val evaluations (0: only at the end)
     seed: int = 0
     workers: int = 0
 
@@ -289,6 +292,9 @@ def paper_linear_probe(
     )
     history, skipped = [], set()
     top1 = top5 = None
+    best_top1 = [-1.0] * len(lrs)  # per head: best val top-1 over the evaluations, its top-5 and epoch
+    best_top5: list[float | None] = [None] * len(lrs)
+    best_epoch = [0] * len(lrs)
     for epoch in range(cfg.epochs):
         head.train()
         total, seen = torch.zeros(len(lrs), device=device), 0
@@ -320,15 +326,20 @@ def paper_linear_probe(
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             top1, top5, val_seen, val_skipped = _evaluate_heads(backbone, head, val_loader, device)
             entry["val_top1"] = top1
+            for i in range(len(lrs)):
+                if top1[i] > best_top1[i]:
+                    best_top1[i], best_top5[i], best_epoch[i] = top1[i], top5[i], epoch + 1
         history.append(entry)
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {[round(v, 4) for v in entry['train_loss']]}"
             + (f" val top1 {[round(v, 2) for v in top1]}" if 'val_top1' in entry else ""))
-    best = max(range(len(lrs)), key=lambda i: (top1[i], -i))
+    best = max(range(len(lrs)), key=lambda i: (best_top1[i], -best_epoch[i], -i))
     rows = [
-        {"base_lr": base, "lr": lr, "top1": top1[i], "top5": top5[i] if num_classes > 5 else None,
-         "final_train_loss": history[-1]["train_loss"][i]}
+        {"base_lr": base, "lr": lr, "top1": best_top1[i], "top5": best_top5[i] if num_classes > 5 else None,
+         "best_epoch": best_epoch[i], "final_top1": top1[i], "final_train_loss": history[-1]["train_loss"][i]}
         for i, (base, lr) in enumerate(zip(cfg.base_lrs, lrs))
     ]
+    log(f"best: base lr {cfg.base_lrs[best]:g} (lr {lrs[best]:g}) at epoch {best_epoch[best]}: "
+        f"top1 {best_top1[best]:.2f}%")
     return {
         "protocol": "paper",
         "config": asdict(cfg),
@@ -337,7 +348,8 @@ def paper_linear_probe(
         "train_images": len(train),
         "val_images": val_seen,
         "per_lr": rows,
-        "selected": {"base_lr": cfg.base_lrs[best], "lr": lrs[best], "selected_on": "val"},
+        "selected": {"base_lr": cfg.base_lrs[best], "lr": lrs[best], "epoch": best_epoch[best],
+                     "selected_on": "val, best over base lrs and evaluations"},
         "top1": top1[best],
         "top5": rows[best]["top5"],
         "history": history,

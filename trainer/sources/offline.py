@@ -4,21 +4,23 @@ Layouts (see :mod:`trainer.sources.offline_layout`): generator shards (``DIR/man
 ``DIR/shard-{000000..000009}.tar``), plain image-text WebDataset shards, the official StableRep CSV +
 ``seed*/`` folders.
 
-Epochs: the parts (shards, or CSV row blocks) are permuted with ``(seed, epoch)``; rank ``r`` takes
-parts ``r::world_size`` of that order and DataLoader worker ``w`` parts ``w::num_workers`` of the
-rank's share; each part's samples are read in an order permuted with ``(seed, epoch, part)``. Every
-group is thus read exactly once per epoch by exactly one rank. Epochs repeat forever; a batch at an
-epoch boundary is completed from the next epoch (no group is dropped). Use at least
-``world_size * num_workers`` shards so no worker idles.
+Epochs: every group has a global number (:mod:`trainer.sources.offline_index`); each epoch permutes
+all of them with ``(seed, epoch)`` (a global, sample-level shuffle, as the official
+DistributedSampler), pads the order by wrapping around to a multiple of ``world_size``, and rank
+``r`` takes positions ``r::world_size`` of it; DataLoader worker ``w`` takes ``w::num_workers`` of
+the rank's share. So every rank gets the same number of groups per epoch whatever the number of
+shards, and a batch mixes groups from the whole data set. Epochs repeat forever; a batch at an
+epoch boundary is completed from the next epoch (no group is dropped).
 
-Resume: ``state_dict()`` records the epoch and, per worker, the part and sample to continue from;
-``load_state_dict()`` continues the epoch where it stopped (same ``num_workers``; otherwise the
-epoch restarts with a warning).
+Resume: ``state_dict()`` records the epoch and, per worker, the plan position to continue from;
+``load_state_dict()`` continues the epoch where it stopped (same ``num_workers``, world size and
+sample count; otherwise the epoch restarts with a warning).
 
 Corrupt data never stops training: an unreadable image or sample, or a shard that cannot be opened,
 is logged and skipped. ``stats()["skipped_corrupt"]`` counts skipped groups (including groups a
 manifest lists in a shard but a truncated shard lost) plus shards skipped entirely;
-``corrupt_shards`` counts damaged shards (intact samples of a truncated shard are still read).
+``corrupt_shards`` counts damaged or unreadable shards (intact samples of a truncated shard are still
+read). Shard damage is found when the index is built, so it counts once per process at start.
 """
 from __future__ import annotations
 
@@ -32,26 +34,36 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.batch import Batch
 from trainer.sources import register_source
+from trainer.sources.offline_index import SampleIndex, build_index
 from trainer.sources.offline_layout import OfficialTable, Part, resolve_data
-from trainer.sources.offline_reader import WorkerItem, iterate_parts
+from trainer.sources.offline_reader import WorkerItem, iterate_samples
 
 log = logging.getLogger("trainer.sources.offline")
 
 DEFAULT_IMAGE_SIZE = 256  # the paper stores its synthetic images at 256 px
 
 
-def epoch_part_order(num_parts: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
-    """The order of all parts in ``epoch`` (identical on every rank and worker)."""
+def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order of all samples in ``epoch`` (identical on every rank and worker)."""
     if not shuffle:
-        return np.arange(num_parts)
-    return np.random.default_rng([seed, epoch]).permutation(num_parts)
+        return np.arange(num_samples, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def worker_parts(num_parts: int, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int,
-                 worker: int, num_workers: int) -> list[int]:
-    """Indices of the parts worker ``worker`` of rank ``rank`` reads in ``epoch``."""
-    order = epoch_part_order(num_parts, epoch, seed, shuffle)
-    return [int(i) for i in order[rank::world_size][worker::num_workers]]
+def rank_samples(num_samples: int, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int) -> np.ndarray:
+    """Global sample numbers rank ``rank`` reads in ``epoch`` (DistributedSampler rule: the order is
+    padded by wrapping to a multiple of ``world_size``, then rank ``r`` takes ``r::world_size``)."""
+    order = epoch_order(num_samples, epoch, seed, shuffle)
+    padded = -(-num_samples // world_size) * world_size
+    if padded > num_samples:
+        order = np.concatenate([order, np.resize(order, padded - num_samples)])
+    return order[rank::world_size]
+
+
+def worker_samples(num_samples: int, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int,
+                   worker: int, num_workers: int) -> np.ndarray:
+    """Global sample numbers worker ``worker`` of rank ``rank`` reads in ``epoch``, in order."""
+    return rank_samples(num_samples, epoch, seed, shuffle, rank, world_size)[worker::num_workers]
 
 
 def _identity(item: Any) -> Any:
@@ -61,9 +73,9 @@ def _identity(item: Any) -> Any:
 class _EpochStream(IterableDataset):
     """One epoch of one rank's groups; each DataLoader worker reads its own parts."""
 
-    def __init__(self, parts: list[Part], tables: list[OfficialTable], *, epoch: int, seed: int, shuffle: bool,
-                 rank: int, world_size: int, n: int, image_size: int, starts: dict[int, tuple[int, int]]) -> None:
-        self.parts, self.tables = parts, tables
+    def __init__(self, parts: list[Part], tables: list[OfficialTable], index: SampleIndex, *, epoch: int, seed: int,
+                 shuffle: bool, rank: int, world_size: int, n: int, image_size: int, starts: dict[int, int]) -> None:
+        self.parts, self.tables, self.index = parts, tables, index
         self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.n, self.image_size, self.starts = n, image_size, starts
@@ -71,11 +83,11 @@ class _EpochStream(IterableDataset):
     def __iter__(self) -> Iterator[WorkerItem]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        indices = worker_parts(len(self.parts), self.epoch, self.seed, self.shuffle, self.rank, self.world_size,
-                               worker, num_workers)
-        return iterate_parts(
-            self.parts, indices, self.tables, worker=worker, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle,
-            n=self.n, image_size=self.image_size, start=self.starts.get(worker, (0, 0)),
+        plan = worker_samples(self.index.num_samples, self.epoch, self.seed, self.shuffle, self.rank,
+                              self.world_size, worker, num_workers)
+        return iterate_samples(
+            plan, self.index, self.parts, self.tables, worker=worker, epoch=self.epoch, seed=self.seed,
+            n=self.n, image_size=self.image_size, start=self.starts.get(worker, 0),
         )
 
 
@@ -96,7 +108,7 @@ class OfflineSource:
         shuffle: permute parts and samples per epoch.
         pin_memory: allocate batches in pinned memory; ``None``: when CUDA is available.
         seed_dirs: official layout: the seed folders (default ``seed*/`` next to the CSV).
-        rows_per_part: official layout: CSV rows per part.
+        rows_per_part: official layout: CSV rows per part (bookkeeping only; the shuffle is per sample).
         prefetch_factor: groups each worker decodes ahead.
     """
 
@@ -120,20 +132,24 @@ class OfflineSource:
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.prefetch_factor = int(prefetch_factor)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        if self.world_size > len(self.parts):
-            log.warning("%d ranks share %d parts: some ranks read nothing", self.world_size, len(self.parts))
+        self.index = build_index(self.parts, self.tables)
+        if self.index.num_samples == 0:
+            raise ValueError(f"no readable caption group in {paths!r}")
         self.epoch = 0
-        self._starts: dict[int, tuple[int, int]] = {}  # where each worker resumes in the next epoch stream
-        self._positions: dict[int, tuple[int, int]] = {}  # last consumed position per worker, this epoch
+        self._starts: dict[int, int] = {}  # where each worker resumes in the next epoch stream
+        self._positions: dict[int, int] = {}  # last consumed plan position per worker, this epoch
         self._epoch_groups = 0
         self._iterator: Iterator[WorkerItem] | None = None
         self._counters = {"batches": 0, "groups": 0, "images": 0, "skipped_corrupt": 0, "corrupt_shards": 0,
                           "groups_short": 0, "epochs_completed": 0, "data_wait_seconds": 0.0}
+        problems = self.index.problems
+        self._counters["skipped_corrupt"] = problems["lost_groups"] + problems["unreadable_shards"]
+        self._counters["corrupt_shards"] = problems["damaged_shards"] + problems["unreadable_shards"]
 
     # ------------------------------------------------------------------ iteration
     def _start_epoch(self) -> None:
         stream = _EpochStream(
-            self.parts, self.tables, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
+            self.parts, self.tables, self.index, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
             world_size=self.world_size, n=self.draw_per_caption, image_size=self.image_size, starts=self._starts,
         )
         loader = DataLoader(
@@ -155,18 +171,17 @@ class OfflineSource:
                 if self._epoch_groups == 0:
                     raise RuntimeError(
                         f"epoch {self.epoch} of rank {self.rank}/{self.world_size} produced no readable group from "
-                        f"{len(self.parts)} parts ({self._counters['skipped_corrupt']} skipped as corrupt)"
+                        f"{self.index.num_samples} groups ({self._counters['skipped_corrupt']} skipped as corrupt)"
                     ) from None
                 self.epoch += 1
                 self._epoch_groups = 0
                 self._positions = {}
                 self._counters["epochs_completed"] += 1
                 continue
-            self._counters["skipped_corrupt"] += item.corrupt_groups + item.unreadable_shards
-            self._counters["corrupt_shards"] += item.corrupt_shards
+            self._counters["skipped_corrupt"] += item.corrupt_groups
             if item.group is None:
                 continue
-            self._positions[item.worker] = (item.part_pos, item.next_sample)
+            self._positions[item.worker] = item.next_sample
             self._epoch_groups += 1
             return item
 
@@ -191,7 +206,8 @@ class OfflineSource:
 
     # ------------------------------------------------------------------ bookkeeping
     def stats(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "parts": len(self.parts), "image_size": self.image_size, **self._counters}
+        return {"epoch": self.epoch, "parts": len(self.parts), "samples": self.index.num_samples,
+                "image_size": self.image_size, **self._counters}
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch, per-worker positions and counters: enough to continue the epoch where it stopped."""
@@ -200,8 +216,8 @@ class OfflineSource:
             "epoch_groups": self._epoch_groups,
             "num_workers": self.num_workers,
             "world_size": self.world_size,
-            "num_parts": len(self.parts),
-            "positions": {str(w): list(p) for w, p in self._positions.items()},
+            "num_samples": self.index.num_samples,
+            "positions": {str(w): int(p) for w, p in self._positions.items()},
             "counters": dict(self._counters),
         }
 
@@ -211,9 +227,9 @@ class OfflineSource:
         self.epoch = int(state["epoch"])
         self._counters.update(state.get("counters", {}))
         same_plan = (state.get("num_workers") == self.num_workers and state.get("world_size") == self.world_size
-                     and state.get("num_parts") == len(self.parts))
+                     and state.get("num_samples") == self.index.num_samples)
         if same_plan:
-            self._starts = {int(w): (int(p[0]), int(p[1])) for w, p in state.get("positions", {}).items()}
+            self._starts = {int(w): int(p) for w, p in state.get("positions", {}).items()}
             self._epoch_groups = int(state.get("epoch_groups", 0))
         else:
             log.warning("offline source resumed with a different worker/rank/part layout: epoch %d restarts "

@@ -8,7 +8,8 @@ ranks and DataLoader workers:
 - plain image-text WebDataset shards (``KEY.jpg`` + ``KEY.txt``, as img2dataset writes them): same as
   above, given as a pattern or ``.tar`` paths (the sample format is recognized per sample);
 - the official StableRep layout: a CSV of ``relative/path.jpg,caption`` rows plus one image folder
-  per seed (``root/seed0/``, ``root/seed1/``, ...); given as the CSV path or as ``root`` holding
+  per seed (``root/seed0/``, ``root/seed1/``, ...), or any list of folders given explicitly (the
+  official ``--folder_list``, e.g. ``ddim_2.0_seed_0/``); given as the CSV path or as ``root`` holding
   exactly one CSV. Rows are cut into parts of ``rows_per_part`` rows.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import braceexpand
 
 from protocol.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from protocol.shards import MANIFEST_NAME, ShardLayoutError, read_manifest
+from trainer.sources.caption_ids import file_digest, text_digest
 
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS)
 
@@ -34,6 +36,7 @@ class TarPart:
 
     path: str
     expected_groups: int | None = None
+    namespace: str = ""  # caption-id namespace of the input (trainer.sources.caption_ids)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class OfficialTable:
     csv_path: str
     seed_dirs: list[str]
     rows: list[tuple[str, str]] = field(default_factory=list)
+    namespace: str = ""  # "csv:" + digest of the file's bytes
 
 
 @dataclass
@@ -83,7 +87,7 @@ def read_official_csv(csv_path: Path, seed_dirs: Sequence[str] | None = None) ->
     missing = [d for d in seed_dirs if not Path(d).is_dir()]
     if missing:
         raise FileNotFoundError(f"seed folder(s) of {csv_path} not found: {missing}")
-    table = OfficialTable(csv_path=str(csv_path), seed_dirs=list(seed_dirs))
+    table = OfficialTable(csv_path=str(csv_path), seed_dirs=list(seed_dirs), namespace=f"csv:{file_digest(str(csv_path))}")
     with open(csv_path, newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
             if len(row) >= 2 and row[0].lower().endswith(IMAGE_EXTENSIONS):
@@ -104,11 +108,12 @@ def manifest_parts(directory: Path) -> tuple[list[TarPart], int | None]:
     if manifest is None:
         raise FileNotFoundError(f"{directory / MANIFEST_NAME} not found")
     parts = []
+    namespace = f"shards:{manifest.fingerprint}:{manifest.run.get('captions_digest', '')}"
     for record in manifest.shards:
         path = directory / record.name
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} is listed in {directory / MANIFEST_NAME} but does not exist")
-        parts.append(TarPart(str(path), record.groups))
+        parts.append(TarPart(str(path), record.groups, namespace))
     return parts, manifest.save_size
 
 
@@ -118,7 +123,8 @@ def _expand_tars(pattern: str) -> list[TarPart]:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"shard(s) of {pattern!r} not found: {shown}")
-    return [TarPart(p) for p in paths]
+    namespace = "tars:" + text_digest(sorted(os.path.realpath(p) for p in paths))
+    return [TarPart(p, namespace=namespace) for p in paths]
 
 
 def resolve_data(
@@ -179,6 +185,11 @@ def resolve_data(
         else:
             raise ValueError(f"{path}: not a directory, .tar, brace pattern or .csv")
     return resolved
+
+
+def part_namespace(part: Part, tables: Sequence[OfficialTable]) -> str:
+    """The caption-id namespace of the input ``part`` belongs to."""
+    return part.namespace if isinstance(part, TarPart) else tables[part.table].namespace
 
 
 def describe(part: Part, tables: Sequence[OfficialTable]) -> str:

@@ -37,6 +37,7 @@ from protocol.client import GroupClient
 from trainer.batch import Batch
 from trainer.replay import ReplayBuffer, ReplayBufferClosed
 from trainer.sources import register_source
+from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
 
 GPU_STORAGE_FRACTION = 0.25  # auto storage: buffer on the GPU when it takes <= this share of free memory
 DEFAULT_CAPACITY_FACTOR = 8  # default capacity: this many batches' worth of groups
@@ -144,6 +145,8 @@ class OnlineSource:
         if not infos:
             self.close()
             raise ConnectionError(f"online source: no welcome from {', '.join(self.endpoints)}")
+        # several generators with different fingerprints: namespace their caption ids (caption_ids.py)
+        self._namespaced = needs_namespacing(info.fingerprint for info in infos.values())
         counts = {url: info.images_per_group for url, info in infos.items()}
         self._images_per_group = min(counts.values())
         if self._images_per_group < self.draw_per_caption:
@@ -197,6 +200,8 @@ class OnlineSource:
                 raise GroupStreamError(f"group {group.group_id} arrived but the replay buffer was never sized")
             if self.replay is None:
                 return  # failed while sizing: next_batch reports it
+            if getattr(self, "_namespaced", False):
+                group.caption_id = namespaced_caption_id(f"generator:{group.generator}", group.caption_id)
             self.replay.add(self._fit(group))
         except BaseException as exc:  # surfaced by next_batch on the training thread
             if self._error is None:
