@@ -21,6 +21,7 @@ import argparse
 import json
 from typing import Any
 
+from benchmarks.flops import _count as count_flops
 from generator_service.backends.random_sd15 import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from generator_service.config import GeneratorConfig
 from generator_service.recipes import RECIPE_NAMES, SD_TURBO
@@ -33,11 +34,8 @@ ARCHITECTURES = {"sd15": (SD15_UNET_CONFIG, SD15_TEXT_CONFIG), "sd21": (SD21_UNE
 
 
 def _count(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
+    """Total FLOPs of ``fn()``, counted as ``stablerep-bench flops`` counts them."""
+    return count_flops(fn)[0]
 
 
 def part_flops(architecture: str, height: int, width: int, tiny_decoder: bool) -> dict[str, int]:
