@@ -68,7 +68,7 @@ def build_components(cfg: TrainConfig):
     )
     augment = GPUAugment(
         size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.augment.scale_min, 1.0),
-        downsample=cfg.augment.downsample,
+        downsample=cfg.augment.downsample, blur_p=cfg.augment.blur_p,
     )
     return model, method, augment
 
@@ -85,7 +85,7 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
             "online", endpoints=d.generators, batch_captions=local_captions, images_per_caption=d.images_per_caption,
             device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
             capacity_gib=r.capacity_gib, storage=r.storage, evict=r.evict, max_reuse=r.max_reuse,
-            min_fresh=r.min_fresh, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
+            min_fresh=r.min_fresh, hard_fraction=r.hard_fraction, cell_size=r.cell_size, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
             sample_timeout=d.sample_timeout, seed=cfg.run.seed,
         )
     return sources.build_source(

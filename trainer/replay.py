@@ -12,6 +12,9 @@ Policies:
   most often leaves first (ties: the oldest).
 - ``max_reuse``: a group drawn that many times is never drawn again and is the first to be evicted.
 - ``min_fresh``: at least ``ceil(min_fresh * G)`` groups of every batch were never drawn before.
+- ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.caption_cells`:
+  an anchor caption and up to ``cell_size - 1`` captions that differ from it in one word), the rest
+  uniformly; a hard batch that cannot meet ``min_fresh`` is drawn uniformly instead.
 
 Counters: ``dropped`` counts groups refused because the buffer was closed; ``evicted_unused``
 counts evicted groups that were never drawn (generation spent for nothing).
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from trainer.batch import Batch
+from trainer.caption_cells import select_cells
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -63,6 +67,8 @@ class ReplayBuffer:
         max_reuse: draws after which a group is retired (``None``: unlimited).
         min_fresh: fraction of each batch's groups that must never have been drawn before.
         seed: seed of the sampling RNG.
+        hard_fraction: fraction of batches made of caption cells (hard negatives), in [0, 1].
+        cell_size: captions per cell (anchor included), >= 2.
     """
 
     def __init__(
@@ -77,6 +83,8 @@ class ReplayBuffer:
         max_reuse: int | None = None,
         min_fresh: float = 0.0,
         seed: int = 0,
+        hard_fraction: float = 0.0,
+        cell_size: int = 6,
     ) -> None:
         if capacity_groups < 1 or images_per_group < 1 or height < 1 or width < 1:
             raise ValueError(
@@ -89,6 +97,11 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer max_reuse must be >= 1 or None, got {max_reuse}")
         if not 0.0 <= min_fresh <= 1.0:
             raise ValueError(f"ReplayBuffer min_fresh must be in [0, 1], got {min_fresh}")
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ValueError(f"ReplayBuffer hard_fraction must be in [0, 1], got {hard_fraction}")
+        if cell_size < 2:
+            raise ValueError(f"ReplayBuffer cell_size must be >= 2, got {cell_size}")
+        self.hard_fraction, self.cell_size = float(hard_fraction), int(cell_size)
         self.capacity = int(capacity_groups)
         self.images_per_group = int(images_per_group)
         self.height, self.width = int(height), int(width)
@@ -125,6 +138,7 @@ class ReplayBuffer:
             "added": 0, "evicted": 0, "evicted_unused": 0, "dropped": 0, "draws": 0, "fresh_draws": 0,
             "batches": 0, "evicted_draws_sum": 0, "evicted_draws_max": 0, "staleness_sum_s": 0.0,
             "staleness_max_s": 0.0, "stall_seconds": 0.0, "fresh_fraction_last": 0.0, "sequence": 0,
+            "hard_batches": 0,
         }
 
     @staticmethod
@@ -339,6 +353,11 @@ class ReplayBuffer:
         if candidates.size < G:
             return None
         candidates = self._rng.permutation(candidates)
+        if self.hard_fraction > 0 and self._rng.random() < self.hard_fraction:
+            chosen = self._select_cells(candidates, G, n_fresh)
+            if chosen is not None:
+                self._counters["hard_batches"] += 1
+                return chosen
         fresh = candidates[self._draws[candidates] == 0]
         take_fresh = _one_per_caption(fresh, self._caption_ids)[:n_fresh]
         if take_fresh.size < n_fresh:
@@ -349,6 +368,19 @@ class ReplayBuffer:
             return None
         chosen = np.concatenate([take_fresh, take_other])
         return chosen[self._rng.permutation(G)]
+
+    def _select_cells(self, candidates: np.ndarray, G: int, n_fresh: int) -> np.ndarray | None:
+        """``G`` slots of distinct captions, as many as possible in caption cells, the rest uniform;
+        None when the cells leave fewer than ``n_fresh`` never-drawn groups (caller draws uniformly)."""
+        pool = _one_per_caption(candidates, self._caption_ids)
+        if pool.size < G:
+            return None
+        picked = pool[select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng)]
+        rest = pool[~np.isin(pool, picked)][: G - picked.size]
+        chosen = np.concatenate([picked, rest]).astype(np.int64)
+        if int((self._draws[chosen] == 0).sum()) < n_fresh:
+            return None
+        return chosen
 
     def _gather(self, slots: np.ndarray, image_choice: np.ndarray) -> torch.Tensor:
         """One ``index_select`` over storage seen as ``[C * P, H * W * 3]`` rows (whole-image row copies)
@@ -406,6 +438,7 @@ class ReplayBuffer:
                 "dropped": int(c["dropped"]),
                 "draws": draws,
                 "batches": int(c["batches"]),
+                "hard_batches": int(c["hard_batches"]),
                 "reuse_mean": (float(live_draws.sum()) + c["evicted_draws_sum"]) / seen if seen else 0.0,
                 "reuse_max": int(max(int(live_draws.max()) if size else 0, int(c["evicted_draws_max"]))),
                 "staleness_mean_s": c["staleness_sum_s"] / draws if draws else 0.0,
