@@ -4,10 +4,12 @@
     stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
+    stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .report import write_results
@@ -82,9 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("trainer", help="trainer images/s: step fed by the replay/online source vs bare step")
     trainer_bench.add_arguments(train)
     train.set_defaults(func=_stage("trainer", "trainer_bench"))
+    sub.add_parser("demo", add_help=False,
+                   help="the embedded default end to end: generator service + trainer + probes (make demo); "
+                        "see `stablerep-bench demo --help`")
     every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
     every.set_defaults(func=_all)
     for p in sub.choices.values():
+        if p.prog.endswith(" demo"):
+            continue
         p.add_argument("--output", default="runs/bench", help="directory for JSON, table and plot")
         if p is not every:
             p.add_argument("--name", help="file stem of the results in --output (default: the benchmark's name)")
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own flags and passes the rest to the trainer
+        from .demo import run_demo
+
+        return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
     args.func(args)
     return 0

@@ -3,7 +3,7 @@
 Three numbers, in images per second, on one device:
 
 - ``diffusers_eager``: the baseline a user writes by hand: ``pipe(prompt, num_images_per_prompt=m,
-  generator=[...], output_type="np")`` per caption (``baseline_batch_captions`` captions per call),
+  generator=[...], output_type="np")`` per caption (``baseline_worker_batch`` captions per call),
   then uint8 conversion on the host. Eager, the same dtype, scheduler, steps, guidance and size.
 - ``service_backend``: the service's ``DiffusersBackend.generate`` in this process (batched captions,
   channels_last on CUDA, resize + uint8 on the device, ``torch.compile`` when ``compile``).
@@ -40,7 +40,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int = 1,
+def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[str], worker_batch: int = 1,
                           warmup_calls: int = 1) -> dict[str, Any]:
     """Plain pipeline calls over ``captions`` (after ``warmup_calls`` untimed calls); images/s."""
     import torch
@@ -55,44 +55,44 @@ def bench_diffusers_eager(config: GeneratorConfig, device: str, captions: list[s
     seeds = _seeds(list(range(len(captions))), m)
 
     def call(start: int) -> np.ndarray:
-        chunk = captions[start : start + batch_captions]
-        generators = [torch.Generator("cpu").manual_seed(s) for group in seeds[start : start + batch_captions] for s in group]
+        chunk = captions[start : start + worker_batch]
+        generators = [torch.Generator("cpu").manual_seed(s) for group in seeds[start : start + worker_batch] for s in group]
         images = pipe(
             prompt=chunk, num_images_per_prompt=m, generator=generators, num_inference_steps=config.steps,
             guidance_scale=config.guidance, eta=config.eta, height=config.height, width=config.width, output_type="np",
         ).images
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
-    for i in range(warmup_calls):
+    for _ in range(warmup_calls):
         call(0)
     _sync(device)
     started = time.perf_counter()
     images = 0
-    for start in range(0, len(captions), batch_captions):
+    for start in range(0, len(captions), worker_batch):
         images += call(start).shape[0]
     _sync(device)
     seconds = time.perf_counter() - started
-    del pipe
+    pipe = None  # free the pipeline before the next path loads its own
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds}
 
 
-def bench_service_backend(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int,
+def bench_service_backend(config: GeneratorConfig, device: str, captions: list[str], worker_batch: int,
                           warmup_calls: int = 1) -> dict[str, Any]:
-    """``create_backend(config).generate`` over ``captions`` in batches of ``batch_captions``; images/s."""
+    """``create_backend(config).generate`` over ``captions`` in batches of ``worker_batch``; images/s."""
     from generator_service.backends import create_backend
 
     backend = create_backend(config, device)
     m = config.images_per_group
     seeds = _seeds(list(range(len(captions))), m)
     for _ in range(warmup_calls):
-        backend.generate(captions[:batch_captions], seeds[:batch_captions])
+        backend.generate(captions[:worker_batch], seeds[:worker_batch])
     _sync(device)
     started = time.perf_counter()
     images = 0
-    for start in range(0, len(captions), batch_captions):
-        out = backend.generate(captions[start : start + batch_captions], seeds[start : start + batch_captions])
+    for start in range(0, len(captions), worker_batch):
+        out = backend.generate(captions[start : start + worker_batch], seeds[start : start + worker_batch])
         images += out.shape[0] * out.shape[1]
     _sync(device)
     seconds = time.perf_counter() - started
@@ -111,7 +111,7 @@ class _TimingSink:
         return True
 
 
-def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str], batch_captions: int,
+def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str], worker_batch: int,
                        threads: int | None = None) -> dict[str, Any]:
     """The worker pool on one device; steady-state images/s after the first task (warm-up, compile)."""
     from generator_service.captions import CaptionSet
@@ -119,14 +119,14 @@ def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str]
     caption_set = CaptionSet(path="<bench>", caption_ids=list(range(len(captions))), captions=list(captions),
                              total=len(captions))
     fingerprint = config.fingerprint()
-    pool = WorkerPool(config.to_dict(), fingerprint, [device], batch_captions=batch_captions, threads_per_worker=threads)
+    pool = WorkerPool(config.to_dict(), fingerprint, [device], worker_batch=worker_batch, threads_per_worker=threads)
     sink = _TimingSink()
     items = work_items(caption_set, fingerprint, 0, config.images_per_group, epochs=1)
     pool.run(items, sink)
-    warm = sink.arrivals[batch_captions - 1][0] if len(sink.arrivals) > batch_captions else None
-    timed = sink.arrivals[batch_captions:]
+    warm = sink.arrivals[worker_batch - 1][0] if len(sink.arrivals) > worker_batch else None
+    timed = sink.arrivals[worker_batch:]
     if warm is None or not timed:
-        raise ValueError(f"the pool bench needs more than one task: {len(captions)} captions, batch {batch_captions}")
+        raise ValueError(f"the pool bench needs more than one task: {len(captions)} captions, batch {worker_batch}")
     seconds = timed[-1][0] - warm
     images = sum(n for _, n in timed)
     return {"images": images, "seconds": round(seconds, 4), "images_per_second": images / seconds,
@@ -143,12 +143,12 @@ def run_generator_bench(
     height: int | None = None,
     width: int | None = None,
     save_size: int | None = None,
-    images_per_caption: int = 4,
-    batch_captions: int = 8,
+    images_per_group: int = 4,
+    worker_batch: int = 8,
     captions: int = 32,
     dtype: str | None = None,
     compile: bool | None = None,
-    baseline_batch_captions: int = 1,
+    baseline_worker_batch: int = 1,
     include_backend: bool = True,
     threads: int | None = None,
 ) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def run_generator_bench(
     device = device or ("cuda:0" if cuda else "cpu")
     if backend is None:
         backend = "diffusers" if (model is not None or cuda) else "procedural"
-    fields: dict[str, Any] = dict(backend=backend, images_per_group=images_per_caption)
+    fields: dict[str, Any] = dict(backend=backend, images_per_group=images_per_group)
     if backend == "diffusers":
         fields.update(model=model or "random:sd15", scheduler=scheduler, steps=steps, guidance=guidance,
                       height=height, width=width, save_size=save_size,
@@ -187,8 +187,8 @@ def run_generator_bench(
         "service_compile": service_config.compile,
         "service_compile_skipped": compile_skipped,
         "captions": captions,
-        "batch_captions": batch_captions,
-        "baseline_batch_captions": baseline_batch_captions,
+        "worker_batch": worker_batch,
+        "baseline_worker_batch": baseline_worker_batch,
         "threads": threads,
         "paths": {},
     }
@@ -197,10 +197,10 @@ def run_generator_bench(
         torch.set_num_threads(threads)
     try:
         if backend == "diffusers":
-            result["paths"]["diffusers_eager"] = bench_diffusers_eager(config, device, texts, baseline_batch_captions)
+            result["paths"]["diffusers_eager"] = bench_diffusers_eager(config, device, texts, baseline_worker_batch)
             if include_backend:
-                result["paths"]["service_backend"] = bench_service_backend(service_config, device, texts, batch_captions)
-        result["paths"]["service_pool"] = bench_service_pool(service_config, device, texts, batch_captions, threads)
+                result["paths"]["service_backend"] = bench_service_backend(service_config, device, texts, worker_batch)
+        result["paths"]["service_pool"] = bench_service_pool(service_config, device, texts, worker_batch, threads)
     finally:
         torch.set_num_threads(threads_before)
     baseline = result["paths"].get("diffusers_eager")
@@ -238,12 +238,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--save-size", type=int)
-    parser.add_argument("--images-per-caption", type=int, default=4)
-    parser.add_argument("--batch-captions", type=int, default=8)
+    parser.add_argument("--images-per-group", type=int, default=4)
+    parser.add_argument("--worker-batch", type=int, default=8)
     parser.add_argument("--captions", type=int, default=32)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--baseline-batch-captions", type=int, default=1)
+    parser.add_argument("--baseline-worker-batch", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads for every path")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from generator_service.config import GeneratorConfig
 from protocol import Group
 from protocol.client import GroupClient
 from protocol.server import GroupServer
@@ -43,7 +44,9 @@ def _payload(shape: tuple[int, ...]) -> np.ndarray:
 
 def _serve_protocol(endpoint: str, shape: tuple[int, ...], groups: int, ready: Any, received: Any) -> None:
     images = _payload(shape)
-    server = GroupServer(endpoint, "bench", {"backend": "bench"}, max_queue=32).start()
+    m, side = shape[0], shape[1]
+    info = GeneratorConfig(backend="procedural", images_per_group=m, save_size=side).welcome_info()
+    server = GroupServer(endpoint, "bench", info, max_queue=32).start()
     ready.put(server.endpoint)
     for i in range(groups):
         server.put(Group(group_id=f"b{i}", caption_id=i, caption="bench", seeds=list(range(shape[0])), images=images))

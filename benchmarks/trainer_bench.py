@@ -71,9 +71,9 @@ def _model_and_optimizer(model_name: str, img_size: int, model_kwargs: dict, hea
 
 
 def _bare_step(model, optimizer, device: torch.device, precision: str, images: int, img_size: int,
-               images_per_caption: int, temperature: float) -> Callable[[], None]:
+               draw_per_caption: int, temperature: float) -> Callable[[], None]:
     x = torch.randn(images, 3, img_size, img_size, device=device)
-    labels = torch.arange(images // images_per_caption, device=device).repeat_interleave(images_per_caption)
+    labels = torch.arange(images // draw_per_caption, device=device).repeat_interleave(draw_per_caption)
     loss_fn = MultiPosConLoss(temperature)
 
     def step() -> None:
@@ -106,8 +106,8 @@ def run_trainer_bench(
     img_size: int = 224,
     model_kwargs: dict | None = None,
     head: tuple[int, int, int] = (4096, 256, 3),
-    batch_captions: int = 43,
-    images_per_caption: int = 6,
+    captions_per_step: int = 43,
+    draw_per_caption: int = 6,
     stored_size: int = 256,
     precision: str = "bf16",
     steps: int = 10,
@@ -125,7 +125,7 @@ def run_trainer_bench(
 
     Args:
         model, img_size, model_kwargs, head: the backbone (timm) and head (hidden, out, layers).
-        batch_captions, images_per_caption: the batch (``G * n`` images; default 43 x 6 = 258,
+        captions_per_step, draw_per_caption: the batch (``G * n`` images; default 43 x 6 = 258,
             about the paper's per-GPU share on 32 GPUs).
         stored_size: side of the stored images the source serves (the paper stores 256).
         precision: ``bf16`` | ``fp16`` | ``no`` (autocast dtype).
@@ -147,18 +147,18 @@ def run_trainer_bench(
         compile_skipped = compile_unavailable("cuda") if device.type == "cuda" else None
         compile_step = device.type == "cuda" and compile_skipped is None
     model_kwargs = dict(model_kwargs or {})
-    images = batch_captions * images_per_caption
+    images = captions_per_step * draw_per_caption
     torch.manual_seed(0)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": model, "img_size": img_size, "model_kwargs": model_kwargs, "head": list(head),
-        "precision": precision, "batch_captions": batch_captions, "images_per_caption": images_per_caption,
+        "precision": precision, "captions_per_step": captions_per_step, "draw_per_caption": draw_per_caption,
         "images_per_step": images, "stored_size": stored_size, "steps": steps, "warmup": warmup,
     }
 
     # 1. bare step on device tensors, eager (and compiled)
     net, optimizer = _model_and_optimizer(model, img_size, model_kwargs, head, device, compile_model=False)
-    bare = _time_steps(_bare_step(net, optimizer, device, precision, images, img_size, images_per_caption,
+    bare = _time_steps(_bare_step(net, optimizer, device, precision, images, img_size, draw_per_caption,
                                   temperature), device, steps, warmup)
     results["bare_step"] = {"eager_step_ms": bare * 1e3, "eager_images_per_s": images / bare,
                             "compile_skipped": compile_skipped}
@@ -167,13 +167,13 @@ def run_trainer_bench(
     method = build_method("stablerep", temperature=temperature)
     augment = GPUAugment(size=img_size, strong=strong_aug)
     if source == "replay":
-        replay = _prefilled_replay(max(4 * batch_captions, 64), images_per_caption, stored_size, device)
-        next_batch = lambda: replay.sample(batch_captions, images_per_caption, timeout=60)  # noqa: E731
+        replay = _prefilled_replay(max(4 * captions_per_step, 64), draw_per_caption, stored_size, device)
+        next_batch = lambda: replay.sample(captions_per_step, draw_per_caption, timeout=60)  # noqa: E731
         stats, close = replay.stats, replay.close
     else:
         from trainer.sources.online import OnlineSource
 
-        online = OnlineSource(endpoints, batch_captions, images_per_caption, device=device, image_size=stored_size,
+        online = OnlineSource(endpoints, captions_per_step, draw_per_caption, device=device, image_size=stored_size,
                               connect_timeout=60, sample_timeout=600)
         next_batch, stats, close = online.next_batch, online.stats, online.close
 
@@ -199,7 +199,7 @@ def run_trainer_bench(
 
     if compile_step:
         net, optimizer = _model_and_optimizer(model, img_size, model_kwargs, head, device, compile_model=True)
-        compiled = _time_steps(_bare_step(net, optimizer, device, precision, images, img_size, images_per_caption,
+        compiled = _time_steps(_bare_step(net, optimizer, device, precision, images, img_size, draw_per_caption,
                                           temperature), device, steps, max(warmup, 3))
         results["bare_step"].update(compile_step_ms=compiled * 1e3, compile_images_per_s=images / compiled,
                                     compile_speedup=bare / compiled)
@@ -240,8 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON, e.g. '{\"depth\": 2}'")
-    parser.add_argument("--batch-captions", type=int, default=43)
-    parser.add_argument("--images-per-caption", type=int, default=6)
+    parser.add_argument("--captions-per-step", type=int, default=43)
+    parser.add_argument("--draw-per-caption", type=int, default=6)
     parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--source", default="replay", choices=["replay", "online"])
@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
     results = run_trainer_bench(model=args.model, img_size=args.img_size, model_kwargs=args.model_kwargs,
-                                batch_captions=args.batch_captions, images_per_caption=args.images_per_caption,
+                                captions_per_step=args.captions_per_step, draw_per_caption=args.draw_per_caption,
                                 precision=args.precision, steps=args.steps, source=args.source,
                                 endpoints=args.generators, augment_batch=args.augment_batch, device=args.device)
     bars = {"bare eager": results["bare_step"]["eager_images_per_s"], "fed": results["fed_step"]["images_per_s"]}

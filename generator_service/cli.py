@@ -71,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--height", type=int)
     group.add_argument("--width", type=int)
     group.add_argument("--save-size", type=int, help="side of the saved / served images")
-    group.add_argument("--images-per-caption", type=int, help="m images per caption group")
+    group.add_argument("--images-per-group", "--images-per-caption", type=int, dest="images_per_group",
+                       help="m, images generated and stored per caption group (--images-per-caption: deprecated alias)")
     group.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
     group.add_argument("--attention", choices=["sdpa", "xformers"])
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     group = parser.add_argument_group("devices")
     group.add_argument("--gpus", default="auto", help="0-3 | 0,2 | cpu | cpu:N | auto (default: every GPU, else one CPU worker)")
-    group.add_argument("--batch-captions", type=int, default=8, help="captions per worker batch (default 8)")
+    group.add_argument("--worker-batch", "--batch-captions", type=int, default=8, dest="worker_batch",
+                       help="captions per backend call in each worker (default 8; --batch-captions: deprecated alias)")
     group = parser.add_argument_group("online")
     group.add_argument("--bind", help="serve protocol v1 here, e.g. tcp://127.0.0.1:5555")
     group.add_argument("--queue", type=int, default=64, help="groups queued for clients before workers pause (default 64)")
@@ -114,6 +116,10 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     defaults = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        if dest in DEPRECATED_KEYS:
+            print(f"stablerep-generator: warning: --config key {key!r} is deprecated; use {DEPRECATED_KEYS[dest]!r}",
+                  file=sys.stderr)
+            dest = DEPRECATED_KEYS[dest]
         if dest not in known:
             raise CliError(f"--config {path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
         if dest == "shard" and isinstance(value, str):
@@ -122,8 +128,17 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     return defaults
 
 
+#: Old flag / config key -> its name now; the old ones still work and print a warning.
+DEPRECATED_FLAGS = {"--images-per-caption": "--images-per-group", "--batch-captions": "--worker-batch"}
+DEPRECATED_KEYS = {"images_per_caption": "images_per_group", "batch_captions": "worker_batch"}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Two-stage parse: ``--config`` YAML sets defaults, command-line flags override them."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in DEPRECATED_FLAGS:
+            print(f"stablerep-generator: warning: {name} is deprecated; use {DEPRECATED_FLAGS[name]}", file=sys.stderr)
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
@@ -142,7 +157,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         height=args.height,
         width=args.width,
         save_size=args.save_size,
-        images_per_group=args.images_per_caption,
+        images_per_group=args.images_per_group,
         dtype=args.dtype,
         attention=args.attention,
         compile=args.compile,
@@ -233,8 +248,8 @@ def _run(argv: list[str]) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.captions:
         raise CliError("--captions FILE is required (a .txt/.csv/.tsv/.jsonl/.parquet caption file)")
-    if args.batch_captions < 1:
-        raise CliError(f"--batch-captions must be >= 1, got {args.batch_captions}")
+    if args.worker_batch < 1:
+        raise CliError(f"--worker-batch must be >= 1, got {args.worker_batch}")
     devices = _devices(args.gpus)
     config = generator_config(args)
     captions = load_captions(args.captions, column=args.caption_column, shard=tuple(args.shard))
@@ -243,7 +258,7 @@ def _run(argv: list[str]) -> int:
         captions=captions,
         devices=devices,
         seed=args.seed,
-        batch_captions=args.batch_captions,
+        worker_batch=args.worker_batch,
         out=args.out,
         archive=args.archive,
         bind=args.bind,

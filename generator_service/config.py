@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from protocol import GeneratorInfo
+
 PROCEDURAL_MODEL = "procedural-v1"
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_MODEL_PREFIX = "random:"
@@ -234,19 +236,20 @@ class GeneratorConfig:
         object.__setattr__(self, "_fingerprint", digest)  # computed once per config (local folders are read)
         return digest
 
-    def welcome_info(self) -> dict[str, Any]:
-        """The ``generator`` map of protocol v1's ``welcome`` message."""
-        return {
-            "backend": self.backend,
-            "model": self.model,
-            "scheduler": self.scheduler,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "height": self.height,
-            "width": self.width,
-            "images_per_group": self.images_per_group,
-            "fingerprint": self.fingerprint(),
-        }
+    def welcome_info(self) -> GeneratorInfo:
+        """The generator description of protocol v1 (``welcome.generator``, manifest ``generator``)."""
+        return GeneratorInfo(
+            backend=self.backend,
+            model=self.model,
+            scheduler=self.scheduler,
+            steps=self.steps,
+            guidance=self.guidance,
+            height=self.height,
+            width=self.width,
+            save_size=self.save_size,
+            images_per_group=self.images_per_group,
+            fingerprint=self.fingerprint(),
+        )
 
 
 _HEAD_TAIL_BYTES = 1 << 20

@@ -1,7 +1,7 @@
 """The worker pool: one process per device, supervised.
 
 The supervisor (this module, in the main process) hands out work items (one caption group each)
-in tasks of up to ``batch_captions`` items over a pipe per worker, tracks what each worker has in
+in tasks of up to ``worker_batch`` items over a pipe per worker, tracks what each worker has in
 flight, and turns results into ``protocol.Group``s for a sink (shard writer, online server or both).
 
 Guarantees:
@@ -71,14 +71,14 @@ class WorkerPool:
         config: the generator config dict (``GeneratorConfig.to_dict()``).
         fingerprint: the generator fingerprint, stamped on every group.
         devices: one torch device string per worker (``generator_service.devices.parse_devices``).
-        batch_captions: captions per task (and per backend batch, until out of memory halves it).
+        worker_batch: captions per task (and per backend batch, until out of memory halves it).
         tasks_per_worker: tasks handed to a worker before it answers (2 keeps it busy between tasks).
         max_restarts: consecutive deaths of one worker, without a delivered group in between,
             after which the pool gives up.
         backoff_s / max_backoff_s: restart delay after the first death, doubling per further one.
         drain_timeout: seconds a stop waits for in-flight groups.
         throttle_groups: undelivered groups at which no new work is handed out
-            (default: one round, ``len(devices) * batch_captions``).
+            (default: one round, ``len(devices) * worker_batch``).
         image_codec: ``(format, quality)`` to have workers encode images (png/jpg/webp) in parallel,
             for runs whose only output is shards; ``None`` sends raw uint8 arrays.
         threads_per_worker: torch CPU threads per worker (default: the host's cores / workers).
@@ -89,7 +89,7 @@ class WorkerPool:
         config: dict[str, Any],
         fingerprint: str,
         devices: list[str],
-        batch_captions: int = 8,
+        worker_batch: int = 8,
         tasks_per_worker: int = 2,
         max_restarts: int = 5,
         backoff_s: float = 1.0,
@@ -102,23 +102,23 @@ class WorkerPool:
     ) -> None:
         if not devices:
             raise ValueError("the pool needs at least one device")
-        if batch_captions < 1:
-            raise ValueError(f"batch_captions must be >= 1, got {batch_captions}")
+        if worker_batch < 1:
+            raise ValueError(f"worker_batch must be >= 1, got {worker_batch}")
         self.config = dict(config)
         self.fingerprint = fingerprint
         self.devices = list(devices)
-        self.batch_captions = int(batch_captions)
+        self.worker_batch = int(worker_batch)
         self.tasks_per_worker = max(1, int(tasks_per_worker))
         self.max_restarts = int(max_restarts)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self.drain_timeout = float(drain_timeout)
-        self.throttle_groups = int(throttle_groups or len(devices) * batch_captions)
+        self.throttle_groups = int(throttle_groups or len(devices) * worker_batch)
         self.log_level = log_level
         self.image_codec = image_codec
         self._ctx = mp.get_context("spawn")
         self._cpu_threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(devices))
-        self.workers = [WorkerState(i, d, batch_limit=self.batch_captions) for i, d in enumerate(devices)]
+        self.workers = [WorkerState(i, d, batch_limit=self.worker_batch) for i, d in enumerate(devices)]
         self._pending: collections.deque[WorkItem] = collections.deque()
         self._source: Iterator[WorkItem] = iter(())
         self._source_done = False
@@ -143,7 +143,7 @@ class WorkerPool:
                 index=worker.index,
                 device=local_device,
                 config=self.config,
-                batch_captions=worker.batch_limit,
+                worker_batch=worker.batch_limit,
                 num_threads=self._cpu_threads,
                 log_level=self.log_level,
                 image_codec=self.image_codec,
@@ -288,7 +288,7 @@ class WorkerPool:
                 continue
             if len(self._undelivered) >= self.throttle_groups:
                 return
-            items = self._next_items(self.batch_captions)
+            items = self._next_items(self.worker_batch)
             if not items:
                 return
             task_id = self._next_task_id

@@ -74,7 +74,7 @@ class ServiceOptions:
     captions: CaptionSet
     devices: list[str]
     seed: int = 0
-    batch_captions: int = 8
+    worker_batch: int = 8
     out: str | None = None
     archive: str | None = None
     bind: str | None = None
@@ -177,12 +177,11 @@ def run_service(
         if options.shard_dir:
             writer = ShardWriter(
                 options.shard_dir,
-                config.to_dict(),
-                fingerprint,
+                config,
                 shard_size=options.shard_size,
                 image_format=options.image_format,
                 quality=options.quality,
-                extra={
+                run={
                     "seed": options.seed,
                     "images_per_group": m,
                     "caption_shard": list(options.captions.shard),
@@ -214,7 +213,7 @@ def run_service(
             config.to_dict(),
             fingerprint,
             options.devices,
-            batch_captions=options.batch_captions,
+            worker_batch=options.worker_batch,
             drain_timeout=options.drain_timeout,
             log_level=logging.getLogger().getEffectiveLevel(),
             # Shards only: workers encode the images in parallel instead of the supervisor.

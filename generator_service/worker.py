@@ -13,7 +13,7 @@ Protocol with the supervisor (``generator_service.pool``), over two one-way pipe
   with status 1 (``failed_group_ids``: the batch that raised, empty when none).
 
 Results leave through an ``Outbox`` thread, so encoding and the pipe overlap the next batch.
-A task holds at most ``--batch-captions`` captions; they run as one backend batch unless the device
+A task holds at most ``--worker-batch`` captions; they run as one backend batch unless the device
 ran out of memory, in which case the worker halves its batch limit, logs it, and retries.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class WorkerSpec:
     index: int
     device: str
     config: dict[str, Any]
-    batch_captions: int
+    worker_batch: int
     num_threads: int = 1
     log_level: int = logging.INFO
     image_codec: tuple[str, int] | None = None  # (format, quality): send encoded images (offline-only runs)
@@ -113,7 +113,7 @@ class Outbox:
 
         image_format, quality = self.image_codec  # type: ignore[misc]
         data = [encode_image(image, image_format, quality) for image in images]
-        return EncodedImages(IMAGE_FORMATS[image_format][2], data, tuple(int(d) for d in images.shape))  # type: ignore[arg-type]
+        return EncodedImages(IMAGE_FORMATS[image_format][1], data, tuple(int(d) for d in images.shape))  # type: ignore[arg-type]
 
 
 class GenerationFailed(RuntimeError):
@@ -208,7 +208,7 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
         backend = create_backend(GeneratorConfig.from_dict(spec.config), device=spec.device)
         outbox.put(("ready", os.getpid(), time.perf_counter() - started))
         during_startup = False
-        batch_limit = spec.batch_captions
+        batch_limit = spec.worker_batch
         while True:
             try:
                 task = task_conn.recv()
@@ -221,7 +221,7 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
                 backend.generate,
                 items,
                 batch_limit,
-                emit=lambda groups: outbox.put(("groups", task_id, groups)),
+                emit=lambda groups, task_id=task_id: outbox.put(("groups", task_id, groups)),
                 on_batch_limit=lambda n: outbox.put(("batch_limit", n)),
             )
             outbox.put(("task_done", task_id))

@@ -19,13 +19,12 @@ import zmq
 
 from .codec import decode
 from .errors import ProtocolError
-from .limits import MAX_MESSAGE_BYTES
+from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
 
-DEAD_AFTER_HEARTBEATS = 3
 DEFAULT_HEARTBEAT_MS = 1000
 
 

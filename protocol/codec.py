@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 
 from .errors import ProtocolError
+from .generator_info import GeneratorInfo
 from .limits import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from .messages import MESSAGE_TYPES, SCHEMA, Group, Message, validate_header
 
@@ -24,7 +25,8 @@ def _header_of(msg: Message) -> dict[str, Any]:
         header.update(msg.header_fields())
     else:
         for name in SCHEMA[msg.TYPE]:
-            header[name] = getattr(msg, name)
+            value = getattr(msg, name)
+            header[name] = value.to_wire() if isinstance(value, GeneratorInfo) else value
     return header
 
 

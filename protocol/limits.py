@@ -17,3 +17,10 @@ MAX_CREDIT = 1 << 20
 #: Image encodings a ``group`` may carry. ``raw`` is one frame of m*H*W*3 bytes; the others are
 #: one encoded image per frame.
 ENCODINGS = ("raw", "png", "jpeg", "webp")
+
+#: Longest string of a generator description field, and most ``extra`` fields it may carry.
+MAX_STRING_FIELD = 4096
+MAX_INFO_EXTRA_FIELDS = 64
+
+#: A peer silent for more than this many heartbeat intervals is dead.
+DEAD_AFTER_HEARTBEATS = 3

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import ProtocolError
+from .generator_info import GeneratorInfo, check_generator_info
 from .limits import ENCODINGS, MAX_CREDIT, MAX_IMAGES_PER_GROUP
 
 
@@ -26,8 +27,14 @@ class Welcome:
 
     TYPE: ClassVar[str] = "welcome"
     service: str
-    generator: dict[str, Any]
+    generator: GeneratorInfo
     heartbeat_ms: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.generator, dict):
+            self.generator = GeneratorInfo.from_wire(self.generator)
+        elif not isinstance(self.generator, GeneratorInfo):
+            raise ProtocolError("bad_message", f"welcome.generator must be a GeneratorInfo, got {type(self.generator).__name__}")
 
 
 @dataclass
@@ -199,8 +206,7 @@ def validate_header(header: dict[str, Any]) -> None:
     elif msg_type == "welcome":
         if header["heartbeat_ms"] < 1:
             raise _bad(msg_type, "heartbeat_ms", header["heartbeat_ms"], "must be >= 1")
-        if not all(isinstance(k, str) for k in header["generator"]):
-            raise _bad(msg_type, "generator", header["generator"], "keys must be strings")
+        check_generator_info(header["generator"])
     elif msg_type == "credit":
         if not 1 <= header["n"] <= MAX_CREDIT:
             raise _bad(msg_type, "n", header["n"], f"must be in [1, {MAX_CREDIT}]")

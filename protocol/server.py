@@ -19,13 +19,13 @@ import zmq
 
 from .codec import decode, encode
 from .errors import ProtocolError
-from .limits import MAX_MESSAGE_BYTES
+from .generator_info import GeneratorInfo
+from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
 
-DEAD_AFTER_HEARTBEATS = 3
 
 
 @dataclass
@@ -60,7 +60,7 @@ class GroupServer:
         bind: ZeroMQ endpoint, e.g. ``tcp://127.0.0.1:5555`` (``tcp://127.0.0.1:*`` picks a port;
             read it back from ``endpoint``).
         service_id: name sent in ``welcome``.
-        generator_info: the ``generator`` map sent in ``welcome``.
+        generator_info: the generator description sent in ``welcome`` (a map is checked and converted).
         heartbeat_ms: heartbeat interval; a client silent for 3 intervals is dead.
         max_queue: groups held while no client has credit; ``put`` blocks beyond it.
     """
@@ -69,7 +69,7 @@ class GroupServer:
         self,
         bind: str,
         service_id: str,
-        generator_info: dict[str, Any],
+        generator_info: GeneratorInfo | dict[str, Any],
         heartbeat_ms: int = 1000,
         max_queue: int = 64,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
@@ -79,7 +79,9 @@ class GroupServer:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.bind = bind
         self.service_id = service_id
-        self.generator_info = dict(generator_info)
+        self.generator_info = (
+            generator_info if isinstance(generator_info, GeneratorInfo) else GeneratorInfo.from_wire(generator_info)
+        )
         self.heartbeat_ms = int(heartbeat_ms)
         self.max_queue = int(max_queue)
         self.max_message_bytes = int(max_message_bytes)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from trainer.demo import DemoPlan, parse_demo_args, run_demo
+from benchmarks.demo import DemoPlan, parse_demo_args, run_demo
 
 
 def test_demo_args_split_between_demo_and_trainer():
@@ -48,7 +48,7 @@ def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
 
 
 def test_generator_process_is_always_stopped(tmp_path):
-    from trainer.demo import GeneratorProcess, free_tcp_endpoint, run_generator_cli
+    from benchmarks.demo import GeneratorProcess, free_tcp_endpoint, run_generator_cli
 
     captions = tmp_path / "captions.txt"
     run_generator_cli(["captions", "--n", "8", "--out", str(captions)])

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from protocol import GeneratorInfo, Welcome, decode, encode
 from generator_service.config import GeneratorConfig
 from generator_service.seeds import group_seeds, image_seed
 
@@ -121,14 +122,18 @@ def test_random_weights_are_marked():
     assert config.fingerprint().endswith("-random-sd15")
     assert "random" not in PAPER.fingerprint()
     info = config.welcome_info()
-    assert info["model"] == "random:sd15" and info["fingerprint"] == config.fingerprint()
+    assert info.model == "random:sd15" and info.fingerprint == config.fingerprint()
 
 
-def test_welcome_info_is_the_protocol_generator_map():
+def test_welcome_info_is_the_protocol_generator_description():
     info = PAPER.welcome_info()
-    assert set(info) == {"backend", "model", "scheduler", "steps", "guidance", "height", "width",
-                         "images_per_group", "fingerprint"}
-    assert (info["backend"], info["scheduler"], info["steps"], info["guidance"]) == ("diffusers", "ddim", 50, 2.0)
+    assert isinstance(info, GeneratorInfo)
+    assert set(info.to_wire()) == {"backend", "model", "scheduler", "steps", "guidance", "height", "width",
+                                   "save_size", "images_per_group", "fingerprint"}
+    assert (info.backend, info.scheduler, info.steps, info.guidance) == ("diffusers", "ddim", 50, 2.0)
+    assert (info.save_size, info.images_per_group) == (256, 10)
+    # it survives the wire unchanged
+    assert decode(encode(Welcome("svc", info, 1000))).generator == info
 
 
 def _fake_pipeline(folder, weights: bytes):

@@ -9,7 +9,7 @@ from benchmarks.generator_bench import format_table, run_generator_bench
 def test_generator_bench_reports_all_paths(tiny_sd_path):
     result = run_generator_bench(
         model=str(tiny_sd_path), device="cpu", steps=2, height=32, width=32, save_size=32,
-        images_per_caption=2, batch_captions=2, captions=6, threads=1,
+        images_per_group=2, worker_batch=2, captions=6, threads=1,
     )
     json.dumps(result)  # JSON-able
     paths = result["paths"]

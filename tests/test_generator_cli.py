@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from generator_service.cli import main
+from generator_service.config import GeneratorConfig
 from generator_service.procedural import write_caption_file
 from generator_service.shards import MANIFEST_NAME, SHARD_PATTERN, ShardWriter, read_manifest, scan_shard
 
@@ -50,9 +51,10 @@ def test_missing_captions_file(capsys, tmp_path):
 
 def test_fingerprint_mismatch(capsys, captions_file, tmp_path):
     out = tmp_path / "shards"
-    ShardWriter(out, {"backend": "other"}, "feedfacefeedface").open().close()
+    other = GeneratorConfig(save_size=32)
+    ShardWriter(out, other).open().close()
     err = _error(capsys, ["--captions", captions_file, "--out", str(out), "--gpus", "cpu"])
-    assert str(out) in err and "feedfacefeedface" in err and "fingerprint" in err
+    assert str(out) in err and other.fingerprint() in err and "fingerprint" in err
     assert not list(out.glob("shard-*.tar"))
 
 
@@ -82,7 +84,7 @@ def _manifest_groups(out: Path) -> int:
         manifest = read_manifest(out)
     except Exception:  # mid-rename on a first write
         return 0
-    return sum(s["groups"] for s in manifest["shards"]) if manifest else 0
+    return sum(s.groups for s in manifest.shards) if manifest else 0
 
 
 def _complete_groups_on_disk(out: Path) -> int:
@@ -106,9 +108,9 @@ def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
     out = tmp_path / "shards"
     config = tmp_path / "run.yaml"
     # Large procedural renders so that a run takes a few seconds; saved small.
-    config.write_text(yaml.safe_dump({"height": 256, "width": 256, "save-size": 32, "images-per-caption": M,
+    config.write_text(yaml.safe_dump({"height": 256, "width": 256, "save-size": 32, "images-per-group": M,
                                       "shard_size": 4, "gpus": "cpu:2"}))
-    argv = ["--config", str(config), "--captions", captions_file, "--out", str(out), "--batch-captions", "2"]
+    argv = ["--config", str(config), "--captions", captions_file, "--out", str(out), "--worker-batch", "2"]
     command = [sys.executable, "-m", "generator_service.cli", *argv, "--no-progress", "--log-level", "WARNING"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -139,7 +141,7 @@ def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
     assert main([*argv, "--no-progress", "--preview", str(preview), "--preview-groups", "3"]) == 0
     manifest = read_manifest(out)
     listed = sorted(p.name for p in out.glob("shard-*.tar"))
-    assert listed == sorted(s["name"] for s in manifest["shards"])  # nothing torn, nothing unlisted
+    assert listed == sorted(s.name for s in manifest.shards)  # nothing torn, nothing unlisted
     caption_ids: list[int] = []
     for name in listed:
         with tarfile.open(out / name) as tar:
@@ -154,13 +156,13 @@ def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
     assert Counter(caption_ids) == Counter(range(N_CAPTIONS))  # every caption exactly once
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["generator"]["height"] == 256 and resolved["run"]["batch_captions"] == 2
-    assert resolved["fingerprint"] == manifest["fingerprint"]
+    assert resolved["generator"]["height"] == 256 and resolved["run"]["worker_batch"] == 2
+    assert resolved["fingerprint"] == manifest.fingerprint
     with Image.open(preview) as grid:
         assert grid.height >= 3 * 32
 
     # 4. Another image count into the same directory is refused.
-    assert main([*argv, "--images-per-caption", str(M + 1)]) == 2
+    assert main([*argv, "--images-per-group", str(M + 1)]) == 2
     assert (out / MANIFEST_NAME).exists()
 
 
@@ -173,31 +175,45 @@ def test_backend_that_cannot_start_fails_the_run_with_its_error(capsys, captions
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "could not start the backend" in err and str(not_a_pipeline) in err and "model_index.json" in err
-    assert read_manifest(out)["shards"] == []
+    assert read_manifest(out).shards == []
 
 
 def test_caption_the_backend_rejects_fails_the_run_naming_it(capsys, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle with dots on a dark background\nthis is not a procedural caption\n")
     out = tmp_path / "shards"
-    argv = ["--captions", str(captions), "--out", str(out), "--gpus", "cpu", "--batch-captions", "1",
-            "--images-per-caption", "2", "--no-progress"]
+    argv = ["--captions", str(captions), "--out", str(out), "--gpus", "cpu", "--worker-batch", "1",
+            "--images-per-group", "2", "--no-progress"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "caption 1 ('this is not a procedural caption') failed to generate 2 times" in err
     assert "does not follow the procedural grammar" in err
     # what was generated before the failure is kept
-    assert [c for s in read_manifest(out)["shards"] for c in s["caption_ids"]] == [0]
+    assert [c for s in read_manifest(out).shards for c in s.caption_ids] == [0]
 
 
 def test_max_groups_stops_after_that_many(capsys, captions_file, tmp_path):
     out = tmp_path / "shards"
     argv = ["--captions", captions_file, "--out", str(out), "--gpus", "cpu", "--max-groups", "5",
-            "--images-per-caption", "2", "--shard-size", "2", "--format", "jpg", "--quality", "80", "--no-progress"]
+            "--images-per-group", "2", "--shard-size", "2", "--format", "jpg", "--quality", "80", "--no-progress"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["groups"] == 5 and summary["images"] == 10
     manifest = read_manifest(out)
-    assert [c for s in manifest["shards"] for c in s["caption_ids"]] == [0, 1, 2, 3, 4]
+    assert [c for s in manifest.shards for c in s.caption_ids] == [0, 1, 2, 3, 4]
     with tarfile.open(out / "shard-000000.tar") as tar:
         assert any(name.endswith(".1.jpg") for name in tar.getnames())
+
+
+def test_old_count_flags_are_deprecated_aliases(capsys, tmp_path):
+    from generator_service.cli import parse_args
+
+    args = parse_args(["--captions", "c.txt", "--batch-captions", "3", "--images-per-caption", "5"])
+    assert (args.worker_batch, args.images_per_group) == (3, 5)
+    err = capsys.readouterr().err
+    assert "--batch-captions is deprecated; use --worker-batch" in err
+    assert "--images-per-caption is deprecated; use --images-per-group" in err
+    old = tmp_path / "old.yaml"
+    old.write_text("batch-captions: 4\n")
+    assert parse_args(["--config", str(old)]).worker_batch == 4
+    assert "'batch-captions' is deprecated; use 'worker_batch'" in capsys.readouterr().err

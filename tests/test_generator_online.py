@@ -65,7 +65,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
     captions = load_captions(write_caption_file(tmp_path / "captions.txt", 5))
     archive = tmp_path / "archive"
     options = ServiceOptions(
-        config=config, captions=captions, devices=["cpu", "cpu"], seed=3, batch_captions=2,
+        config=config, captions=captions, devices=["cpu", "cpu"], seed=3, worker_batch=2,
         bind="tcp://127.0.0.1:*", queue=QUEUE, archive=str(archive), shard_size=2,
         preview=str(tmp_path / "preview.png"), preview_groups=2,
     )
@@ -152,7 +152,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
     assert sum(w["idle_backpressure_s"] for w in result.stats.workers) > 0
     assert (tmp_path / "preview.png").stat().st_size > 0
     manifest = read_manifest(archive)
-    archived = {g for s in manifest["shards"] for g in s["group_ids"]}
+    archived = {g for s in manifest.shards for g in s.group_ids}
     assert set(ids) <= archived
     # every group handed to the server, plus those still waiting for a client at the stop
     assert len(archived) == result.stats.groups_delivered + result.stats.settled_at_stop

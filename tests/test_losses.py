@@ -78,7 +78,7 @@ def test_multipos_float32_and_details():
     ref = reference_multipos(x.double(), labels.tolist(), 0.1)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
-    counts = [sum(1 for m in labels.tolist() if m == l) - 1 for l in labels.tolist()]
+    counts = [sum(1 for m in labels.tolist() if m == label) - 1 for label in labels.tolist()]
     assert details["positives_per_anchor"].item() == pytest.approx(sum(counts) / len(counts))
     assert details["anchors_without_positives"].item() == pytest.approx(counts.count(0) / len(counts))
 

@@ -1,5 +1,6 @@
 """OfflineSource: generator shards, plain WebDataset shards, the official layout; epochs, ranks,
-resume and corrupt data. Shards are written here with tarfile + PIL in the documented layout."""
+resume and corrupt data. Generator shards are written by the generator's real ShardWriter; plain
+WebDataset and official-layout data are written here as img2dataset and the official scripts do."""
 from __future__ import annotations
 
 import io
@@ -12,6 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from generator_service.config import GeneratorConfig
+from generator_service.shards import ShardWriter
+from protocol import Group
 from trainer.sources import build_source
 from trainer.sources.offline import OfflineSource
 from trainer.sources.offline_reader import key_caption_id
@@ -38,31 +42,19 @@ def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def write_group_shard(path: Path, caption_ids: list[int], m: int, bad_image: tuple[int, int] | None = None) -> None:
-    """Generator layout: KEY.txt, KEY.json, KEY.{i}.png; ``bad_image=(caption_id, i)`` gets garbage bytes."""
-    with tarfile.open(path, "w") as archive:
-        for cid in caption_ids:
-            key = f"fp000000-{cid:09d}"
-            header = {"group_id": key, "caption_id": cid, "caption": f"caption {cid}", "seeds": list(range(m)),
-                      "shape": [m, S, S, 3], "dtype": "uint8", "encoding": "png", "generator": "fp", "gen_seconds": 0.1}
-            add_member(archive, f"{key}.txt", f"caption {cid}".encode())
-            add_member(archive, f"{key}.json", json.dumps(header).encode())
-            for i in range(m):
-                data = b"not a png at all" if bad_image == (cid, i) else encode(pixel(cid, i))
-                add_member(archive, f"{key}.{i}.png", data)
-
-
-def write_generator_dir(root: Path, shards: int, per_shard: int, m: int, **bad) -> list[int]:
-    root.mkdir(parents=True, exist_ok=True)
-    entries, all_ids = [], []
-    for s in range(shards):
-        ids = list(range(s * per_shard, (s + 1) * per_shard))
-        write_group_shard(root / f"shard-{s:06d}.tar", ids, m, **bad)
-        entries.append({"name": f"shard-{s:06d}.tar", "groups": per_shard, "images": per_shard * m, "caption_ids": ids})
-        all_ids += ids
-    manifest = {"version": 1, "generator": {"save_size": S}, "fingerprint": "fp", "shards": entries}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return all_ids
+def write_generator_dir(root: Path, shards: int, per_shard: int, m: int,
+                        bad_image: tuple[int, int] | None = None) -> list[int]:
+    """Generator shards written by the generator's real ``ShardWriter``; image ``i`` of caption ``cid``
+    has the pixel value ``pixel(cid, i)``, and ``bad_image=(cid, i)`` gets garbage bytes instead."""
+    config = GeneratorConfig(backend="procedural", images_per_group=m, save_size=S)
+    ids = list(range(shards * per_shard))
+    with ShardWriter(root, config, shard_size=per_shard) as writer:
+        for cid in ids:
+            encoded = [b"not a png at all" if bad_image == (cid, i) else encode(pixel(cid, i)) for i in range(m)]
+            writer.write(Group(group_id=f"fp000000-{cid:09d}", caption_id=cid, caption=f"caption {cid}",
+                               seeds=list(range(m)), encoded=encoded, encoding="png", shape=(m, S, S, 3),
+                               generator=config.fingerprint(), gen_seconds=0.1))
+    return ids
 
 
 def check_pixels(batch, m: int) -> None:
@@ -80,7 +72,7 @@ def read_groups(source: OfflineSource, batches: int) -> list[int]:
 
 def test_generator_shards_each_group_once_per_epoch(tmp_path):
     ids = write_generator_dir(tmp_path / "out", shards=4, per_shard=5, m=4)
-    source = OfflineSource(str(tmp_path / "out"), batch_captions=4, images_per_caption=2, num_workers=0, seed=1)
+    source = OfflineSource(str(tmp_path / "out"), captions_per_rank=4, draw_per_caption=2, num_workers=0, seed=1)
     assert source.image_size == S  # from the manifest's generator config
     epochs = []
     for _ in range(2):
@@ -105,7 +97,7 @@ def test_rank_split_disjoint_and_covering_with_workers(tmp_path):
     pattern = str(tmp_path / "out" / "shard-{000000..000003}.tar")
     per_rank = []
     for rank in range(2):
-        source = OfflineSource(pattern, batch_captions=2, images_per_caption=2, image_size=S, rank=rank,
+        source = OfflineSource(pattern, captions_per_rank=2, draw_per_caption=2, image_size=S, rank=rank,
                                world_size=2, num_workers=2, seed=3)
         per_rank.append(read_groups(source, 3))  # 2 shards x 3 groups per rank
         assert source.stats()["epoch"] == 0
@@ -116,11 +108,11 @@ def test_rank_split_disjoint_and_covering_with_workers(tmp_path):
 
 def test_resume_continues_the_epoch(tmp_path):
     ids = write_generator_dir(tmp_path / "out", shards=4, per_shard=5, m=2)
-    first = OfflineSource(str(tmp_path / "out"), batch_captions=4, images_per_caption=2, num_workers=2, seed=5)
+    first = OfflineSource(str(tmp_path / "out"), captions_per_rank=4, draw_per_caption=2, num_workers=2, seed=5)
     before = read_groups(first, 2)
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
     first.close()
-    resumed = OfflineSource(str(tmp_path / "out"), batch_captions=4, images_per_caption=2, num_workers=2, seed=5)
+    resumed = OfflineSource(str(tmp_path / "out"), captions_per_rank=4, draw_per_caption=2, num_workers=2, seed=5)
     resumed.load_state_dict(state)
     after = read_groups(resumed, 3)
     assert sorted(before + after) == ids
@@ -139,7 +131,7 @@ def test_plain_webdataset_shards(tmp_path):
                 add_member(archive, f"{key}.jpg", encode(200, "JPEG", size))
                 add_member(archive, f"{key}.txt", f"photo {key}".encode())
                 add_member(archive, f"{key}.json", json.dumps({"key": key, "caption": f"photo {key}"}).encode())
-    source = OfflineSource(str(tmp_path / "{00000..00001}.tar"), batch_captions=3, images_per_caption=2,
+    source = OfflineSource(str(tmp_path / "{00000..00001}.tar"), captions_per_rank=3, draw_per_caption=2,
                            image_size=S, num_workers=0)
     batches = [source.next_batch() for _ in range(2)]
     ids = [c for b in batches for c in b.caption_ids.tolist()]
@@ -164,7 +156,7 @@ def test_official_layout_csv_and_seed_folders(tmp_path):
             path = tmp_path / f"seed{seed}" / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode(pixel(r, seed)))
-    source = OfflineSource(str(tmp_path), batch_captions=3, images_per_caption=3, num_workers=0, image_size=S,
+    source = OfflineSource(str(tmp_path), captions_per_rank=3, draw_per_caption=3, num_workers=0, image_size=S,
                            rows_per_part=2)
     batches = [source.next_batch() for _ in range(2)]
     assert sorted(c for b in batches for c in b.caption_ids.tolist()) == list(range(6))
@@ -177,7 +169,7 @@ def test_official_layout_csv_and_seed_folders(tmp_path):
             else:
                 assert values == [pixel(row, s) for s in range(3)]
     assert source.stats()["groups_short"] == 1
-    by_csv = OfflineSource(str(tmp_path / "data.csv"), batch_captions=6, images_per_caption=1, num_workers=0,
+    by_csv = OfflineSource(str(tmp_path / "data.csv"), captions_per_rank=6, draw_per_caption=1, num_workers=0,
                            image_size=S, seed_dirs=[str(tmp_path / "seed1")])
     batch = by_csv.next_batch()
     assert sorted(batch.caption_ids.tolist()) == list(range(6))
@@ -194,14 +186,14 @@ def test_corrupt_image_truncated_and_unreadable_shards_are_skipped_and_counted(t
     shard.write_bytes(shard.read_bytes()[:cut])
     (out / "garbage.tar").write_bytes(b"this is not a tar archive" * 40)
     paths = [str(out), str(out / "garbage.tar")]
-    source = OfflineSource(paths, batch_captions=3, images_per_caption=2, num_workers=0, image_size=S, seed=2)
+    source = OfflineSource(paths, captions_per_rank=3, draw_per_caption=2, num_workers=0, image_size=S, seed=2)
     survivors = [0, 2, 3, 4, 5, 6, 7, 8, 9]
     assert sorted(read_groups(source, 3)) == survivors
     assert sorted(read_groups(source, 3)) == survivors  # next epoch: same survivors, no crash
 
     # Exact counts, with a fixed read order: shard 0 [0, 1 (bad), 2, 3], shard 1 [4..7],
     # shard 2 [11 lost (the manifest lists 4 groups), 8, 9, 10 (torn)], then garbage.tar.
-    source = OfflineSource(paths, batch_captions=9, images_per_caption=2, num_workers=0, image_size=S, shuffle=False)
+    source = OfflineSource(paths, captions_per_rank=9, draw_per_caption=2, num_workers=0, image_size=S, shuffle=False)
     assert sorted(source.next_batch().caption_ids.tolist()) == survivors
     assert source.stats()["skipped_corrupt"] == 2  # group 1, group 11
     assert source.stats()["corrupt_shards"] == 1
@@ -231,7 +223,7 @@ def test_missing_inputs_name_the_path(tmp_path):
 
 def test_registry_builds_the_offline_source(tmp_path):
     write_generator_dir(tmp_path / "out", shards=1, per_shard=2, m=2)
-    source = build_source("offline", paths=[str(tmp_path / "out")], batch_captions=2, images_per_caption=1,
+    source = build_source("offline", paths=[str(tmp_path / "out")], captions_per_rank=2, draw_per_caption=1,
                           num_workers=0)
     assert isinstance(source, OfflineSource)
     assert source.next_batch().images.shape == (2, 1, S, S, 3)

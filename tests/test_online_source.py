@@ -13,7 +13,7 @@ from trainer.sources.online import GroupStreamError, OnlineSource, choose_storag
 
 def test_batches_stream_from_the_service():
     with SyntheticService(num_captions=40, m=4, size=24) as service:
-        source = build_source("online", endpoints=[service.endpoint], batch_captions=8, images_per_caption=3,
+        source = build_source("online", endpoints=[service.endpoint], captions_per_rank=8, draw_per_caption=3,
                               capacity_groups=32, connect_timeout=5, sample_timeout=20)
         try:
             assert isinstance(source, OnlineSource)
@@ -35,16 +35,18 @@ def test_batches_stream_from_the_service():
             source.close()
 
 
-def test_buffer_sized_from_first_group_and_resized_by_flag():
-    # no save_size in the welcome: the buffer is allocated from the first group's shape
-    with SyntheticService(num_captions=20, m=4, size=20, save_size=False) as service:
-        source = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, connect_timeout=5,
+def test_buffer_sized_from_the_welcome_and_resized_by_flag():
+    # the generator description's save_size and images_per_group size the buffer before any group
+    with SyntheticService(num_captions=20, m=4, size=20) as service:
+        source = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=5,
                               sample_timeout=20)
         try:
+            assert source.replay is not None
+            assert (source.replay.height, source.replay.width, source.replay.images_per_group) == (20, 20, 4)
             assert source.next_batch().images.shape == (4, 2, 20, 20, 3)
         finally:
             source.close()
-        resized = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, image_size=12,
+        resized = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, image_size=12,
                                capacity_gib=4 * 12 * 12 * 3 * 10 / 2**30, connect_timeout=5, sample_timeout=20)
         try:
             assert resized.next_batch().images.shape == (4, 2, 12, 12, 3)
@@ -56,13 +58,13 @@ def test_buffer_sized_from_first_group_and_resized_by_flag():
 
 def test_state_dict_restores_replay_counters():
     with SyntheticService(num_captions=20, m=3, size=16) as service:
-        first = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, connect_timeout=5)
+        first = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=5)
         try:
             first.next_batch(), first.next_batch()
             state = first.state_dict()
         finally:
             first.close()
-        second = OnlineSource([service.endpoint], batch_captions=4, images_per_caption=2, connect_timeout=5)
+        second = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=5)
         try:
             second.load_state_dict(state)
             second.next_batch()
@@ -75,14 +77,14 @@ def test_unreachable_generator_names_the_endpoint():
     endpoint = free_tcp_endpoint()
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=endpoint.replace(".", r"\.")):
-        OnlineSource([endpoint], batch_captions=4, images_per_caption=2, connect_timeout=0.5)
+        OnlineSource([endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=0.5)
     assert time.monotonic() - start < 5
 
 
 def test_too_few_images_per_group_is_refused():
     with SyntheticService(num_captions=8, m=2, size=16) as service:
-        with pytest.raises(ValueError, match=r"serves 2 images per group, fewer than images_per_caption=6"):
-            OnlineSource([service.endpoint], batch_captions=4, images_per_caption=6, connect_timeout=5)
+        with pytest.raises(ValueError, match=r"serves 2 images per group, fewer than draw_per_caption=6"):
+            OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=6, connect_timeout=5)
 
 
 def test_storage_rule():
@@ -108,7 +110,7 @@ def test_a_group_that_does_not_fit_fails_the_next_batch_with_its_name():
 
     # the welcome promises 4 images per group, the groups carry 2
     with GroupServer("tcp://127.0.0.1:*", "liar", generator_info(4, 16), heartbeat_ms=200) as server:
-        source = OnlineSource([server.endpoint], batch_captions=2, images_per_caption=2, connect_timeout=5,
+        source = OnlineSource([server.endpoint], captions_per_rank=2, draw_per_caption=2, connect_timeout=5,
                               sample_timeout=10)
         try:
             server.put(make_group(7, 2, 16), timeout=5)

@@ -137,15 +137,15 @@ def test_offline_run_survives_kill_9_of_a_worker_exactly_once(tmp_path, tiny_sd_
 
     options = ServiceOptions(
         config=config, captions=load_captions(captions_file), devices=["cpu", "cpu"], seed=7,
-        batch_captions=2, out=str(out), shard_size=3,
+        worker_batch=2, out=str(out), shard_size=3,
     )
     result = run_service(options, on_tick=kill_a_busy_worker)
     assert killed, "no worker was killed mid-run"
     assert result.stats.restarts >= 1 and result.stats.requeued >= 1
 
     manifest = read_manifest(out)
-    listed = [c for s in manifest["shards"] for c in s["caption_ids"]]
-    samples = list(wds.WebDataset([str(out / s["name"]) for s in manifest["shards"]], shardshuffle=False))
+    listed = [c for s in manifest.shards for c in s.caption_ids]
+    samples = list(wds.WebDataset([str(out / s.name) for s in manifest.shards], shardshuffle=False))
     seen = Counter(json.loads(s["json"])["caption_id"] for s in samples)
     assert sorted(listed) == list(range(16)) and seen == Counter(range(16))
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from generator_service.config import GeneratorConfig
 from protocol import (
     MAX_HEADER_BYTES, Bye, Credit, Error, Group, Heartbeat, Hello, ProtocolError, Welcome, decode, encode,
 )
@@ -26,13 +27,13 @@ def _group(m=3, h=5, w=7, **kw):
     "msg",
     [
         Hello(client="trainer", rank=1, world_size=4),
-        Welcome(service="svc-1", generator={"backend": "diffusers", "steps": 50, "guidance": 2.0}, heartbeat_ms=500),
+        Welcome(service="svc-1", generator=GeneratorConfig(backend="diffusers").welcome_info(), heartbeat_ms=500),
         Credit(n=7),
         Heartbeat(),
         Error(code="bad_message", message="x"),
         Bye(),
         Hello(client="", rank=0, world_size=1),
-        Welcome(service="", generator={}, heartbeat_ms=1),
+        Welcome(service="", generator=GeneratorConfig().welcome_info(), heartbeat_ms=1),
     ],
 )
 def test_control_messages_round_trip(msg):

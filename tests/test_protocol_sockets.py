@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import zmq
 
+from generator_service.config import GeneratorConfig
 from protocol import Credit, Error, Group, Hello, ProtocolError, Welcome, decode, encode
 from protocol.client import GroupClient
 from protocol.server import GroupServer
+
+GENERATOR = GeneratorConfig(images_per_group=2, save_size=8).welcome_info()
 
 HB_MS = 100
 
@@ -32,7 +35,7 @@ def _wait(predicate, timeout=5.0):
 
 @pytest.fixture
 def server():
-    srv = GroupServer("tcp://127.0.0.1:*", "test-svc", {"backend": "procedural"}, heartbeat_ms=HB_MS, max_queue=100)
+    srv = GroupServer("tcp://127.0.0.1:*", "test-svc", GENERATOR, heartbeat_ms=HB_MS, max_queue=100)
     srv.start()
     yield srv
     srv.close()
@@ -69,7 +72,7 @@ def test_round_trip_through_server_and_client(server):
     received: list[Group] = []
     with GroupClient([server.endpoint], lambda g: received.append(Group(**{**g.__dict__, "images": g.images.copy()})),
                      credits=4, connect_timeout=5) as client:
-        assert client.welcomes[server.endpoint].generator == {"backend": "procedural"}
+        assert client.welcomes[server.endpoint].generator == GENERATOR
         for i in range(30):
             assert server.put(_group(i), timeout=5)
         assert _wait(lambda: len(received) == 30)
@@ -81,7 +84,7 @@ def test_round_trip_through_server_and_client(server):
 
 def test_raw_client_never_gets_more_than_its_credits_and_two_clients_share(ctx):
     # a long heartbeat: the hand-driven peer sends none and must not be declared dead here
-    server = GroupServer("tcp://127.0.0.1:*", "svc", {}, heartbeat_ms=5000).start()
+    server = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR, heartbeat_ms=5000).start()
     try:
         _credit_checks(server, ctx)
     finally:
@@ -154,7 +157,7 @@ def test_garbage_gets_error_and_everyone_keeps_being_served(server, ctx):
 
 
 def test_oversized_message_is_refused_and_server_survives(ctx):
-    srv = GroupServer("tcp://127.0.0.1:*", "svc", {}, heartbeat_ms=HB_MS, max_message_bytes=64 * 1024).start()
+    srv = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR, heartbeat_ms=HB_MS, max_message_bytes=64 * 1024).start()
     try:
         big = RawPeer(srv.endpoint, ctx)
         big.sock.send_multipart([msgpack.packb({"v": 1, "type": "heartbeat"}), bytes(256 * 1024)])
@@ -191,7 +194,7 @@ def test_client_reports_version_refusal(ctx):
 
 
 def test_client_sends_heartbeats_and_reconnects_after_service_restart(ctx):
-    srv = GroupServer("tcp://127.0.0.1:*", "svc-a", {}, heartbeat_ms=HB_MS).start()
+    srv = GroupServer("tcp://127.0.0.1:*", "svc-a", GENERATOR, heartbeat_ms=HB_MS).start()
     endpoint = srv.endpoint
     got = []
     client = GroupClient([endpoint], lambda g: got.append(g.caption_id), credits=3, connect_timeout=5).start()
@@ -201,7 +204,7 @@ def test_client_sends_heartbeats_and_reconnects_after_service_restart(ctx):
         srv.put(_group(1), timeout=5)
         assert _wait(lambda: got == [1])
         srv.close()
-        srv = GroupServer(endpoint, "svc-b", {}, heartbeat_ms=HB_MS).start()
+        srv = GroupServer(endpoint, "svc-b", GENERATOR, heartbeat_ms=HB_MS).start()
         srv.put(_group(2), timeout=5)
         assert _wait(lambda: got == [1, 2], timeout=10)
         assert client.stats().reconnects >= 1
@@ -212,7 +215,7 @@ def test_client_sends_heartbeats_and_reconnects_after_service_restart(ctx):
 
 
 def test_put_blocks_when_queue_full_and_counts_wait():
-    srv = GroupServer("tcp://127.0.0.1:*", "svc", {}, max_queue=2).start()
+    srv = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR, max_queue=2).start()
     try:
         assert srv.put(_group(0), timeout=1) and srv.put(_group(1), timeout=1)
         start = time.monotonic()
@@ -224,9 +227,9 @@ def test_put_blocks_when_queue_full_and_counts_wait():
 
 
 def test_bind_error_is_clear():
-    srv = GroupServer("tcp://127.0.0.1:*", "svc", {}).start()
+    srv = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR).start()
     try:
         with pytest.raises(OSError, match="cannot bind"):
-            GroupServer(srv.endpoint, "svc2", {}).start()
+            GroupServer(srv.endpoint, "svc2", GENERATOR).start()
     finally:
         srv.close()

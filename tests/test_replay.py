@@ -222,7 +222,7 @@ def test_bad_groups_raise_naming_the_group():
         buffer.add(make_group(1, m=2))
     with pytest.raises(ValueError, match=r"group g2: .*\[3, 5, 5, 3\]"):
         buffer.add(make_group(2, size=5))
-    with pytest.raises(ValueError, match="images_per_caption"):
+    with pytest.raises(ValueError, match="draw_per_caption"):
         buffer.sample(1, P + 1)
     with pytest.raises(ValueError, match="capacity"):
         buffer.sample(3, 1)

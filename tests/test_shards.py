@@ -10,11 +10,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from generator_service.config import GeneratorConfig
 from generator_service.shards import MANIFEST_NAME, ShardError, ShardWriter, read_manifest, temp_name
 from protocol import Group
 
-FINGERPRINT = "abcdef0123456789"
-CONFIG = {"backend": "procedural", "height": 8, "width": 8}
+CONFIG = GeneratorConfig(backend="procedural", images_per_group=3, save_size=8)
+FINGERPRINT = CONFIG.fingerprint()
 
 
 def make_group(caption_id: int, m: int = 3, size: int = 8) -> Group:
@@ -33,7 +34,7 @@ def make_group(caption_id: int, m: int = 3, size: int = 8) -> Group:
 
 def writer(out, **kwargs) -> ShardWriter:
     kwargs.setdefault("shard_size", 2)
-    return ShardWriter(out, CONFIG, FINGERPRINT, **kwargs)
+    return ShardWriter(out, CONFIG, **kwargs)
 
 
 def test_shards_read_back_with_webdataset_and_tarfile(tmp_path):
@@ -41,10 +42,11 @@ def test_shards_read_back_with_webdataset_and_tarfile(tmp_path):
         for cid in range(5):
             w.write(make_group(cid))
     manifest = read_manifest(tmp_path)
-    assert [s["name"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert [s["groups"] for s in manifest["shards"]] == [2, 2, 1]
-    assert [s["images"] for s in manifest["shards"]] == [6, 6, 3]
-    assert manifest["fingerprint"] == FINGERPRINT and manifest["generator"] == CONFIG
+    assert [s.name for s in manifest.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [s.groups for s in manifest.shards] == [2, 2, 1]
+    assert [s.images for s in manifest.shards] == [6, 6, 3]
+    assert manifest.fingerprint == FINGERPRINT and manifest.generator == CONFIG.welcome_info()
+    assert manifest.generator_config == CONFIG.to_dict() and manifest.save_size == 8
     assert not list(tmp_path.glob(".shard-*"))
 
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
@@ -52,7 +54,7 @@ def test_shards_read_back_with_webdataset_and_tarfile(tmp_path):
     key = make_group(0).group_id
     assert names[:5] == [f"{key}.txt", f"{key}.json", f"{key}.0.png", f"{key}.1.png", f"{key}.2.png"]
 
-    urls = [str(tmp_path / s["name"]) for s in manifest["shards"]]
+    urls = [str(tmp_path / s.name) for s in manifest.shards]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
     assert [s["__key__"] for s in samples] == [make_group(c).group_id for c in range(5)]
     for sample in samples:
@@ -93,9 +95,9 @@ def test_resume_skips_done_groups_and_removes_torn_shard(tmp_path):
             resumed.write(make_group(cid))
     resumed.close()
     manifest = read_manifest(tmp_path)
-    ids = [c for s in manifest["shards"] for c in s["caption_ids"]]
+    ids = [c for s in manifest.shards for c in s.caption_ids]
     assert sorted(ids) == list(range(6))
-    samples = list(wds.WebDataset([str(tmp_path / s["name"]) for s in manifest["shards"]], shardshuffle=False))
+    samples = list(wds.WebDataset([str(tmp_path / s.name) for s in manifest.shards], shardshuffle=False))
     assert sorted(json.loads(s["json"])["caption_id"] for s in samples) == list(range(6))
 
 
@@ -111,18 +113,19 @@ def test_renamed_but_unlisted_shard_is_adopted(tmp_path):
     assert resumed.done_caption_ids == {0, 1, 2, 3}
     resumed.write(make_group(4))
     resumed.close()
-    names = [s["name"] for s in read_manifest(tmp_path)["shards"]]
+    names = [s.name for s in read_manifest(tmp_path).shards]
     assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
 
 
 def test_fingerprint_mismatch_names_directory_and_both_fingerprints(tmp_path):
     with writer(tmp_path) as w:
         w.write(make_group(0))
-    other = ShardWriter(tmp_path, CONFIG, "0000111122223333", shard_size=2)
+    other_config = CONFIG.replace(save_size=16)
+    other = ShardWriter(tmp_path, other_config, shard_size=2)
     with pytest.raises(ShardError) as info:
         other.open()
     message = str(info.value)
-    assert str(tmp_path) in message and FINGERPRINT in message and "0000111122223333" in message
+    assert str(tmp_path) in message and FINGERPRINT in message and other_config.fingerprint() in message
 
 
 def test_second_writer_on_same_directory_is_refused(tmp_path):
@@ -135,7 +138,7 @@ def test_duplicate_group_is_written_once(tmp_path):
     with writer(tmp_path, shard_size=10) as w:
         w.write(make_group(1))
         w.write(make_group(1))
-    assert read_manifest(tmp_path)["shards"][0]["groups"] == 1
+    assert read_manifest(tmp_path).shards[0].groups == 1
 
 
 def test_bad_arguments(tmp_path):

@@ -33,7 +33,7 @@ def generator(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("gen") / "generator.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "generator_service.cli", "--captions", str(captions), "--backend", "procedural",
-         "--bind", endpoint, "--height", "32", "--width", "32", "--save-size", "32", "--images-per-caption", "4",
+         "--bind", endpoint, "--height", "32", "--width", "32", "--save-size", "32", "--images-per-group", "4",
          "--gpus", "cpu", "--queue", "16", "--no-progress", "--status-every", "60", "--drain-timeout", "2"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -53,7 +53,7 @@ def train_args(endpoint: str, output: Path, steps: int, *extra: str) -> list[str
     return [
         "--preset", "cpu_small", "--generators", endpoint, "--output", str(output),
         "--img-size", "32", "--model-kwargs", "depth=2", "--head-hidden", "64", "--head-out", "32",
-        "--batch-captions", "16", "--images-per-caption", "4", "--image-size", "32", "--replay-capacity", "64",
+        "--captions-per-step", "16", "--draw-per-caption", "4", "--image-size", "32", "--replay-capacity", "64",
         "--weak-aug", "--scale-min", "0.8", "--lr", "2e-3", "--warmup-steps", "2", "--steps", str(steps),
         "--connect-timeout", "60", "--sample-timeout", "120", "--log-with", "--no-progress", "--seed", "3", *extra,
     ]

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import yaml
@@ -19,7 +17,7 @@ def test_paper_preset_is_the_papers_recipe():
     cfg, _ = cli.parse_config(["--preset", "paper_vitb16_cc12m_1x", *GEN])
     assert cfg.model.name == "vit_base_patch16_224"
     assert (cfg.model.head_hidden, cfg.model.head_out, cfg.model.head_layers) == (4096, 256, 3)
-    assert (cfg.data.batch_captions, cfg.data.images_per_caption) == (1376, 6)
+    assert (cfg.data.captions_per_step, cfg.data.draw_per_caption) == (1376, 6)
     assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.weight_decay == 0.1
     assert cfg.method.name == "stablerep" and cfg.method.temperature == 0.1 and cfg.augment.strong
     assert cfg.run.precision == "bf16"
@@ -34,16 +32,16 @@ def test_precedence_defaults_preset_config_file_flags(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({
         "optim": {"base_lr": 5e-4, "weight_decay": 0.05},
-        "data": {"batch_captions": 16},
+        "data": {"captions_per_step": 16},
         "model": {"model_kwargs": {"depth": 2}},
     }))
     cfg, _ = cli.parse_config([
         "--preset", "cpu_small", "--config", str(override), *GEN,
-        "--batch-captions", "8", "--model-kwargs", "embed_dim=96", "--weak-aug", "--steps", "7", "--warmup-steps", "2",
+        "--captions-per-step", "8", "--model-kwargs", "embed_dim=96", "--weak-aug", "--steps", "7", "--warmup-steps", "2",
     ])
     assert cfg.model.name == "vit_tiny_patch16_224"  # preset
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.base_lr == 5e-4  # config file over preset
-    assert cfg.data.batch_captions == 8  # flag over config file
+    assert cfg.data.captions_per_step == 8  # flag over config file
     assert cfg.schedule.steps == 7 and cfg.augment.strong is False
     # keyword maps merge across layers: preset patch_size, file depth, flag embed_dim
     assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 2, "embed_dim": 96}
@@ -88,8 +86,8 @@ def test_yaml_errors_name_file_and_field(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.learning_rate.*bad_key\.yaml"):
         build_config(config_file=str(bad_key))
     bad_type = tmp_path / "bad_type.yaml"
-    bad_type.write_text("data:\n  batch_captions: many\n")
-    with pytest.raises(ConfigError, match=r"data\.batch_captions = 'many'.*bad_type\.yaml.*expected int"):
+    bad_type.write_text("data:\n  captions_per_step: many\n")
+    with pytest.raises(ConfigError, match=r"data\.captions_per_step = 'many'.*bad_type\.yaml.*expected int"):
         build_config(config_file=str(bad_type))
     bad_group = tmp_path / "bad_group.yaml"
     bad_group.write_text("optimizer:\n  lr: 0.1\n")
@@ -117,13 +115,10 @@ def test_print_config(capsys):
     assert printed["schedule"]["steps"] == 3 and printed["resolved"]["total_steps"] == 3
 
 
-def test_demo_preset_dispatches_to_trainer_demo(monkeypatch):
-    calls = []
-    demo = types.ModuleType("trainer.demo")
-    demo.run_demo = lambda argv, output: calls.append((argv, output)) or 0
-    monkeypatch.setitem(sys.modules, "trainer.demo", demo)
-    assert cli.main(["--preset", "demo", "--output", "runs/d", "--steps", "3"]) == 0
-    assert calls == [(["--steps", "3"], "runs/d")]
+def test_demo_preset_holds_the_demo_trainer_settings():
+    cfg, _ = cli.parse_config(["--preset", "demo", *GEN])
+    assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}
+    assert (cfg.data.captions_per_step, cfg.data.draw_per_caption, cfg.model.img_size) == (16, 4, 64)
 
 
 def test_schedule_values_at_known_steps():
@@ -139,3 +134,19 @@ def test_schedule_values_at_known_steps():
     assert lr_at(0, peak_lr=3.0, total_steps=5) == pytest.approx(3.0)  # no warmup
     with pytest.raises(ValueError):
         lr_at(-1, **kw)
+
+
+def test_old_count_names_still_work_with_a_warning(tmp_path, capsys):
+    from trainer.cli import warn_deprecated_flags
+
+    cfg, _ = cli.parse_config(["--batch-captions", "8", "--images-per-caption", "3", "--steps", "2",
+                               "--generators", "tcp://127.0.0.1:5555"])
+    assert (cfg.data.captions_per_step, cfg.data.draw_per_caption) == (8, 3)
+    warn_deprecated_flags(["--batch-captions=8"])
+    assert "--batch-captions is deprecated; use --captions-per-step" in capsys.readouterr().err
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  batch_captions: 12\n  images_per_caption: 2\n  generators: [tcp://127.0.0.1:5555]\n"
+                   "schedule:\n  steps: 2\n")
+    with pytest.warns(UserWarning, match="data.batch_captions .* is deprecated; use data.captions_per_step"):
+        cfg = build_config(config_file=str(old))
+    assert (cfg.data.captions_per_step, cfg.data.draw_per_caption) == (12, 2)

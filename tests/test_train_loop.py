@@ -28,7 +28,7 @@ def tiny_config(shards, output, **groups):
     overrides = {
         "model": dict(TINY),
         "augment": {"strong": False, "scale_min": 0.8},
-        "data": {"source": "offline", "data": [str(shards)], "batch_captions": 16, "images_per_caption": 4,
+        "data": {"source": "offline", "data": [str(shards)], "captions_per_step": 16, "draw_per_caption": 4,
                  "num_workers": 0},
         "optim": {"lr": 2e-3},
         "schedule": {"steps": 10, "warmup_steps": 2},

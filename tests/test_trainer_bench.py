@@ -9,7 +9,7 @@ from benchmarks.trainer_bench import format_table, run_trainer_bench
 def test_trainer_bench_tiny_cpu():
     results = run_trainer_bench(
         model="vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size": 8, "depth": 1}, head=(32, 16, 2),
-        batch_captions=4, images_per_caption=3, stored_size=40, precision="no", steps=2, warmup=1,
+        captions_per_step=4, draw_per_caption=3, stored_size=40, precision="no", steps=2, warmup=1,
         augment_batch=16, augment_iters=1, device="cpu",
     )
     assert results["images_per_step"] == 12

@@ -6,17 +6,15 @@ few steps: the contrastive loss falls.
 """
 from __future__ import annotations
 
-import io
-import json
 import socket
-import tarfile
 import threading
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from protocol import Group
+from generator_service.config import GeneratorConfig
+from generator_service.shards import ShardWriter
+from protocol import GeneratorInfo, Group
 from protocol.server import GroupServer
 
 
@@ -37,6 +35,16 @@ def caption_images(caption_id: int, m: int, size: int, seed: int = 0) -> np.ndar
     return out
 
 
+def generator_config(m: int, size: int) -> GeneratorConfig:
+    """The real generator config whose description the synthetic service announces."""
+    return GeneratorConfig(backend="procedural", images_per_group=m, save_size=size)
+
+
+def generator_info(m: int, size: int) -> GeneratorInfo:
+    """The real ``welcome.generator`` of a generator storing m images of side ``size`` per group."""
+    return generator_config(m, size).welcome_info()
+
+
 def make_group(caption_id: int, m: int, size: int, epoch: int = 0) -> Group:
     return Group(
         group_id=f"synthetic-{caption_id:09d}-e{epoch}",
@@ -44,24 +52,16 @@ def make_group(caption_id: int, m: int, size: int, epoch: int = 0) -> Group:
         caption=f"synthetic caption {caption_id}",
         seeds=[epoch * m + i for i in range(m)],
         images=caption_images(caption_id, m, size, seed=epoch),
-        generator="synthetic",
+        generator=generator_info(m, size).fingerprint,
     )
-
-
-def generator_info(m: int, size: int, save_size: bool = True) -> dict:
-    info = {"backend": "synthetic", "model": "none", "scheduler": "none", "steps": 0, "guidance": 0.0,
-            "height": size, "width": size, "images_per_group": m, "fingerprint": "synthetic"}
-    if save_size:
-        info["save_size"] = size
-    return info
 
 
 class SyntheticService:
     """A real ``GroupServer`` on 127.0.0.1 fed by a thread cycling over ``num_captions`` captions."""
 
-    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32, save_size: bool = True) -> None:
+    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32) -> None:
         self.num_captions, self.m, self.size = num_captions, m, size
-        self.server = GroupServer("tcp://127.0.0.1:*", "synthetic-test", generator_info(m, size, save_size),
+        self.server = GroupServer("tcp://127.0.0.1:*", "synthetic-test", generator_info(m, size),
                                   heartbeat_ms=200, max_queue=16)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._feed, daemon=True)
@@ -99,29 +99,8 @@ def free_tcp_endpoint() -> str:
 
 
 def write_shards(out: Path, num_captions: int, m: int, size: int, groups_per_shard: int = 16) -> Path:
-    """Offline shards in the documented layout (tar members KEY.txt, KEY.json, KEY.{i}.png; manifest)."""
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for index, start in enumerate(range(0, num_captions, groups_per_shard)):
-        name = f"shard-{index:06d}.tar"
-        ids = list(range(start, min(start + groups_per_shard, num_captions)))
-        tmp = out / f".{name}.tmp"
-        with tarfile.open(tmp, "w") as tar:
-            for caption_id in ids:
-                group = make_group(caption_id, m, size)
-                key = group.group_id
-                members = [(f"{key}.txt", group.caption.encode()),
-                           (f"{key}.json", json.dumps(group.header_fields()).encode())]
-                for i, image in enumerate(group.images):
-                    buf = io.BytesIO()
-                    Image.fromarray(image).save(buf, format="PNG")
-                    members.append((f"{key}.{i}.png", buf.getvalue()))
-                for member, data in members:
-                    info = tarfile.TarInfo(member)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        tmp.rename(out / name)
-        shards.append({"name": name, "groups": len(ids), "images": len(ids) * m, "caption_ids": ids})
-    manifest = {"version": 1, "generator": generator_info(m, size), "fingerprint": "synthetic", "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    """Offline shards of synthetic groups, written by the generator's real ``ShardWriter``."""
+    with ShardWriter(out, generator_config(m, size), shard_size=groups_per_shard) as writer:
+        for caption_id in range(num_captions):
+            writer.write(make_group(caption_id, m, size))
     return out

@@ -7,7 +7,8 @@ given on the command line overrides them (flags not given leave the preset's val
     stablerep-train --preset paper_vitb16_cc12m_1x --generators tcp://gen0:5555 tcp://gen1:5555
     stablerep-train --preset cpu_small --source offline --data shards/ --steps 100
     accelerate launch --num_processes 8 -m trainer.cli --preset paper_vitb16_cc12m_1x ...
-    stablerep-train --preset demo            # the embedded end-to-end demo (trainer.demo)
+    stablerep-train --preset demo --generators tcp://127.0.0.1:5555   # the demo's trainer settings
+    (the embedded default end to end, generator and probes included, is ``stablerep-bench demo``)
 
 Exit codes: 0 done; 1 training failed (non-finite loss, no generator, data error); 2 bad
 command line or config.
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from trainer.config import DEMO_PRESET, ConfigError, TrainConfig, available_presets, build_config
+from trainer.config import ConfigError, TrainConfig, available_presets, build_config
 
 S = argparse.SUPPRESS
 
@@ -57,8 +58,8 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("data", ("--source",), "data.source", dict(choices=["online", "offline"])),
     ("data", ("--generators",), "data.generators", dict(nargs="+", metavar="ENDPOINT", help="online: generator endpoints tcp://HOST:PORT")),
     ("data", ("--data",), "data.data", dict(nargs="+", metavar="DIR", help="offline: shard directories")),
-    ("data", ("--batch-captions",), "data.batch_captions", dict(type=int, help="caption groups per step, over all processes")),
-    ("data", ("--images-per-caption",), "data.images_per_caption", dict(type=int, help="images drawn per caption")),
+    ("data", ("--captions-per-step", "--batch-captions"), "data.captions_per_step", dict(type=int, help="captions per optimizer step over all processes (each rank takes captions-per-step / world size); --batch-captions is a deprecated alias")),
+    ("data", ("--draw-per-caption", "--images-per-caption"), "data.draw_per_caption", dict(type=int, help="images drawn from each caption group per step (n; the official n_img); --images-per-caption is a deprecated alias")),
     ("data", ("--image-size",), "data.image_size", dict(type=int, help="stored image side: online replay buffer, offline decode (default: the generator's save size)")),
     ("data", ("--connect-timeout",), "data.connect_timeout", dict(type=float, metavar="SECONDS")),
     ("data", ("--sample-timeout",), "data.sample_timeout", dict(type=float, metavar="SECONDS")),
@@ -109,7 +110,7 @@ def _preset_parser(add_help: bool) -> tuple[argparse.ArgumentParser, argparse._A
     )
     group = parser.add_argument_group("preset and config")
     group.add_argument("--preset", metavar="NAME",
-                       help=f"defaults from trainer/presets/NAME.yaml ({', '.join(available_presets())}) or '{DEMO_PRESET}'")
+                       help=f"defaults from trainer/presets/NAME.yaml ({', '.join(available_presets())})")
     group.add_argument("--config", metavar="FILE", help="YAML config (e.g. a run's config.yaml); overrides the preset")
     return parser, group
 
@@ -153,23 +154,20 @@ def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return cfg, ns
 
 
-def _run_demo(rest: list[str], output: str | None) -> int:
-    from trainer.demo import run_demo
+#: Old flag -> its name now; the old ones still work and print a warning.
+DEPRECATED_FLAGS = {"--batch-captions": "--captions-per-step", "--images-per-caption": "--draw-per-caption"}
 
-    result = run_demo(rest, output)
-    return result if isinstance(result, int) else 0
+
+def warn_deprecated_flags(argv: Sequence[str]) -> None:
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in DEPRECATED_FLAGS:
+            print(f"stablerep-train: warning: {name} is deprecated; use {DEPRECATED_FLAGS[name]}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = _preset_parser(add_help=False)
-    pre.add_argument("--output", "-o", default=None)
-    known, rest = pre.parse_known_args(argv)
-    if known.preset == DEMO_PRESET:
-        if known.config:
-            rest = ["--config", known.config, *rest]
-        return _run_demo(rest, known.output)
-
+    warn_deprecated_flags(argv)
     try:
         cfg, ns = parse_config(argv)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +24,11 @@ from typing import Any, Optional
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-DEMO_PRESET = "demo"  # reserved: dispatched to ``trainer.demo.run_demo`` by the CLI
 RESOLVED_KEY = "resolved"  # informational section of a written config.yaml, ignored on load
+
+
+#: (group, old field name) -> the field's name now; old names in YAML files still load, with a warning.
+DEPRECATED_FIELDS = {("data", "batch_captions"): "captions_per_step", ("data", "images_per_caption"): "draw_per_caption"}
 
 
 class ConfigError(ValueError):
@@ -76,8 +80,8 @@ class DataConfig:
     source: str = field(default="online", metadata=_choices("online", "offline"))
     generators: list[str] = field(default_factory=list)  # online: tcp:// endpoints
     data: list[str] = field(default_factory=list)  # offline: shard directories / files
-    batch_captions: int = 1376  # global caption groups per step, split evenly over processes
-    images_per_caption: int = 6  # n_img images drawn from each group
+    captions_per_step: int = 1376  # global caption groups per step, split evenly over processes
+    draw_per_caption: int = 6  # n_img images drawn from each group
     image_size: Optional[int] = None  # stored image side (online buffer / offline decode); None = the generator's save size
     connect_timeout: float = 30.0  # seconds to wait for a generator's welcome
     sample_timeout: float = 600.0  # seconds a step may wait for enough groups before failing
@@ -157,7 +161,7 @@ class TrainConfig:
 
     def images_per_step(self) -> int:
         """Global images per optimizer step (all processes together)."""
-        return self.data.batch_captions * self.data.images_per_caption
+        return self.data.captions_per_step * self.data.draw_per_caption
 
     def peak_lr(self) -> float:
         if self.optim.lr is not None:
@@ -167,7 +171,7 @@ class TrainConfig:
     def _steps_per_epoch(self, what: str) -> float:
         if self.data.dataset_captions is None:
             raise ConfigError(f"{what} is given in epochs but data.dataset_captions is not set")
-        return self.data.dataset_captions / self.data.batch_captions
+        return self.data.dataset_captions / self.data.captions_per_step
 
     def total_steps(self) -> int:
         if self.schedule.steps is not None:
@@ -219,8 +223,8 @@ class TrainConfig:
         if not 0.0 <= self.augment.blur_p <= 1.0:
             _fail("augment.blur_p", self.augment.blur_p, "must be in [0, 1]")
         _positive("augment.downsample", self.augment.downsample, optional=True)
-        _positive("data.batch_captions", d.batch_captions)
-        _positive("data.images_per_caption", d.images_per_caption)
+        _positive("data.captions_per_step", d.captions_per_step)
+        _positive("data.draw_per_caption", d.draw_per_caption)
         _positive("data.image_size", d.image_size, optional=True)
         _positive("data.connect_timeout", d.connect_timeout)
         _positive("data.sample_timeout", d.sample_timeout)
@@ -359,6 +363,10 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, origin: str = "") -> Trai
         hints = _hints(type(sub))
         for key, value in values.items():
             key = key.replace("-", "_")
+            if (group, key) in DEPRECATED_FIELDS:
+                new = DEPRECATED_FIELDS[(group, key)]
+                warnings.warn(f"config field {group}.{key}{where} is deprecated; use {group}.{new}", stacklevel=2)
+                key = new
             if key not in hints:
                 raise ConfigError(
                     f"unknown config field {group}.{key}{where}; known: {', '.join(sorted(hints))}"
@@ -388,7 +396,7 @@ def available_presets() -> list[str]:
 def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}, {DEMO_PRESET}")
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
     return path
 
 

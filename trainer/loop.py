@@ -9,7 +9,7 @@ returns a summary dict. Each step:
     -> backward -> non-finite check -> optional grad clip -> AdamW step
 
 Multi-process runs go through ``accelerate launch``: every process builds its own source and
-draws ``batch_captions / num_processes`` groups per step; the contrastive loss gathers features
+draws ``captions_per_step / num_processes`` groups per step; the contrastive loss gathers features
 across processes.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_components(cfg: TrainConfig):
     from trainer.model import build_model
 
     method_kwargs = dict(cfg.method.kwargs)
-    if "temperature" in inspect.signature(METHODS[cfg.method.name]).parameters:  # clip has a learned scale
+    if "temperature" in inspect.signature(METHODS.get(cfg.method.name)).parameters:  # clip has a learned scale
         method_kwargs.setdefault("temperature", cfg.method.temperature)
     method = build_method(cfg.method.name, **method_kwargs)
     m = cfg.model
@@ -82,14 +82,14 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
         import trainer.sources.online  # noqa: F401  (registers "online")
 
         return sources.build_source(
-            "online", endpoints=d.generators, batch_captions=local_captions, images_per_caption=d.images_per_caption,
+            "online", endpoints=d.generators, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
             device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
             capacity_gib=r.capacity_gib, storage=r.storage, evict=r.evict, max_reuse=r.max_reuse,
             min_fresh=r.min_fresh, hard_fraction=r.hard_fraction, cell_size=r.cell_size, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
             sample_timeout=d.sample_timeout, seed=cfg.run.seed,
         )
     return sources.build_source(
-        "offline", paths=d.data, batch_captions=local_captions, images_per_caption=d.images_per_caption,
+        "offline", paths=d.data, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
         image_size=d.image_size, rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.run.seed,
     )
 
@@ -176,11 +176,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         mixed_precision=cfg.run.precision, cpu=cfg.run.cpu, log_with=trackers or None, project_dir=str(output),
     )
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if cfg.data.batch_captions % world_size:
+    if cfg.data.captions_per_step % world_size:
         raise ConfigError(
-            f"config field data.batch_captions = {cfg.data.batch_captions}: not divisible by the {world_size} processes"
+            f"config field data.captions_per_step = {cfg.data.captions_per_step}: not divisible by the {world_size} processes"
         )
-    local_captions = cfg.data.batch_captions // world_size
+    local_captions = cfg.data.captions_per_step // world_size
     total_steps, warmup_steps, peak_lr = cfg.total_steps(), cfg.warmup_steps(), cfg.peak_lr()
     images_per_step = cfg.images_per_step()  # global
     set_seed(cfg.run.seed, device_specific=True)

@@ -18,30 +18,27 @@ from typing import Callable
 import torch
 from torch import nn
 
+from protocol.registry import Registry
 from trainer.augment import GPUAugment
 from trainer.batch import Batch
 from trainer.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
 
-METHODS: dict[str, type] = {}
+METHODS: Registry[type] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type], type]:
-    """Class decorator adding a method under ``name`` to :data:`METHODS`."""
+    """Class decorator adding a method under ``name`` to :data:`METHODS` (and naming it)."""
     def add(cls: type) -> type:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
         cls.name = name
-        METHODS[name] = cls
-        return cls
+        return METHODS.register(name, cls)
     return add
 
 
 def build_method(name: str, **cfg):
     """Instantiate the method registered as ``name`` with keyword config ``cfg``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    method = METHODS.get(name)
     try:
-        return METHODS[name](**cfg)
+        return method(**cfg)
     except TypeError as err:
         raise ValueError(f"bad config for method {name!r}: {err}") from err
 

@@ -275,8 +275,8 @@ class ReplayBuffer:
         self._group_ids[slot] = self._captions[slot] = None
 
     # ------------------------------------------------------------------ consumer side
-    def sample(self, batch_captions: int, images_per_caption: int, timeout: float | None = None) -> Batch:
-        """Draw ``G = batch_captions`` groups of distinct captions, ``n = images_per_caption`` images each.
+    def sample(self, captions_per_rank: int, draw_per_caption: int, timeout: float | None = None) -> Batch:
+        """Draw ``G = captions_per_rank`` groups of distinct captions, ``n = draw_per_caption`` images each.
 
         Blocks until enough eligible groups exist (the wait counts as stall time).
 
@@ -288,11 +288,11 @@ class ReplayBuffer:
             TimeoutError: not enough eligible groups within ``timeout`` seconds.
             ReplayBufferClosed: the buffer was closed.
         """
-        G, n = int(batch_captions), int(images_per_caption)
+        G, n = int(captions_per_rank), int(draw_per_caption)
         if not 1 <= n <= self.images_per_group:
-            raise ValueError(f"images_per_caption must be in [1, {self.images_per_group}], got {n}")
+            raise ValueError(f"draw_per_caption must be in [1, {self.images_per_group}], got {n}")
         if not 1 <= G <= self.capacity:
-            raise ValueError(f"batch_captions must be in [1, capacity={self.capacity}], got {G}")
+            raise ValueError(f"captions_per_rank must be in [1, capacity={self.capacity}], got {G}")
         n_fresh = min(G, math.ceil(self.min_fresh * G - 1e-9))
         start = _clock()
         deadline = None if timeout is None else start + timeout

@@ -60,7 +60,7 @@ class Backend(ABC):
     def _generate(self, captions: list[str], seeds: list[list[int]]) -> np.ndarray:
         """Backend-specific generation on validated input; returns uint8 [B, m, S, S, 3]."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; backends holding nothing need not override it
         """Release what the backend holds (GPU memory, pipelines)."""
 
     def __enter__(self) -> "Backend":

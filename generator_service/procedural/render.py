@@ -157,7 +157,9 @@ def render(attributes: list[dict[str, str]], seeds: list[int], height: int, widt
     u = ((np.arange(width, dtype=np.float32) + 0.5) - width / 2) * scale          # [W]
     v = ((np.arange(height, dtype=np.float32) + 0.5) - height / 2) * scale        # [H]
     U, V = u[None, None, :], v[None, :, None]                                       # [1, 1, W], [1, H, 1]
-    col = lambda a: a[:, None, None]                                               # [N] -> [N, 1, 1]
+
+    def col(a: np.ndarray) -> np.ndarray:
+        return a[:, None, None]                                                     # [N] -> [N, 1, 1]
 
     # Background: level (or dark-to-light gradient) plus three low-frequency waves.
     along = np.cos(col(nu.background_angle)) * U + np.sin(col(nu.background_angle)) * V      # [N, H, W]

@@ -6,39 +6,22 @@ and ``close()``. Sources register themselves by name::
     @register_source("offline")
     class OfflineSource: ...
 
-    source = build_source("offline", data="shards/", batch_captions=64, images_per_caption=6)
+    source = build_source("offline", data="shards/", captions_per_rank=64, draw_per_caption=6)
 
-``build_source`` imports ``trainer.sources.<name>`` on first use, so a module only has to define and
-register its class.
+``build_source`` imports the source's module on first use (``protocol.registry.Registry``).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
-SOURCES: dict[str, Callable[..., Any]] = {}
+from protocol.registry import Registry
 
-
-def register_source(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Class decorator registering a source factory under ``name``."""
-
-    def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
-        if name in SOURCES and SOURCES[name] is not factory:
-            raise ValueError(f"source {name!r} is already registered by {SOURCES[name]!r}")
-        SOURCES[name] = factory
-        return factory
-
-    return decorator
+SOURCES: Registry[Callable[..., Any]] = Registry(
+    "source", lazy={"online": "trainer.sources.online", "offline": "trainer.sources.offline"}
+)
+register_source = SOURCES.register
 
 
 def build_source(name: str, **kwargs: Any) -> Any:
     """Instantiate the source registered as ``name`` with ``kwargs``."""
-    if name not in SOURCES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; registered sources: {sorted(SOURCES) or 'none'}")
-    return SOURCES[name](**kwargs)
+    return SOURCES.build(name, **kwargs)

@@ -81,13 +81,13 @@ class _EpochStream(IterableDataset):
 
 @register_source("offline")
 class OfflineSource:
-    """Batches of ``batch_captions`` groups x ``images_per_caption`` images read from disk.
+    """Batches of ``captions_per_rank`` groups x ``draw_per_caption`` images read from disk.
 
     Args:
         paths: ``--data`` entries: directories with ``manifest.json``, brace patterns or ``.tar`` files,
             official-layout CSVs (or directories holding one CSV and ``seed*/`` folders).
-        batch_captions: groups per batch ``G`` (this rank's share).
-        images_per_caption: images per group ``n``.
+        captions_per_rank: groups per batch ``G`` (this rank's share).
+        draw_per_caption: images per group ``n``.
         image_size: side ``S`` every image is brought to; ``None``: the generator's save size from the
             manifest, else 256.
         rank, world_size: this process's share of the parts.
@@ -100,13 +100,13 @@ class OfflineSource:
         prefetch_factor: groups each worker decodes ahead.
     """
 
-    def __init__(self, paths: str | Sequence[str], batch_captions: int, images_per_caption: int,
+    def __init__(self, paths: str | Sequence[str], captions_per_rank: int, draw_per_caption: int,
                  image_size: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, shuffle: bool = True, pin_memory: bool | None = None,
                  seed_dirs: Sequence[str] | None = None, rows_per_part: int = 256, prefetch_factor: int = 8) -> None:
-        if batch_captions < 1 or images_per_caption < 1:
-            raise ValueError(f"batch_captions and images_per_caption must be >= 1, got {batch_captions}, "
-                             f"{images_per_caption}")
+        if captions_per_rank < 1 or draw_per_caption < 1:
+            raise ValueError(f"captions_per_rank and draw_per_caption must be >= 1, got {captions_per_rank}, "
+                             f"{draw_per_caption}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         resolved = resolve_data(paths, seed_dirs=seed_dirs, rows_per_part=rows_per_part)
@@ -115,7 +115,7 @@ class OfflineSource:
         self.parts, self.tables = resolved.parts, resolved.tables
         self.layouts = resolved.layouts
         self.image_size = int(image_size or resolved.image_size or DEFAULT_IMAGE_SIZE)
-        self.batch_captions, self.images_per_caption = int(batch_captions), int(images_per_caption)
+        self.captions_per_rank, self.draw_per_caption = int(captions_per_rank), int(draw_per_caption)
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.prefetch_factor = int(prefetch_factor)
@@ -134,7 +134,7 @@ class OfflineSource:
     def _start_epoch(self) -> None:
         stream = _EpochStream(
             self.parts, self.tables, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
-            world_size=self.world_size, n=self.images_per_caption, image_size=self.image_size, starts=self._starts,
+            world_size=self.world_size, n=self.draw_per_caption, image_size=self.image_size, starts=self._starts,
         )
         loader = DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
@@ -173,9 +173,9 @@ class OfflineSource:
     def next_batch(self) -> Batch:
         """The next ``G`` groups: images uint8 ``[G, n, S, S, 3]`` (pinned when CUDA is available)."""
         start = time.perf_counter()
-        items = [self._next_group() for _ in range(self.batch_captions)]
+        items = [self._next_group() for _ in range(self.captions_per_rank)]
         self._counters["data_wait_seconds"] += time.perf_counter() - start
-        G, n, S = self.batch_captions, self.images_per_caption, self.image_size
+        G, n, S = self.captions_per_rank, self.draw_per_caption, self.image_size
         images = torch.empty((G, n, S, S, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
         torch.stack([item.group.images for item in items], out=images)  # type: ignore[union-attr]
         caption_ids = torch.tensor([item.group.caption_id for item in items], dtype=torch.int64)  # type: ignore[union-attr]

@@ -14,7 +14,6 @@ ranks and DataLoader workers:
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +22,10 @@ from typing import Sequence, Union
 
 import braceexpand
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+from protocol.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
+from protocol.shards import MANIFEST_NAME, ShardLayoutError, read_manifest
+
+IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -93,29 +95,21 @@ def read_official_csv(csv_path: Path, seed_dirs: Sequence[str] | None = None) ->
     return table
 
 
-def read_manifest(directory: Path) -> tuple[list[TarPart], int | None]:
-    """The complete shards listed in ``directory/manifest.json`` and the generator's save size."""
-    manifest_path = directory / "manifest.json"
+def manifest_parts(directory: Path) -> tuple[list[TarPart], int | None]:
+    """The complete shards listed in ``directory``'s manifest and the generator's save size."""
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"{manifest_path}: expected an object with a 'shards' list")
-    if manifest.get("version") != 1:
-        raise ValueError(f"{manifest_path}: unsupported manifest version {manifest.get('version')!r} (expected 1)")
+        manifest = read_manifest(directory)
+    except ShardLayoutError as exc:
+        raise ValueError(str(exc)) from None
+    if manifest is None:
+        raise FileNotFoundError(f"{directory / MANIFEST_NAME} not found")
     parts = []
-    for index, entry in enumerate(manifest["shards"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ValueError(f"{manifest_path}: shards[{index}] has no 'name'")
-        path = directory / entry["name"]
+    for record in manifest.shards:
+        path = directory / record.name
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} is listed in {manifest_path} but does not exist")
-        groups = entry.get("groups")
-        parts.append(TarPart(str(path), int(groups) if isinstance(groups, int) else None))
-    generator = manifest.get("generator") or {}
-    save_size = generator.get("save_size") if isinstance(generator, dict) else None
-    return parts, int(save_size) if isinstance(save_size, int) else None
+            raise FileNotFoundError(f"shard {path} is listed in {directory / MANIFEST_NAME} but does not exist")
+        parts.append(TarPart(str(path), record.groups))
+    return parts, manifest.save_size
 
 
 def _expand_tars(pattern: str) -> list[TarPart]:
@@ -165,8 +159,8 @@ def resolve_data(
             resolved.parts += _expand_tars(text)
             resolved.layouts.append("tar")
         elif path.is_dir():
-            if (path / "manifest.json").is_file():
-                parts, save_size = read_manifest(path)
+            if (path / MANIFEST_NAME).is_file():
+                parts, save_size = manifest_parts(path)
                 resolved.parts += parts
                 resolved.image_size = resolved.image_size or save_size
                 resolved.layouts.append("manifest")

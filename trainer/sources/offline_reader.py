@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -30,13 +29,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from trainer.sources.offline_layout import IMAGE_EXTENSIONS, OfficialTable, Part, RowsPart, TarPart, describe
+from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS, split_member
+from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe
 
 log = logging.getLogger("trainer.sources.offline")
 
-_KEY_PATTERN = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
-_GROUP_IMAGE = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp)$")
-_SINGLE_IMAGE = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_SINGLE_IMAGE = IMAGE_EXTENSIONS
 
 
 class CorruptSample(Exception):
@@ -105,10 +103,10 @@ def tar_samples(part: TarPart) -> tuple[list[RawSample], bool]:
         raise CorruptSample(f"{part.path}: not a readable tar file")
     samples: dict[str, RawSample] = {}
     for member in members:
-        match = _KEY_PATTERN.match(member.name)
-        if match is None:
+        parts = split_member(member.name)
+        if parts is None:
             continue
-        key, ext = match.group(1), match.group(2).lower()
+        key, ext = parts[0], parts[1].lower()
         sample = samples.setdefault(key, RawSample(key, {}))
         sample.files[ext] = lambda p=part.path, o=member.offset_data, s=member.size: _read_range(p, o, s)
     return list(samples.values()), damaged
@@ -160,7 +158,7 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
     """Turn a raw sample into ``n`` decoded images of one caption (see the module docstring)."""
     files = sample.files
     group_images = sorted(
-        ((int(m.group(1)), ext) for ext in files if (m := _GROUP_IMAGE.match(ext))), key=lambda item: item[0]
+        ((int(m.group(1)), ext) for ext in files if (m := GROUP_IMAGE_PATTERN.match(ext))), key=lambda item: item[0]
     )
     try:
         if group_images:

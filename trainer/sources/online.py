@@ -10,12 +10,12 @@ eligible groups is reported as stall time.
 Buffer geometry:
 
 - image side: ``image_size`` when given (groups of another size are resized on arrival, with
-  antialiasing), else the ``save_size`` of the generators' ``welcome`` info, else the size of the
-  first group received;
+  antialiasing), else the largest ``save_size`` of the generators' descriptions
+  (``protocol.GeneratorInfo`` in ``welcome``);
 - images per group: the smallest ``images_per_group`` the generators announce (extra images of a
-  group are dropped); it must be at least ``images_per_caption``;
+  group are dropped); it must be at least ``draw_per_caption``;
 - capacity: ``capacity_groups``, or as many groups as fit in ``capacity_gib`` GiB, or by default
-  ``max(8 * batch_captions, 64)`` groups.
+  ``max(8 * captions_per_rank, 64)`` groups.
 
 Storage rule (``storage="auto"``): the buffer lives in GPU memory when the training device is a
 CUDA device and the buffer takes at most a quarter of the GPU memory free at start (then a batch
@@ -64,8 +64,8 @@ class OnlineSource:
 
     Args:
         endpoints: generator endpoints, e.g. ``["tcp://127.0.0.1:5555"]``.
-        batch_captions: caption groups per batch on this process (``G``).
-        images_per_caption: images drawn per group (``n``).
+        captions_per_rank: caption groups per batch on this process (``G``).
+        draw_per_caption: images drawn per group (``n``).
         device: the training device (decides where the buffer may live).
         rank, world_size: this process's place among the trainer processes (sent in ``hello``).
         capacity_groups, capacity_gib: buffer capacity (at most one of them).
@@ -84,8 +84,8 @@ class OnlineSource:
     def __init__(
         self,
         endpoints: Sequence[str],
-        batch_captions: int,
-        images_per_caption: int = 6,
+        captions_per_rank: int,
+        draw_per_caption: int = 6,
         *,
         device: str | torch.device = "cpu",
         rank: int = 0,
@@ -112,8 +112,8 @@ class OnlineSource:
         if capacity_groups is not None and capacity_gib is not None:
             raise ValueError("give the replay capacity in groups or in GiB, not both")
         self.endpoints = list(endpoints)
-        self.batch_captions = int(batch_captions)
-        self.images_per_caption = int(images_per_caption)
+        self.captions_per_rank = int(captions_per_rank)
+        self.draw_per_caption = int(draw_per_caption)
         self.device = torch.device(device)
         self.sample_timeout = float(sample_timeout)
         self._buffer_args = dict(
@@ -145,44 +145,45 @@ class OnlineSource:
 
     # ----- buffer setup ---------------------------------------------------------------------
     def _configure_from_welcomes(self) -> None:
+        """Size the buffer from the generators' descriptions, before any group arrives."""
         infos = {url: w.generator for url, w in self.client.welcomes.items()}
-        counts = {url: int(i["images_per_group"]) for url, i in infos.items() if "images_per_group" in i}
-        if counts:
-            self._images_per_group = min(counts.values())
-            if self._images_per_group < self.images_per_caption:
-                url = min(counts, key=counts.get)
-                self.close()
-                raise ValueError(
-                    f"generator {url} serves {counts[url]} images per group, fewer than "
-                    f"images_per_caption={self.images_per_caption}"
-                )
-        sizes = {url: int(i["save_size"]) for url, i in infos.items() if "save_size" in i}
-        side = self._image_size or (max(sizes.values()) if sizes else None)
-        if side is not None and self._images_per_group is not None:
-            with self._lock:
-                self._allocate(side, side)
+        if not infos:
+            self.close()
+            raise ConnectionError(f"online source: no welcome from {', '.join(self.endpoints)}")
+        counts = {url: info.images_per_group for url, info in infos.items()}
+        self._images_per_group = min(counts.values())
+        if self._images_per_group < self.draw_per_caption:
+            url = min(counts, key=counts.get)
+            self.close()
+            raise ValueError(
+                f"generator {url} serves {counts[url]} images per group, fewer than "
+                f"draw_per_caption={self.draw_per_caption}"
+            )
+        side = self._image_size or max(info.save_size for info in infos.values())
+        with self._lock:
+            self._allocate(side, side)
 
     def _allocate(self, height: int, width: int) -> None:
         """Create the replay buffer (lock held)."""
-        per_group = (self._images_per_group or self.images_per_caption) * height * width * 3
+        per_group = self._images_per_group * height * width * 3
         args = self._buffer_args
         if args["capacity_groups"] is not None:
             capacity = int(args["capacity_groups"])
         elif args["capacity_gib"] is not None:
             capacity = ReplayBuffer.capacity_for_bytes(
-                int(args["capacity_gib"] * 2**30), self._images_per_group or self.images_per_caption, height, width
+                int(args["capacity_gib"] * 2**30), self._images_per_group, height, width
             )
             if capacity < 1:
                 raise ValueError(f"--replay-gib {args['capacity_gib']} holds no group of {per_group} bytes")
         else:
-            capacity = max(DEFAULT_CAPACITY_FACTOR * self.batch_captions, 64)
-        if capacity < self.batch_captions:
+            capacity = max(DEFAULT_CAPACITY_FACTOR * self.captions_per_rank, 64)
+        if capacity < self.captions_per_rank:
             raise ValueError(
-                f"replay capacity of {capacity} groups is smaller than the {self.batch_captions} captions of a batch"
+                f"replay capacity of {capacity} groups is smaller than the {self.captions_per_rank} captions of a batch"
             )
         storage_device = choose_storage_device(args["storage"], self.device, capacity * per_group)
         self.replay = ReplayBuffer(
-            capacity, self._images_per_group or self.images_per_caption, height, width, device=storage_device,
+            capacity, self._images_per_group, height, width, device=storage_device,
             evict=args["evict"], max_reuse=args["max_reuse"], min_fresh=args["min_fresh"], seed=args["seed"],
             hard_fraction=args["hard_fraction"], cell_size=args["cell_size"],
         )
@@ -197,14 +198,12 @@ class OnlineSource:
         if self._error is not None:  # already failed: next_batch reports it; drop quietly
             return
         try:
+            # The buffer is sized from the welcomes right after the handshake; a group can only
+            # overtake that by a moment.
+            if self.replay is None and not self._ready.wait(self.sample_timeout):
+                raise GroupStreamError(f"group {group.group_id} arrived but the replay buffer was never sized")
             if self.replay is None:
-                with self._lock:
-                    if self.replay is None:
-                        m, h, w, _ = group.shape
-                        if self._images_per_group is None:
-                            self._images_per_group = m
-                        side = self._image_size
-                        self._allocate(side or h, side or w)
+                return  # failed while sizing: next_batch reports it
             self.replay.add(self._fit(group))
         except BaseException as exc:  # surfaced by next_batch on the training thread
             if self._error is None:
@@ -235,7 +234,7 @@ class OnlineSource:
             )
         self._raise_if_failed()
         try:
-            return self.replay.sample(self.batch_captions, self.images_per_caption, timeout=self.sample_timeout)
+            return self.replay.sample(self.captions_per_rank, self.draw_per_caption, timeout=self.sample_timeout)
         except ReplayBufferClosed:
             self._raise_if_failed()
             raise

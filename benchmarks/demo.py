@@ -1,4 +1,7 @@
-"""The embedded default, end to end on a CPU: ``stablerep-train --preset demo [--output DIR]``.
+"""The embedded default, end to end on a CPU: ``stablerep-bench demo [--output DIR]`` (``make demo``).
+
+It drives the generator service, the trainer and the evaluation together, so it lives above all
+three (in benchmarks/, beside the study).
 
 1. ``stablerep-generator captions`` writes procedural captions; ``stablerep-generator probe-set``
    writes held-out labelled ImageFolders (one per probed caption attribute, e.g. shape) whose image
@@ -9,7 +12,8 @@
 4. Each snapshot (step 0 = the model's random init) gets the fast linear probe on the probe sets.
 5. ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` summarize the run; the generator is always stopped.
 
-Flags of this demo (all others go to ``stablerep-train`` on top of the ``cpu_small`` preset):
+Flags of this demo (all others go to ``stablerep-train`` on top of the ``demo`` preset,
+trainer/presets/demo.yaml):
 ``--steps N``, ``--quick``, ``--probe-every N``, ``--attributes shape,texture``, ``--captions N``,
 ``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``.
 """
@@ -30,13 +34,7 @@ from typing import Any
 
 from trainer.report import write_demo_report
 
-DEMO_BASE_PRESET = "cpu_small"
-# On top of the preset (the user's trainer flags override these): a ViT small enough for a
-# 2-core CPU (64 px, 8 px patches, 4 blocks of width 96), 16 captions x 4 images per step.
-DEMO_TRAINER_DEFAULTS = [
-    "--model-kwargs", "patch_size=8", "depth=4", "embed_dim=96", "num_heads=3",
-    "--batch-captions", "16", "--images-per-caption", "4", "--lr", "1e-3",
-]
+DEMO_PRESET = "demo"  # trainer/presets/demo.yaml: the demo's trainer settings (user flags override them)
 GENERATOR_NICENESS = 10
 FEWSHOT_MIN_PER_CLASS = 11  # 1 shot + 10 queries
 DEFAULT_OUTPUT = "runs/demo"
@@ -61,6 +59,7 @@ class DemoPlan:
     generator_workers: int = 1
     seed: int = 0
     probe_epochs: int = 100
+    output: str | None = None
 
     @classmethod
     def quick(cls) -> "DemoPlan":
@@ -69,8 +68,9 @@ class DemoPlan:
 
 def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
     """Split ``argv`` into the demo's own flags (-> :class:`DemoPlan`) and flags for the trainer."""
-    parser = argparse.ArgumentParser(prog="stablerep-train --preset demo", add_help=True,
+    parser = argparse.ArgumentParser(prog="stablerep-bench demo", add_help=True,
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", "-o", help=f"run directory (default {DEFAULT_OUTPUT})")
     parser.add_argument("--quick", action="store_true", help="a shorter run (about a minute on 2 CPU cores)")
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--probe-every", type=int, help="steps between backbone snapshots that get probed")
@@ -82,6 +82,7 @@ def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
     parser.add_argument("--seed", type=int, help="seed of captions, probe sets, generator and trainer")
     args, rest = parser.parse_known_args(argv)
     plan = DemoPlan.quick() if args.quick else DemoPlan()
+    plan.output = args.output
     for name in ("steps", "probe_every", "captions", "probe_train_per_class", "probe_val_per_class",
                  "generator_workers", "seed"):
         value = getattr(args, name)
@@ -292,10 +293,10 @@ def fewshot_endpoints(snapshots: dict[int, Path], data_dir: Path, plan: DemoPlan
 
 
 def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, output: Path):
-    """``cpu_small`` preset < the user's trainer flags < what the demo must set (source, length, output)."""
+    """``demo`` preset < the user's trainer flags < what the demo must set (source, length, output)."""
     from trainer.cli import parse_config
 
-    argv = ["--preset", DEMO_BASE_PRESET, *DEMO_TRAINER_DEFAULTS, *trainer_argv,
+    argv = ["--preset", DEMO_PRESET, *trainer_argv,
             "--source", "online", "--generators", endpoint, "--output", str(output), "--steps", str(plan.steps),
             "--save-every", str(plan.probe_every), "--seed", str(plan.seed)]
     if "--log-with" not in trainer_argv:
@@ -306,10 +307,10 @@ def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, outp
     return cfg.validate()
 
 
-def run_demo(argv_rest: list[str], output: str | None) -> int:
+def run_demo(argv: list[str], output: str | None = None) -> int:
     """Run the demo (see module docstring); returns the exit status."""
-    plan, trainer_argv = parse_demo_args(list(argv_rest))
-    out = Path(output or DEFAULT_OUTPUT)
+    plan, trainer_argv = parse_demo_args(list(argv))
+    out = Path(output or plan.output or DEFAULT_OUTPUT)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
 
@@ -343,7 +344,7 @@ def run_demo(argv_rest: list[str], output: str | None) -> int:
         snapshots = {0: export_initial_backbone(cfg, snapshot_dir / "step-000000")}
         command = ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
                    "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
-                   "--images-per-caption", str(max(cfg.data.images_per_caption, 4)),
+                   "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
                    "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress"]
         log(f"starting the procedural generator service at {endpoint}")
         with GeneratorProcess(command, log_path=out / "generator.log") as generator:
@@ -363,7 +364,7 @@ def run_demo(argv_rest: list[str], output: str | None) -> int:
         timings["probe_s"] = time.perf_counter() - t0
     except Exception as exc:  # reported with the files produced so far left in place
         traceback.print_exc()
-        print(f"stablerep-train --preset demo: failed: {type(exc).__name__}: {exc} (partial outputs in {out})",
+        print(f"stablerep-bench demo: failed: {type(exc).__name__}: {exc} (partial outputs in {out})",
               file=sys.stderr)
         return 1
     timings["total_s"] = time.perf_counter() - t_start
@@ -394,11 +395,11 @@ def _train(cfg, generator: GeneratorProcess, out: Path, snapshot_dir: Path, log)
     source = None
     try:
         t0 = time.perf_counter()
-        source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.batch_captions)
+        source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.captions_per_step)
         connect_seconds = time.perf_counter() - t0
         wrapper = SnapshotSource(source, out, snapshot_dir)
         log(f"training {cfg.model.name} {cfg.model.model_kwargs} with {cfg.method.name} for {cfg.schedule.steps} "
-            f"steps of {cfg.data.batch_captions} captions x {cfg.data.images_per_caption} images")
+            f"steps of {cfg.data.captions_per_step} captions x {cfg.data.draw_per_caption} images")
         t0 = time.perf_counter()
         summary = train(cfg, source=wrapper)
         summary["_train_seconds"] = time.perf_counter() - t0
