@@ -28,13 +28,14 @@ def caption_words(caption: str) -> tuple[str, ...]:
     return tuple(w for w in _WORD.findall(caption.lower()) if w not in ARTICLES)
 
 
-def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random.Generator) -> list[int]:
-    """Indices into ``captions`` (distinct captions, one index each): up to ``count`` of them, in cells.
+def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Cells of indices into ``captions``, at most ``count`` indices in all, no caption twice.
 
-    Each cell is an anchor and up to ``cell_size - 1`` other captions equal to it except at one word
-    position. Anchors are tried in random order; an anchor without any one-word neighbour left is
-    skipped. Returns fewer than ``count`` indices when the captions run out of neighbours; the
-    caller fills the rest.
+    Each cell is ``[anchor, *others]``: up to ``cell_size - 1`` other captions equal to the anchor
+    except at one word position (drawn per cell among the positions where neighbours exist).
+    Anchors are tried in random order; an anchor without any one-word neighbour left is skipped.
+    Fewer than ``count`` indices come back when the captions run out of neighbours; the caller
+    fills the rest.
     """
     if cell_size < 2:
         raise ValueError(f"cell_size must be >= 2, got {cell_size}")
@@ -49,9 +50,10 @@ def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random
         for position in range(len(w)):
             buckets[(len(w), position, w[:position] + w[position + 1:])].append(index)
     used: set[int] = set()
-    chosen: list[int] = []
+    cells: list[list[int]] = []
+    chosen = 0
     for anchor in rng.permutation(list(first_of.values())):
-        if len(chosen) >= count:
+        if chosen >= count:
             break
         anchor = int(anchor)
         if anchor in used:
@@ -66,10 +68,11 @@ def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random
         if not options:
             continue
         members = options[int(rng.integers(len(options)))]
-        take = min(cell_size - 1, len(members), count - len(chosen) - 1)
+        take = min(cell_size - 1, len(members), count - chosen - 1)
         if take < 1:
             break
         cell = [anchor, *(members[int(i)] for i in rng.permutation(len(members))[:take])]
         used.update(cell)
-        chosen.extend(cell)
-    return chosen
+        cells.append(cell)
+        chosen += len(cell)
+    return cells

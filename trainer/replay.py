@@ -375,7 +375,8 @@ class ReplayBuffer:
         pool = _one_per_caption(candidates, self._caption_ids)
         if pool.size < G:
             return None
-        picked = pool[select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng)]
+        cells = select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng)
+        picked = pool[np.asarray([i for cell in cells for i in cell], dtype=np.int64)]
         rest = pool[~np.isin(pool, picked)][: G - picked.size]
         chosen = np.concatenate([picked, rest]).astype(np.int64)
         if int((self._draws[chosen] == 0).sum()) < n_fresh:
