@@ -119,7 +119,7 @@ def bench_service_pool(config: GeneratorConfig, device: str, captions: list[str]
     caption_set = CaptionSet(path="<bench>", caption_ids=list(range(len(captions))), captions=list(captions),
                              total=len(captions))
     fingerprint = config.fingerprint()
-    pool = WorkerPool(config.to_dict(), fingerprint, [device], worker_batch=worker_batch, threads_per_worker=threads)
+    pool = WorkerPool(config, fingerprint, [device], worker_batch=worker_batch, threads_per_worker=threads)
     sink = _TimingSink()
     items = work_items(caption_set, fingerprint, 0, config.images_per_group, epochs=1)
     pool.run(items, sink)

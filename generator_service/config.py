@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from generator_service.schedulers import SCHEDULER_NAMES
 from protocol import GeneratorInfo
 
 PROCEDURAL_MODEL = "procedural-v1"
@@ -164,8 +165,6 @@ class GeneratorConfig:
         check_int("save_size", 8)
         check_int("images_per_group", 1)
         if self.backend == "diffusers":
-            from generator_service.backends.schedulers import SCHEDULER_NAMES
-
             if self.scheduler not in SCHEDULER_NAMES:
                 fail("scheduler", f"unknown scheduler; known: {', '.join(SCHEDULER_NAMES)}")
             for name in ("height", "width"):
@@ -197,17 +196,6 @@ class GeneratorConfig:
                 f"unknown GeneratorConfig field(s): {', '.join(unknown)}; known fields: {', '.join(known)}"
             )
         return cls(**data)
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GeneratorConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"GeneratorConfig JSON does not parse: {exc}") from exc
-        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "GeneratorConfig":
         """A copy with some fields changed (validated again)."""

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from generator_service.config import GeneratorConfig
 from generator_service.devices import worker_device_env
 from generator_service.work import GroupSink, PoolError, PoolStats, StopSignal, WorkItem
 from generator_service.worker import EncodedImages, WorkerSpec, worker_main
@@ -68,7 +69,7 @@ class WorkerPool:
     """Supervises one worker process per device.
 
     Args:
-        config: the generator config dict (``GeneratorConfig.to_dict()``).
+        config: the generator config (sent to each worker process as it is).
         fingerprint: the generator fingerprint, stamped on every group.
         devices: one torch device string per worker (``generator_service.devices.parse_devices``).
         worker_batch: captions per task (and per backend batch, until out of memory halves it).
@@ -86,7 +87,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: GeneratorConfig,
         fingerprint: str,
         devices: list[str],
         worker_batch: int = 8,
@@ -104,7 +105,7 @@ class WorkerPool:
             raise ValueError("the pool needs at least one device")
         if worker_batch < 1:
             raise ValueError(f"worker_batch must be >= 1, got {worker_batch}")
-        self.config = dict(config)
+        self.config = config
         self.fingerprint = fingerprint
         self.devices = list(devices)
         self.worker_batch = int(worker_batch)

@@ -37,8 +37,3 @@ def image_seed(base_seed: int, caption_id: int, image_index: int) -> int:
     _check_int("image_index", image_index)
     message = f"{_PREFIX}:{base_seed}:{caption_id}:{image_index}".encode("ascii")
     return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little") >> 1
-
-
-def group_seeds(base_seed: int, caption_id: int, images_per_group: int) -> list[int]:
-    """The ``images_per_group`` seeds of one caption group: ``[image_seed(base_seed, caption_id, j) for j]``."""
-    return [image_seed(base_seed, caption_id, j) for j in range(images_per_group)]

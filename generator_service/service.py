@@ -210,7 +210,7 @@ def run_service(
             on_start({"endpoint": server.endpoint if server else None, "todo": todo, "skipped": skipped,
                       "fingerprint": fingerprint})
         pool = WorkerPool(
-            config.to_dict(),
+            config,
             fingerprint,
             options.devices,
             worker_batch=options.worker_batch,

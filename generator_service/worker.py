@@ -30,6 +30,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from generator_service.config import GeneratorConfig
+
 log = logging.getLogger(__name__)
 
 #: What a task carries per caption: (group_id, caption, seeds).
@@ -47,7 +49,7 @@ class WorkerSpec:
 
     index: int
     device: str
-    config: dict[str, Any]
+    config: GeneratorConfig
     worker_batch: int
     num_threads: int = 1
     log_level: int = logging.INFO
@@ -200,12 +202,11 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
     try:
         started = time.perf_counter()
         _setup_device(spec)
-        if spec.config.get("backend") == "diffusers":
+        if spec.config.backend == "diffusers":
             _quiet_loading_bars()
         from generator_service.backends import create_backend
-        from generator_service.config import GeneratorConfig
 
-        backend = create_backend(GeneratorConfig.from_dict(spec.config), device=spec.device)
+        backend = create_backend(spec.config, device=spec.device)
         outbox.put(("ready", os.getpid(), time.perf_counter() - started))
         during_startup = False
         batch_limit = spec.worker_batch

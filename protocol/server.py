@@ -51,6 +51,7 @@ class ServerStats:
     bad_messages: int = 0
     dead_clients: int = 0
     put_wait_seconds: float = 0.0
+    heartbeats_received: int = 0
 
 
 class GroupServer:
@@ -143,10 +144,6 @@ class GroupServer:
                 for ident, c in self._clients.items()
             }
         return stats
-
-    def total_credits(self) -> int:
-        with self._cond:
-            return sum(c.credits for c in self._clients.values())
 
     def close(self) -> None:
         """Stop the I/O thread and close the socket, then the context (if it is ours)."""
@@ -243,6 +240,9 @@ class GroupServer:
                 with self._cond:
                     self._stats.bad_messages += 1
                 self._send(socket, identity, Error("bad_message", "heartbeat from a client that sent no hello"))
+            else:
+                with self._cond:
+                    self._stats.heartbeats_received += 1
         elif isinstance(msg, Error):
             log.warning("client %s reports error [%s] %s", identity.hex()[:8], msg.code, msg.message)
         else:

@@ -15,7 +15,7 @@ from generator_service.procedural import all_captions, attributes, make_caption,
 from generator_service.procedural.cli import main_captions
 from generator_service.procedural.grammar import COLOURS, write_caption_file
 from generator_service.procedural.probe import PROBE_SEED_OFFSET, write_probe_imagefolder
-from generator_service.seeds import group_seeds
+from generator_service.seeds import image_seed
 
 CAPTION = "a red triangle with stripes on a dark background"
 
@@ -81,7 +81,7 @@ def _foreground_centroid(image: np.ndarray) -> np.ndarray:
 
 
 def test_seed_sets_the_nuisance_and_caption_the_semantics(backend):
-    seeds = group_seeds(0, 5, 4)
+    seeds = [image_seed(0, 5, j) for j in range(4)]
     group = backend.generate([CAPTION], [seeds])[0]
     # Different seeds: different images, and the shape moves (position is a nuisance).
     for a in range(4):
@@ -97,7 +97,7 @@ def test_seed_sets_the_nuisance_and_caption_the_semantics(backend):
 @pytest.mark.parametrize("colour", list(COLOURS))
 def test_colour_is_visible(backend, colour):
     caption = make_caption(colour, "circle", "dots", "dark")
-    images = backend.generate([caption], [group_seeds(1, 0, 4)])[0].reshape(-1, 3).astype(float) / 255
+    images = backend.generate([caption], [[image_seed(1, 0, j) for j in range(4)]])[0].reshape(-1, 3).astype(float) / 255
     saturated = images[images.max(axis=1) - images.min(axis=1) > 0.3]
     assert len(saturated) > 200
     mean = saturated.mean(axis=0)
@@ -107,7 +107,7 @@ def test_colour_is_visible(backend, colour):
 
 
 def test_background_is_visible(backend):
-    seeds = [group_seeds(2, 0, 4)]
+    seeds = [[image_seed(2, 0, j) for j in range(4)]]
     dark = backend.generate([make_caption("blue", "square", "rings", "dark")], seeds)
     light = backend.generate([make_caption("blue", "square", "rings", "light")], seeds)
     corners = lambda images: images[..., [0, 0, -1, -1], [0, -1, 0, -1], :].mean()  # noqa: E731
@@ -148,7 +148,7 @@ def test_unknown_backend_and_custom_registration():
 
 def test_throughput_is_in_the_expected_range(backend):
     captions = sample_captions(30, seed=0)
-    seeds = [group_seeds(0, i, 10) for i in range(30)]
+    seeds = [[image_seed(0, i, j) for j in range(10)] for i in range(30)]
     backend.generate(captions[:2], seeds[:2])
     start = time.perf_counter()
     images = backend.generate(captions, seeds)

@@ -10,7 +10,7 @@ import pytest
 
 from protocol import GeneratorInfo, Welcome, decode, encode
 from generator_service.config import GeneratorConfig
-from generator_service.seeds import group_seeds, image_seed
+from generator_service.seeds import image_seed
 
 PAPER = GeneratorConfig(backend="diffusers")
 
@@ -41,9 +41,7 @@ def test_procedural_warns_about_settings_that_do_not_apply():
                                                guidance=1.5, height=256, width=384, save_size=128, dtype="bf16")],
 )
 def test_json_round_trip(config):
-    assert GeneratorConfig.from_json(config.to_json()) == config
-    assert GeneratorConfig.from_dict(config.to_dict()) == config
-    assert json.loads(config.to_json()) == config.to_dict()
+    assert GeneratorConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert None not in config.to_dict().values()
 
 
@@ -54,8 +52,6 @@ def test_from_dict_fills_missing_fields_with_backend_defaults():
 def test_unknown_field_is_named():
     with pytest.raises(ValueError, match=r"unknown GeneratorConfig field\(s\): stepz; known fields: backend"):
         GeneratorConfig.from_dict({"backend": "diffusers", "stepz": 3})
-    with pytest.raises(ValueError, match="does not parse"):
-        GeneratorConfig.from_json("{not json")
 
 
 @pytest.mark.parametrize(
@@ -165,7 +161,7 @@ def test_image_seeds_are_63_bit_distinct_and_deterministic():
     assert len(set(seeds)) == len(seeds)
     assert all(0 <= seed < 2**63 for seed in seeds)
     assert max(seeds) > 2**60  # uses the whole range
-    assert group_seeds(3, 9, 4) == [image_seed(3, 9, j) for j in range(4)]
+    assert image_seed(3, 9, 2) == image_seed(3, 9, 2)  # deterministic
 
 
 @pytest.mark.parametrize("args", [(-1, 0, 0), (0, -5, 0), (0, 0, -1)])

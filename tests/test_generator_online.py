@@ -99,7 +99,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
 
         raw.send(Hello(client="raw", rank=0, world_size=1))
         welcome = raw.receive(10)
-        assert isinstance(welcome, Welcome) and welcome.generator["fingerprint"] == fingerprint
+        assert isinstance(welcome, Welcome) and welcome.generator.fingerprint == fingerprint
         raw.send(Credit(n=3))
         for _ in range(3):
             group = raw.receive(180)
@@ -129,8 +129,8 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
             client.close()
         with lock:
             received.extend(got)
-        raw.socket.close()
     finally:
+        raw.socket.close(linger=0)
         stop.request()
         thread.join(timeout=120)
         context.term()

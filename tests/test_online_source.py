@@ -1,8 +1,6 @@
 """Online source against a real GroupServer on 127.0.0.1 (real ZeroMQ sockets)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -75,10 +73,8 @@ def test_state_dict_restores_replay_counters():
 
 def test_unreachable_generator_names_the_endpoint():
     endpoint = free_tcp_endpoint()
-    start = time.monotonic()
     with pytest.raises(ConnectionError, match=endpoint.replace(".", r"\.")):
         OnlineSource([endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=0.5)
-    assert time.monotonic() - start < 5
 
 
 def test_too_few_images_per_group_is_refused():

@@ -33,6 +33,10 @@ def _wait(predicate, timeout=5.0):
     return predicate()
 
 
+def _credits(server: GroupServer) -> int:
+    return sum(client["credits"] for client in server.stats().clients.values())
+
+
 @pytest.fixture
 def server():
     srv = GroupServer("tcp://127.0.0.1:*", "test-svc", GENERATOR, heartbeat_ms=HB_MS, max_queue=100)
@@ -117,12 +121,11 @@ def test_silent_client_is_declared_dead_and_loses_no_queued_group(server, ctx):
     raw.send(Hello(client="silent", rank=0, world_size=1))
     raw.recv_all(0.1)
     raw.send(Credit(n=5))
-    assert _wait(lambda: server.total_credits() == 5)
+    assert _wait(lambda: _credits(server) == 5)
     assert _wait(lambda: server.stats().dead_clients == 1, timeout=3 * HB_MS / 1000 + 2)
-    assert server.total_credits() == 0 and server.stats().clients == {}
+    assert _credits(server) == 0 and server.stats().clients == {}
     for i in range(6):
         server.put(_group(i), timeout=5)
-    time.sleep(0.2)
     assert server.stats().queue_depth == 6  # nobody to send to: every group still queued
     received = []
     with GroupClient([server.endpoint], lambda g: received.append(g.caption_id), credits=8, connect_timeout=5):
@@ -199,7 +202,8 @@ def test_client_sends_heartbeats_and_reconnects_after_service_restart(ctx):
     got = []
     client = GroupClient([endpoint], lambda g: got.append(g.caption_id), credits=3, connect_timeout=5).start()
     try:
-        time.sleep(5 * HB_MS / 1000)  # longer than 3 intervals: heartbeats keep the client alive
+        # More than 3 intervals pass (5 heartbeats arrive): the heartbeats keep the client alive.
+        assert _wait(lambda: srv.stats().heartbeats_received >= 5, timeout=30)
         assert srv.stats().dead_clients == 0 and len(srv.stats().clients) == 1
         srv.put(_group(1), timeout=5)
         assert _wait(lambda: got == [1])
@@ -218,10 +222,8 @@ def test_put_blocks_when_queue_full_and_counts_wait():
     srv = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR, max_queue=2).start()
     try:
         assert srv.put(_group(0), timeout=1) and srv.put(_group(1), timeout=1)
-        start = time.monotonic()
-        assert not srv.put(_group(2), timeout=0.2)
-        assert time.monotonic() - start >= 0.2
-        assert srv.stats().put_wait_seconds >= 0.2
+        assert not srv.put(_group(2), timeout=0.2)  # nobody takes groups: the full queue refuses it
+        assert srv.stats().put_wait_seconds > 0 and srv.stats().queue_depth == 2
     finally:
         srv.close()
 

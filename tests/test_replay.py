@@ -125,29 +125,33 @@ def test_distinct_caption_ids_per_batch():
         buffer.sample(5, 1, timeout=0.05)
 
 
+def _wait_until(predicate, timeout: float = 30.0) -> None:
+    done = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        done.wait(0.005)
+
+
 def test_blocking_sample_wakes_when_producer_adds():
     buffer = ReplayBuffer(8, P, H, W)
     buffer.add(make_group(0))
-
-    def producer():
-        time.sleep(0.3)
-        for cid in range(1, 4):
-            buffer.add(make_group(cid))
-
-    thread = threading.Thread(target=producer)
-    thread.start()
-    batch = buffer.sample(3, 2, timeout=10.0)
-    thread.join()
-    assert batch.num_groups == 3
-    assert 0.2 <= buffer.stats()["stall_seconds"] < 5.0
+    batches = []
+    sampler = threading.Thread(target=lambda: batches.append(buffer.sample(3, 2, timeout=60.0)))
+    sampler.start()
+    _wait_until(lambda: buffer.stats()["samplers_waiting"] == 1)  # blocked: 1 group, 3 needed
+    for cid in range(1, 4):
+        buffer.add(make_group(cid))
+    sampler.join(timeout=60)
+    assert batches[0].num_groups == 3
+    stats = buffer.stats()
+    assert stats["samplers_waiting"] == 0 and stats["stall_seconds"] > 0
 
 
 def test_timeout_and_close_errors():
     buffer = ReplayBuffer(4, P, H, W)
-    start = time.monotonic()
     with pytest.raises(TimeoutError, match="waited 0.1s for 2 groups"):
         buffer.sample(2, 1, timeout=0.1)
-    assert time.monotonic() - start >= 0.1
 
     errors: list[BaseException] = []
 
@@ -159,7 +163,7 @@ def test_timeout_and_close_errors():
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.1)
+    _wait_until(lambda: buffer.stats()["samplers_waiting"] == 1)
     buffer.close()
     thread.join(timeout=5)
     assert not thread.is_alive() and isinstance(errors[0], ReplayBufferClosed)

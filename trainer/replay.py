@@ -21,7 +21,6 @@ counts evicted groups that were never drawn (generation spent for nothing).
 """
 from __future__ import annotations
 
-import io
 import math
 import threading
 import time
@@ -33,9 +32,9 @@ import torch
 
 from trainer.batch import Batch
 from trainer.caption_cells import select_cells
+from trainer.images import decode_image
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 EVICTION_POLICIES = ("fifo", "most-used")
 
@@ -91,16 +90,8 @@ class ReplayBuffer:
                 f"ReplayBuffer needs positive sizes, got capacity_groups={capacity_groups}, "
                 f"images_per_group={images_per_group}, height={height}, width={width}"
             )
-        if evict not in EVICTION_POLICIES:
-            raise ValueError(f"ReplayBuffer evict must be one of {EVICTION_POLICIES}, got {evict!r}")
-        if max_reuse is not None and max_reuse < 1:
-            raise ValueError(f"ReplayBuffer max_reuse must be >= 1 or None, got {max_reuse}")
-        if not 0.0 <= min_fresh <= 1.0:
-            raise ValueError(f"ReplayBuffer min_fresh must be in [0, 1], got {min_fresh}")
-        if not 0.0 <= hard_fraction <= 1.0:
-            raise ValueError(f"ReplayBuffer hard_fraction must be in [0, 1], got {hard_fraction}")
-        if cell_size < 2:
-            raise ValueError(f"ReplayBuffer cell_size must be >= 2, got {cell_size}")
+        # The policies (evict in EVICTION_POLICIES, max_reuse >= 1, min_fresh and hard_fraction in
+        # [0, 1], cell_size >= 2) are checked once, where the run's config is validated (trainer.config).
         self.hard_fraction, self.cell_size = float(hard_fraction), int(cell_size)
         self.capacity = int(capacity_groups)
         self.images_per_group = int(images_per_group)
@@ -109,6 +100,7 @@ class ReplayBuffer:
         self.evict = evict
         self.max_reuse = max_reuse
         self.min_fresh = float(min_fresh)
+        self._waiting = 0  # samplers blocked in sample() right now
         on_host = self.device.type == "cpu"
         if pin_memory is None:
             pin_memory = on_host and torch.cuda.is_available()
@@ -211,12 +203,10 @@ class ReplayBuffer:
     def _write_slot(self, slot: int, images: np.ndarray | list[bytes], group_id: str) -> None:
         target = self.storage[slot]
         if isinstance(images, list):
-            from PIL import Image
-
             decoded = []
             for i, data in enumerate(images):
                 try:
-                    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                    img = decode_image(data)
                 except Exception as exc:
                     raise ValueError(f"group {group_id}: encoded image {i} cannot be decoded ({exc})") from exc
                 if img.shape != (self.height, self.width, 3):
@@ -224,16 +214,19 @@ class ReplayBuffer:
                                      f"needs {[self.height, self.width, 3]}")
                 decoded.append(img)
             images = np.stack(decoded)
-        source = torch.from_numpy(images)
-        if self._copy_stream is None:
-            target.copy_(source)
-        else:  # on a side stream, waited for before the slot becomes visible to samplers
-            with torch.cuda.stream(self._copy_stream):
-                read_done = self._read_done[slot]
-                if read_done is not None:  # an earlier batch's gather may still be queued on that slot
-                    self._copy_stream.wait_event(read_done)
-                target.copy_(source, non_blocking=True)
-            self._copy_stream.synchronize()
+        if self._copy_stream is None:  # host storage: one copy, through numpy (frames arrive read-only)
+            target.numpy()[...] = images
+            return
+        with warnings.catch_warnings():  # torch only reads the (possibly read-only) received frame
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.from_numpy(images)
+        # On a side stream, waited for before the slot becomes visible to samplers.
+        with torch.cuda.stream(self._copy_stream):
+            read_done = self._read_done[slot]
+            if read_done is not None:  # an earlier batch's gather may still be queued on that slot
+                self._copy_stream.wait_event(read_done)
+            target.copy_(source, non_blocking=True)
+        self._copy_stream.synchronize()
 
     def _claim_slot(self) -> int | None:
         """Return a free slot, evicting per policy; waits while all slots are busy; None once closed.
@@ -307,7 +300,11 @@ class ReplayBuffer:
                 if remaining is not None and remaining <= 0:
                     self._counters["stall_seconds"] += _clock() - start
                     raise TimeoutError(self._starved_message(G, n_fresh, timeout))
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
             now = _clock()
             self._counters["stall_seconds"] += now - start
             previous = self._draws[slots].copy()
@@ -447,6 +444,7 @@ class ReplayBuffer:
                 "fresh_fraction_last": float(c["fresh_fraction_last"]),
                 "fresh_fraction_cumulative": c["fresh_draws"] / draws if draws else 0.0,
                 "stall_seconds": float(c["stall_seconds"]),
+                "samplers_waiting": self._waiting,
             }
 
     def state_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import numpy as np
 from generator_service.backends import register_backend
 from generator_service.backends.base import Backend
 from generator_service.backends.compile_support import compile_unavailable
-from generator_service.backends.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
+from generator_service.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
 from generator_service.config import RANDOM_MODELS
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}

@@ -17,7 +17,6 @@ differs from ``image_size`` are resized (shorter side) and center-cropped with P
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -27,9 +26,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS, split_member
+from trainer.images import decode_image
 from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe
 
 log = logging.getLogger("trainer.sources.offline")
@@ -146,14 +145,6 @@ def part_samples(part: Part, tables: list[OfficialTable]) -> tuple[list[RawSampl
     return official_samples(part, tables[part.table]), False
 
 
-def _decode_image(data: bytes, image_size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        if image.size != (image_size, image_size):
-            image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
-
-
 def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Generator) -> DecodedGroup:
     """Turn a raw sample into ``n`` decoded images of one caption (see the module docstring)."""
     files = sample.files
@@ -188,7 +179,7 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
             chosen = rng.choice(m, size=n, replace=False)
         else:
             chosen = np.concatenate([rng.permutation(m), rng.choice(m, size=n - m, replace=True)])
-        images = np.stack([_decode_image(files[image_exts[i]](), image_size) for i in chosen])
+        images = np.stack([decode_image(files[image_exts[i]](), image_size) for i in chosen])
     except CorruptSample:
         raise
     except Exception as exc:  # undecodable image, bad JSON, bad UTF-8, I/O error

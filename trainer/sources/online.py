@@ -107,10 +107,7 @@ class OnlineSource:
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
-        if not endpoints:
-            raise ValueError("the online source needs at least one generator endpoint (--generators)")
-        if capacity_groups is not None and capacity_gib is not None:
-            raise ValueError("give the replay capacity in groups or in GiB, not both")
+        # Endpoints present, capacity given one way at most: checked once, with the run's config.
         self.endpoints = list(endpoints)
         self.captions_per_rank = int(captions_per_rank)
         self.draw_per_caption = int(draw_per_caption)
