@@ -47,14 +47,17 @@ class DemoPlan:
 
     The first attribute is the headline probe. In a few hundred CPU steps the tiny ViT learns the
     caption's colour (invariant to the colour jitter) and background well beyond its random init;
-    shape and texture need far longer runs and are probed in the full demo to show exactly that.
+    shape and texture are not learned in this budget by any setting tried (benchmarks/RESULTS.md,
+    "Demo: learning shape and texture") and are probed to show exactly that. The probes train on
+    100 images per class: with 20 the selected classifier fits its training images perfectly and
+    generalizes at chance.
     """
 
     steps: int = 400
     probe_every: int = 100
     attributes: tuple[str, ...] = ("colour", "background", "texture", "shape")
     captions: int = 576
-    probe_train_per_class: int = 20
+    probe_train_per_class: int = 100
     probe_val_per_class: int = 25
     generator_workers: int = 1
     seed: int = 0
@@ -63,7 +66,7 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(steps=100, probe_every=50, attributes=("colour",))
+        return cls(steps=100, probe_every=50, attributes=("colour",), probe_train_per_class=20)
 
 
 def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
@@ -275,12 +278,19 @@ def probe_snapshots(
             done += 1
             result = linear_probe(backbone, folder / "train", folder / "val", cfg, device, batch_size=256, workers=0)
             rows.append({"step": step, "attribute": attribute, "top1": result["top1"],
-                         "train_top1": result["grid"][0]["train_top1"], "num_classes": result["num_classes"],
+                         "train_top1": _selected_row(result)["train_top1"], "num_classes": result["num_classes"],
                          "selected": result["selected"], "val_images": result["val_images"],
                          "skipped_images": result["skipped_images"], "seconds": result["seconds"]})
             log(f"probe step {step:5d} {attribute:>10}: top-1 {result['top1']:.1f}% "
                 f"({result['num_classes']} classes, {result['val_images']} held-out images)")
     return rows
+
+
+def _selected_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The grid row of the classifier the probe selected (its train accuracy is the one reported)."""
+    chosen = result["selected"]
+    return next(row for row in result["grid"]
+                if row["lr"] == chosen["lr"] and row["weight_decay"] == chosen["weight_decay"])
 
 
 def fewshot_endpoints(snapshots: dict[int, Path], data_dir: Path, plan: DemoPlan, log) -> dict[str, Any]:

@@ -31,6 +31,7 @@ def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
     # probes at init, mid-run and the end, on held-out images whose seeds training never used
     assert [p["step"] for p in report["probes"]] == [0, 50, 100]
     assert report["probe_attribute"] == "colour" and report["num_classes"] == 8
+    assert set(report["per_attribute"]) == set(plan.attributes)  # every probed attribute is reported
     # a real learning signal: the trained backbone clearly beats the same architecture at init
     assert report["probe_accuracy"] >= report["random_init_probe_accuracy"] + 5.0, report["per_attribute"]
     assert report["probe_accuracy"] > 90.0

@@ -67,7 +67,8 @@ def test_export_and_load_backbone_round_trip(tmp_path):
     weights = model.export_backbone(tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "backbone.json").read_text())
     assert meta == {"model": "vit_tiny_patch16_224",
-                    "model_kwargs": {"num_classes": 0, "img_size": 32, **TINY_VIT}, "num_features": 32}
+                    "model_kwargs": {"num_classes": 0, "img_size": 32, **TINY_VIT}, "num_features": 32,
+                    "input_size": 32}
     # the documented recipe: timm.create_model + load_state_dict
     plain = timm.create_model(meta["model"], pretrained=False, **meta["model_kwargs"])
     plain.load_state_dict(load_file(str(weights)))
@@ -79,6 +80,21 @@ def test_export_and_load_backbone_round_trip(tmp_path):
             loaded = load_backbone(source)
             assert not loaded.training
             torch.testing.assert_close(loaded(x), expected)
+
+
+def test_cnn_backbone_takes_no_img_size_and_exports_its_input_size(tmp_path):
+    from trainer.eval import load_eval_backbone
+
+    kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
+    model = build_model("resnet10t", img_size=48, model_kwargs=kwargs, head_hidden=32, head_out=16).eval()
+    assert "img_size" not in model.model_kwargs
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 16)
+    model.export_backbone(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["input_size"] == 48
+    evaluated = load_eval_backbone(tmp_path / "run")
+    assert evaluated.input_size == 48 and evaluated.num_features == 64
+    with pytest.raises(ValueError, match="img_size"):  # a real img_size mistake is still reported
+        build_model("resnet10t", img_size=48, model_kwargs={"img_size": 48})
 
 
 def test_load_backbone_errors_name_the_file(tmp_path):

@@ -74,6 +74,7 @@ class AugmentConfig:
     down_res: list[int] = field(default_factory=list)  # official random down-and-up resize sides ([] = off)
     down_prob: float = 0.05  # probability per image of that resize (official downsample_prob)
     crops_per_image: int = 1  # augmented crops of every drawn image (official num_crop; SimCLR: 2)
+    blur_p: float = 0.5  # probability of the strong recipe's Gaussian blur
 
 
 @dataclass
@@ -104,6 +105,8 @@ class ReplayConfig:
     evict: str = field(default="fifo", metadata=_choices("fifo", "most-used"))
     max_reuse: Optional[int] = None  # a group is retired after this many draws (None = no limit)
     min_fresh: float = 0.0  # minimum fraction of never-drawn groups per batch, in [0, 1]
+    hard_fraction: float = 0.0  # fraction of batches built of caption cells (hard negatives), in [0, 1]
+    cell_size: int = 6  # captions per cell: an anchor and captions differing from it in one word
 
 
 @dataclass
@@ -254,6 +257,8 @@ class TrainConfig:
             _fail("augment.size", self.augment.size, f"differs from model.img_size = {self.model.img_size}")
         if self.augment.scale_min is not None and not 0 < self.augment.scale_min <= 1:
             _fail("augment.scale_min", self.augment.scale_min, "must be in (0, 1]")
+        if not 0.0 <= self.augment.blur_p <= 1.0:
+            _fail("augment.blur_p", self.augment.blur_p, "must be in [0, 1]")
         _positive("augment.downsample", self.augment.downsample, optional=True)
         _positive("augment.crops_per_image", self.augment.crops_per_image)
         _positive("augment.down_res", self.augment.down_res, each=True)
@@ -282,6 +287,10 @@ class TrainConfig:
         _positive("replay.max_reuse", r.max_reuse, optional=True)
         if not 0.0 <= r.min_fresh <= 1.0:
             _fail("replay.min_fresh", r.min_fresh, "must be in [0, 1]")
+        if not 0.0 <= r.hard_fraction <= 1.0:
+            _fail("replay.hard_fraction", r.hard_fraction, "must be in [0, 1]")
+        if r.cell_size < 2:
+            _fail("replay.cell_size", r.cell_size, "a cell holds an anchor and at least one neighbour (>= 2)")
         _positive("optim.base_lr", o.base_lr)
         _positive("optim.lr", o.lr, optional=True)
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

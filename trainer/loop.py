@@ -73,7 +73,7 @@ def build_components(cfg: TrainConfig):
     augment = GPUAugment(
         size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.crop_scale_min(), 1.0),
         downsample=cfg.augment.downsample, down_res=tuple(cfg.augment.down_res), down_prob=cfg.augment.down_prob,
-        crops_per_image=cfg.augment.crops_per_image,
+        crops_per_image=cfg.augment.crops_per_image, blur_p=cfg.augment.blur_p,
     )
     return model, method, augment
 
@@ -97,7 +97,7 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
             "online", endpoints=d.generators, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
             device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
             capacity_gib=r.capacity_gib, storage=r.storage, evict=r.evict, max_reuse=r.max_reuse,
-            min_fresh=r.min_fresh, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
+            min_fresh=r.min_fresh, hard_fraction=r.hard_fraction, cell_size=r.cell_size, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
             sample_timeout=d.sample_timeout, seed=cfg.run.seed,
         )
     return sources.build_source(

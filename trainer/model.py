@@ -59,6 +59,7 @@ class StableRepModel(nn.Module):
         self.head_per_view = bool(head_per_view)
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
+        self.input_size: int | None = None  # set by build_model: the training resolution
         self.text = text
         if text is not None:
             self.image_projection = build_projection(backbone.num_features, text.config)
@@ -154,9 +155,11 @@ class StableRepModel(nn.Module):
                 {"params": no_decay, "weight_decay": 0.0}]
 
     def backbone_meta(self) -> dict:
-        """``backbone.json`` content: ``{"model", "model_kwargs", "num_features"}``."""
-        return {"model": self.model_name, "model_kwargs": dict(self.model_kwargs),
-                "num_features": self.num_features}
+        """``backbone.json`` content: ``{"model", "model_kwargs", "num_features", "input_size"}``."""
+        meta = {"model": self.model_name, "model_kwargs": dict(self.model_kwargs), "num_features": self.num_features}
+        if self.input_size is not None:  # the training resolution; evaluation views use it
+            meta["input_size"] = int(self.input_size)
+        return meta
 
     def export_backbone(self, path_dir: str | Path) -> Path:
         """Write ``backbone.safetensors`` and ``backbone.json`` into ``path_dir``; returns the weights path."""
@@ -189,14 +192,21 @@ def build_model(name: str = "vit_base_patch16_224", img_size: int = 224, model_k
     """
     kwargs = {"num_classes": 0, "img_size": img_size, **(model_kwargs or {})}
     try:
-        backbone = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as err:
+        try:
+            backbone = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as err:  # convolutional nets take any input size and no img_size argument
+            if "img_size" not in str(err) or "img_size" in (model_kwargs or {}):
+                raise
+            kwargs.pop("img_size")
+            backbone = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError) as err:
         raise ValueError(f"timm cannot build model {name!r} with {kwargs}: {err}") from err
     head = projection_head(backbone.num_features, head_hidden, head_out, head_layers)
     if isinstance(text, dict):
         text = TextConfig(**text)
     model = StableRepModel(backbone, head, name, kwargs, TextTower(text) if text is not None else None,
                            head_per_view=head_per_view)
+    model.input_size = int(img_size)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -12,6 +12,9 @@ Policies:
   most often leaves first (ties: the oldest).
 - ``max_reuse``: a group drawn that many times is never drawn again and is the first to be evicted.
 - ``min_fresh``: at least ``ceil(min_fresh * G)`` groups of every batch were never drawn before.
+- ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.caption_cells`:
+  an anchor caption and up to ``cell_size - 1`` captions that differ from it in one word), the rest
+  uniformly; a hard batch that cannot meet ``min_fresh`` is drawn uniformly instead.
 
 Counters: ``dropped`` counts groups refused because the buffer was closed; ``evicted_unused``
 counts evicted groups that were never drawn (generation spent for nothing).
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from trainer.batch import Batch
+from trainer.caption_cells import select_cells
 from trainer.images import decode_image
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
@@ -62,6 +66,8 @@ class ReplayBuffer:
         max_reuse: draws after which a group is retired (``None``: unlimited).
         min_fresh: fraction of each batch's groups that must never have been drawn before.
         seed: seed of the sampling RNG.
+        hard_fraction: fraction of batches made of caption cells (hard negatives), in [0, 1].
+        cell_size: captions per cell (anchor included), >= 2.
     """
 
     def __init__(
@@ -76,14 +82,17 @@ class ReplayBuffer:
         max_reuse: int | None = None,
         min_fresh: float = 0.0,
         seed: int = 0,
+        hard_fraction: float = 0.0,
+        cell_size: int = 6,
     ) -> None:
         if capacity_groups < 1 or images_per_group < 1 or height < 1 or width < 1:
             raise ValueError(
                 f"ReplayBuffer needs positive sizes, got capacity_groups={capacity_groups}, "
                 f"images_per_group={images_per_group}, height={height}, width={width}"
             )
-        # The policies (evict in EVICTION_POLICIES, max_reuse >= 1, min_fresh in [0, 1]) are checked
-        # once, where the run's config is validated (trainer.config).
+        # The policies (evict in EVICTION_POLICIES, max_reuse >= 1, min_fresh and hard_fraction in
+        # [0, 1], cell_size >= 2) are checked once, where the run's config is validated (trainer.config).
+        self.hard_fraction, self.cell_size = float(hard_fraction), int(cell_size)
         self.capacity = int(capacity_groups)
         self.images_per_group = int(images_per_group)
         self.height, self.width = int(height), int(width)
@@ -121,6 +130,7 @@ class ReplayBuffer:
             "added": 0, "evicted": 0, "evicted_unused": 0, "dropped": 0, "draws": 0, "fresh_draws": 0,
             "batches": 0, "evicted_draws_sum": 0, "evicted_draws_max": 0, "staleness_sum_s": 0.0,
             "staleness_max_s": 0.0, "stall_seconds": 0.0, "fresh_fraction_last": 0.0, "sequence": 0,
+            "hard_batches": 0,
         }
 
     @staticmethod
@@ -340,6 +350,11 @@ class ReplayBuffer:
         if candidates.size < G:
             return None
         candidates = self._rng.permutation(candidates)
+        if self.hard_fraction > 0 and self._rng.random() < self.hard_fraction:
+            chosen = self._select_cells(candidates, G, n_fresh)
+            if chosen is not None:
+                self._counters["hard_batches"] += 1
+                return chosen
         fresh = candidates[self._draws[candidates] == 0]
         take_fresh = _one_per_caption(fresh, self._caption_ids)[:n_fresh]
         if take_fresh.size < n_fresh:
@@ -350,6 +365,20 @@ class ReplayBuffer:
             return None
         chosen = np.concatenate([take_fresh, take_other])
         return chosen[self._rng.permutation(G)]
+
+    def _select_cells(self, candidates: np.ndarray, G: int, n_fresh: int) -> np.ndarray | None:
+        """``G`` slots of distinct captions, as many as possible in caption cells, the rest uniform;
+        None when the cells leave fewer than ``n_fresh`` never-drawn groups (caller draws uniformly)."""
+        pool = _one_per_caption(candidates, self._caption_ids)
+        if pool.size < G:
+            return None
+        cells = select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng)
+        picked = pool[np.asarray([i for cell in cells for i in cell], dtype=np.int64)]
+        rest = pool[~np.isin(pool, picked)][: G - picked.size]
+        chosen = np.concatenate([picked, rest]).astype(np.int64)
+        if int((self._draws[chosen] == 0).sum()) < n_fresh:
+            return None
+        return chosen
 
     def _gather(self, slots: np.ndarray, image_choice: np.ndarray) -> torch.Tensor:
         """One ``index_select`` over storage seen as ``[C * P, H * W * 3]`` rows (whole-image row copies)
@@ -407,6 +436,7 @@ class ReplayBuffer:
                 "dropped": int(c["dropped"]),
                 "draws": draws,
                 "batches": int(c["batches"]),
+                "hard_batches": int(c["hard_batches"]),
                 "reuse_mean": (float(live_draws.sum()) + c["evicted_draws_sum"]) / seen if seen else 0.0,
                 "reuse_max": int(max(int(live_draws.max()) if size else 0, int(c["evicted_draws_max"]))),
                 "staleness_mean_s": c["staleness_sum_s"] / draws if draws else 0.0,
