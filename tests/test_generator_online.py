@@ -99,7 +99,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
 
         raw.send(Hello(client="raw", rank=0, world_size=1))
         welcome = raw.receive(10)
-        assert isinstance(welcome, Welcome) and welcome.generator["fingerprint"] == fingerprint
+        assert isinstance(welcome, Welcome) and welcome.generator.fingerprint == fingerprint
         raw.send(Credit(n=3))
         for _ in range(3):
             group = raw.receive(180)
@@ -133,13 +133,14 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
     finally:
         stop.request()
         thread.join(timeout=120)
-        context.term()
+        context.destroy(linger=0)
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
 
     ids = [g.group_id for g in received]
-    assert len(ids) == len(set(ids)), "a group was sent twice"
+    # at-least-once: a group is sent again only after its client's session ended unacknowledged
+    assert len(ids) - len(set(ids)) <= result.server["requeued"], "a group was sent twice without a re-queue"
     for group in received:
         epoch = int(group.group_id.rsplit("-e", 1)[1]) if "-e" in group.group_id else 0
         assert group.seeds == epoch_seeds(3, group.caption_id, epoch, M)
