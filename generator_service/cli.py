@@ -28,6 +28,7 @@ from generator_service.pool import PoolError, StopSignal, WorkerPool
 from generator_service.preflight import PreflightError, backend_name, check_model
 from generator_service.recipes import RECIPE_NAMES
 from generator_service.shards import IMAGE_FORMATS, ShardError
+from protocol.server import ServerFailed
 
 log = logging.getLogger("stablerep-generator")
 
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--status-every", type=float, default=5.0, help="seconds between online status lines")
     group.add_argument("--metrics-port", type=int,
                        help="serve Prometheus metrics (stablerep_generator_*) on this port (0: any free port)")
+    group.add_argument("--max-credit", type=int, default=256,
+                       help="most credit one client may hold (credit + unacknowledged groups; announced in welcome)")
+    group.add_argument("--max-clients", type=int, default=64, help="most client sessions at once (default 64)")
+    group.add_argument("--max-client-mib", type=float, default=512.0,
+                       help="most MiB of sent, unacknowledged groups per client (default 512)")
+    group.add_argument("--announce-host", action="store_true", help="name this host and pid in welcome")
     group = parser.add_argument_group("offline")
     group.add_argument("--out", help="write one pass over the captions to WebDataset shards in this directory")
     group.add_argument("--shard-size", type=int, default=1000, help="groups per shard (default 1000)")
@@ -256,6 +263,14 @@ class OnlineStatus:
         pass
 
 
+def is_loopback(endpoint: str) -> bool:
+    """True for ``tcp://127.x.x.x:PORT``, ``tcp://localhost:...``, ``tcp://[::1]:...``, ``ipc://`` and ``inproc://``."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 # --- entry points -------------------------------------------------------------------------------
 
 
@@ -292,7 +307,15 @@ def _run(argv: list[str]) -> int:
         preview_groups=args.preview_groups,
         drain_timeout=args.drain_timeout,
         max_groups_per_s=args.max_groups_per_s,
+        max_credit=args.max_credit,
+        max_clients=args.max_clients,
+        max_client_mib=args.max_client_mib,
+        announce_host=args.announce_host,
     )
+    if args.bind and not is_loopback(args.bind) and not getattr(args, "curve_keys", None):
+        print(f"{PROG}: warning: serving {args.bind} without --curve-keys: anyone who can reach this address can "
+              "connect, read every group and use this service's capacity (make keys with "
+              f"`{PROG} keys DIR`, then pass --curve-keys DIR here and to stablerep-train)", file=sys.stderr)
     stop = StopSignal()
     restore = _install_signal_handlers(stop)
     progress: OfflineProgress | OnlineStatus | None = None
@@ -401,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PoolError as exc:
         print(f"{PROG}: generation failed: {exc}", file=sys.stderr)
+        return 1
+    except ServerFailed as exc:
+        print(f"{PROG}: serving failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. the bind address is taken
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -88,6 +88,10 @@ class ServiceOptions:
     preview_groups: int = 8
     drain_timeout: float = 300.0
     max_groups_per_s: float | None = None  # throttle (generator_service.throttle); None: as fast as the devices go
+    max_credit: int = 256
+    max_clients: int = 64
+    max_client_mib: float = 512.0
+    announce_host: bool = False
 
     def __post_init__(self) -> None:
         if self.archive and not self.bind:
@@ -150,8 +154,9 @@ def captions_digest(captions: CaptionSet) -> str:
     return digest.hexdigest()[:16]
 
 
-def service_id() -> str:
-    return f"stablerep-generator@{socket.gethostname()}:{os.getpid()}"
+def service_id(announce_host: bool = False) -> str:
+    """Name sent in ``welcome``: host name and pid only when asked (``--announce-host``)."""
+    return f"stablerep-generator@{socket.gethostname()}:{os.getpid()}" if announce_host else "stablerep-generator"
 
 
 def run_service(
@@ -197,7 +202,9 @@ def run_service(
             from protocol.server import GroupServer
 
             server = GroupServer(
-                options.bind, service_id(), config.welcome_info(), heartbeat_ms=options.heartbeat_ms, max_queue=options.queue
+                options.bind, service_id(options.announce_host), config.welcome_info(), heartbeat_ms=options.heartbeat_ms,
+                max_queue=options.queue, max_credit=options.max_credit, max_clients=options.max_clients,
+                max_client_bytes=int(options.max_client_mib * 2**20),
             ).start()
             sinks.append(ServerSink(server))
         items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip)
@@ -226,7 +233,13 @@ def run_service(
             # Shards only: workers encode the images in parallel instead of the supervisor.
             image_codec=(options.image_format, options.quality) if options.out and not options.bind else None,
         )
-        tick = (lambda p: on_tick(p, server)) if on_tick is not None else None
+
+        def tick(p: WorkerPool) -> None:
+            if server is not None:
+                server.check()  # the I/O thread died: stop the run, exit non-zero
+            if on_tick is not None:
+                on_tick(p, server)
+
         stats = pool.run(items, FanOutSink(sinks), stop=stop, on_tick=tick)
         if server is not None and not stop.requested:
             _wait_until_sent(server, stop)
@@ -248,8 +261,25 @@ def run_service(
 
 
 def _wait_until_sent(server: Any, stop: StopSignal, poll_s: float = 0.1) -> None:
-    """After a finite run, keep serving until every queued group went to a client (or stop)."""
-    while server.stats().queue_depth > 0 and not stop.requested:
+    """After a finite run, keep serving until every queued group went to a client (or stop).
+
+    Then keep serving while groups are still unacknowledged, until no client has died for three
+    heartbeat intervals: a client that dies re-queues its groups, and they go to another one.
+    """
+    settle_s = 3 * server.heartbeat_ms / 1000.0
+    quiet_since: float | None = None
+    requeued = server.stats().requeued
+    while not stop.requested:
+        server.check()
+        stats = server.stats()
+        if stats.queue_depth > 0 or stats.requeued != requeued:
+            requeued, quiet_since = stats.requeued, None
+        elif server.unacked() == 0:
+            return
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > settle_s:
+            return
         time.sleep(poll_s)
 
 
@@ -260,5 +290,10 @@ def _server_summary(server: Any) -> dict[str, Any]:
         "queue_depth": stats.queue_depth,
         "bad_messages": stats.bad_messages,
         "dead_clients": stats.dead_clients,
+        "left_clients": stats.left_clients,
+        "refused_clients": stats.refused_clients,
+        "credit_clamped": stats.credit_clamped,
+        "requeued": stats.requeued,
+        "handler_errors": stats.handler_errors,
         "put_wait_seconds": round(stats.put_wait_seconds, 3),
     }

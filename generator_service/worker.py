@@ -69,7 +69,10 @@ class EncodedImages(NamedTuple):
 class Outbox:
     """Sends a worker's results from a background thread, so encoding, pickling and the pipe
     overlap the next batch's generation. Messages go out in order; ``put`` blocks while
-    ``max_pending`` messages wait (bounded memory). A broken pipe (supervisor gone) ends the worker.
+    ``max_pending`` messages wait (bounded memory). A broken pipe (supervisor gone) ends the worker;
+    any other exception in the thread (an image that fails to encode, a message that fails to
+    pickle) is kept in ``error`` and raised by the next ``put``, so the worker fails loudly (the
+    supervisor restarts it) instead of blocking forever on a queue nobody empties.
     """
 
     def __init__(self, conn: Any, image_codec: tuple[str, int] | None = None, max_pending: int = 4) -> None:
@@ -77,11 +80,14 @@ class Outbox:
         self.image_codec = image_codec
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.broken = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="worker-outbox", daemon=True)
         self.thread.start()
 
     def put(self, message: tuple) -> None:
         while True:
+            if self.error is not None:
+                raise RuntimeError(f"worker outbox thread failed: {type(self.error).__name__}: {self.error}") from self.error
             if self.broken.is_set():
                 raise BrokenPipeError("the supervisor is gone")
             try:
@@ -100,6 +106,13 @@ class Outbox:
         self.thread.join(timeout=timeout)
 
     def _run(self) -> None:
+        try:
+            self._send_all()
+        except BaseException as exc:
+            self.error = exc
+            self.broken.set()
+
+    def _send_all(self) -> None:
         while True:
             message = self.queue.get()
             if message is None:
@@ -276,8 +289,11 @@ def _fail(spec: WorkerSpec, outbox: Outbox, exc: BaseException, during_startup: 
     log.error("worker %d failed:\n%s", spec.index, text)
     failed = exc.group_ids if isinstance(exc, GenerationFailed) else []
     try:
-        outbox.put(("error", text, during_startup, failed))
-        outbox.close(timeout=10.0)
-    except BrokenPipeError:
+        if outbox.error is not None:  # the outbox thread is gone: report on the pipe directly
+            outbox.conn.send(("error", text, during_startup, failed))
+        else:
+            outbox.put(("error", text, during_startup, failed))
+            outbox.close(timeout=10.0)
+    except (BrokenPipeError, RuntimeError, OSError):
         pass
     os._exit(1)

@@ -6,26 +6,39 @@ with each endpoint, then grants ``credits`` to each. Every received group is pas
 (granted back in batches of a quarter of ``credits``). So at most ``credits`` groups per endpoint are ever in flight or waiting in the callback: memory
 is bounded by credits. A service silent for more than three heartbeat intervals is reconnected
 (a fresh socket, a new hello, credits granted again).
+
+Every credit granted back acknowledges as many groups to the service (which re-sends the
+unacknowledged ones of a session that ends), so a group can arrive twice across a reconnect:
+the receiver drops repeats by ``group_id``. Credits are clamped to the ``max_credit`` a service
+announces. An exception while handling one message is counted and logged (rate-limited); if the
+I/O thread dies anyway, ``failed`` says why and ``check()`` raises ``ClientFailed``.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import zmq
 
+from .bounds import clip
 from .codec import decode
 from .errors import ProtocolError
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
+from .ratelog import RateLimitedLog
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_MS = 1000
+
+
+class ClientFailed(RuntimeError):
+    """The client's I/O thread died: no group arrives any more."""
 
 
 @dataclass
@@ -34,6 +47,7 @@ class ClientStats:
     bytes_received: int = 0
     callback_errors: int = 0
     bad_messages: int = 0
+    handler_errors: int = 0
     reconnects: int = 0
     errors_from_service: int = 0
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -49,6 +63,8 @@ class _Endpoint:
     last_sent: float = 0.0
     hello_sent: float = 0.0
     groups: int = 0
+    credits: int = 0  # this endpoint's credit window (ours, clamped to its welcome.max_credit)
+    last_group: float | None = None  # time.time() of the last group from this endpoint
 
     @property
     def heartbeat_s(self) -> float:
@@ -101,6 +117,7 @@ class GroupClient:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._endpoints: dict[str, _Endpoint] = {}
+        self._faults = RateLimitedLog(log, "group client: refused service input", 10.0)
 
     @property
     def welcomes(self) -> dict[str, Welcome]:
@@ -124,11 +141,28 @@ class GroupClient:
             )
         return self
 
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the I/O thread died (``None`` while it runs)."""
+        return self._fatal
+
+    def check(self) -> None:
+        """Raise ``ClientFailed`` if the I/O thread died."""
+        if self._fatal is not None:
+            raise ClientFailed(f"group client I/O thread died: {type(self._fatal).__name__}: {clip(str(self._fatal))}") \
+                from self._fatal
+
+    def last_groups(self) -> dict[str, float | None]:
+        """Per endpoint, the wall-clock time (``time.time()``) its last group arrived, or None."""
+        with self._lock:
+            return {url: ep.last_group for url, ep in self._endpoints.items()}
+
     def stats(self) -> ClientStats:
         with self._lock:
             stats = dataclasses.replace(self._stats)
             stats.endpoints = {
-                url: {"welcomed": ep.welcome is not None, "credits_outstanding": ep.outstanding, "groups": ep.groups}
+                url: {"welcomed": ep.welcome is not None, "credits_outstanding": ep.outstanding, "groups": ep.groups,
+                      "last_group": ep.last_group}
                 for url, ep in self._endpoints.items()
             }
         return stats
@@ -189,7 +223,8 @@ class GroupClient:
                         self._handshake_done.set()
                         return
                     self._keepalive(endpoint, poller)
-        except Exception as exc:  # never die silently: start() or the next stats() reader sees it
+                self._faults.flush()
+        except BaseException as exc:  # never die silently: start() or the next stats() reader sees it
             log.exception("group client I/O thread failed")
             self._fatal = exc
             self._handshake_done.set()
@@ -203,7 +238,8 @@ class GroupClient:
                 endpoint.socket.close(linger=100)
 
     def _receive_all(self, endpoint: _Endpoint) -> None:
-        for _ in range(1000):
+        """Handle at most 256 messages of one endpoint per loop turn (others and heartbeats go on)."""
+        for _ in range(256):
             try:
                 frames = endpoint.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -214,28 +250,38 @@ class GroupClient:
             except ProtocolError as exc:
                 with self._lock:
                     self._stats.bad_messages += 1
-                log.warning("bad message from %s: %s", endpoint.url, exc)
-                self._send(endpoint, Error(code=exc.code, message=exc.message))
+                self._faults.note(exc.code, f"{endpoint.url}: {clip(exc.message)}")
+                self._send(endpoint, Error(code=exc.code, message=clip(exc.message)))
                 if endpoint.welcome is None and exc.code == "version":
                     self._fatal = ProtocolError("version", f"{endpoint.url}: {exc.message}")
                     return
                 continue
-            self._handle(endpoint, msg, frames)
+            try:
+                self._handle(endpoint, msg, frames)
+            except zmq.ZMQError:
+                raise  # the socket itself is broken: the I/O thread reports it
+            except Exception as exc:  # one message must never stop the client
+                with self._lock:
+                    self._stats.handler_errors += 1
+                self._faults.note("handler_error", f"{endpoint.url}: {type(exc).__name__}: {clip(str(exc))}")
             if self._endpoints.get(endpoint.url) is not endpoint:
                 return  # reconnected: this socket is closed
 
     def _handle(self, endpoint: _Endpoint, msg: Any, frames: list[Any]) -> None:
         if isinstance(msg, Welcome):
+            window = min(self.credits, msg.max_credit) if msg.max_credit > 0 else self.credits
             with self._lock:
                 endpoint.welcome = msg
-                endpoint.outstanding = self.credits
-            self._send(endpoint, Credit(self.credits))
+                endpoint.credits = window
+                endpoint.outstanding = window
+            self._send(endpoint, Credit(window))
             if all(ep.welcome is not None for ep in self._endpoints.values()) and len(self._endpoints) == len(self.endpoints):
                 self._handshake_done.set()
         elif isinstance(msg, Group):
             with self._lock:
                 endpoint.outstanding -= 1
                 endpoint.groups += 1
+                endpoint.last_group = time.time()
                 self._stats.groups_received += 1
                 self._stats.bytes_received += sum(len(f) for f in frames[1:])
             try:
@@ -249,9 +295,13 @@ class GroupClient:
         elif isinstance(msg, Error):
             with self._lock:
                 self._stats.errors_from_service += 1
-            log.warning("service %s reports error [%s] %s", endpoint.url, msg.code, msg.message)
+            self._faults.note(f"service_error:{clip(msg.code, 20)}", f"{endpoint.url} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
             if endpoint.welcome is None and msg.code == "version":
                 self._fatal = ProtocolError("version", f"service {endpoint.url} refused our version: {msg.message}")
+            elif endpoint.welcome is None and msg.code == "busy":
+                self._fatal = ConnectionRefusedError(f"service {endpoint.url} refused us: {clip(msg.message)}")
+            elif msg.code in ("credit_limit", "too_large", "busy"):
+                pass  # the service clamped a grant or refused one message: the session goes on
             elif endpoint.welcome is not None and monotonic() - endpoint.hello_sent > endpoint.heartbeat_s:
                 # The service no longer knows this session (it restarted, or declared us dead):
                 # start a new one rather than talk past each other.
@@ -265,8 +315,8 @@ class GroupClient:
 
     def _replenish(self, endpoint: _Endpoint) -> None:
         """Grant back consumed credits, batched: once a quarter of them (at least one) is used."""
-        owed = self.credits - endpoint.outstanding
-        if owed >= max(1, self.credits // 4):
+        owed = endpoint.credits - endpoint.outstanding
+        if owed >= max(1, endpoint.credits // 4):
             with self._lock:
                 endpoint.outstanding += owed
             self._send(endpoint, Credit(owed))
@@ -288,6 +338,7 @@ class GroupClient:
         endpoint.socket.close(linger=0)
         fresh = self._open(endpoint.url)
         fresh.groups = endpoint.groups
+        fresh.last_group = endpoint.last_group
         with self._lock:
             self._endpoints[endpoint.url] = fresh
             self._stats.reconnects += 1

@@ -11,10 +11,11 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
+from .bounds import check_structure, clip, short
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo
 from .limits import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from .messages import MESSAGE_TYPES, SCHEMA, Group, Message, validate_header
+from .messages import MESSAGE_TYPES, OPTIONAL, SCHEMA, Group, Message, validate_header
 
 Frame = bytes | bytearray | memoryview
 
@@ -27,6 +28,9 @@ def _header_of(msg: Message) -> dict[str, Any]:
         for name in SCHEMA[msg.TYPE]:
             value = getattr(msg, name)
             header[name] = value.to_wire() if isinstance(value, GeneratorInfo) else value
+        for name in OPTIONAL.get(msg.TYPE, {}):
+            if getattr(msg, name):
+                header[name] = getattr(msg, name)
     return header
 
 
@@ -110,11 +114,15 @@ def _buffer(frame: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def decode_header(frame: Any) -> dict[str, Any]:
-    """Unpack and check frame 0: a MessagePack map with ``v`` and a known ``type``."""
+def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Unpack and check frame 0: a MessagePack map with ``v`` (the int 1) and a known ``type``.
+
+    The unpacked value's depth and size are bounded (``protocol.bounds``) before any field is
+    looked at, so every later check and error message works on a small, shallow value.
+    """
     view = _buffer(frame)
-    if view.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {MAX_HEADER_BYTES}")
+    if view.nbytes > max_header_bytes:
+        raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {max_header_bytes}")
     try:
         header = msgpack.unpackb(
             view,
@@ -127,43 +135,51 @@ def decode_header(frame: Any) -> dict[str, Any]:
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, TypeError, ...)
-        raise ProtocolError("bad_message", f"header is not a valid MessagePack map: {type(exc).__name__}: {exc}") from None
+        raise ProtocolError(
+            "bad_message", f"header is not a valid MessagePack map: {type(exc).__name__}: {clip(str(exc), 120)}"
+        ) from None
+    check_structure(header)
     if not isinstance(header, dict):
         raise ProtocolError("bad_message", f"header must be a MessagePack map, got {type(header).__name__}")
     if "v" not in header:
         raise ProtocolError("bad_message", "header is missing field 'v' (protocol version)")
     version = header["v"]
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise ProtocolError("version", f"header.v = {version!r}, this peer speaks protocol version {PROTOCOL_VERSION}")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not True
+        raise ProtocolError(
+            "version", f"header.v = {short(version)} ({type(version).__name__}), this peer speaks protocol version {PROTOCOL_VERSION} (an int)"
+        )
     if "type" not in header:
         raise ProtocolError("bad_message", "header is missing field 'type'")
     msg_type = header["type"]
     if not isinstance(msg_type, str) or msg_type not in MESSAGE_TYPES:
         raise ProtocolError(
-            "bad_message", f"header.type = {msg_type!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}"
+            "bad_message", f"header.type = {short(msg_type)} is unknown; expected one of {sorted(MESSAGE_TYPES)}"
         )
     validate_header(header)
     return header
 
 
-def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES, max_header_bytes: int = MAX_HEADER_BYTES) -> Message:
     """Turn received frames (bytes, memoryviews or ``zmq.Frame``s) back into a typed message.
 
-    Raises only ``ProtocolError``. A raw group's ``images`` is a read-only numpy view over the
+    ``max_header_bytes`` lets a service refuse large headers from trainers (theirs are tiny),
+    which bounds the cost of decoding one message. Raises only ``ProtocolError``. A raw group's ``images`` is a read-only numpy view over the
     payload frame (no copy).
     """
     if not isinstance(frames, (list, tuple)) or len(frames) == 0:
         raise ProtocolError("bad_message", "a message needs at least one frame (the header)")
     views = [_buffer(f) for f in frames]
     _check_sizes(views, max_bytes)
-    header = decode_header(views[0])
+    header = decode_header(views[0], max_header_bytes)
     msg_type = header["type"]
     payload = views[1:]
     if msg_type != "group":
         if payload:
             raise ProtocolError("bad_message", f"{msg_type} carries no payload frames, got {len(payload)}")
         cls = MESSAGE_TYPES[msg_type]
-        return cls(**{name: header[name] for name in SCHEMA[msg_type]})
+        fields = {name: header[name] for name in SCHEMA[msg_type]}
+        fields.update({name: header[name] for name in OPTIONAL.get(msg_type, {}) if name in header})
+        return cls(**fields)
     _check_group_payload(header, payload)
     shape = tuple(header["shape"])
     common = dict(

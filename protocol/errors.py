@@ -1,7 +1,9 @@
 """The one exception the protocol raises."""
 from __future__ import annotations
 
-ERROR_CODES = ("version", "bad_message", "too_large")
+#: ``credit_limit`` (a grant went over the service's ``max_credit``: it was clamped) and ``busy``
+#: (the service has ``max_clients`` sessions already) are sent by services only.
+ERROR_CODES = ("version", "bad_message", "too_large", "credit_limit", "busy")
 
 
 class ProtocolError(Exception):

@@ -116,4 +116,4 @@ def check_generator_info(data: Any, where: str = "welcome.generator") -> None:
         if not isinstance(key, str) or not isinstance(value, _INFO_SCALARS):
             raise ProtocolError("bad_message", f"{where}.extra[{_short(key)}] = {_short(value)}: keys are strings, values scalars")
         if isinstance(value, str) and len(value) > MAX_STRING_FIELD:
-            raise ProtocolError("bad_message", f"{where}.extra[{key!r}]: longer than {MAX_STRING_FIELD} characters")
+            raise ProtocolError("bad_message", f"{where}.extra[{_short(key)}]: longer than {MAX_STRING_FIELD} characters")

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .bounds import short
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo, check_generator_info
 from .limits import ENCODINGS, MAX_CREDIT, MAX_IMAGES_PER_GROUP
@@ -29,6 +30,9 @@ class Welcome:
     service: str
     generator: GeneratorInfo
     heartbeat_ms: int
+    #: most credit (granted but not yet used, plus groups sent and not yet acknowledged by a new
+    #: grant) the service lets one client hold; 0 = not announced (an older service).
+    max_credit: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.generator, dict):
@@ -161,6 +165,9 @@ SCHEMA: dict[str, dict[str, str]] = {
     "bye": {},
 }
 
+#: Fields a header may carry besides the required ones (sent when not at their default).
+OPTIONAL: dict[str, dict[str, str]] = {"welcome": {"max_credit": "int"}}
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -182,9 +189,7 @@ def _check_type(msg_type: str, name: str, value: Any, kind: str) -> None:
         )
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+_short = short
 
 
 def _bad(msg_type: str, name: str, value: Any, rule: str) -> ProtocolError:
@@ -198,6 +203,9 @@ def validate_header(header: dict[str, Any]) -> None:
         if name not in header:
             raise ProtocolError("bad_message", f"{msg_type} header is missing field {name!r}")
         _check_type(msg_type, name, header[name], kind)
+    for name, kind in OPTIONAL.get(msg_type, {}).items():
+        if name in header:
+            _check_type(msg_type, name, header[name], kind)
     if msg_type == "hello":
         if header["world_size"] < 1:
             raise _bad(msg_type, "world_size", header["world_size"], "must be >= 1")
@@ -207,6 +215,8 @@ def validate_header(header: dict[str, Any]) -> None:
         if header["heartbeat_ms"] < 1:
             raise _bad(msg_type, "heartbeat_ms", header["heartbeat_ms"], "must be >= 1")
         check_generator_info(header["generator"])
+        if header.get("max_credit", 0) < 0:
+            raise _bad(msg_type, "max_credit", header["max_credit"], "must be >= 0")
     elif msg_type == "credit":
         if not 1 <= header["n"] <= MAX_CREDIT:
             raise _bad(msg_type, "n", header["n"], f"must be in [1, {MAX_CREDIT}]")

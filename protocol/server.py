@@ -1,10 +1,22 @@
 """Service side of protocol v1: a ROUTER socket that hands groups to clients by credit.
 
 One I/O thread owns the socket. Producers call ``put(group)``, which blocks while the bounded
-queue is full (that wait is the generator's idle time). Each group goes to exactly one client
-that has credit; a client is sent at most as many groups as it granted. Clients silent for more
-than three heartbeat intervals are dead: their credits are dropped and the queue keeps every group
-not yet sent.
+queue is full (that wait is the generator's idle time). Each group goes to one client that has
+credit, round-robin among such clients. Flow control cannot be gamed:
+
+- a client holds at most ``max_credit`` (credit not yet used plus groups sent and not yet
+  acknowledged); a grant above that is clamped and answered with ``error`` code ``credit_limit``;
+- a grant of ``n`` credits acknowledges that client's ``n`` oldest unacknowledged groups; the
+  unacknowledged ones (at most ``max_credit`` and ``max_client_bytes``) go back to the front of
+  the queue when the client leaves (``bye``), dies (silent for 3 heartbeats) or is unreachable,
+  so a client's death loses nothing (delivery is at-least-once; trainers drop repeats by id);
+- at most ``max_clients`` sessions (a further ``hello`` gets ``error`` code ``busy``), and
+  ZeroMQ holds at most ``send_hwm`` messages per peer;
+- every loop turn receives at most ``recv_batch`` messages (or ``slice_s`` seconds' worth), then
+  sends, then heartbeats; trainer headers over ``max_client_header_bytes`` are refused unread.
+
+An exception while handling one message is counted and logged (rate-limited) and the loop goes
+on. Should the I/O thread die anyway, ``failed`` says why and ``put`` raises ``ServerFailed``.
 """
 from __future__ import annotations
 
@@ -17,15 +29,34 @@ from typing import Any
 
 import zmq
 
+from .bounds import clip
 from .codec import decode, encode
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
+from .ratelog import RateLimitedLog
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
 
+#: Defaults of the service's limits (flags of ``stablerep-generator``).
+DEFAULT_MAX_CREDIT = 256
+DEFAULT_MAX_CLIENTS = 64
+DEFAULT_MAX_CLIENT_BYTES = 512 * 2**20
+#: Trainers send only tiny headers (hello is the largest, ~100 bytes).
+MAX_CLIENT_HEADER_BYTES = 4096
+
+
+class ServerFailed(RuntimeError):
+    """The service's I/O thread died: nothing is served any more."""
+
+
+@dataclass
+class _Sent:
+    group_id: str
+    frames: list[Any]
+    nbytes: int
 
 
 @dataclass
@@ -39,6 +70,13 @@ class ClientInfo:
     groups_sent: int = 0
     last_seen: float = 0.0
     last_sent: float = 0.0
+    unacked: collections.deque = field(default_factory=collections.deque)
+    unacked_bytes: int = 0
+    blocked_until: float = 0.0
+
+    @property
+    def outstanding(self) -> int:
+        return self.credits + len(self.unacked)
 
 
 @dataclass
@@ -49,9 +87,16 @@ class ServerStats:
     groups_sent: int = 0
     bytes_sent: int = 0
     bad_messages: int = 0
+    handler_errors: int = 0
     dead_clients: int = 0
+    left_clients: int = 0
+    refused_clients: int = 0
+    credit_clamped: int = 0
+    requeued: int = 0
+    acked: int = 0
     put_wait_seconds: float = 0.0
     heartbeats_received: int = 0
+    failed: str | None = None
 
 
 class GroupServer:
@@ -64,6 +109,12 @@ class GroupServer:
         generator_info: the generator description sent in ``welcome`` (a map is checked and converted).
         heartbeat_ms: heartbeat interval; a client silent for 3 intervals is dead.
         max_queue: groups held while no client has credit; ``put`` blocks beyond it.
+        max_credit: most credit one client may hold (announced in ``welcome``).
+        max_clients: most sessions at once.
+        max_client_bytes: most bytes of sent, unacknowledged groups per client; also sizes the
+            per-peer ZeroMQ send queue (``send_hwm`` messages of the generator's group size).
+        recv_batch, slice_s: most messages / seconds of receiving per loop turn.
+        curve: optional ``protocol.curve.CurveServer`` (keys and ZAP authenticator) to require.
     """
 
     def __init__(
@@ -75,9 +126,19 @@ class GroupServer:
         max_queue: int = 64,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         context: zmq.Context | None = None,
+        max_credit: int = DEFAULT_MAX_CREDIT,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
+        recv_batch: int = 64,
+        slice_s: float = 0.01,
+        max_client_header_bytes: int = MAX_CLIENT_HEADER_BYTES,
+        log_interval_s: float = 10.0,
+        curve: Any = None,
     ) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        for name, value in (("max_queue", max_queue), ("max_credit", max_credit), ("max_clients", max_clients),
+                            ("max_client_bytes", max_client_bytes), ("recv_batch", recv_batch)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.bind = bind
         self.service_id = service_id
         self.generator_info = (
@@ -86,17 +147,31 @@ class GroupServer:
         self.heartbeat_ms = int(heartbeat_ms)
         self.max_queue = int(max_queue)
         self.max_message_bytes = int(max_message_bytes)
+        self.max_credit = int(max_credit)
+        self.max_clients = int(max_clients)
+        self.max_client_bytes = int(max_client_bytes)
+        self.recv_batch = int(recv_batch)
+        self.slice_s = float(slice_s)
+        self.max_client_header_bytes = int(max_client_header_bytes)
+        info = self.generator_info
+        group_bytes = info.images_per_group * info.save_size * info.save_size * 3 + 1024
+        #: ZeroMQ's per-peer send queue, in messages: what a client that stops reading can pin.
+        self.send_hwm = max(4, min(self.max_credit + 16, self.max_client_bytes // group_bytes))
+        self.curve = curve
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._queue: collections.deque[tuple[str, list[Any]]] = collections.deque()
         self._cond = threading.Condition()
         self._clients: dict[bytes, ClientInfo] = {}
+        self._rr: collections.deque[bytes] = collections.deque()
         self._stats = ServerStats(queue_capacity=self.max_queue)
+        self._faults = RateLimitedLog(log, "generator service: refused client input", log_interval_s)
         self._wake = WakePipe()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_error: BaseException | None = None
+        self._fatal: BaseException | None = None
         self.endpoint: str | None = None
 
     # --- producer side ------------------------------------------------------------------------
@@ -110,12 +185,25 @@ class GroupServer:
             raise self._start_error
         return self
 
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the I/O thread died (``None`` while it runs or after a clean ``close``)."""
+        return self._fatal
+
+    def check(self) -> None:
+        """Raise ``ServerFailed`` if the I/O thread died."""
+        if self._fatal is not None:
+            raise ServerFailed(f"the generator service's I/O thread died: {type(self._fatal).__name__}: "
+                               f"{clip(str(self._fatal))}") from self._fatal
+
     def put(self, group: Group, timeout: float | None = None) -> bool:
         """Queue a group for the next client with credit. Blocks while the queue is full.
 
         Returns False if ``timeout`` passed first or the server is closed. Raises
-        ``ProtocolError`` at once for a group that cannot be encoded.
+        ``ProtocolError`` at once for a group that cannot be encoded, ``ServerFailed`` if the
+        I/O thread died.
         """
+        self.check()
         frames = encode(group, self.max_message_bytes)
         start = monotonic()
         with self._cond:
@@ -126,6 +214,7 @@ class GroupServer:
                     return False
                 self._cond.wait(remaining if remaining is not None else 0.5)
             self._stats.put_wait_seconds += monotonic() - start
+            self.check()
             if self._stop.is_set():
                 return False
             self._queue.append((group.group_id, frames))
@@ -140,10 +229,19 @@ class GroupServer:
             stats = dataclasses.replace(self._stats)
             stats.queue_depth = len(self._queue)
             stats.clients = {
-                f"{c.name}#{c.rank}@{ident.hex()[:8]}": {"credits": c.credits, "groups_sent": c.groups_sent}
+                f"{c.name}#{c.rank}@{ident.hex()[:8]}": {
+                    "credits": c.credits, "groups_sent": c.groups_sent, "unacked": len(c.unacked),
+                    "unacked_bytes": c.unacked_bytes,
+                }
                 for ident, c in self._clients.items()
             }
+            stats.failed = None if self._fatal is None else f"{type(self._fatal).__name__}: {clip(str(self._fatal))}"
         return stats
+
+    def unacked(self) -> int:
+        """Groups sent and not yet acknowledged, over all clients."""
+        with self._cond:
+            return sum(len(c.unacked) for c in self._clients.values())
 
     def close(self) -> None:
         """Stop the I/O thread and close the socket, then the context (if it is ours)."""
@@ -158,6 +256,8 @@ class GroupServer:
     def _release(self) -> None:
         """Close the wake pipe and our context (any socket left open is closed without linger)."""
         self._wake.close()
+        if self.curve is not None:
+            self.curve.stop()
         if self._own_context and not self._context.closed:
             self._context.destroy(linger=0)
 
@@ -172,10 +272,13 @@ class GroupServer:
         socket = self._context.socket(zmq.ROUTER)
         try:
             configure(socket, self.max_message_bytes)
+            socket.setsockopt(zmq.SNDHWM, self.send_hwm)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if self.curve is not None:
+                self.curve.configure(self._context, socket)
             socket.bind(self.bind)
             self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError, ValueError) as exc:
             socket.close(linger=0)
             self._start_error = OSError(f"generator service cannot bind {self.bind!r}: {exc}")
             self._ready.set()
@@ -185,36 +288,56 @@ class GroupServer:
         poller.register(socket, zmq.POLLIN)
         poller.register(self._wake.read_fd, zmq.POLLIN)
         tick_ms = max(1, min(self.heartbeat_ms // 4, 250))
+        busy = False
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(tick_ms))
+                events = dict(poller.poll(0 if busy else tick_ms))
                 if self._wake.read_fd in events:
                     self._wake.drain()
-                if socket in events:
-                    self._receive_all(socket)
-                self._dispatch(socket)
+                more_in = self._receive_some(socket) if socket in events or busy else False
+                more_out = self._dispatch(socket)
                 self._heartbeat_and_reap(socket)
+                self._faults.flush()
+                busy = more_in or more_out
+        except BaseException as exc:  # never a silent zombie: put() and stats() report it
+            log.critical("generator service I/O thread died: %s: %s", type(exc).__name__, clip(str(exc)), exc_info=True)
+            with self._cond:
+                self._fatal = exc
+                self._cond.notify_all()
         finally:
             socket.close(linger=0)
 
-    def _receive_all(self, socket: zmq.Socket) -> None:
-        for _ in range(1000):
+    def _receive_some(self, socket: zmq.Socket) -> bool:
+        """Handle at most ``recv_batch`` messages or ``slice_s`` seconds of them; True if more wait."""
+        deadline = monotonic() + self.slice_s
+        for _ in range(self.recv_batch):
             try:
                 frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             identity, body = frames[0].bytes, frames[1:]
-            self._handle(socket, identity, body)
+            try:
+                self._handle(socket, identity, body)
+            except Exception as exc:  # one message must never stop the service
+                with self._cond:
+                    self._stats.handler_errors += 1
+                self._faults.note("handler_error", f"client {identity.hex()[:8]}: {type(exc).__name__}: {clip(str(exc))}")
+            if monotonic() > deadline:
+                return True
+        return True
+
+    def _refuse(self, socket: zmq.Socket, identity: bytes, code: str, message: str, kind: str = "bad_message") -> None:
+        with self._cond:
+            self._stats.bad_messages += 1
+        self._faults.note(kind, f"client {identity.hex()[:8]}: [{code}] {clip(message)}")
+        self._send(socket, identity, Error(code, clip(message)))
 
     def _handle(self, socket: zmq.Socket, identity: bytes, body: list[Any]) -> None:
         now = monotonic()
         try:
-            msg = decode(body, max_bytes=self.max_message_bytes)
+            msg = decode(body, max_bytes=self.max_message_bytes, max_header_bytes=self.max_client_header_bytes)
         except ProtocolError as exc:
-            with self._cond:
-                self._stats.bad_messages += 1
-            log.warning("bad message from client %s: %s", identity.hex()[:8], exc)
-            self._send(socket, identity, Error(code=exc.code, message=exc.message))
+            self._refuse(socket, identity, exc.code, exc.message)
             return
         with self._cond:
             client = self._clients.get(identity)
@@ -222,33 +345,82 @@ class GroupServer:
                 client.last_seen = now
         if isinstance(msg, Hello):
             with self._cond:
-                self._clients[identity] = ClientInfo(msg.client, msg.rank, msg.world_size, last_seen=now, last_sent=now)
-            self._send(socket, identity, Welcome(self.service_id, self.generator_info, self.heartbeat_ms))
+                if client is None and len(self._clients) >= self.max_clients:
+                    self._stats.refused_clients += 1
+                    refused = True
+                else:
+                    refused = False
+                    if client is not None:  # a second hello: a new session on the same socket
+                        self._requeue(client)
+                    else:
+                        self._rr.append(identity)
+                    self._clients[identity] = ClientInfo(msg.client, msg.rank, msg.world_size, last_seen=now, last_sent=now)
+            if refused:
+                self._faults.note("busy", f"client {identity.hex()[:8]} refused: {self.max_clients} clients already")
+                self._send(socket, identity, Error("busy", f"this service already serves max_clients = {self.max_clients} clients"))
+                return
+            self._send(socket, identity, Welcome(self.service_id, self.generator_info, self.heartbeat_ms, self.max_credit))
         elif isinstance(msg, Credit):
             if client is None:
-                with self._cond:
-                    self._stats.bad_messages += 1
-                self._send(socket, identity, Error("bad_message", "credit from a client that sent no hello"))
+                self._refuse(socket, identity, "bad_message", "credit from a client that sent no hello")
                 return
             with self._cond:
-                client.credits += msg.n
+                self._acknowledge(client, msg.n)
+                room = self.max_credit - client.outstanding
+                granted = max(0, min(msg.n, room))
+                client.credits += granted
+                clamped = granted < msg.n
+                if clamped:
+                    self._stats.credit_clamped += 1
+            if clamped:
+                self._refuse(socket, identity, "credit_limit",
+                             f"credit.n = {msg.n} clamped to {granted}: at most max_credit = {self.max_credit} "
+                             "outstanding (credit plus unacknowledged groups)", kind="credit_limit")
         elif isinstance(msg, Bye):
             with self._cond:
-                self._clients.pop(identity, None)
+                if client is not None:
+                    self._drop(identity, "left")
         elif isinstance(msg, Heartbeat):
             if client is None:
-                with self._cond:
-                    self._stats.bad_messages += 1
-                self._send(socket, identity, Error("bad_message", "heartbeat from a client that sent no hello"))
+                self._refuse(socket, identity, "bad_message", "heartbeat from a client that sent no hello")
             else:
                 with self._cond:
                     self._stats.heartbeats_received += 1
         elif isinstance(msg, Error):
-            log.warning("client %s reports error [%s] %s", identity.hex()[:8], msg.code, msg.message)
+            self._faults.note("client_error", f"client {identity.hex()[:8]} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
         else:
-            with self._cond:
-                self._stats.bad_messages += 1
-            self._send(socket, identity, Error("bad_message", f"type {msg.TYPE!r} is not sent by trainers"))
+            self._refuse(socket, identity, "bad_message", f"type {msg.TYPE!r} is not sent by trainers")
+
+    # --- bookkeeping (callers hold self._cond) --------------------------------------------------
+    def _acknowledge(self, client: ClientInfo, n: int) -> None:
+        """A grant of ``n`` acknowledges the client's ``n`` oldest unacknowledged groups."""
+        for _ in range(min(n, len(client.unacked))):
+            sent = client.unacked.popleft()
+            client.unacked_bytes -= sent.nbytes
+            self._stats.acked += 1
+
+    def _requeue(self, client: ClientInfo) -> None:
+        """Put a client's unacknowledged groups back at the front of the queue, oldest first."""
+        while client.unacked:
+            sent = client.unacked.pop()
+            self._queue.appendleft((sent.group_id, sent.frames))
+            self._stats.requeued += 1
+        client.unacked_bytes = 0
+        client.credits = 0
+
+    def _drop(self, identity: bytes, why: str) -> None:
+        client = self._clients.pop(identity, None)
+        if client is None:
+            return
+        self._requeue(client)
+        try:
+            self._rr.remove(identity)
+        except ValueError:
+            pass
+        if why == "left":
+            self._stats.left_clients += 1
+        else:
+            self._stats.dead_clients += 1
 
     def _send(self, socket: zmq.Socket, identity: bytes, msg: Any) -> bool:
         try:
@@ -262,17 +434,28 @@ class GroupServer:
                 client.last_sent = monotonic()
         return True
 
-    def _dispatch(self, socket: zmq.Socket) -> None:
-        """Send queued groups round-robin to clients with credit."""
-        while True:
+    def _next_client(self, now: float) -> bytes | None:
+        """The next client in round-robin order that has credit, room and an unblocked pipe."""
+        for _ in range(len(self._rr)):
+            ident = self._rr[0]
+            self._rr.rotate(-1)
+            c = self._clients.get(ident)
+            if c is not None and c.credits > 0 and c.unacked_bytes < self.max_client_bytes and c.blocked_until <= now:
+                return ident
+        return None
+
+    def _dispatch(self, socket: zmq.Socket) -> bool:
+        """Send queued groups round-robin to clients with credit (at most ``recv_batch`` per turn,
+        or ``slice_s`` seconds); True if more could be sent at once."""
+        deadline = monotonic() + self.slice_s
+        for _ in range(self.recv_batch):
+            now = monotonic()
             with self._cond:
                 if not self._queue:
-                    return
-                ready = [ident for ident, c in self._clients.items() if c.credits > 0]
-                if not ready:
-                    return
-                # the client with the most credit left first: spreads groups evenly
-                ident = max(ready, key=lambda i: (self._clients[i].credits, -self._clients[i].groups_sent))
+                    return False
+                ident = self._next_client(now)
+                if ident is None:
+                    return False
                 item = self._queue.popleft()
                 self._cond.notify_all()
             frames = [ident, *item[1]]
@@ -282,19 +465,24 @@ class GroupServer:
                 with self._cond:
                     self._queue.appendleft(item)  # not sent: keep it for someone else
                     if exc.errno == zmq.EHOSTUNREACH:
-                        self._clients.pop(ident, None)
-                        self._stats.dead_clients += 1
-                    else:
-                        self._clients[ident].credits = 0
-                return
+                        self._drop(ident, "dead")
+                    elif ident in self._clients:  # its pipe is full: skip it for a tick
+                        self._clients[ident].blocked_until = now + max(0.001, self.heartbeat_ms / 4000.0)
+                continue
+            nbytes = sum(memoryview(f).nbytes for f in frames[1:])
             with self._cond:
                 client = self._clients.get(ident)
                 if client is not None:
                     client.credits -= 1
                     client.groups_sent += 1
                     client.last_sent = monotonic()
+                    client.unacked.append(_Sent(item[0], item[1], nbytes))
+                    client.unacked_bytes += nbytes
                 self._stats.groups_sent += 1
-                self._stats.bytes_sent += sum(memoryview(f).nbytes for f in frames[1:])
+                self._stats.bytes_sent += nbytes
+            if monotonic() > deadline:
+                return True
+        return True
 
     def _heartbeat_and_reap(self, socket: zmq.Socket) -> None:
         now = monotonic()
@@ -302,10 +490,10 @@ class GroupServer:
         with self._cond:
             dead = [i for i, c in self._clients.items() if now - c.last_seen > DEAD_AFTER_HEARTBEATS * interval]
             for ident in dead:
-                log.warning("client %s silent for > %d heartbeats: dropping its %d credits",
-                            ident.hex()[:8], DEAD_AFTER_HEARTBEATS, self._clients[ident].credits)
-                del self._clients[ident]
-                self._stats.dead_clients += 1
+                c = self._clients[ident]
+                log.warning("client %s silent for > %d heartbeats: dropping its %d credits, re-queueing its %d "
+                            "unacknowledged groups", ident.hex()[:8], DEAD_AFTER_HEARTBEATS, c.credits, len(c.unacked))
+                self._drop(ident, "dead")
             due = [i for i, c in self._clients.items() if now - c.last_sent >= interval]
         for ident in due:
             self._send(socket, ident, Heartbeat())

@@ -133,13 +133,14 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
         raw.socket.close(linger=0)
         stop.request()
         thread.join(timeout=120)
-        context.term()
+        context.destroy(linger=0)
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
 
     ids = [g.group_id for g in received]
-    assert len(ids) == len(set(ids)), "a group was sent twice"
+    # at-least-once: a group is sent again only after its client's session ended unacknowledged
+    assert len(ids) - len(set(ids)) <= result.server["requeued"], "a group was sent twice without a re-queue"
     for group in received:
         epoch = int(group.group_id.rsplit("-e", 1)[1]) if "-e" in group.group_id else 0
         assert group.seeds == epoch_seeds(3, group.caption_id, epoch, M)

@@ -213,7 +213,8 @@ def test_storage_preallocated_and_input_views_copied_once():
     view.setflags(write=False)
     assert not view.flags.c_contiguous
     group = Group(group_id="view", caption_id=7, caption="c", seeds=[0] * 5, images=view)
-    for _ in range(5):
+    for i in range(5):
+        group.group_id = f"view{i}"  # distinct ids: a repeated id is ignored
         buffer.add(group)
         assert buffer.storage.data_ptr() == pointer
     slot_values = sorted(set(buffer.storage[:, :, 0, 0, 0].flatten().tolist()))
@@ -297,3 +298,17 @@ def test_encoded_groups_are_decoded_into_their_slot():
     with pytest.raises(ValueError, match="group enc2: encoded image 0 cannot be decoded"):
         buffer.add(bad)
     assert len(buffer) == 1  # the failed group left no half-written slot behind
+
+
+def test_a_group_id_held_or_recently_held_is_ignored():
+    buffer = ReplayBuffer(2, P, H, W, recent_ids=3)
+    assert buffer.add(make_group(0)) and not buffer.add(make_group(0))  # held: ignored
+    assert buffer.add(make_group(1)) and buffer.add(make_group(2))  # g0 evicted, still remembered
+    assert not buffer.add(make_group(0))
+    assert buffer.stats()["added"] == 3 and buffer.state_dict()["counters"]["repeats"] == 2
+    buffer.add(make_group(3))
+    buffer.add(make_group(4))  # memory of ids is bounded (3): g0 is forgotten and accepted again
+    assert buffer.add(make_group(0))
+    restored = ReplayBuffer(2, P, H, W)
+    restored.load_state_dict(buffer.state_dict())  # the recent ids survive a checkpoint
+    assert not restored.add(make_group(4)) and restored.add(make_group(9))

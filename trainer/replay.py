@@ -21,6 +21,7 @@ counts evicted groups that were never drawn (generation spent for nothing).
 """
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -68,6 +69,9 @@ class ReplayBuffer:
         seed: seed of the sampling RNG.
         hard_fraction: fraction of batches made of caption cells (hard negatives), in [0, 1].
         cell_size: captions per cell (anchor included), >= 2.
+        recent_ids: how many of the latest group ids are remembered (default ``max(4 * capacity,
+            4096)``): a group whose id the buffer holds or has recently held is ignored (counted as
+            ``repeats``), so the service's at-least-once delivery becomes exactly-once here.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class ReplayBuffer:
         seed: int = 0,
         hard_fraction: float = 0.0,
         cell_size: int = 6,
+        recent_ids: int | None = None,
     ) -> None:
         if capacity_groups < 1 or images_per_group < 1 or height < 1 or width < 1:
             raise ValueError(
@@ -124,6 +129,8 @@ class ReplayBuffer:
         self._captions: list[str | None] = [None] * self.capacity
 
         self._cond = threading.Condition(threading.Lock())
+        self.recent_ids = max(int(recent_ids) if recent_ids is not None else max(4 * self.capacity, 4096), self.capacity)
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._closed = False
         self._rng = np.random.default_rng(seed)
         self._counters: dict[str, float] = {
@@ -131,6 +138,7 @@ class ReplayBuffer:
             "batches": 0, "evicted_draws_sum": 0, "evicted_draws_max": 0, "staleness_sum_s": 0.0,
             "staleness_max_s": 0.0, "stall_seconds": 0.0, "fresh_fraction_last": 0.0, "sequence": 0,
             "hard_batches": 0,
+            "repeats": 0,
         }
 
     @staticmethod
@@ -139,25 +147,32 @@ class ReplayBuffer:
         return int(nbytes) // (int(images_per_group) * int(height) * int(width) * 3)
 
     # ------------------------------------------------------------------ producer side
-    def add(self, group: Any) -> None:
+    def add(self, group: Any) -> bool:
         """Copy ``group`` (``.group_id``, ``.caption_id``, ``.caption``, ``.images`` uint8 ``[m, H, W, 3]``)
         into a slot, evicting one group when full. Groups with encoded images (``.encoded``) are decoded.
-        Blocks only while every slot is being written or gathered."""
+        Blocks only while every slot is being written or gathered. Returns False (and adds nothing)
+        for a group id held or recently held, or when closed."""
         images = self._validated_images(group)
+        group_id = str(group.group_id)
         with self._cond:
             if self._closed:
                 self._counters["dropped"] += 1
-                return
+                return False
+            if group_id in self._seen:
+                self._counters["repeats"] += 1
+                return False
+            self._remember(group_id)
             slot = self._claim_slot()
             if slot is None:  # closed while waiting for a slot
                 self._counters["dropped"] += 1
-                return
+                return False
             self._state[slot] = _WRITING
         try:
-            self._write_slot(slot, images, str(group.group_id))
+            self._write_slot(slot, images, group_id)
         except BaseException:
             with self._cond:
                 self._state[slot] = _FREE
+                self._seen.pop(group_id, None)
                 self._cond.notify_all()
             raise
         with self._cond:
@@ -171,6 +186,13 @@ class ReplayBuffer:
             self._captions[slot] = str(group.caption)
             self._counters["added"] += 1
             self._cond.notify_all()
+        return True
+
+    def _remember(self, group_id: str) -> None:
+        """Record ``group_id`` among the recent ids (caller holds the lock); forget the oldest beyond the bound."""
+        self._seen[group_id] = None
+        while len(self._seen) > self.recent_ids:
+            self._seen.popitem(last=False)
 
     def _validated_images(self, group: Any) -> np.ndarray | list[bytes]:
         images = getattr(group, "images", None)
@@ -448,9 +470,9 @@ class ReplayBuffer:
             }
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and RNG state (the images themselves are not checkpointed)."""
+        """Counters, RNG state and the recent group ids (the images themselves are not checkpointed)."""
         with self._cond:
-            return {"counters": dict(self._counters), "rng": self._rng.bit_generator.state}
+            return {"counters": dict(self._counters), "rng": self._rng.bit_generator.state, "recent_ids": list(self._seen)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._cond:
@@ -462,6 +484,8 @@ class ReplayBuffer:
                 raise KeyError(f"ReplayBuffer state has unknown counters {sorted(unknown)}")
             self._counters.update(state["counters"])
             self._rng.bit_generator.state = state["rng"]
+            for group_id in state.get("recent_ids", []):
+                self._remember(str(group_id))
 
     def close(self) -> None:
         """Refuse further groups and wake blocked samplers with :class:`ReplayBufferClosed`."""

@@ -242,6 +242,8 @@ class OnlineSource:
             raise
 
     def _raise_if_failed(self) -> None:
+        if self.client.failed is not None:
+            raise GroupStreamError(f"online source: the group client stopped: {self.client.failed}") from self.client.failed
         if self._error is not None:
             raise GroupStreamError(f"online source: receiving groups failed: {self._error}") from self._error
 
@@ -256,6 +258,7 @@ class OnlineSource:
             reconnects=client.reconnects,
             bad_messages=client.bad_messages,
             groups_resized=self._resized_groups,
+            handler_errors=client.handler_errors,
         )
         elapsed = time.monotonic() - self._started_at
         out["groups_per_s"] = client.groups_received / elapsed if elapsed > 0 else 0.0
