@@ -107,7 +107,8 @@ def test_training_clamps_logit_scale_after_each_step(tmp_path):
 
     shards = write_shards(tmp_path / "shards", num_captions=8, m=2, size=32, groups_per_shard=8)
     cfg = build_config("cpu_small", overrides={
-        "model": {"img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 1}, "head_hidden": 16, "head_out": 8,
+        "model": {"img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 1, "embed_dim": 192, "num_heads": 3},
+                  "head_hidden": 16, "head_out": 8,
                   "text": {"width": 32, "heads": 2, "layers": 1, "embed_dim": 16, "context_length": 16}},
         "method": {"name": "clip"},
         "augment": {"strong": False},
