@@ -7,7 +7,9 @@ Layout of ``OUTPUT/checkpoints/last/``:
 - ``trainer_state.json``: step, images seen, the resolved config, the loss and lr of the last
   step, the main process's source counters (replay reuse, staleness, stall, ...) and source state
   (as JSON, for reading), and where the RNG states are;
-- ``source_state_{rank}.pt``: each process's ``source.state_dict()`` (``torch.save``).
+- ``source_state_{rank}.json``: each process's ``source.state_dict()`` as JSON (plain data only,
+  so a tampered checkpoint cannot run code; an older ``source_state_{rank}.pt`` is read with
+  ``torch.load(weights_only=True)`` or refused).
 
 A checkpoint is written into ``checkpoints/.last.tmp`` and only then swapped in: ``last`` is
 renamed to ``.last.prev``, ``.last.tmp`` to ``last``, and ``.last.prev`` deleted. A kill at any
@@ -70,7 +72,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # left by a run killed while saving
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    torch.save(source_state, tmp / f"source_state_{accelerator.process_index}.pt")
+    with open(tmp / f"source_state_{accelerator.process_index}.json", "w", encoding="utf-8") as fh:
+        json.dump(source_state, fh, default=_plain)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if accelerator.is_main_process:
         state = dict(trainer_state, step=step, world_size=accelerator.num_processes, saved_at=time.time())
@@ -122,6 +125,35 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict[str, Any], Any]
     with open(path / STATE_FILE, encoding="utf-8") as fh:
         state = json.load(fh)
     accelerator.load_state(str(path))
-    source_file = path / f"source_state_{accelerator.process_index}.pt"
-    source_state = torch.load(source_file, weights_only=False) if source_file.is_file() else None
-    return state, source_state
+    return state, _load_source_state(path / f"source_state_{accelerator.process_index}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the numpy / torch scalars and arrays a source state may hold; anything else is an error."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)) or type(value).__name__ == "deque":
+        return list(value)
+    raise TypeError(f"source state holds a {type(value).__name__}, which a checkpoint does not store")
+
+
+def _load_source_state(stem: Path) -> Any:
+    """This process's source state (``None`` when the run that saved it had fewer processes)."""
+    json_file, legacy = stem.with_suffix(".json"), stem.with_suffix(".pt")
+    if json_file.is_file():
+        try:
+            with open(json_file, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{json_file}: not a readable source state ({exc})") from None
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
+            raise ValueError(
+                f"{legacy}: refused to load (only plain tensors and containers are accepted, nothing that "
+                f"runs code): {type(exc).__name__}: {exc}"
+            ) from None
+    return None
