@@ -163,6 +163,18 @@ def color_jitter(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
             x = op(x, factor)
         return x
     dtype, x = x.dtype, x.float()  # float32: a half hue step before contrast amplifies its rounding
+    if x.device.type == "cpu":
+        # On the host, run each op only on the samples that apply it at position k (4 passes of work in
+        # all, as for the fixed order); the index lists cost nothing to read back here.
+        x = x.clone()
+        for k in range(4):
+            for o, (op, factor) in enumerate(zip(_JITTER_OPS, factors)):
+                rows = (params.jitter_order[:, k] == o).nonzero().squeeze(1)
+                if rows.numel():
+                    x[rows] = op(x[rows], factor[rows])
+        return x.to(dtype)
+    # On an accelerator, masks instead of index lists: no host sync; every op runs on the whole batch
+    # with identity factors on the samples that do not apply it at position k.
     for k in range(4):
         for o, (op, factor) in enumerate(zip(_JITTER_OPS, factors)):
             here = params.jitter_order[:, k] == o
