@@ -36,6 +36,7 @@ from trainer.report import write_demo_report
 
 DEMO_PRESET = "demo"  # trainer/presets/demo.yaml: the demo's trainer settings (user flags override them)
 GENERATOR_NICENESS = 10
+GENERATOR_GROUPS_PER_S = 100  # about 2x what the demo's trainer draws on 2 cores
 FEWSHOT_MIN_PER_CLASS = 11  # 1 shot + 10 queries
 DEFAULT_OUTPUT = "runs/demo"
 SNAPSHOTS = "snapshots"
@@ -361,7 +362,10 @@ def run_demo(argv: list[str], output: str | None = None) -> int:
         command = ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
                    "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
                    "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
-                   "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress"]
+                   "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress",
+                   # The procedural renderer outruns a CPU trainer many times over; unthrottled it takes a
+                   # core the trainer needs and most of its groups are evicted unseen.
+                   "--max-groups-per-s", str(GENERATOR_GROUPS_PER_S)]
         log(f"starting the procedural generator service at {endpoint}")
         with GeneratorProcess(command, log_path=out / "generator.log") as generator:
             summary, wrapper = _train(cfg, generator, out, snapshot_dir, log)
