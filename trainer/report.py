@@ -64,13 +64,7 @@ def plot_training_curve(
         ax_lr.set_ylabel("learning rate (dashed)", color="#c0504d")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     if ax_acc is None:
-        if title:
-            fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return _save_figure(fig, path, title)
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, (xs, ys)) in enumerate(probe_curves.items()):
@@ -88,6 +82,11 @@ def plot_training_curve(
     ax_acc.grid(alpha=0.3)
     if probe_curves:
         ax_acc.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="probed attribute")
+    return _save_figure(fig, path, title)
+
+
+def _save_figure(fig, path: Path, title: str | None) -> Path:
+    """Title, lay out and write ``fig`` to ``path`` (parents created), then release it."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
