@@ -122,7 +122,6 @@ def run_online_bench(
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     texts = sample_captions(captions, seed=0)
-    caption_set = CaptionSet(path="<procedural>", caption_ids=list(range(len(texts))), captions=texts, total=len(texts))
     config = GeneratorConfig(backend="procedural", images_per_group=images_per_group, height=image_size,
                              width=image_size, save_size=image_size)
     services: list[_Generator] = []
@@ -135,7 +134,11 @@ def run_online_bench(
                 from generator_service.metrics import GeneratorMetrics
 
                 metrics = GeneratorMetrics(generator_metrics_port, addr="127.0.0.1", every_s=0.2)
-            options = ServiceOptions(config=config, captions=caption_set, devices=["cpu"], seed=index,
+            # Generator i serves caption shard i/N (positions i, i+N, ...), as a cluster launch would.
+            ids = list(range(index, len(texts), generators))
+            caption_set = CaptionSet(path="<procedural>", caption_ids=ids, captions=[texts[i] for i in ids],
+                                     total=len(texts), shard=(index, generators))
+            options = ServiceOptions(config=config, captions=caption_set, devices=["cpu"], seed=0,
                                      worker_batch=1, bind="tcp://127.0.0.1:*", queue=16,
                                      max_groups_per_s=generator_rate, drain_timeout=10.0)
             services.append(_Generator(options, metrics).start())

@@ -10,8 +10,10 @@ Modes (``ServiceOptions``):
   and epoch 0 equals the offline pass. ``archive`` also writes every served group to shards.
 - ``bind`` and ``out`` together: one pass, each group both served and written.
 
-Group ids are ``{fingerprint[:8]}-{caption_id:09d}`` (epoch 0) and ``...-e{epoch}`` after, so a
-rerun never writes a group twice.
+Group ids are ``{fingerprint[:8]}-{caption_id:09d}`` (epoch 0) and ``...-e{epoch}`` after, with
+``-s{seed}`` appended for a base seed other than 0, so a rerun never writes a group twice and two
+services that differ only in ``--seed`` (different images of the same captions) never share an id
+(a trainer drops repeated ids).
 """
 from __future__ import annotations
 
@@ -34,10 +36,13 @@ from generator_service.sinks import FanOutSink, PreviewSink, ServerSink, ShardSi
 log = logging.getLogger(__name__)
 
 
-def group_id_for(fingerprint: str, caption_id: int, epoch: int = 0) -> str:
-    """Stable group id of caption ``caption_id`` in ``epoch`` (no dots: it is the WebDataset key)."""
+def group_id_for(fingerprint: str, caption_id: int, epoch: int = 0, base_seed: int = 0) -> str:
+    """Stable group id of caption ``caption_id`` in ``epoch`` under ``base_seed`` (no dots: it is the
+    WebDataset key). Ids of base seed 0 carry no seed part (the ids of earlier versions)."""
     base = f"{fingerprint[:8]}-{caption_id:09d}"
-    return base if epoch == 0 else f"{base}-e{epoch}"
+    if epoch:
+        base = f"{base}-e{epoch}"
+    return base if base_seed == 0 else f"{base}-s{base_seed}"
 
 
 def epoch_seeds(base_seed: int, caption_id: int, epoch: int, images_per_group: int) -> list[int]:
@@ -57,7 +62,7 @@ def work_items(
     """Work items over ``captions`` for ``epochs`` passes (``None``: endless), skipping done groups."""
     for epoch in itertools.count() if epochs is None else range(epochs):
         for caption_id, caption in captions:
-            group_id = group_id_for(fingerprint, caption_id, epoch)
+            group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
             if group_id in skip_group_ids:
                 continue
             yield WorkItem(group_id, caption_id, caption, epoch_seeds(base_seed, caption_id, epoch, images_per_group), epoch)
@@ -208,7 +213,7 @@ def run_service(
             ).start()
             sinks.append(ServerSink(server))
         items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip)
-        remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id) not in skip)
+        remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id, 0, options.seed) not in skip)
         skipped = len(options.captions) - remaining
         todo = remaining if options.epochs is not None else None
         if options.max_groups is not None:

@@ -1,6 +1,8 @@
 """Online mode: a 2-worker service serves protocol v1 clients within their credits and archives what it serves."""
 from __future__ import annotations
 
+import itertools
+import re
 import threading
 import time
 
@@ -12,7 +14,7 @@ from generator_service.captions import load_captions
 from generator_service.config import GeneratorConfig
 from generator_service.pool import StopSignal
 from generator_service.procedural import write_caption_file
-from generator_service.service import ServiceOptions, epoch_seeds, run_service
+from generator_service.service import ServiceOptions, epoch_seeds, group_id_for, run_service, work_items
 from generator_service.shards import read_manifest
 from protocol import Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
 from protocol.client import GroupClient
@@ -142,7 +144,9 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
     # at-least-once: a group is sent again only after its client's session ended unacknowledged
     assert len(ids) - len(set(ids)) <= result.server["requeued"], "a group was sent twice without a re-queue"
     for group in received:
-        epoch = int(group.group_id.rsplit("-e", 1)[1]) if "-e" in group.group_id else 0
+        assert group.group_id.endswith("-s3"), "a base seed other than 0 is part of the id"
+        epoch_part = re.search(r"-e(\d+)", group.group_id)
+        epoch = int(epoch_part.group(1)) if epoch_part else 0
         assert group.seeds == epoch_seeds(3, group.caption_id, epoch, M)
         assert group.caption == captions.caption_of(group.caption_id)
         assert group.generator == fingerprint and group.shape == (M, 32, 32, 3)
@@ -157,3 +161,21 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
     assert set(ids) <= archived
     # every group handed to the server, plus those still waiting for a client at the stop
     assert len(archived) == result.stats.groups_delivered + result.stats.settled_at_stop
+
+
+
+def test_services_differing_only_in_seed_never_share_a_group_id(tmp_path):
+    """Two services on one caption file with different --seed make different images: a trainer that
+    drops repeated ids must not drop the second service's groups."""
+    captions = load_captions(write_caption_file(tmp_path / "captions.txt", 4))
+    fingerprint = GeneratorConfig(backend="procedural").fingerprint()
+
+    def two_epochs(seed):
+        return {item.group_id: item.seeds for item in itertools.islice(work_items(captions, fingerprint, seed, 2, None), 8)}
+
+    seed0, seed5 = two_epochs(0), two_epochs(5)
+    assert not set(seed0) & set(seed5)
+    assert not {s for seeds in seed0.values() for s in seeds} & {s for seeds in seed5.values() for s in seeds}
+    assert sorted(seed0) == sorted([group_id_for(fingerprint, c, e) for e in (0, 1) for c, _ in captions])
+    assert group_id_for(fingerprint, 7) == f"{fingerprint[:8]}-000000007"  # seed 0: the ids of earlier versions
+    assert group_id_for(fingerprint, 7, 2, 5) == f"{fingerprint[:8]}-000000007-e2-s5"

@@ -12,6 +12,8 @@ Names (all ``stablerep_trainer_*``), refreshed at every log step (``--log-every`
 - ``fresh_fraction``: share of the last batch's groups never drawn before;
 - ``groups_added_total``, ``evicted_total``, ``evicted_unused_total``, ``dropped_total``: buffer traffic
   (``evicted_unused``: groups evicted without ever being drawn);
+- ``repeated_groups_total``: arrivals dropped because their group id was already held (re-sends
+  after a reconnect, or generators serving the same captions with the same seed);
 - ``groups_received_total``, ``reconnects_total``, ``bad_messages_total``: the online client.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ _SOURCE = (
     ("evicted", "evicted_total", "counter", "groups evicted from the replay buffer"),
     ("evicted_unused", "evicted_unused_total", "counter", "groups evicted without ever being drawn"),
     ("dropped", "dropped_total", "counter", "groups dropped on arrival"),
+    ("repeats", "repeated_groups_total", "counter", "groups dropped because their id was already held"),
     ("groups_received", "groups_received_total", "counter", "groups received from generators"),
     ("reconnects", "reconnects_total", "counter", "reconnections to generators"),
     ("bad_messages", "bad_messages_total", "counter", "malformed messages received from generators"),

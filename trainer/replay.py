@@ -456,6 +456,7 @@ class ReplayBuffer:
                 "evicted": int(c["evicted"]),
                 "evicted_unused": int(c["evicted_unused"]),
                 "dropped": int(c["dropped"]),
+                "repeats": int(c["repeats"]),
                 "draws": draws,
                 "batches": int(c["batches"]),
                 "hard_batches": int(c["hard_batches"]),

@@ -25,6 +25,7 @@ copied with ``non_blocking=True``. ``storage="gpu"`` / ``"host"`` force either.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from typing import Any, Sequence
@@ -39,8 +40,12 @@ from trainer.replay import ReplayBuffer, ReplayBufferClosed
 from trainer.sources import register_source
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
 
+log = logging.getLogger(__name__)
+
 GPU_STORAGE_FRACTION = 0.25  # auto storage: buffer on the GPU when it takes <= this share of free memory
 DEFAULT_CAPACITY_FACTOR = 8  # default capacity: this many batches' worth of groups
+# Repeated group ids beyond re-sends: warn once when at least this many and this share of arrivals repeat.
+REPEAT_WARNING_COUNT, REPEAT_WARNING_SHARE = 32, 0.25
 
 
 class GroupStreamError(RuntimeError):
@@ -127,6 +132,7 @@ class OnlineSource:
         self._error: BaseException | None = None
         self._pending_state: dict | None = None
         self._resized_groups = 0
+        self._repeat_warned = False
         self._started_at = time.monotonic()
         self.client = GroupClient(
             self.endpoints, self._on_group, client_name=client_name, rank=rank, world_size=world_size,
@@ -193,6 +199,20 @@ class OnlineSource:
         self._ready.set()
 
     # ----- I/O thread -----------------------------------------------------------------------
+    def _check_repeats(self) -> None:
+        """Warn once when many arrivals repeat held ids: generators that serve the same captions
+        with the same seed send the same ids for the same images, and all but one copy is dropped."""
+        if self._repeat_warned or self.replay is None:
+            return
+        stats = self.replay.stats()
+        received = self.client.stats().groups_received
+        if stats["repeats"] >= REPEAT_WARNING_COUNT and stats["repeats"] >= REPEAT_WARNING_SHARE * received:
+            self._repeat_warned = True
+            log.warning(
+                "%d of %d received groups repeated a group id already held and were dropped: do the "
+                "generators serve the same captions with the same seed? Give each its own --shard i/N "
+                "(or its own --seed)", stats["repeats"], received)
+
     def _on_group(self, group: Any) -> None:
         """Called by the client's I/O thread for every received group."""
         if self._error is not None:  # already failed: next_batch reports it; drop quietly
@@ -206,7 +226,8 @@ class OnlineSource:
                 return  # failed while sizing: next_batch reports it
             if getattr(self, "_namespaced", False):
                 group.caption_id = namespaced_caption_id(f"generator:{group.generator}", group.caption_id)
-            self.replay.add(self._fit(group))
+            if not self.replay.add(self._fit(group)):
+                self._check_repeats()
         except BaseException as exc:  # surfaced by next_batch on the training thread
             if self._error is None:
                 self._error = exc
