@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--queue", type=int, default=64, help="groups queued for clients before workers pause (default 64)")
     group.add_argument("--heartbeat-ms", type=int, default=1000, help="online: heartbeat interval; a client silent for 3 intervals is dead (default: %(default)s)")
     group.add_argument("--archive", help="with --bind: also write every served group to shards in this directory")
+    group.add_argument("--state", metavar="DIR",
+                       help="endless online run: keep the position in DIR/online_state.json so that a restart (even "
+                            "after kill -9) serves new groups, never the same ids and seeds again (default: the "
+                            "--archive directory)")
     group.add_argument("--status-every", type=float, default=5.0, help="seconds between online status lines")
     group.add_argument("--metrics-port", type=int,
                        help="serve Prometheus metrics (stablerep_generator_*) on this port (0: any free port)")
@@ -311,6 +315,7 @@ def _run(argv: list[str]) -> int:
         max_clients=args.max_clients,
         max_client_mib=args.max_client_mib,
         announce_host=args.announce_host,
+        state=args.state,
     )
     if args.bind and not is_loopback(args.bind) and not getattr(args, "curve_keys", None):
         print(f"{PROG}: warning: serving {args.bind} without --curve-keys: anyone who can reach this address can "

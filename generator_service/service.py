@@ -8,6 +8,8 @@ Modes (``ServiceOptions``):
   in epochs without end (until ``max_groups`` or a stop signal); epoch ``e`` of caption ``c`` uses
   image indices ``e*m .. e*m+m-1`` of that caption's seed stream, so every epoch brings fresh images
   and epoch 0 equals the offline pass. ``archive`` also writes every served group to shards.
+  ``state`` (default: the archive directory) keeps the run's position on disk
+  (``generator_service.online_state``), so a restart serves new groups instead of epoch 0 again.
 - ``bind`` and ``out`` together: one pass, each group both served and written.
 
 Group ids are ``{fingerprint[:8]}-{caption_id:09d}`` (epoch 0) and ``...-e{epoch}`` after, with
@@ -24,10 +26,11 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from generator_service.captions import CaptionSet
 from generator_service.config import GeneratorConfig
+from generator_service.online_state import OnlineState, RunIdentity
 from generator_service.pool import GroupSink, PoolStats, StopSignal, WorkerPool, WorkItem
 from generator_service.seeds import image_seed
 from generator_service.shards import ShardWriter
@@ -58,8 +61,27 @@ def work_items(
     images_per_group: int,
     epochs: int | None = 1,
     skip_group_ids: set[str] | frozenset[str] = frozenset(),
+    positions: Iterable[int] | None = None,
 ) -> Iterator[WorkItem]:
-    """Work items over ``captions`` for ``epochs`` passes (``None``: endless), skipping done groups."""
+    """Work items over ``captions`` for ``epochs`` passes (``None``: endless), skipping done groups.
+
+    ``positions`` (endless runs only) gives the places in the sequence "epoch 0 of every caption,
+    epoch 1, ..." to visit instead of ``0, 1, 2, ...``: position ``p`` is caption ``p % N`` of epoch
+    ``p // N`` (``generator_service.online_state`` hands them out so that a restart goes on).
+    """
+    if positions is not None:
+        if epochs is not None:
+            raise ValueError("positions apply to endless runs (epochs=None)")
+        if len(captions) == 0:
+            return
+        count = len(captions)
+        for position in positions:
+            epoch, index = divmod(position, count)
+            caption_id, caption = captions[index]
+            group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
+            if group_id not in skip_group_ids:
+                yield WorkItem(group_id, caption_id, caption, epoch_seeds(base_seed, caption_id, epoch, images_per_group), epoch)
+        return
     for epoch in itertools.count() if epochs is None else range(epochs):
         for caption_id, caption in captions:
             group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
@@ -97,8 +119,12 @@ class ServiceOptions:
     max_clients: int = 64
     max_client_mib: float = 512.0
     announce_host: bool = False
+    state: str | None = None  # endless online runs: keep the position here (default: the --archive directory)
 
     def __post_init__(self) -> None:
+        if self.state and not (self.bind and not self.out):
+            raise ValueError("--state DIR applies to endless online runs (--bind without --out); "
+                             "an --out run resumes from its manifest")
         if self.archive and not self.bind:
             raise ValueError("--archive DIR writes the groups served online; without --bind use --out DIR")
         if not (self.out or self.bind):
@@ -115,6 +141,11 @@ class ServiceOptions:
     @property
     def shard_dir(self) -> str | None:
         return self.out or self.archive
+
+    @property
+    def state_dir(self) -> str | None:
+        """Where an endless online run keeps its position: ``--state``, else ``--archive``."""
+        return (self.state or self.archive) if self.epochs is None else None
 
     @property
     def epochs(self) -> int | None:
@@ -186,7 +217,19 @@ def run_service(
     if preview is not None:
         sinks.append(preview)
     skip: set[str] = set()
+    state: OnlineState | None = None
     try:
+        if options.state_dir:
+            state = OnlineState(options.state_dir, RunIdentity(
+                fingerprint=fingerprint, seed=options.seed, images_per_group=m,
+                captions_digest=captions_digest(options.captions), caption_count=len(options.captions),
+            )).open()
+            if state.restarts:
+                log.info("online state %s: restart %d, continuing at position %d (epoch %d)", state.path,
+                         state.restarts, state.start_position, state.start_position // max(1, len(options.captions)))
+        elif options.epochs is None:
+            log.warning("no --state DIR (or --archive DIR): a restart of this service serves the same group ids and "
+                        "seeds again from epoch 0, and a trainer that saw them drops them as repeats")
         if options.shard_dir:
             writer = ShardWriter(
                 options.shard_dir,
@@ -212,7 +255,8 @@ def run_service(
                 max_client_bytes=int(options.max_client_mib * 2**20),
             ).start()
             sinks.append(ServerSink(server))
-        items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip)
+        items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip,
+                                               positions=state.positions() if state is not None else None)
         remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id, 0, options.seed) not in skip)
         skipped = len(options.captions) - remaining
         todo = remaining if options.epochs is not None else None
@@ -259,6 +303,8 @@ def run_service(
             server=_server_summary(server) if server else None,
         )
     finally:
+        if state is not None:
+            state.close()
         if writer is not None:
             writer.close()
         if server is not None:
