@@ -33,7 +33,7 @@ from protocol.server import ServerFailed
 log = logging.getLogger("stablerep-generator")
 
 PROG = "stablerep-generator"
-SUBCOMMANDS = ("captions", "probe-set")
+SUBCOMMANDS = ("captions", "probe-set", "keys")
 RESOLVED_CONFIG_NAME = "config.yaml"
 #: exit status after SIGINT / SIGTERM (128 + SIGINT); the work done so far is flushed first
 EXIT_INTERRUPTED = 130
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-clients", type=int, default=64, help="most client sessions at once (default 64)")
     group.add_argument("--max-client-mib", type=float, default=512.0,
                        help="most MiB of sent, unacknowledged groups per client (default 512)")
+    group.add_argument("--curve-keys", metavar="DIR",
+                       help="require CurveZMQ: encrypt every session and accept only client keys in DIR/authorized "
+                            f"(make DIR with `{PROG} keys DIR`; trainers take the same --curve-keys DIR)")
     group.add_argument("--announce-host", action="store_true", help="name this host and pid in welcome")
     group = parser.add_argument_group("offline")
     group.add_argument("--out", help="write one pass over the captions to WebDataset shards in this directory")
@@ -316,8 +319,9 @@ def _run(argv: list[str]) -> int:
         max_client_mib=args.max_client_mib,
         announce_host=args.announce_host,
         state=args.state,
+        curve_keys=args.curve_keys,
     )
-    if args.bind and not is_loopback(args.bind) and not getattr(args, "curve_keys", None):
+    if args.bind and not is_loopback(args.bind) and not args.curve_keys:
         print(f"{PROG}: warning: serving {args.bind} without --curve-keys: anyone who can reach this address can "
               "connect, read every group and use this service's capacity (make keys with "
               f"`{PROG} keys DIR`, then pass --curve-keys DIR here and to stablerep-train)", file=sys.stderr)
@@ -380,6 +384,22 @@ def _install_signal_handlers(stop: StopSignal):
     return restore
 
 
+def _keys(argv: list[str]) -> int:
+    """``stablerep-generator keys DIR``: a fresh CurveZMQ key directory for --curve-keys."""
+    from protocol.curve import write_keys
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} keys", description=(
+        "Make a CurveZMQ key directory: the service's key pair, one trainer key pair, and authorized/ "
+        "holding that trainer's public key. Pass --curve-keys DIR to stablerep-generator and stablerep-train. "
+        "Existing keys are never overwritten."))
+    parser.add_argument("directory", metavar="DIR")
+    args = parser.parse_args(argv)
+    root = write_keys(args.directory)
+    print(f"{PROG}: keys written to {root} (secret keys mode 0600); "
+          f"serve with --curve-keys {root}, train with --curve-keys {root}")
+    return 0
+
+
 def _probe_set(argv: list[str]) -> int:
     from generator_service.procedural.grammar import attributes
     from generator_service.procedural.probe import write_probe_imagefolder
@@ -418,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             return main_captions(argv[1:])
         if argv and argv[0] == "probe-set":
             return _probe_set(argv[1:])
+        if argv and argv[0] == "keys":
+            return _keys(argv[1:])
         return _run(argv)
     except SystemExit as exc:  # argparse: --help or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2

@@ -119,6 +119,7 @@ class ServiceOptions:
     max_clients: int = 64
     max_client_mib: float = 512.0
     announce_host: bool = False
+    curve_keys: str | None = None  # require CurveZMQ with this key directory (protocol.curve)
     state: str | None = None  # endless online runs: keep the position here (default: the --archive directory)
 
     def __post_init__(self) -> None:
@@ -129,6 +130,8 @@ class ServiceOptions:
             raise ValueError("--archive DIR writes the groups served online; without --bind use --out DIR")
         if not (self.out or self.bind):
             raise ValueError("nothing to do: give --out DIR (offline shards) and/or --bind ENDPOINT (online)")
+        if self.curve_keys and not self.bind:
+            raise ValueError("--curve-keys DIR secures the online server; give --bind ENDPOINT too")
         if self.archive and self.out:
             raise ValueError("give either --out DIR or --archive DIR, not both (they write the same shards)")
         if self.max_groups is not None and self.max_groups < 1:
@@ -249,10 +252,15 @@ def run_service(
         if options.bind:
             from protocol.server import GroupServer
 
+            curve = None
+            if options.curve_keys:
+                from protocol.curve import CurveServer
+
+                curve = CurveServer(options.curve_keys)
             server = GroupServer(
                 options.bind, service_id(options.announce_host), config.welcome_info(), heartbeat_ms=options.heartbeat_ms,
                 max_queue=options.queue, max_credit=options.max_credit, max_clients=options.max_clients,
-                max_client_bytes=int(options.max_client_mib * 2**20),
+                max_client_bytes=int(options.max_client_mib * 2**20), curve=curve,
             ).start()
             sinks.append(ServerSink(server))
         items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip,
@@ -347,4 +355,5 @@ def _server_summary(server: Any) -> dict[str, Any]:
         "requeued": stats.requeued,
         "handler_errors": stats.handler_errors,
         "put_wait_seconds": round(stats.put_wait_seconds, 3),
+        "auth_refused": stats.auth_refused,
     }

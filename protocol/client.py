@@ -81,6 +81,7 @@ class GroupClient:
         client_name, rank, world_size: sent in ``hello``.
         credits: groups each service may have in flight towards this client.
         connect_timeout: seconds ``start()`` waits for every welcome.
+        curve: optional ``protocol.curve.CurveClient`` (keys) for services that require CURVE.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class GroupClient:
         connect_timeout: float = 10.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         context: zmq.Context | None = None,
+        curve: Any = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
@@ -107,6 +109,7 @@ class GroupClient:
         self.credits = int(credits)
         self.connect_timeout = float(connect_timeout)
         self.max_message_bytes = int(max_message_bytes)
+        self.curve = curve
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._stats = ClientStats()
@@ -135,9 +138,12 @@ class GroupClient:
         if not finished:
             missing = [url for url in self.endpoints if url not in self.welcomes]
             self.close()
+            hint = ("is stablerep-generator running and bound there, with --curve-keys of the same key directory? "
+                    "a CURVE service refuses unknown keys without a word" if self.curve is not None else
+                    "is stablerep-generator running and bound there? a service started with --curve-keys "
+                    "answers only clients given the same --curve-keys")
             raise ConnectionError(
-                f"no welcome from generator service {', '.join(missing)} within {self.connect_timeout:g} s "
-                "(is stablerep-generator running and bound there?)"
+                f"no welcome from generator service {', '.join(missing)} within {self.connect_timeout:g} s ({hint})"
             )
         return self
 
@@ -188,6 +194,8 @@ class GroupClient:
     def _open(self, url: str) -> _Endpoint:
         socket = self._context.socket(zmq.DEALER)
         configure(socket, self.max_message_bytes)
+        if self.curve is not None:
+            self.curve.configure(socket)
         socket.connect(url)
         endpoint = _Endpoint(url=url, socket=socket)
         now = monotonic()

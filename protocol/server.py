@@ -96,6 +96,7 @@ class ServerStats:
     acked: int = 0
     put_wait_seconds: float = 0.0
     heartbeats_received: int = 0
+    auth_refused: int = 0  # CURVE handshakes refused (client key not authorized); 0 without CURVE
     failed: str | None = None
 
 
@@ -235,6 +236,7 @@ class GroupServer:
                 }
                 for ident, c in self._clients.items()
             }
+            stats.auth_refused = 0 if self.curve is None else self.curve.refused
             stats.failed = None if self._fatal is None else f"{type(self._fatal).__name__}: {clip(str(self._fatal))}"
         return stats
 

@@ -28,6 +28,8 @@ from trainer.config import ConfigError, TrainConfig, available_presets, build_co
 from trainer.kwargs_arg import kwargs_token, merge_kwargs
 
 S = argparse.SUPPRESS
+#: exit status of a run stopped because no generator delivered for --generator-timeout seconds
+EXIT_GENERATORS_SILENT = 3
 #: exit status of a run stopped by SIGINT / SIGTERM (128 + SIGINT, the shell's convention)
 EXIT_INTERRUPTED = 130
 
@@ -65,7 +67,9 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("data", ("--draw-per-caption", "--images-per-caption"), "data.draw_per_caption", dict(type=int, help="images drawn from each caption group per step (n; the official n_img); --images-per-caption is a deprecated alias")),
     ("data", ("--image-size",), "data.image_size", dict(type=int, help="stored image side: online replay buffer, offline decode (default: the generator's save size)")),
     ("data", ("--connect-timeout",), "data.connect_timeout", dict(type=float, metavar="SECONDS", help="online: seconds to wait for the first welcome of a generator")),
-    ("data", ("--sample-timeout",), "data.sample_timeout", dict(type=float, metavar="SECONDS", help="online: seconds without a new group before the run fails")),
+    ("data", ("--sample-timeout",), "data.sample_timeout", dict(type=float, metavar="SECONDS", help="online: seconds one step may wait for enough eligible groups before the run fails")),
+    ("data", ("--generator-timeout",), "data.generator_timeout", dict(type=float, metavar="SECONDS", help="online: no new group from any generator for this long -> save a checkpoint and exit 3 (a warning comes after a third of it; default 600)")),
+    ("data", ("--curve-keys",), "data.curve_keys", dict(metavar="DIR", help="online: CurveZMQ keys (DIR/server.key, DIR/client.key_secret) for generators run with --curve-keys")),
     ("data", ("--credits",), "data.credits", dict(type=int, help="online: groups in flight per generator")),
     ("data", ("--num-workers",), "data.num_workers", dict(type=int, help="offline: decoding workers")),
     ("data", ("--dataset-captions",), "data.dataset_captions", dict(type=int, help="captions per epoch (for --epochs)")),
@@ -107,6 +111,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
 
 EPILOG = """\
 exit codes: 0 completed, 1 training failed, 2 bad command line, config or launch,
+  3 generation stopped: no new group for --generator-timeout seconds (a checkpoint is saved first),
   130 interrupted by SIGINT/SIGTERM (a checkpoint is saved first; --resume auto continues)
 
 status lines (stdout when it is not a terminal or with --no-progress; always RUN/train.log):
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.launch import LaunchError
     from trainer.loop import NonFiniteLossError, train
+    from trainer.sources.generator_watch import GeneratorsSilentError
     from trainer.sources.online import GroupStreamError
 
     try:
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError) as exc:
         print(f"stablerep-train: error: {exc}", file=sys.stderr)
         return 2
+    except GeneratorsSilentError as exc:
+        print(f"stablerep-train: generation stopped: {exc}", file=sys.stderr)
+        return EXIT_GENERATORS_SILENT
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a final checkpoint
         print("stablerep-train: interrupted twice: stopped without a final checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -90,6 +90,8 @@ class DataConfig:
     image_size: Optional[int] = None  # stored image side (online buffer / offline decode); None = the generator's save size
     connect_timeout: float = 30.0  # seconds to wait for a generator's welcome
     sample_timeout: float = 600.0  # seconds a step may wait for enough groups before failing
+    generator_timeout: float = 600.0  # online: no new group from any generator this long -> checkpoint, exit 3
+    curve_keys: Optional[str] = None  # online: CurveZMQ key directory (stablerep-generator keys DIR)
     credits: int = 8  # groups in flight per generator endpoint
     num_workers: int = 2  # offline: decoding workers
     dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps
@@ -269,6 +271,7 @@ class TrainConfig:
         _positive("data.image_size", d.image_size, optional=True)
         _positive("data.connect_timeout", d.connect_timeout)
         _positive("data.sample_timeout", d.sample_timeout)
+        _positive("data.generator_timeout", d.generator_timeout)
         _positive("data.credits", d.credits)
         _positive("data.dataset_captions", d.dataset_captions, optional=True)
         if d.num_workers < 0:

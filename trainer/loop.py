@@ -30,6 +30,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.sources.generator_watch import GeneratorsSilentError
 from trainer.config import ConfigError, TrainConfig, write_config
 from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
 from trainer.launch import accelerator_cpu_flag, backend_name, check_joined, check_single_launch, launch_env
@@ -98,7 +99,8 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
             device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
             capacity_gib=r.capacity_gib, storage=r.storage, evict=r.evict, max_reuse=r.max_reuse,
             min_fresh=r.min_fresh, hard_fraction=r.hard_fraction, cell_size=r.cell_size, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
-            sample_timeout=d.sample_timeout, seed=cfg.run.seed,
+            sample_timeout=d.sample_timeout, generator_timeout=d.generator_timeout, seed=cfg.run.seed,
+            curve_keys=d.curve_keys,
         )
     return sources.build_source(
         "offline", paths=d.data, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
@@ -277,6 +279,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
             accelerator, output, step=step, trainer_state=trainer_state, source_state=source_state, model=unwrapped,
         )
 
+    silent_generators = getattr(source, "silent_generators", None)  # online sources only
     status.start(start_step)
     try:
         with _StopFlag() as stop:
@@ -287,7 +290,13 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                batch = source.next_batch().to(device, non_blocking=True)
+                # Online: every generator silent for --generator-timeout -> checkpoint, GeneratorsSilentError.
+                silent = silent_generators() if silent_generators is not None else None
+                try:
+                    batch = source.next_batch().to(device, non_blocking=True)
+                except GeneratorsSilentError as exc:  # the buffer ran dry as well
+                    raise GeneratorsSilentError(f"{exc}; checkpoint {checkpoint(losses[-1] if losses else None)} "
+                                                "(--resume auto continues once generators serve again)") from None
                 with accelerator.autocast():
                     loss, metrics = method(model, batch, augment)
                 accelerator.backward(loss)
@@ -296,10 +305,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 loss_value = loss.item()
                 non_finite = not math.isfinite(loss_value)
                 stop_now = stop.signal is not None
+                generators_silent = silent is not None
                 if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
-                    flags = torch.tensor([float(non_finite), float(stop_now)], device=device)
+                    flags = torch.tensor([float(non_finite), float(stop_now), float(generators_silent)], device=device)
                     flags = accelerator.reduce(flags, reduction="sum")
-                    non_finite, stop_now = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+                    non_finite, stop_now, generators_silent = (bool(f > 0) for f in flags.tolist())
                 if non_finite:
                     raise NonFiniteLossError(step + 1, loss_value, last_checkpoint)
 
@@ -342,6 +352,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
                 if step % cfg.run.save_every == 0 and step < total_steps:
                     last_checkpoint = checkpoint(loss_value)
+                if generators_silent:
+                    path = checkpoint(loss_value)
+                    raise GeneratorsSilentError(
+                        f"{silent or 'every generator silent on another rank'}; stopped after step {step}, checkpoint "
+                        f"{path} (--resume auto continues once generators serve again)")
                 if stop_now:
                     name = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another rank"
                     stopped = f"interrupted ({name})"

@@ -39,6 +39,7 @@ from trainer.batch import Batch
 from trainer.replay import ReplayBuffer, ReplayBufferClosed
 from trainer.sources import register_source
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
+from trainer.sources.generator_watch import GeneratorsSilentError, GeneratorWatch
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class OnlineSource:
         credits: groups in flight per endpoint.
         connect_timeout: seconds to wait for every generator's ``welcome``.
         sample_timeout: seconds ``next_batch`` waits for enough groups before failing.
+        generator_timeout: seconds without a new group from any endpoint before the run counts as
+            stalled (``silent_generators``; ``next_batch`` raises ``GeneratorsSilentError``).
         seed: sampling seed (offset by rank).
+        curve_keys: a CurveZMQ key directory (``protocol.curve``) for services run with ``--curve-keys``.
 
     Raises:
         ConnectionError: a generator did not answer within ``connect_timeout`` (names the endpoint).
@@ -108,8 +112,10 @@ class OnlineSource:
         credits: int = 8,
         connect_timeout: float = 30.0,
         sample_timeout: float = 600.0,
+        generator_timeout: float = 600.0,
         seed: int = 0,
         client_name: str = "stablerep-train",
+        curve_keys: str | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
@@ -134,10 +140,16 @@ class OnlineSource:
         self._resized_groups = 0
         self._repeat_warned = False
         self._started_at = time.monotonic()
+        curve = None
+        if curve_keys:
+            from protocol.curve import CurveClient
+
+            curve = CurveClient(curve_keys)
         self.client = GroupClient(
             self.endpoints, self._on_group, client_name=client_name, rank=rank, world_size=world_size,
-            credits=credits, connect_timeout=connect_timeout,
+            credits=credits, connect_timeout=connect_timeout, curve=curve,
         )
+        self.watch = GeneratorWatch(generator_timeout, self.client.last_groups)
         try:
             self.client.start()
         except ConnectionError as exc:
@@ -256,11 +268,26 @@ class OnlineSource:
                 f"online source: no group arrived from {', '.join(self.endpoints)} within {self.sample_timeout:g} s"
             )
         self._raise_if_failed()
-        try:
-            return self.replay.sample(self.captions_per_rank, self.draw_per_caption, timeout=self.sample_timeout)
-        except ReplayBufferClosed:
-            self._raise_if_failed()
-            raise
+        deadline = time.monotonic() + self.sample_timeout
+        while True:
+            # Wait in slices, so that a stall of every generator ends the wait (GeneratorsSilentError).
+            left = deadline - time.monotonic()
+            wait = max(0.05, min(left, self.watch.seconds_left() + 0.05, self.watch.timeout_s / 6))
+            try:
+                return self.replay.sample(self.captions_per_rank, self.draw_per_caption, timeout=wait)
+            except ReplayBufferClosed:
+                self._raise_if_failed()
+                raise
+            except TimeoutError:
+                silent = self.silent_generators()
+                if silent is not None:
+                    raise GeneratorsSilentError(silent) from None
+                if wait >= left:
+                    raise
+
+    def silent_generators(self) -> str | None:
+        """``None`` while a generator delivered within ``generator_timeout``; else why the run should stop."""
+        return self.watch.check()
 
     def _raise_if_failed(self) -> None:
         if self.client.failed is not None:
