@@ -230,7 +230,7 @@ class GroupServer:
             stats = dataclasses.replace(self._stats)
             stats.queue_depth = len(self._queue)
             stats.clients = {
-                f"{c.name}#{c.rank}@{ident.hex()[:8]}": {
+                f"{c.name}#{c.rank}@{ident.hex()}": {
                     "credits": c.credits, "groups_sent": c.groups_sent, "unacked": len(c.unacked),
                     "unacked_bytes": c.unacked_bytes,
                 }
@@ -323,7 +323,7 @@ class GroupServer:
             except Exception as exc:  # one message must never stop the service
                 with self._cond:
                     self._stats.handler_errors += 1
-                self._faults.note("handler_error", f"client {identity.hex()[:8]}: {type(exc).__name__}: {clip(str(exc))}")
+                self._faults.note("handler_error", f"client {identity.hex()}: {type(exc).__name__}: {clip(str(exc))}")
             if monotonic() > deadline:
                 return True
         return True
@@ -331,7 +331,7 @@ class GroupServer:
     def _refuse(self, socket: zmq.Socket, identity: bytes, code: str, message: str, kind: str = "bad_message") -> None:
         with self._cond:
             self._stats.bad_messages += 1
-        self._faults.note(kind, f"client {identity.hex()[:8]}: [{code}] {clip(message)}")
+        self._faults.note(kind, f"client {identity.hex()}: [{code}] {clip(message)}")
         self._send(socket, identity, Error(code, clip(message)))
 
     def _handle(self, socket: zmq.Socket, identity: bytes, body: list[Any]) -> None:
@@ -358,7 +358,7 @@ class GroupServer:
                         self._rr.append(identity)
                     self._clients[identity] = ClientInfo(msg.client, msg.rank, msg.world_size, last_seen=now, last_sent=now)
             if refused:
-                self._faults.note("busy", f"client {identity.hex()[:8]} refused: {self.max_clients} clients already")
+                self._faults.note("busy", f"client {identity.hex()} refused: {self.max_clients} clients already")
                 self._send(socket, identity, Error("busy", f"this service already serves max_clients = {self.max_clients} clients"))
                 return
             self._send(socket, identity, Welcome(self.service_id, self.generator_info, self.heartbeat_ms, self.max_credit))
@@ -389,7 +389,7 @@ class GroupServer:
                 with self._cond:
                     self._stats.heartbeats_received += 1
         elif isinstance(msg, Error):
-            self._faults.note("client_error", f"client {identity.hex()[:8]} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
+            self._faults.note("client_error", f"client {identity.hex()} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
         else:
             self._refuse(socket, identity, "bad_message", f"type {msg.TYPE!r} is not sent by trainers")
 
@@ -428,7 +428,7 @@ class GroupServer:
         try:
             send(socket, msg, identity=identity, max_bytes=self.max_message_bytes)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: peer gone; EAGAIN: peer's queue full
-            log.debug("send to %s failed: %s", identity.hex()[:8], exc)
+            log.debug("send to %s failed: %s", identity.hex(), exc)
             return False
         with self._cond:
             client = self._clients.get(identity)
@@ -494,7 +494,7 @@ class GroupServer:
             for ident in dead:
                 c = self._clients[ident]
                 log.warning("client %s silent for > %d heartbeats: dropping its %d credits, re-queueing its %d "
-                            "unacknowledged groups", ident.hex()[:8], DEAD_AFTER_HEARTBEATS, c.credits, len(c.unacked))
+                            "unacknowledged groups", ident.hex(), DEAD_AFTER_HEARTBEATS, c.credits, len(c.unacked))
                 self._drop(ident, "dead")
             due = [i for i, c in self._clients.items() if now - c.last_sent >= interval]
         for ident in due:

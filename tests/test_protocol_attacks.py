@@ -1,0 +1,341 @@
+"""Hostile and failing peers beside a good client, over real sockets on 127.0.0.1.
+
+Each attack runs while a real ``GroupClient`` streams from the same ``GroupServer``. The checks
+count groups (never time them): the good client gets what the bounds promise, the service stays
+up (``check()``), a fresh client still gets ``welcome``, and what a peer may hold stays within
+``max_credit`` / ``max_client_bytes`` / ``max_clients``. Groups/s before, during and after each
+attack are measured by ``benchmarks/drills.py`` (README "Failure and security behaviour").
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from generator_service.config import GeneratorConfig
+from protocol import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
+from protocol.client import GroupClient
+from protocol.server import GroupServer
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATOR = GeneratorConfig(images_per_group=2, save_size=32).welcome_info()
+HB_MS = 300
+MAX_CREDIT = 16
+SIDE = 32  # 2 x 32 x 32 x 3 = 6 KiB per group
+
+
+def _group(i: int, side: int = SIDE) -> Group:
+    return Group(group_id=f"g{i:06d}", caption_id=i, caption=f"caption {i}", seeds=[2 * i, 2 * i + 1],
+                 images=np.full((2, side, side, 3), i % 256, np.uint8), generator="fp", gen_seconds=0.1)
+
+
+def _wait(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+class Collector:
+    """The good client's callback: every group id, in arrival order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: list[str] = []
+
+    def __call__(self, group: Group) -> None:
+        with self.lock:
+            self.ids.append(group.group_id)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.ids)
+
+
+def _put(server: GroupServer, first: int, count: int, side: int = SIDE) -> None:
+    for i in range(first, first + count):
+        assert server.put(_group(i, side), timeout=60), "the queue stayed full for 60 s"
+
+
+def _raw(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def _hello_answer(context: zmq.Context, endpoint: str, timeout_ms: int = 10000) -> object:
+    """What a fresh raw client gets back for its hello (a Welcome, an Error, or None)."""
+    sock = _raw(context, endpoint)
+    try:
+        sock.send_multipart(encode(Hello(client="fresh")))
+        if not sock.poll(timeout_ms):
+            return None
+        return decode(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+def _nested(header: dict, field: str, depth: int) -> bytes:
+    """``header`` packed with ``field`` holding arrays nested ``depth`` deep (one byte per level)."""
+    marker = "\x00nested\x00"
+    packed = msgpack.packb({**header, field: marker})
+    return packed.replace(msgpack.packb(marker), b"\x91" * depth + b"\x00")
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def server():
+    srv = GroupServer("tcp://127.0.0.1:*", "attacked", GENERATOR, heartbeat_ms=HB_MS, max_queue=64,
+                      max_credit=MAX_CREDIT, max_clients=16, max_client_bytes=256 * 1024).start()
+    yield srv
+    srv.close()
+
+
+def test_deeply_nested_messages_are_refused_and_nobody_stops_being_served(server, context):
+    good = Collector()
+    with GroupClient([server.endpoint], good, client_name="good", credits=8, connect_timeout=20):
+        _put(server, 0, 50)
+        attacker = _raw(context, server.endpoint)
+        frames = [
+            _nested({"v": 1, "type": "credit"}, "n", 12),
+            _nested({"v": 1, "type": "credit"}, "n", 1000),
+            _nested({"v": 1, "type": "hello"}, "client", 4000),  # just under the 4 KiB trainer header limit
+            msgpack.packb({"v": 1, "type": "hello", "client": {"a": {"b": {"c": {"d": {"e": {"f": {}}}}}}}}),
+        ]
+        for frame in frames * 25:
+            attacker.send_multipart([frame])
+        _put(server, 50, 50)
+        _wait(lambda: server.stats().bad_messages >= 100, "100 refusals")
+        _wait(lambda: len(good) == 100, "the good client's 100 groups")
+        server.check()
+        assert isinstance(_hello_answer(context, server.endpoint), Welcome)
+        assert server.stats().handler_errors == 0
+        attacker.close()
+    assert sorted(good.ids) == [f"g{i:06d}" for i in range(100)]
+
+
+def test_a_client_survives_nested_welcome_and_group_from_a_hostile_service(context):
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    got = Collector()
+    stop = threading.Event()
+
+    def hostile_service() -> None:
+        welcomed = False
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = decode(frames)
+            if isinstance(msg, Hello) and not welcomed:
+                router.send_multipart([ident, _nested({"v": 1, "type": "welcome", "heartbeat_ms": 1000,
+                                                       "generator": GENERATOR.to_wire()}, "service", 5000)])
+                router.send_multipart([ident, *encode(Welcome("hostile", GENERATOR, 1000, 64))])
+                welcomed = True
+            elif isinstance(msg, Credit):
+                deep = encode(_group(0))
+                header = msgpack.unpackb(deep[0])
+                router.send_multipart([ident, _nested(header, "caption", 5000), *deep[1:]])
+                router.send_multipart([ident, *encode(_group(1))])
+
+    thread = threading.Thread(target=hostile_service, daemon=True)
+    thread.start()
+    try:
+        with GroupClient([endpoint], got, credits=2, connect_timeout=20) as client:
+            _wait(lambda: len(got) >= 1, "the good group after the nested one")
+            client.check()  # the I/O thread lives
+            assert client.stats().bad_messages >= 2 and client.failed is None
+        assert got.ids[0] == "g000001"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        router.close()
+
+
+def test_credit_hoarders_hold_at_most_max_credit_and_lose_nothing_when_they_vanish(server, context):
+    """Four clients grant 2**20 credits, heartbeat, and never read nor acknowledge: each holds at
+    most MAX_CREDIT groups; when they vanish those groups go to the good client."""
+    good = Collector()
+    hoarders = [_raw(context, server.endpoint) for _ in range(4)]
+    alive = threading.Event()
+    alive.set()
+
+    def heartbeat() -> None:  # all the hoarders ever send after their grants (sockets are used by this thread only)
+        for sock in hoarders:
+            sock.send_multipart(encode(Hello(client="hoarder")))
+            for _ in range(3):
+                sock.send_multipart(encode(Credit(n=1 << 20)))
+        while alive.is_set():
+            for sock in hoarders:
+                sock.send_multipart(encode(Heartbeat()))
+            time.sleep(HB_MS / 3000)
+        for sock in hoarders:
+            sock.close()
+
+    with GroupClient([server.endpoint], good, client_name="good", credits=8, connect_timeout=20):
+        thread = threading.Thread(target=heartbeat, daemon=True)
+        thread.start()
+        try:
+            _wait(lambda: len(server.stats().clients) == 5 and server.stats().credit_clamped >= 12, "the clamps")
+            produced = 400
+            _put(server, 0, produced)
+            _wait(lambda: len(good) >= produced - 4 * MAX_CREDIT, "the good client's share")
+            stats = server.stats()
+            assert len(stats.clients) == 5  # the hoarders are alive: their groups are held, not lost
+            for name, client in stats.clients.items():
+                assert client["credits"] + client["unacked"] <= MAX_CREDIT, (name, client)
+                assert client["unacked_bytes"] <= 256 * 1024
+            assert isinstance(_hello_answer(context, server.endpoint), Welcome)
+        finally:
+            alive.clear()  # vanish: silent for 3 heartbeats, then dead; their groups are re-queued
+            thread.join(timeout=10)
+        _wait(lambda: len(good) == produced, "every group, the hoarded ones re-queued")
+        assert server.stats().dead_clients >= 4 and server.stats().requeued >= 1
+    assert sorted(good.ids) == [f"g{i:06d}" for i in range(produced)]  # each exactly once
+
+
+def test_clients_that_keep_granting_but_never_read_cannot_starve_a_good_one(server, context):
+    """Re-granting acknowledges, so such a client takes round-robin turns until the way to it is
+    full (the service's per-peer queue, the socket buffers, its own ZeroMQ queue); then it is
+    skipped. What four of them absorb is bounded, and every later group goes to the good client."""
+    good = Collector()
+    greedy = []
+    for _ in range(4):
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 8)
+        sock.connect(server.endpoint)
+        greedy.append(sock)
+    stop = threading.Event()
+
+    def keep_granting() -> None:
+        for sock in greedy:
+            sock.send_multipart(encode(Hello(client="greedy")))
+        while not stop.is_set():
+            for sock in greedy:
+                sock.send_multipart(encode(Credit(n=MAX_CREDIT)))
+            stop.wait(0.02)
+
+    side, phase = 64, 2000  # 24 KiB groups; a phase is ~47 MiB, more than four blocked paths hold
+    with GroupClient([server.endpoint], good, client_name="good", credits=8, connect_timeout=20):
+        thread = threading.Thread(target=keep_granting, daemon=True)
+        thread.start()
+        try:
+            _wait(lambda: len(server.stats().clients) == 5, "the greedy hellos")
+            _put(server, 0, phase, side)  # the greedy clients fill what leads to them
+            _wait(lambda: server.stats().queue_depth == 0, "the first phase sent")
+            before = len(good)
+            _put(server, phase, phase, side)
+            _wait(lambda: len(good) - before >= phase // 2, "half of the second phase for the good client")
+            server.check()
+            assert isinstance(_hello_answer(context, server.endpoint), Welcome)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    for sock in greedy:
+        sock.close()
+
+
+def test_a_flood_of_costly_hellos_does_not_stall_delivery(server, context):
+    """3000 hellos near the 4 KiB trainer header limit (430 small maps) and 3000 just over it: the good
+    client is never declared dead (delivery and heartbeats go on between receive slices)."""
+    good = Collector()
+    costly = msgpack.packb({"v": 1, "type": "hello", "client": "flood",
+                            "x": [{"a": [1, 2, 3]} for _ in range(430)]})
+    assert 3000 < len(costly) <= 4096
+    oversized = costly + b"\x00" * (4097 - len(costly))
+    with GroupClient([server.endpoint], good, client_name="good", credits=8, connect_timeout=20) as client:
+        flood = _raw(context, server.endpoint)
+        _put(server, 0, 20)
+        for i in range(3000):
+            flood.send_multipart([costly])
+            flood.send_multipart([oversized])
+            if i % 300 == 0:
+                _put(server, 20 + i // 300 * 10, 10)
+        _wait(lambda: len(good) == 120, "the good client's groups during the flood")
+        _wait(lambda: server.stats().bad_messages >= 3000, "the oversized hellos refused")
+        stats = server.stats()
+        assert stats.dead_clients == 0 and client.stats().reconnects == 0
+        server.check()
+        assert isinstance(_hello_answer(context, server.endpoint), Welcome)
+        flood.close()
+
+
+def test_too_many_clients_get_busy_until_one_leaves(context):
+    srv = GroupServer("tcp://127.0.0.1:*", "small", GENERATOR, heartbeat_ms=HB_MS, max_clients=2).start()
+    try:
+        good = Collector()
+        with GroupClient([srv.endpoint], good, client_name="good", credits=4, connect_timeout=20):
+            second = _raw(context, srv.endpoint)
+            second.send_multipart(encode(Hello(client="second")))
+            assert second.poll(10000) and isinstance(decode(second.recv_multipart()), Welcome)
+            for _ in range(20):  # a reconnect storm: every one refused, the two sessions kept
+                answer = _hello_answer(context, srv.endpoint)
+                assert isinstance(answer, Error) and answer.code == "busy"
+            _put(srv, 0, 10)
+            _wait(lambda: len(good) == 10, "the good client's groups")
+            assert srv.stats().refused_clients == 20
+            second.send_multipart(encode(Bye()))
+            _wait(lambda: len(srv.stats().clients) == 1, "the second client's bye")
+            assert isinstance(_hello_answer(context, srv.endpoint), Welcome)
+            second.close()
+    finally:
+        srv.close()
+
+
+VICTIM = """
+import sys, zmq
+from protocol import Credit, Group, Hello, decode, encode
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+sock.send_multipart(encode(Hello(client="victim")))
+sock.send_multipart(encode(Credit(n=8)))
+received = 0
+while True:
+    if isinstance(decode(sock.recv_multipart()), Group):
+        received += 1
+        if received == 8:
+            print("holding 8", flush=True)
+"""
+
+
+def test_kill_9_of_a_client_mid_stream_loses_no_group(server):
+    """A client in another process takes 8 groups and is killed with SIGKILL before acknowledging
+    them: every group still reaches the surviving client or waits in the queue."""
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, server.endpoint], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        _wait(lambda: len(server.stats().clients) == 1, "the victim's hello")
+        _put(server, 0, 8)
+        assert victim.stdout.readline().strip() == "holding 8"
+        survivor = Collector()
+        with GroupClient([server.endpoint], survivor, client_name="survivor", credits=4, connect_timeout=20):
+            _put(server, 8, 40)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            _wait(lambda: server.stats().dead_clients == 1, "the victim declared dead")
+            _wait(lambda: len(survivor) + server.stats().queue_depth == 48, "every group accounted for")
+            _wait(lambda: len(survivor) == 48, "every group at the survivor")
+        assert server.stats().requeued >= 8
+        assert sorted(survivor.ids) == [f"g{i:06d}" for i in range(48)]
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.stdout.close()
