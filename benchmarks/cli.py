@@ -6,6 +6,7 @@
     stablerep-bench flops     --steps 50 --guidance 2  # FLOPs per generated / trained image, limit at a peak
     stablerep-bench buffer    --precision bf16      # replay sampling + augmentation per batch vs the step
     stablerep-bench online    --generators 2 --generator-rate 5  # the whole system: stall, idle, reuse
+    stablerep-bench drills    --rate 100              # attacks on a live service: a good client's groups/s
     stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.set_defaults(func=_protocol)
     from . import (
         buffer_bench,
+        drills,
         flops,
         generator_bench,
         online_bench,
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     online = sub.add_parser("online", help="generator services + trainer in one run: stall, idle, reuse, eviction")
     online_bench.add_arguments(online)
     online.set_defaults(func=_stage("online", "online_bench"))
+    drill = sub.add_parser("drills", help="a good client's groups/s before, during and after each attack on a service")
+    drills.add_arguments(drill)
+    drill.set_defaults(func=_stage("drills", "drills", unit="good client groups/s during the attack"))
     planner = sub.add_parser("plan", help="generator GPUs per trainer GPU for a target reuse; stall at other ratios")
     plan.add_arguments(planner)
     planner.set_defaults(func=_stage("plan", "plan", unit="trainer stall fraction"))
