@@ -24,7 +24,6 @@ import collections
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -36,6 +35,7 @@ from .generator_info import GeneratorInfo
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .ratelog import RateLimitedLog
+from .server_state import ClientInfo, ServerStats, SentGroup
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
@@ -50,54 +50,6 @@ MAX_CLIENT_HEADER_BYTES = 4096
 
 class ServerFailed(RuntimeError):
     """The service's I/O thread died: nothing is served any more."""
-
-
-@dataclass
-class _Sent:
-    group_id: str
-    frames: list[Any]
-    nbytes: int
-
-
-@dataclass
-class ClientInfo:
-    """What the service knows of one connected trainer."""
-
-    name: str
-    rank: int
-    world_size: int
-    credits: int = 0
-    groups_sent: int = 0
-    last_seen: float = 0.0
-    last_sent: float = 0.0
-    unacked: collections.deque = field(default_factory=collections.deque)
-    unacked_bytes: int = 0
-    blocked_until: float = 0.0
-
-    @property
-    def outstanding(self) -> int:
-        return self.credits + len(self.unacked)
-
-
-@dataclass
-class ServerStats:
-    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
-    queue_depth: int = 0
-    queue_capacity: int = 0
-    groups_sent: int = 0
-    bytes_sent: int = 0
-    bad_messages: int = 0
-    handler_errors: int = 0
-    dead_clients: int = 0
-    left_clients: int = 0
-    refused_clients: int = 0
-    credit_clamped: int = 0
-    requeued: int = 0
-    acked: int = 0
-    put_wait_seconds: float = 0.0
-    heartbeats_received: int = 0
-    auth_refused: int = 0  # CURVE handshakes refused (client key not authorized); 0 without CURVE
-    failed: str | None = None
 
 
 class GroupServer:
@@ -478,7 +430,7 @@ class GroupServer:
                     client.credits -= 1
                     client.groups_sent += 1
                     client.last_sent = monotonic()
-                    client.unacked.append(_Sent(item[0], item[1], nbytes))
+                    client.unacked.append(SentGroup(item[0], item[1], nbytes))
                     client.unacked_bytes += nbytes
                 self._stats.groups_sent += 1
                 self._stats.bytes_sent += nbytes
