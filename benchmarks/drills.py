@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -61,7 +60,8 @@ def _tree_rss_mib(pid: int) -> float:
     return total
 
 
-def _nested(header: dict, field: str, depth: int) -> bytes:
+def nested_header(header: dict, field: str, depth: int) -> bytes:
+    """``header`` packed with ``field`` holding arrays nested ``depth`` deep (one byte per level)."""
     marker = "\x00nested\x00"
     return msgpack.packb({**header, field: marker}).replace(msgpack.packb(marker), b"\x91" * depth + b"\x00")
 
@@ -81,8 +81,8 @@ def _attack(name: str, context: zmq.Context, endpoint: str, stop: threading.Even
     if name in ("nested", "garbage", "costly_hellos"):
         sock = _dealer(context, endpoint, rcvhwm=16)
         if name == "nested":
-            frames = [_nested({"v": 1, "type": "credit"}, "n", 12), _nested({"v": 1, "type": "credit"}, "n", 1000),
-                      _nested({"v": 1, "type": "hello"}, "client", 4000)]
+            frames = [nested_header({"v": 1, "type": "credit"}, "n", 12), nested_header({"v": 1, "type": "credit"}, "n", 1000),
+                      nested_header({"v": 1, "type": "hello"}, "client", 4000)]
         elif name == "garbage":
             rng = random.Random(0)
             frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 2000))) for _ in range(64)]
@@ -131,20 +131,15 @@ def _fresh_welcome(context: zmq.Context, endpoint: str, timeout_ms: int = 5000) 
         sock.close()
 
 
-def _free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def run_drills(attacks: tuple[str, ...] = ATTACKS, rate: float = 100.0, phase_s: float = 5.0, side: int = 64,
                log: Callable[[str], None] = print) -> dict[str, Any]:
+    from benchmarks.demo import free_tcp_endpoint
     from generator_service.procedural import write_caption_file
     from protocol.client import GroupClient
 
     import tempfile
 
-    endpoint = _free_endpoint()
+    endpoint = free_tcp_endpoint()
     with tempfile.TemporaryDirectory() as tmp:
         captions = write_caption_file(Path(tmp) / "captions.txt", 4096)
         service = subprocess.Popen(

@@ -69,24 +69,18 @@ def work_items(
     epoch 1, ..." to visit instead of ``0, 1, 2, ...``: position ``p`` is caption ``p % N`` of epoch
     ``p // N`` (``generator_service.online_state`` hands them out so that a restart goes on).
     """
-    if positions is not None:
-        if epochs is not None:
-            raise ValueError("positions apply to endless runs (epochs=None)")
-        if len(captions) == 0:
-            return
-        count = len(captions)
-        for position in positions:
-            epoch, index = divmod(position, count)
-            caption_id, caption = captions[index]
-            group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
-            if group_id not in skip_group_ids:
-                yield WorkItem(group_id, caption_id, caption, epoch_seeds(base_seed, caption_id, epoch, images_per_group), epoch)
+    if positions is not None and epochs is not None:
+        raise ValueError("positions apply to endless runs (epochs=None)")
+    count = len(captions)
+    if count == 0:
         return
-    for epoch in itertools.count() if epochs is None else range(epochs):
-        for caption_id, caption in captions:
-            group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
-            if group_id in skip_group_ids:
-                continue
+    if positions is None:
+        positions = itertools.count() if epochs is None else range(epochs * count)
+    for position in positions:
+        epoch, index = divmod(position, count)
+        caption_id, caption = captions[index]
+        group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
+        if group_id not in skip_group_ids:
             yield WorkItem(group_id, caption_id, caption, epoch_seeds(base_seed, caption_id, epoch, images_per_group), epoch)
 
 

@@ -5,7 +5,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from generator_service.procedural import write_caption_file
 from generator_service.service import ServiceOptions, group_id_for, work_items
 from generator_service.shards import read_manifest
 from protocol.client import GroupClient
+from tests.train_helpers import free_tcp_endpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = RunIdentity(fingerprint="abcdef0123456789", seed=0, images_per_group=2, captions_digest="d" * 16,
@@ -88,12 +88,6 @@ def test_state_flag_is_only_for_endless_online_runs(tmp_path):
     assert online.state_dir == str(tmp_path / "a")  # the archive keeps the position when --state is not given
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Collector:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -110,12 +104,12 @@ class _Collector:
 
 def _serve_until(command: list[str], at_least: int, timeout: float = 240.0) -> dict[str, list[int]]:
     """Start the service, collect at least ``at_least`` groups, then kill -9 it."""
-    port = _free_port()
+    endpoint = free_tcp_endpoint()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([*command, "--bind", f"tcp://127.0.0.1:{port}"], cwd=REPO, env=env,
+    proc = subprocess.Popen([*command, "--bind", endpoint], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     collect = _Collector()
-    client = GroupClient([f"tcp://127.0.0.1:{port}"], collect, client_name="restart-drill", credits=4,
+    client = GroupClient([endpoint], collect, client_name="restart-drill", credits=4,
                          connect_timeout=120.0)
     try:
         client.start()

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
+from benchmarks.drills import nested_header
 from generator_service.config import GeneratorConfig
 from protocol import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
 from protocol.client import GroupClient
@@ -85,13 +86,6 @@ def _hello_answer(context: zmq.Context, endpoint: str, timeout_ms: int = 10000) 
         sock.close()
 
 
-def _nested(header: dict, field: str, depth: int) -> bytes:
-    """``header`` packed with ``field`` holding arrays nested ``depth`` deep (one byte per level)."""
-    marker = "\x00nested\x00"
-    packed = msgpack.packb({**header, field: marker})
-    return packed.replace(msgpack.packb(marker), b"\x91" * depth + b"\x00")
-
-
 @pytest.fixture
 def context():
     ctx = zmq.Context()
@@ -113,9 +107,9 @@ def test_deeply_nested_messages_are_refused_and_nobody_stops_being_served(server
         _put(server, 0, 50)
         attacker = _raw(context, server.endpoint)
         frames = [
-            _nested({"v": 1, "type": "credit"}, "n", 12),
-            _nested({"v": 1, "type": "credit"}, "n", 1000),
-            _nested({"v": 1, "type": "hello"}, "client", 4000),  # just under the 4 KiB trainer header limit
+            nested_header({"v": 1, "type": "credit"}, "n", 12),
+            nested_header({"v": 1, "type": "credit"}, "n", 1000),
+            nested_header({"v": 1, "type": "hello"}, "client", 4000),  # just under the 4 KiB trainer header limit
             msgpack.packb({"v": 1, "type": "hello", "client": {"a": {"b": {"c": {"d": {"e": {"f": {}}}}}}}}),
         ]
         for frame in frames * 25:
@@ -145,14 +139,14 @@ def test_a_client_survives_nested_welcome_and_group_from_a_hostile_service(conte
             ident, *frames = router.recv_multipart()
             msg = decode(frames)
             if isinstance(msg, Hello) and not welcomed:
-                router.send_multipart([ident, _nested({"v": 1, "type": "welcome", "heartbeat_ms": 1000,
+                router.send_multipart([ident, nested_header({"v": 1, "type": "welcome", "heartbeat_ms": 1000,
                                                        "generator": GENERATOR.to_wire()}, "service", 5000)])
                 router.send_multipart([ident, *encode(Welcome("hostile", GENERATOR, 1000, 64))])
                 welcomed = True
             elif isinstance(msg, Credit):
                 deep = encode(_group(0))
                 header = msgpack.unpackb(deep[0])
-                router.send_multipart([ident, _nested(header, "caption", 5000), *deep[1:]])
+                router.send_multipart([ident, nested_header(header, "caption", 5000), *deep[1:]])
                 router.send_multipart([ident, *encode(_group(1))])
 
     thread = threading.Thread(target=hostile_service, daemon=True)

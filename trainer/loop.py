@@ -279,6 +279,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
             accelerator, output, step=step, trainer_state=trainer_state, source_state=source_state, model=unwrapped,
         )
 
+    def stopped_for_silence(why: str, last_loss: float | None) -> GeneratorsSilentError:
+        """Checkpoint, then the error that ends a run whose generators went silent."""
+        return GeneratorsSilentError(f"{why}; stopped after step {step}, checkpoint {checkpoint(last_loss)} "
+                                     "(--resume auto continues once generators serve again)")
+
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
     status.start(start_step)
     try:
@@ -295,8 +300,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 try:
                     batch = source.next_batch().to(device, non_blocking=True)
                 except GeneratorsSilentError as exc:  # the buffer ran dry as well
-                    raise GeneratorsSilentError(f"{exc}; checkpoint {checkpoint(losses[-1] if losses else None)} "
-                                                "(--resume auto continues once generators serve again)") from None
+                    raise stopped_for_silence(str(exc), losses[-1] if losses else None) from None
                 with accelerator.autocast():
                     loss, metrics = method(model, batch, augment)
                 accelerator.backward(loss)
@@ -353,10 +357,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 if step % cfg.run.save_every == 0 and step < total_steps:
                     last_checkpoint = checkpoint(loss_value)
                 if generators_silent:
-                    path = checkpoint(loss_value)
-                    raise GeneratorsSilentError(
-                        f"{silent or 'every generator silent on another rank'}; stopped after step {step}, checkpoint "
-                        f"{path} (--resume auto continues once generators serve again)")
+                    raise stopped_for_silence(silent or "every generator silent on another rank", loss_value)
                 if stop_now:
                     name = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another rank"
                     stopped = f"interrupted ({name})"
