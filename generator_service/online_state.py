@@ -101,8 +101,8 @@ class OnlineState:
         where = str(self.path)
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise OnlineStateError(f"{where}: cannot read the online state ({exc}); "
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting too
+            raise OnlineStateError(f"{where}: cannot read the online state ({type(exc).__name__}: {str(exc)[:200]}); "
                                    "move it away to start the run again from epoch 0") from None
         if not isinstance(data, dict):
             raise OnlineStateError(f"{where}: expected a JSON object, got {type(data).__name__}")

@@ -56,6 +56,7 @@ def test_a_state_of_another_run_is_refused_naming_the_field(tmp_path):
 
 @pytest.mark.parametrize("content, field", [
     ("{not json", "cannot read the online state"),
+    ("[" * 100000, "cannot read the online state (RecursionError"),
     ("[1, 2]", "expected a JSON object"),
     (json.dumps({"version": 9}), "version 9 is not 1"),
     (json.dumps({"version": 1, "next_position": -1, "restarts": 0, "run": {}}), "field 'next_position'"),
