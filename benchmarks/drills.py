@@ -11,7 +11,7 @@ between a ``phase_s`` window before and one after it:
 - ``nested``: headers nested 12 to 4000 levels deep, as fast as one socket sends;
 - ``garbage``: random bytes;
 - ``hoarders``: 4 clients grant 2**20 credits, heartbeat, never read;
-- ``greedy``: 4 clients keep re-granting credit (so acknowledging) and never read;
+- ``greedy``: 4 clients keep re-granting credit (without an ``ack``: they read no group id) and never read;
 - ``costly_hellos``: hellos of ~3 KiB of small maps, and ones just over the 4 KiB limit;
 - ``reconnect_storm``: 100 sockets say hello (past ``--max-clients``) and vanish, over and over.
 

@@ -14,6 +14,7 @@ Names (all ``stablerep_generator_*``; labels ``worker``, ``device`` where per wo
 - ``groups_sent_total``, ``bytes_sent_total``: what went over the wire;
 - ``bad_messages_total``, ``dead_clients_total``: malformed messages received, clients dropped as silent;
 - ``refused_clients_total``, ``auth_refused_total``: hellos refused (``busy``, bad hello), CURVE keys refused;
+- ``evicted_clients_total``: half-open or idle sessions dropped to make room for a new client at ``--max-clients``;
 - ``put_wait_seconds_total``: seconds the supervisor waited to queue a group.
 """
 from __future__ import annotations
@@ -61,6 +62,8 @@ def generator_samples(pool_stats: Any, server_stats: Any | None) -> list[Sample]
                    server_stats.dead_clients),
             Sample(P + "refused_clients_total", "counter", "hellos refused (too many clients, bad hello)",
                    server_stats.refused_clients),
+            Sample(P + "evicted_clients_total", "counter", "idle sessions dropped to admit a new client at max_clients",
+                   server_stats.evicted_clients),
             Sample(P + "auth_refused_total", "counter", "CURVE handshakes refused: client key not authorized",
                    server_stats.auth_refused),
             Sample(P + "put_wait_seconds_total", "counter", "seconds the supervisor waited to queue a group",

@@ -345,6 +345,8 @@ def _server_summary(server: Any) -> dict[str, Any]:
         "dead_clients": stats.dead_clients,
         "left_clients": stats.left_clients,
         "refused_clients": stats.refused_clients,
+        "evicted_clients": stats.evicted_clients,
+        "unknown_acks": stats.unknown_acks,
         "credit_clamped": stats.credit_clamped,
         "requeued": stats.requeued,
         "handler_errors": stats.handler_errors,

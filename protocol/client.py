@@ -7,9 +7,9 @@ with each endpoint, then grants ``credits`` to each. Every received group is pas
 is bounded by credits. A service silent for more than three heartbeat intervals is reconnected
 (a fresh socket, a new hello, credits granted again).
 
-Every credit granted back acknowledges as many groups to the service (which re-sends the
-unacknowledged ones of a session that ends), so a group can arrive twice across a reconnect:
-the receiver drops repeats by ``group_id``. Credits are clamped to the ``max_credit`` a service
+Every credit granted back names the last group handled (``ack``), which acknowledges it and
+every group before it to the service (which re-sends the unacknowledged ones of a session that
+ends), so a group can arrive twice across a reconnect: the receiver drops repeats by ``group_id``. Credits are clamped to the ``max_credit`` a service
 announces. An exception while handling one message is counted and logged (rate-limited); if the
 I/O thread dies anyway, ``failed`` says why and ``check()`` raises ``ClientFailed``.
 """
@@ -65,6 +65,7 @@ class _Endpoint:
     groups: int = 0
     credits: int = 0  # this endpoint's credit window (ours, clamped to its welcome.max_credit)
     last_group: float | None = None  # time.time() of the last group from this endpoint
+    last_group_id: str = ""  # the last group handled in this session: the ack of the next credit
 
     @property
     def heartbeat_s(self) -> float:
@@ -240,7 +241,7 @@ class GroupClient:
             for endpoint in self._endpoints.values():
                 if endpoint.welcome is not None:
                     try:
-                        self._send(endpoint, Bye())
+                        self._send(endpoint, Bye(ack=endpoint.last_group_id))
                     except zmq.ZMQError:
                         pass
                 endpoint.socket.close(linger=100)
@@ -298,6 +299,7 @@ class GroupClient:
                 with self._lock:
                     self._stats.callback_errors += 1
                 log.exception("on_group failed for group %s from %s", msg.group_id, endpoint.url)
+            endpoint.last_group_id = msg.group_id
             if endpoint.welcome is not None:
                 self._replenish(endpoint)
         elif isinstance(msg, Error):
@@ -327,7 +329,7 @@ class GroupClient:
         if owed >= max(1, endpoint.credits // 4):
             with self._lock:
                 endpoint.outstanding += owed
-            self._send(endpoint, Credit(owed))
+            self._send(endpoint, Credit(owed, ack=endpoint.last_group_id))
 
     def _keepalive(self, endpoint: _Endpoint, poller: zmq.Poller) -> None:
         now = monotonic()

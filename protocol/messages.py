@@ -9,7 +9,7 @@ import numpy as np
 from .bounds import short
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo, check_generator_info
-from .limits import ENCODINGS, MAX_CREDIT, MAX_IMAGES_PER_GROUP
+from .limits import ENCODINGS, MAX_CREDIT, MAX_IMAGES_PER_GROUP, MAX_STRING_FIELD
 
 
 @dataclass
@@ -43,10 +43,16 @@ class Welcome:
 
 @dataclass
 class Credit:
-    """trainer -> service: the trainer can take ``n`` more groups."""
+    """trainer -> service: the trainer can take ``n`` more groups.
+
+    ``ack`` is the ``group_id`` of the last group the trainer received from this service (empty:
+    none yet). It acknowledges that group and every group sent before it in this session; a grant
+    without ``ack`` acknowledges nothing, so a client that never reads cannot free its share.
+    """
 
     TYPE: ClassVar[str] = "credit"
     n: int
+    ack: str = ""
 
 
 @dataclass
@@ -58,9 +64,13 @@ class Heartbeat:
 
 @dataclass
 class Bye:
-    """trainer -> service: end of session; the service drops this client's credits."""
+    """trainer -> service: end of session; the service drops this client's credits.
+
+    ``ack`` as in ``Credit``: groups up to it were received; the service re-queues only the rest.
+    """
 
     TYPE: ClassVar[str] = "bye"
+    ack: str = ""
 
 
 @dataclass
@@ -166,7 +176,7 @@ SCHEMA: dict[str, dict[str, str]] = {
 }
 
 #: Fields a header may carry besides the required ones (sent when not at their default).
-OPTIONAL: dict[str, dict[str, str]] = {"welcome": {"max_credit": "int"}}
+OPTIONAL: dict[str, dict[str, str]] = {"welcome": {"max_credit": "int"}, "credit": {"ack": "str"}, "bye": {"ack": "str"}}
 
 
 def _is_int(value: Any) -> bool:
@@ -222,6 +232,8 @@ def validate_header(header: dict[str, Any]) -> None:
             raise _bad(msg_type, "n", header["n"], f"must be in [1, {MAX_CREDIT}]")
     elif msg_type == "group":
         _validate_group(header)
+    if "ack" in header and not 1 <= len(header["ack"]) <= MAX_STRING_FIELD:
+        raise _bad(msg_type, "ack", header["ack"], f"must be a group_id of 1..{MAX_STRING_FIELD} characters")
 
 
 def _validate_group(header: dict[str, Any]) -> None:

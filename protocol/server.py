@@ -6,11 +6,14 @@ credit, round-robin among such clients. Flow control cannot be gamed:
 
 - a client holds at most ``max_credit`` (credit not yet used plus groups sent and not yet
   acknowledged); a grant above that is clamped and answered with ``error`` code ``credit_limit``;
-- a grant of ``n`` credits acknowledges that client's ``n`` oldest unacknowledged groups; the
+- a grant's ``ack`` (the last group id the client received) acknowledges that group and the
+  ones sent to that client before it (a grant without ``ack`` acknowledges nothing); the
   unacknowledged ones (at most ``max_credit`` and ``max_client_bytes``) go back to the front of
   the queue when the client leaves (``bye``), dies (silent for 3 heartbeats) or is unreachable,
   so a client's death loses nothing (delivery is at-least-once; trainers drop repeats by id);
-- at most ``max_clients`` sessions (a further ``hello`` gets ``error`` code ``busy``), and
+- at most ``max_clients`` sessions; when full, a ``hello`` evicts a session that holds no
+  unacknowledged group and sent nothing since its own ``hello`` (or nothing for 2 heartbeats),
+  else it gets ``error`` code ``busy``; and
   ZeroMQ holds at most ``send_hwm`` messages per peer;
 - every loop turn receives at most ``recv_batch`` messages (or ``slice_s`` seconds' worth), then
   sends, then heartbeats; trainer headers over ``max_client_header_bytes`` are refused unread.
@@ -46,6 +49,10 @@ DEFAULT_MAX_CLIENTS = 64
 DEFAULT_MAX_CLIENT_BYTES = 512 * 2**20
 #: Trainers send only tiny headers (hello is the largest, ~100 bytes).
 MAX_CLIENT_HEADER_BYTES = 4096
+#: a session silent for this many heartbeat intervals (and holding no unacknowledged group) may be
+#: evicted to make room for a new ``hello`` at ``max_clients`` (dead is at 3), as may one that sent
+#: nothing since its ``hello``.
+EVICT_AFTER_HEARTBEATS = 2
 
 
 class ServerFailed(RuntimeError):
@@ -300,6 +307,8 @@ class GroupServer:
         if isinstance(msg, Hello):
             with self._cond:
                 if client is None and len(self._clients) >= self.max_clients:
+                    self._evict_idle(now)
+                if client is None and len(self._clients) >= self.max_clients:
                     self._stats.refused_clients += 1
                     refused = True
                 else:
@@ -319,7 +328,8 @@ class GroupServer:
                 self._refuse(socket, identity, "bad_message", "credit from a client that sent no hello")
                 return
             with self._cond:
-                self._acknowledge(client, msg.n)
+                client.followed_up = True
+                self._acknowledge(client, msg.ack)
                 room = self.max_credit - client.outstanding
                 granted = max(0, min(msg.n, room))
                 client.credits += granted
@@ -333,12 +343,14 @@ class GroupServer:
         elif isinstance(msg, Bye):
             with self._cond:
                 if client is not None:
+                    self._acknowledge(client, msg.ack)
                     self._drop(identity, "left")
         elif isinstance(msg, Heartbeat):
             if client is None:
                 self._refuse(socket, identity, "bad_message", "heartbeat from a client that sent no hello")
             else:
                 with self._cond:
+                    client.followed_up = True
                     self._stats.heartbeats_received += 1
         elif isinstance(msg, Error):
             self._faults.note("client_error", f"client {identity.hex()} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
@@ -346,12 +358,20 @@ class GroupServer:
             self._refuse(socket, identity, "bad_message", f"type {msg.TYPE!r} is not sent by trainers")
 
     # --- bookkeeping (callers hold self._cond) --------------------------------------------------
-    def _acknowledge(self, client: ClientInfo, n: int) -> None:
-        """A grant of ``n`` acknowledges the client's ``n`` oldest unacknowledged groups."""
-        for _ in range(min(n, len(client.unacked))):
+    def _acknowledge(self, client: ClientInfo, ack: str) -> None:
+        """``ack`` (a group id) acknowledges that group and all sent before it to this client; an
+        empty or unknown id acknowledges nothing (counted in ``stats.unknown_acks``)."""
+        if not ack:
+            return
+        if not any(sent.group_id == ack for sent in client.unacked):
+            self._stats.unknown_acks += 1
+            return
+        while client.unacked:
             sent = client.unacked.popleft()
             client.unacked_bytes -= sent.nbytes
             self._stats.acked += 1
+            if sent.group_id == ack:
+                return
 
     def _requeue(self, client: ClientInfo) -> None:
         """Put a client's unacknowledged groups back at the front of the queue, oldest first."""
@@ -361,6 +381,18 @@ class GroupServer:
             self._stats.requeued += 1
         client.unacked_bytes = 0
         client.credits = 0
+
+    def _evict_idle(self, now: float) -> None:
+        """At ``max_clients``, make room for a new ``hello`` by dropping one session that holds no
+        unacknowledged group and either sent nothing since its ``hello`` (half-open: the oldest
+        first) or has been silent for over ``EVICT_AFTER_HEARTBEATS`` intervals. So a storm of
+        hellos that never follow up cannot lock anyone out, and a trainer that granted credit and
+        heartbeats is never evicted."""
+        idle_after = EVICT_AFTER_HEARTBEATS * self.heartbeat_ms / 1000.0
+        candidates = [(c.followed_up, c.last_seen, ident) for ident, c in self._clients.items()
+                      if not c.unacked and (not c.followed_up or now - c.last_seen > idle_after)]
+        if candidates:
+            self._drop(min(candidates)[2], "evicted")
 
     def _drop(self, identity: bytes, why: str) -> None:
         client = self._clients.pop(identity, None)
@@ -373,6 +405,8 @@ class GroupServer:
             pass
         if why == "left":
             self._stats.left_clients += 1
+        elif why == "evicted":
+            self._stats.evicted_clients += 1
         else:
             self._stats.dead_clients += 1
 

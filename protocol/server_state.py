@@ -29,6 +29,7 @@ class ClientInfo:
     unacked: collections.deque = field(default_factory=collections.deque)
     unacked_bytes: int = 0
     blocked_until: float = 0.0
+    followed_up: bool = False  # sent a credit or heartbeat since its hello (not half-open)
 
     @property
     def outstanding(self) -> int:
@@ -47,9 +48,11 @@ class ServerStats:
     dead_clients: int = 0
     left_clients: int = 0
     refused_clients: int = 0
+    evicted_clients: int = 0  # idle sessions dropped to make room for a new hello at max_clients
     credit_clamped: int = 0
     requeued: int = 0
     acked: int = 0
+    unknown_acks: int = 0  # credits whose ack named no group this client holds unacknowledged
     put_wait_seconds: float = 0.0
     heartbeats_received: int = 0
     auth_refused: int = 0  # CURVE handshakes refused (client key not authorized); 0 without CURVE

@@ -23,7 +23,7 @@ import zmq
 
 from benchmarks.drills import nested_header
 from generator_service.config import GeneratorConfig
-from protocol import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
+from protocol import Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
 from protocol.client import GroupClient
 from protocol.server import GroupServer
 
@@ -206,9 +206,9 @@ def test_credit_hoarders_hold_at_most_max_credit_and_lose_nothing_when_they_vani
 
 
 def test_clients_that_keep_granting_but_never_read_cannot_starve_a_good_one(server, context):
-    """Re-granting acknowledges, so such a client takes round-robin turns until the way to it is
-    full (the service's per-peer queue, the socket buffers, its own ZeroMQ queue); then it is
-    skipped. What four of them absorb is bounded, and every later group goes to the good client."""
+    """A grant acknowledges only up to the group id it names (``ack``), and a client that never
+    reads knows no id: each of four such clients holds at most ``max_credit`` groups, and every
+    other group, the whole second phase included, goes to the good client."""
     good = Collector()
     greedy = []
     for _ in range(4):
@@ -227,17 +227,20 @@ def test_clients_that_keep_granting_but_never_read_cannot_starve_a_good_one(serv
                 sock.send_multipart(encode(Credit(n=MAX_CREDIT)))
             stop.wait(0.02)
 
-    side, phase = 64, 2000  # 24 KiB groups; a phase is ~47 MiB, more than four blocked paths hold
+    side, phase = 64, 500  # 24 KiB groups
     with GroupClient([server.endpoint], good, client_name="good", credits=8, connect_timeout=20):
         thread = threading.Thread(target=keep_granting, daemon=True)
         thread.start()
         try:
             _wait(lambda: len(server.stats().clients) == 5, "the greedy hellos")
-            _put(server, 0, phase, side)  # the greedy clients fill what leads to them
-            _wait(lambda: server.stats().queue_depth == 0, "the first phase sent")
+            _put(server, 0, phase, side)
+            _wait(lambda: len(good) >= phase - 4 * MAX_CREDIT, "the first phase, less what the greedy hold")
+            greedy_held = [c["unacked"] for key, c in server.stats().clients.items() if key.startswith("greedy#")]
+            assert len(greedy_held) == 4 and all(held <= MAX_CREDIT for held in greedy_held)
             before = len(good)
             _put(server, phase, phase, side)
-            _wait(lambda: len(good) - before >= phase // 2, "half of the second phase for the good client")
+            _wait(lambda: len(good) - before == phase, "all of the second phase for the good client")
+            assert len(good) + sum(greedy_held) == 2 * phase
             server.check()
             assert isinstance(_hello_answer(context, server.endpoint), Welcome)
         finally:
@@ -272,24 +275,34 @@ def test_a_flood_of_costly_hellos_does_not_stall_delivery(server, context):
         flood.close()
 
 
-def test_too_many_clients_get_busy_until_one_leaves(context):
+def test_a_reconnect_storm_cannot_lock_trainers_out(context):
+    """At max_clients, a hello evicts a half-open session (nothing sent since its hello) and never
+    one that streams: while two trainers stream, every storm hello gets ``busy``; once one leaves,
+    each storm hello evicts the previous one and is welcomed, so a fresh trainer always gets in."""
     srv = GroupServer("tcp://127.0.0.1:*", "small", GENERATOR, heartbeat_ms=HB_MS, max_clients=2).start()
     try:
-        good = Collector()
+        good, other = Collector(), Collector()
         with GroupClient([srv.endpoint], good, client_name="good", credits=4, connect_timeout=20):
-            second = _raw(context, srv.endpoint)
-            second.send_multipart(encode(Hello(client="second")))
-            assert second.poll(10000) and isinstance(decode(second.recv_multipart()), Welcome)
-            for _ in range(20):  # a reconnect storm: every one refused, the two sessions kept
-                answer = _hello_answer(context, srv.endpoint)
-                assert isinstance(answer, Error) and answer.code == "busy"
-            _put(srv, 0, 10)
-            _wait(lambda: len(good) == 10, "the good client's groups")
-            assert srv.stats().refused_clients == 20
-            second.send_multipart(encode(Bye()))
-            _wait(lambda: len(srv.stats().clients) == 1, "the second client's bye")
-            assert isinstance(_hello_answer(context, srv.endpoint), Welcome)
-            second.close()
+            second = GroupClient([srv.endpoint], other, client_name="second", credits=4, connect_timeout=20).start()
+            try:
+                for _ in range(20):  # both sessions stream: every storm hello is refused
+                    answer = _hello_answer(context, srv.endpoint)
+                    assert isinstance(answer, Error) and answer.code == "busy"
+                _put(srv, 0, 10)
+                _wait(lambda: len(good) + len(other) == 10, "the trainers' groups")
+                assert srv.stats().refused_clients == 20 and srv.stats().evicted_clients == 0
+            finally:
+                second.close()  # says bye: one session frees
+            _wait(lambda: len(srv.stats().clients) == 1, "the second trainer's bye")
+            for _ in range(20):  # half-open storm sessions evict one another
+                assert isinstance(_hello_answer(context, srv.endpoint), Welcome)
+            assert srv.stats().evicted_clients == 19
+            fresh = Collector()
+            with GroupClient([srv.endpoint], fresh, client_name="fresh", credits=4, connect_timeout=20):
+                _put(srv, 10, 10)
+                _wait(lambda: len(good) + len(other) + len(fresh) == 20, "both trainers' groups")
+                assert srv.stats().refused_clients == 20 and srv.stats().evicted_clients == 20
+            assert sorted(good.ids + other.ids + fresh.ids) == [f"g{i:06d}" for i in range(20)]
     finally:
         srv.close()
 

@@ -29,6 +29,8 @@ def _group(m=3, h=5, w=7, **kw):
         Hello(client="trainer", rank=1, world_size=4),
         Welcome(service="svc-1", generator=GeneratorConfig(backend="diffusers").welcome_info(), heartbeat_ms=500),
         Credit(n=7),
+        Credit(n=2, ack="g000041"),
+        Bye(ack="g000042"),
         Heartbeat(),
         Error(code="bad_message", message="x"),
         Bye(),
@@ -201,6 +203,14 @@ def test_encoded_group_frame_count_and_empty_frame():
     header = _raw_header(encoding="png")
     assert _code(_frames(header, [b"a", b"b"])).code == "bad_message"
     assert _code(_frames(header, [b"a", b"", b"c"])).code == "bad_message"
+
+
+@pytest.mark.parametrize("ack", [5, "x" * 4097, ["g1"]])
+def test_an_ack_that_is_no_group_id_is_refused_naming_the_field(ack):
+    for msg_type in ("credit", "bye"):
+        header = {"v": 1, "type": msg_type, "ack": ack, **({"n": 1} if msg_type == "credit" else {})}
+        error = _code([msgpack.packb(header)])
+        assert error.code == "bad_message" and f"{msg_type}.ack" in error.message
 
 
 def test_encode_refuses_invalid_messages():

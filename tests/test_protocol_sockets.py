@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from generator_service.config import GeneratorConfig
-from protocol import Credit, Error, Group, Hello, ProtocolError, Welcome, decode, encode
+from protocol import Bye, Credit, Error, Group, Hello, ProtocolError, Welcome, decode, encode
 from protocol.client import GroupClient
 from protocol.server import GroupServer
 
@@ -114,6 +114,34 @@ def _credit_checks(server, ctx):
         assert len(late) + (99 in received) == 1
     ids = sorted([g.caption_id for g in groups] + [g.caption_id for g in late] + received)
     assert ids == list(range(40)) + [99]  # each group to exactly one client
+
+
+def test_a_credit_acknowledges_only_up_to_the_group_it_names(ctx):
+    server = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR, heartbeat_ms=5000, max_credit=8).start()
+    try:
+        raw = RawPeer(server.endpoint, ctx)
+        raw.send(Hello(client="raw", rank=0, world_size=1))
+        assert isinstance(raw.recv_all(0.3)[0], Welcome)
+        raw.send(Credit(n=4))
+        for i in range(4):
+            server.put(_group(i), timeout=5)
+        groups = []
+        assert _wait(lambda: groups.extend(m for m in raw.recv_all(0.05) if isinstance(m, Group)) or len(groups) == 4)
+        raw.send(Credit(n=5))  # no ack: nothing acknowledged, so the grant is clamped to 8 - 4 unacked
+        assert _wait(lambda: server.stats().credit_clamped == 1)
+        assert server.stats().acked == 0 and server.unacked() == 4
+        raw.send(Credit(n=1, ack="g9999"))  # an id this client never got: nothing acknowledged
+        assert _wait(lambda: server.stats().unknown_acks == 1)
+        assert server.unacked() == 4
+        raw.send(Credit(n=1, ack=groups[1].group_id))  # the second group and the one before it
+        assert _wait(lambda: server.stats().acked == 2)
+        assert server.unacked() == 2
+        raw.send(Bye(ack=groups[2].group_id))  # leaves having received the third: only the fourth goes back
+        assert _wait(lambda: server.stats().left_clients == 1)
+        stats = server.stats()
+        assert stats.acked == 3 and stats.requeued == 1 and stats.queue_depth == 1
+    finally:
+        server.close()
 
 
 def test_silent_client_is_declared_dead_and_loses_no_queued_group(server, ctx):
