@@ -2,8 +2,11 @@
 
     python -m benchmarks.online_sweep --output benchmarks/results --reuse 9
 
-1. an unthrottled ``online`` run (one generator, far more than the trainer needs) measures the
-   trainer's unstalled rate ``T`` = trainer images/s / (1 - stall);
+1. an ``online`` run with unlimited reuse and one generator throttled to ``probe_rate`` groups/s
+   measures the trainer's unstalled rate ``T`` = trainer images/s / (1 - stall). Unlimited reuse
+   means the trainer never waits for supply, and the low throttle keeps the generator off the CPU
+   the trainer needs (an unthrottled procedural generator takes a whole core, which on a 2-core
+   machine makes ``T`` about 10x too low and every later run supply-bound);
 2. the per-generator throttle ``R`` (groups/s) is chosen so that ``plan`` asks for
    ``target_ratio`` generators (fractional, e.g. 2.5 -> it recommends 3): ``R = T / (r m target)``;
 3. ``online`` at 1..``max_generators`` generators with ``max_reuse = r``: stall vs ratio;
@@ -27,11 +30,11 @@ GOAL = 0.05
 
 
 def sweep(reuse: int = 9, target_ratio: float = 2.5, max_generators: int = 4,
-          reuses: tuple[int, ...] = (1, 2, 4, 9, 16), steps: int = 60, warmup: int = 10,
-          images_per_group: int = 2, log=print) -> dict[str, Any]:
+          reuses: tuple[int, ...] = (1, 2, 4, 9, 16), steps: int = 200, warmup: int = 20,
+          images_per_group: int = 2, probe_rate: float = 4.0, log=print) -> dict[str, Any]:
     common = {"images_per_group": images_per_group, "draw_per_caption": images_per_group, "steps": steps,
               "warmup": warmup}
-    base = run_online_bench(generators=1, **common)
+    base = run_online_bench(generators=1, generator_rate=probe_rate, max_reuse=None, **common)
     trainer_rate = base["trainer_images_per_s"] / (1 - base["trainer_stall_fraction"])
     rate = trainer_rate / (reuse * images_per_group * target_ratio)
     planned = plan(rate * images_per_group, trainer_rate, reuse)
@@ -53,7 +56,7 @@ def sweep(reuse: int = 9, target_ratio: float = 2.5, max_generators: int = 4,
             f"evicted unused {run['evicted_unused_fraction']:.1%}")
     at_plan = next(run for run in by_ratio if run["generators"] == recommended) if recommended <= max_generators else None
     return {
-        "reuse": reuse, "target_ratio": target_ratio, "unthrottled": base, "trainer_rate": trainer_rate,
+        "reuse": reuse, "target_ratio": target_ratio, "probe_rate_groups_per_s": probe_rate, "trainer_probe": base, "trainer_rate": trainer_rate,
         "generator_rate_groups_per_s": rate, "plan": planned, "by_ratio": by_ratio, "by_reuse": by_reuse,
         "goal": {"ratio": recommended,
                  "trainer_stall_fraction": at_plan["trainer_stall_fraction"] if at_plan else None,
@@ -70,7 +73,7 @@ def plot(result: dict[str, Any], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     g, t, r = result["generator_rate_groups_per_s"], result["trainer_rate"], result["reuse"]
-    m = result["unthrottled"]["images_per_group"]
+    m = result["trainer_probe"]["images_per_group"]
     paths = []
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ks = [run["generators"] for run in result["by_ratio"]]
@@ -110,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ratio", type=float, default=2.5)
     parser.add_argument("--max-generators", type=int, default=4)
     parser.add_argument("--reuses", type=int, nargs="+", default=[1, 2, 4, 9, 16])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--probe-rate", type=float, default=4.0,
+                        help="groups/s of the one generator while the trainer rate T is measured (unlimited reuse)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    result = sweep(args.reuse, args.target_ratio, args.max_generators, tuple(args.reuses), args.steps, args.warmup)
+    result = sweep(args.reuse, args.target_ratio, args.max_generators, tuple(args.reuses), args.steps, args.warmup,
+                   probe_rate=args.probe_rate)
     (output / "online-sweep.json").write_text(json.dumps({"machine": machine_facts(), "results": result}, indent=2))
     for path in plot(result, output):
         print(f"wrote {path}")
