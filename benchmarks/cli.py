@@ -10,6 +10,7 @@
     stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
+    stablerep-bench study     --output runs/study   # stablerep vs simclr vs clip, online vs offline, reuse
 
 Exit codes: 0 completed, 1 failed, 2 bad input, 130 interrupted.
 """
@@ -133,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", add_help=False,
                    help="the embedded default end to end: generator service + trainer + probes (make demo); "
                         "--quick is the 1-minute version, --steps N a longer one; see `stablerep-bench demo --help`")
+    sub.add_parser("study", add_help=False,
+                   help="the paper's comparisons in miniature on the embedded default (method, online vs offline, "
+                        "reuse); --quick is the short version; see `stablerep-bench study --help`")
     every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
     every.set_defaults(func=_all)
     for p in {id(p): p for p in sub.choices.values()}.values():  # aliases share a parser
-        if p.prog.endswith(" demo"):
+        if p.prog.endswith((" demo", " study")):
             continue
         p.add_argument("--output", default="runs/bench", help="directory for JSON, table and plot")
         if p is not every:
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(argv[1:])
+    if argv[:1] == ["study"]:  # so does the study
+        from .study import run_study
+
+        return run_study(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

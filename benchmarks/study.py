@@ -1,0 +1,380 @@
+"""The paper's comparisons in miniature: ``stablerep-bench study [--output DIR] [--quick] [--seeds N]``.
+
+Every arm trains the same number of steps on the same number of images per step, from the same
+generator, and is scored the same way (held-out linear probe per attribute, 5-way 1-shot on the
+first attribute; the random init is scored once per seed):
+
+- **method**: ``stablerep`` (the m images of a caption are positives), ``simclr`` (two crops of one
+  image) and ``clip`` (image-text), online with unlimited reuse. One-image methods take one image
+  per caption, so they get 4x the captions per step (same images per step) and a generator making
+  groups of one image at 4x the groups/s (same images/s);
+- **fresh vs fixed**: ``stablerep`` online vs offline, offline being K groups written as shards by
+  the same generator and read back, with K chosen so that each image is seen about
+  ``--offline-reuse`` (9, the paper's offline reuse) times;
+- **reuse**: ``stablerep`` online with ``--max-reuse`` 1, 4, 16 (and unlimited: the method arm).
+
+The generator's images/s is held fixed (``--image-rate``, a throttle), below what the trainer could
+draw, so reuse is what changes between the reuse arms (a reuse-1 arm waits for fresh groups).
+
+Writes ``OUTPUT/study.json`` (``arms``: ``{name, method, source, max_reuse, seed, steps,
+images_seen, probe: {attribute: top1}, fewshot, ...}``), ``study.txt`` (a table) and
+``study.png``. With weights at hand, the same study runs on a real model and caption file:
+``--generator-args "--backend diffusers --model DIR --gpus 0"``, ``--captions FILE`` and
+``--probe NAME=DIR`` (an ImageFolder with ``train/`` and ``val/``, instead of the procedural probe
+sets); every other flag goes to ``stablerep-train`` on top of the ``demo`` preset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.demo import (
+    DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, export_initial_backbone, free_tcp_endpoint,
+    probe_snapshots, run_generator_cli,
+)
+
+DEFAULT_OUTPUT = "runs/study"
+ONE_IMAGE_METHODS = ("simclr", "clip")  # methods that use only the first image of each group
+
+
+@dataclass(frozen=True)
+class StudyArm:
+    """One training run of the study: ``max_reuse`` None = unlimited."""
+
+    name: str
+    method: str
+    source: str
+    max_reuse: int | None = None
+
+
+@dataclass
+class StudyPlan:
+    """What ``stablerep-bench study`` runs; ``--quick`` shrinks every part (the tests run it)."""
+
+    steps: int = 120
+    seeds: int = 1
+    image_rate: float = 32.0       # generator images/s of every online arm (a throttle)
+    offline_reuse: float = 9.0     # the paper's offline reuse: K = steps * captions per step / this
+    reuses: tuple[int, ...] = (1, 4, 16)
+    methods: tuple[str, ...] = ("stablerep", "simclr", "clip")
+    attributes: tuple[str, ...] = ("colour", "background", "texture", "shape")
+    captions: int = 576
+    captions_file: str | None = None
+    probes: dict[str, str] = field(default_factory=dict)  # attribute name -> ImageFolder with train/, val/
+    probe_train_per_class: int = 100
+    probe_val_per_class: int = 25
+    probe_epochs: int = 100
+    generator_args: list[str] = field(default_factory=list)
+    output: str = DEFAULT_OUTPUT
+
+    @classmethod
+    def quick(cls) -> "StudyPlan":
+        return cls(steps=6, reuses=(1,), attributes=("colour",), probe_train_per_class=20,
+                   probe_val_per_class=11, probe_epochs=20)
+
+    def arms(self) -> list[StudyArm]:
+        out = [StudyArm(method, method, "online") for method in self.methods]
+        out.append(StudyArm("stablerep-offline", "stablerep", "offline"))
+        out += [StudyArm(f"stablerep-reuse{r}", "stablerep", "online", r) for r in self.reuses]
+        return out
+
+
+def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
+    """Split ``argv`` into the study's own flags (-> :class:`StudyPlan`) and flags for the trainer."""
+    parser = argparse.ArgumentParser(prog="stablerep-bench study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT)
+    parser.add_argument("--quick", action="store_true", help="a few steps per arm, colour probe only (the tests)")
+    parser.add_argument("--seeds", type=int, help="repeat every arm with seeds 0..N-1")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every arm")
+    parser.add_argument("--image-rate", type=float, help="generator images/s of every online arm")
+    parser.add_argument("--offline-reuse", type=float, help="times each offline image is seen (sizes K)")
+    parser.add_argument("--reuses", type=int, nargs="+", help="--max-reuse of the reuse arms")
+    parser.add_argument("--attributes", help="comma-separated procedural attributes to probe; the first is the headline")
+    parser.add_argument("--captions", dest="captions_file", help="caption file for the generator (default: procedural)")
+    parser.add_argument("--probe", action="append", default=[], metavar="NAME=DIR",
+                        help="an ImageFolder with train/ and val/ to probe instead of the procedural sets")
+    parser.add_argument("--generator-args", default="", help="extra stablerep-generator flags, one quoted string")
+    args, rest = parser.parse_known_args(argv)
+    plan = StudyPlan.quick() if args.quick else StudyPlan()
+    plan.output = args.output
+    for name in ("seeds", "steps"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{name} must be >= 1, got {value}")
+            setattr(plan, name, value)
+    for name in ("image_rate", "offline_reuse"):
+        value = getattr(args, name)
+        if value is not None:
+            if not value > 0:
+                parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            setattr(plan, name, value)
+    if args.reuses:
+        if min(args.reuses) < 1:
+            parser.error(f"--reuses must all be >= 1, got {args.reuses}")
+        plan.reuses = tuple(args.reuses)
+    if args.attributes:
+        plan.attributes = tuple(a.strip() for a in args.attributes.split(",") if a.strip())
+    for item in args.probe:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"--probe wants NAME=DIR, got {item!r}")
+        for split in ("train", "val"):
+            if not (Path(folder) / split).is_dir():
+                parser.error(f"--probe {item}: {Path(folder) / split} is not a directory")
+        plan.probes[name] = folder
+    if plan.probes:
+        plan.attributes = tuple(plan.probes)
+    plan.captions_file = args.captions_file
+    plan.generator_args = shlex.split(args.generator_args)
+    return plan, rest
+
+
+def _geometry(method: str) -> tuple[int, int]:
+    """(captions per step, images per caption) of an arm: the demo preset's 16 x 4, or 64 x 1 for
+    methods that use one image per caption (the same 64 images per step)."""
+    return (64, 1) if method in ONE_IMAGE_METHODS else (16, 4)
+
+
+def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, source_flags: list[str],
+                    output: Path):
+    """``demo`` preset < the user's trainer flags < what the study fixes per arm."""
+    import yaml
+
+    from trainer.cli import parse_config
+    from trainer.config import preset_path
+
+    captions_per_step, draw = _geometry(arm.method)
+    argv = ["--preset", DEMO_PRESET, *trainer_argv, "--method", arm.method,
+            "--captions-per-step", str(captions_per_step), "--draw-per-caption", str(draw), *source_flags,
+            "--output", str(output), "--steps", str(plan.steps), "--save-every", str(plan.steps),
+            "--seed", str(seed)]
+    if arm.max_reuse is not None:
+        argv += ["--max-reuse", str(arm.max_reuse)]
+    if "--log-with" not in trainer_argv:
+        argv.append("--log-with")
+    if "--warmup-steps" not in trainer_argv:  # the preset's warmup, at most a tenth of a short run
+        preset = yaml.safe_load(preset_path(DEMO_PRESET).read_text())
+        argv += ["--warmup-steps", str(min(int(preset["schedule"]["warmup_steps"]), plan.steps // 10))]
+    cfg, _ = parse_config(argv)
+    return cfg.validate()
+
+
+def _generator_flags(plan: StudyPlan, captions: Path, seed: int, images_per_group: int) -> list[str]:
+    return ["--captions", str(captions), "--backend", "procedural", "--gpus", "cpu:1", "--seed", str(seed),
+            "--save-size", "64", "--images-per-group", str(images_per_group), "--log-level", "WARNING",
+            "--no-progress", *plan.generator_args]
+
+
+def _train(cfg) -> dict[str, Any]:
+    import torch
+
+    from trainer.loop import build_source, train
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu")
+    source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.captions_per_step)
+    try:
+        t0 = time.perf_counter()
+        summary = train(cfg, source=source)
+        summary["train_seconds"] = time.perf_counter() - t0
+        return summary
+    finally:
+        source.close()
+
+
+def _score(backbone_dir: Path, probe_dirs: dict[str, Path], plan: StudyPlan, seed: int, log) -> dict[str, Any]:
+    """Linear probe per attribute and 5-way 1-shot on the first attribute's held-out images."""
+    from trainer.eval import FewShotConfig, fewshot_probe, load_eval_backbone
+    from trainer.eval.features import resolve_device
+
+    demo_plan = DemoPlan(probe_epochs=plan.probe_epochs, seed=seed)
+    rows = probe_snapshots({0: backbone_dir}, probe_dirs, demo_plan, log)
+    headline_val = probe_dirs[plan.attributes[0]] / "val"
+    shots = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=seed)
+    fewshot = None
+    if len([p for p in headline_val.iterdir() if p.is_dir()]) >= shots.n_way:
+        result = fewshot_probe(load_eval_backbone(backbone_dir), headline_val, shots, resolve_device("auto"))
+        fewshot = {"accuracy": result["accuracy"], "ci95": result["ci95"]}
+    return {"probe": {r["attribute"]: r["top1"] for r in rows}, "fewshot": fewshot}
+
+
+def _prepare_data(plan: StudyPlan, data: Path, log) -> tuple[Path, dict[str, Path]]:
+    """The caption file every arm's generator reads and the probe folders every arm is scored on."""
+    data.mkdir(parents=True, exist_ok=True)
+    if plan.captions_file:
+        captions = Path(plan.captions_file)
+    else:
+        captions = data / "captions.txt"
+        run_generator_cli(["captions", "--n", str(plan.captions), "--out", str(captions), "--seed", "0"])
+    if plan.probes:
+        return captions, {name: Path(folder) for name, folder in plan.probes.items()}
+    probe_dirs = {}
+    for i, attribute in enumerate(plan.attributes):
+        folder = data / f"probe_{attribute}"
+        if not (folder / "val").is_dir():
+            run_generator_cli(["probe-set", "--out", str(folder), "--attribute", attribute,
+                               "--train-per-class", str(plan.probe_train_per_class),
+                               "--val-per-class", str(plan.probe_val_per_class), "--size", "64",
+                               "--seed", str(1000 + i)])
+        probe_dirs[attribute] = folder
+    log(f"probe sets for {', '.join(probe_dirs)} under {data}")
+    return captions, probe_dirs
+
+
+def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, captions: Path,
+            probe_dirs: dict[str, Path], root: Path, log) -> dict[str, Any]:
+    """Train one arm, score its final backbone, return its row of ``study.json``."""
+    out = root / f"{arm.name}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    captions_per_step, draw = _geometry(arm.method)
+    images_per_group = draw
+    groups_per_s = plan.image_rate / images_per_group
+    record: dict[str, Any] = {}
+    if arm.source == "online":
+        endpoint = free_tcp_endpoint()
+        cfg = _trainer_config(plan, trainer_argv, arm, seed, ["--source", "online", "--generators", endpoint], out)
+        command = [*_generator_flags(plan, captions, seed, images_per_group), "--bind", endpoint,
+                   "--drain-timeout", "5", "--max-groups-per-s", f"{groups_per_s:g}"]
+        log(f"{arm.name} (seed {seed}): online, generator at {plan.image_rate:g} images/s")
+        with GeneratorProcess(command, log_path=out / "generator.log") as generator:
+            summary = _train(cfg)
+            generator.check_alive()
+    else:
+        groups = math.ceil(plan.steps * captions_per_step / plan.offline_reuse)
+        shards = out / "shards"
+        log(f"{arm.name} (seed {seed}): writing {groups} groups of {images_per_group} to {shards}")
+        run_generator_cli([*_generator_flags(plan, captions, seed, images_per_group), "--out", str(shards),
+                           "--max-groups", str(groups)], timeout=3600)
+        record["offline_groups"] = groups
+        cfg = _trainer_config(plan, trainer_argv, arm, seed, ["--source", "offline", "--data", str(shards)], out)
+        summary = _train(cfg)
+    stats = summary.get("source_stats") or {}
+    record.update({
+        "name": arm.name, "method": arm.method, "source": arm.source, "max_reuse": arm.max_reuse, "seed": seed,
+        "steps": int(summary["steps"]), "images_seen": int(summary["images_seen"]),
+        "captions_per_step": captions_per_step, "draw_per_caption": draw,
+        "train_seconds": summary["train_seconds"], "train_images_per_s": summary["images_per_s"],
+        "mean_reuse": stats.get("reuse_mean"), "final_loss": summary["losses"][-1] if summary["losses"] else None,
+    })
+    record.update(_score(out, probe_dirs, plan, seed, log))
+    log(f"{arm.name} (seed {seed}): " + ", ".join(f"{k} {v:.1f}%" for k, v in record["probe"].items()))
+    return record
+
+
+def _commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=10)
+        return done.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def format_table(study: dict[str, Any]) -> str:
+    attributes = study["plan"]["attributes"]
+    lines = ["arm                  seed  " + "  ".join(f"{a:>10}" for a in attributes) + "   few-shot  reuse"]
+    for row in study["random_init"]:
+        lines.append(f"{'random init':<20} {row['seed']:>4}  " + "  ".join(f"{row['probe'][a]:>10.1f}" for a in attributes)
+                     + f"   {_fewshot(row):>8}")
+    for arm in study["arms"]:
+        reuse = "-" if arm["mean_reuse"] is None else f"{arm['mean_reuse']:.2f}"
+        lines.append(f"{arm['name']:<20} {arm['seed']:>4}  " + "  ".join(f"{arm['probe'][a]:>10.1f}" for a in attributes)
+                     + f"   {_fewshot(arm):>8}  {reuse:>5}")
+    return "\n".join(lines)
+
+
+def _fewshot(row: dict[str, Any]) -> str:
+    return "-" if row["fewshot"] is None else f"{row['fewshot']['accuracy']:.1f}"
+
+
+def plot(study: dict[str, Any], path: Path) -> Path:
+    """Bars: each attribute's top-1 per arm (mean over seeds) against the random init; line:
+    top-1 against max reuse for the stablerep online arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attributes = study["plan"]["attributes"]
+    names = list(dict.fromkeys(a["name"] for a in study["arms"]))
+
+    def mean(rows, attribute):
+        values = [r["probe"][attribute] for r in rows]
+        return sum(values) / len(values)
+
+    fig, (bars, line) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / (len(names) + 1)
+    for k, name in enumerate(["random init", *names]):
+        rows = study["random_init"] if name == "random init" else [a for a in study["arms"] if a["name"] == name]
+        bars.bar([i + k * width for i in range(len(attributes))], [mean(rows, a) for a in attributes], width,
+                 label=name)
+    bars.set_xticks([i + 0.4 for i in range(len(attributes))], attributes)
+    bars.set_ylabel("held-out linear probe top-1 (%)")
+    bars.legend(fontsize=7)
+    reuse_arms = [a for a in study["arms"] if a["method"] == "stablerep" and a["source"] == "online"]
+    limits = sorted({a["max_reuse"] for a in reuse_arms if a["max_reuse"] is not None})
+    xs = limits + [2 * max(limits, default=1) * 2]  # unlimited, drawn to the right
+    for attribute in attributes:
+        ys = [mean([a for a in reuse_arms if a["max_reuse"] == r], attribute) for r in limits]
+        unlimited = [a for a in reuse_arms if a["max_reuse"] is None]
+        if unlimited:
+            ys.append(mean(unlimited, attribute))
+        line.plot(xs[:len(ys)], ys, "o-", label=attribute)
+    line.set_xscale("log", base=2)
+    line.set_xticks(xs, [str(r) for r in limits] + ["unlimited"])
+    line.set_xlabel("--max-reuse (stablerep, online)")
+    line.set_ylabel("top-1 (%)")
+    line.legend(fontsize=7)
+    fig.suptitle(f"study: {study['plan']['steps']} steps per arm, generator {study['plan']['image_rate']:g} images/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_study(argv: list[str]) -> int:
+    """Run every arm for every seed (see module docstring); returns the exit status."""
+    plan, trainer_argv = parse_study_args(list(argv))
+    root = Path(plan.output)
+
+    def log(msg: str) -> None:
+        print(f"[study] {msg}", flush=True)
+
+    from benchmarks.report import machine_facts
+
+    t_start = time.perf_counter()
+    study: dict[str, Any] = {"machine": machine_facts(), "commit": _commit(), "plan": asdict(plan),
+                             "trainer_flags": trainer_argv, "random_init": [], "arms": []}
+    try:
+        captions, probe_dirs = _prepare_data(plan, root / "data", log)
+        for seed in range(plan.seeds):
+            init_arm = StudyArm("init", "stablerep", "online")
+            cfg = _trainer_config(plan, trainer_argv, init_arm, seed, ["--source", "online", "--generators",
+                                                                      "tcp://127.0.0.1:1"], root / f"init-seed{seed}")
+            init_dir = export_initial_backbone(cfg, root / f"init-seed{seed}")
+            study["random_init"].append({"seed": seed, **_score(init_dir, probe_dirs, plan, seed, log)})
+            for arm in plan.arms():
+                study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
+                (root / "study.json").write_text(json.dumps(study, indent=2))  # partial results survive a stop
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"stablerep-bench study: failed: {type(exc).__name__}: {exc} (partial results in {root})",
+              file=sys.stderr)
+        return 1
+    study["seconds"] = time.perf_counter() - t_start
+    (root / "study.json").write_text(json.dumps(study, indent=2))
+    table = format_table(study)
+    (root / "study.txt").write_text(table + "\n")
+    plot(study, root / "study.png")
+    print(table)
+    log(f"{len(study['arms'])} arms in {study['seconds']:.0f} s; wrote {root / 'study.json'}, study.txt, study.png")
+    return 0

@@ -1,0 +1,47 @@
+"""``stablerep-bench study --quick``: every arm really trains (generator subprocess or shards) and is probed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.study import StudyArm, StudyPlan, parse_study_args, run_study
+
+ARM_KEYS = {"name", "method", "source", "max_reuse", "seed", "steps", "images_seen", "probe", "fewshot"}
+
+
+def test_study_args_split_between_study_and_trainer(tmp_path):
+    plan, rest = parse_study_args(["--quick", "--seeds", "2", "--reuses", "1", "8", "--lr", "5e-4",
+                                   "--generator-args", "--steps 4 --recipe paper"])
+    assert plan.seeds == 2 and plan.reuses == (1, 8) and plan.steps == StudyPlan.quick().steps
+    assert plan.generator_args == ["--steps", "4", "--recipe", "paper"]
+    assert rest == ["--lr", "5e-4"]
+    names = [arm.name for arm in plan.arms()]
+    assert names == ["stablerep", "simclr", "clip", "stablerep-offline", "stablerep-reuse1", "stablerep-reuse8"]
+    assert plan.arms()[-1] == StudyArm("stablerep-reuse8", "stablerep", "online", 8)
+    with pytest.raises(SystemExit):
+        parse_study_args(["--probe", f"shape={tmp_path}"])  # no train/ and val/ there
+
+
+def test_quick_study_runs_every_arm_and_writes_json_table_and_plot(tmp_path):
+    out = tmp_path / "study"
+    assert run_study(["--quick", "--output", str(out), "--no-progress"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    plan = StudyPlan.quick()
+    arms = study["arms"]
+    assert [a["name"] for a in arms] == [arm.name for arm in plan.arms()]
+    for arm in arms:
+        assert ARM_KEYS <= set(arm), arm
+        assert arm["steps"] == plan.steps
+        assert arm["images_seen"] == plan.steps * 64  # the same images per step in every arm
+        assert set(arm["probe"]) == {"colour"} and 0.0 <= arm["probe"]["colour"] <= 100.0
+        assert 0.0 <= arm["fewshot"]["accuracy"] <= 100.0
+    by_name = {a["name"]: a for a in arms}
+    assert by_name["simclr"]["captions_per_step"] == 64 and by_name["stablerep"]["draw_per_caption"] == 4
+    assert by_name["stablerep-offline"]["source"] == "offline"
+    assert by_name["stablerep-offline"]["offline_groups"] == -(-plan.steps * 16 // 9)
+    assert by_name["stablerep-reuse1"]["max_reuse"] == 1 and by_name["stablerep-reuse1"]["mean_reuse"] <= 1.0
+    assert study["random_init"][0]["seed"] == 0 and "colour" in study["random_init"][0]["probe"]
+    assert (out / "study.png").stat().st_size > 0
+    table = (out / "study.txt").read_text()
+    assert "random init" in table and "stablerep-offline" in table
