@@ -5,7 +5,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tests.test_train_cli import read_summary, train_args
 from tests.train_helpers import free_tcp_endpoint
 from trainer import cli as train_cli
 from trainer.cli import parse_config
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = GeneratorConfig(images_per_group=2, save_size=8).welcome_info()
@@ -33,11 +33,6 @@ def _group(i: int) -> Group:
                  images=np.full((2, 4, 4, 3), i % 256, np.uint8), generator="fp", gen_seconds=0.1)
 
 
-def _wait(predicate, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_keys_are_written_once_with_private_secrets(tmp_path, capsys):
@@ -82,13 +77,13 @@ def test_only_the_authorized_key_is_served(tmp_path):
         good.start()
         for i in range(20):
             server.put(_group(i))
-        _wait(lambda: len(received) == 20, what="the good client's first 20 groups")
+        wait_for(lambda: len(received) == 20, what="the good client's first 20 groups")
 
         for curve in (None, CurveClient(unknown), CurveClient(stranger)):
             with pytest.raises(ConnectionError, match="no welcome"):
                 GroupClient([server.endpoint], lambda g: None, client_name="intruder", connect_timeout=1.5,
                             curve=curve).start()
-        _wait(lambda: server.stats().auth_refused >= 1, what="the unknown key's refusal")
+        wait_for(lambda: server.stats().auth_refused >= 1, what="the unknown key's refusal")
         # A plain socket writing a valid hello gets nothing, and nothing reaches the service.
         raw = context.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
@@ -98,7 +93,7 @@ def test_only_the_authorized_key_is_served(tmp_path):
 
         for i in range(20, 40):
             server.put(_group(i))
-        _wait(lambda: len(received) == 40, what="the good client's groups after the intruders")
+        wait_for(lambda: len(received) == 40, what="the good client's groups after the intruders")
         stats = server.stats()
         assert sorted(received) == [f"g{i:04d}" for i in range(40)]
         assert stats.bad_messages == 0 and stats.refused_clients == 0

@@ -18,6 +18,7 @@ from generator_service.service import ServiceOptions, epoch_seeds, group_id_for,
 from generator_service.shards import read_manifest
 from protocol import Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
 from protocol.client import GroupClient
+from tests.polling import wait_for
 
 M = 2
 QUEUE = 3
@@ -51,11 +52,6 @@ class RawClient:
         return None
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_path, tiny_sd_path):
@@ -86,7 +82,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    _wait(lambda: "endpoint" in started or "error" in outcome, 60, "the service to bind")
+    wait_for(lambda: "endpoint" in started or "error" in outcome, "the service to bind", timeout=60)
     assert "error" not in outcome, outcome.get("error")
     endpoint = started["endpoint"]
     context = zmq.Context()
@@ -108,7 +104,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
             assert isinstance(group, Group), "no group within the credits granted"
             received.append(group)
         # The queue fills up while this client has no credit; nothing more may arrive.
-        _wait(lambda: live["server"].stats().queue_depth == QUEUE, 120, "a full queue")
+        wait_for(lambda: live["server"].stats().queue_depth == QUEUE, "a full queue", timeout=120)
         assert raw.receive(1.5, want=(Group,)) is None
         raw.send(Credit(n=2))
         for _ in range(2):
@@ -126,7 +122,7 @@ def test_online_service_serves_within_credits_survives_garbage_and_archives(tmp_
         client = GroupClient([endpoint], on_group, client_name="trainer", credits=4, connect_timeout=30)
         client.start()
         try:
-            _wait(lambda: len(got) >= 8, 180, "8 groups at the GroupClient")
+            wait_for(lambda: len(got) >= 8, "8 groups at the GroupClient", timeout=180)
         finally:
             client.close()
         with lock:

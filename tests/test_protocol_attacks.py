@@ -26,6 +26,7 @@ from generator_service.config import GeneratorConfig
 from protocol import Credit, Error, Group, Heartbeat, Hello, Welcome, decode, encode
 from protocol.client import GroupClient
 from protocol.server import GroupServer
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = GeneratorConfig(images_per_group=2, save_size=32).welcome_info()
@@ -39,11 +40,6 @@ def _group(i: int, side: int = SIDE) -> Group:
                  images=np.full((2, side, side, 3), i % 256, np.uint8), generator="fp", gen_seconds=0.1)
 
 
-def _wait(predicate, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class Collector:
@@ -115,8 +111,8 @@ def test_deeply_nested_messages_are_refused_and_nobody_stops_being_served(server
         for frame in frames * 25:
             attacker.send_multipart([frame])
         _put(server, 50, 50)
-        _wait(lambda: server.stats().bad_messages >= 100, "100 refusals")
-        _wait(lambda: len(good) == 100, "the good client's 100 groups")
+        wait_for(lambda: server.stats().bad_messages >= 100, "100 refusals")
+        wait_for(lambda: len(good) == 100, "the good client's 100 groups")
         server.check()
         assert isinstance(_hello_answer(context, server.endpoint), Welcome)
         assert server.stats().handler_errors == 0
@@ -153,7 +149,7 @@ def test_a_client_survives_nested_welcome_and_group_from_a_hostile_service(conte
     thread.start()
     try:
         with GroupClient([endpoint], got, credits=2, connect_timeout=20) as client:
-            _wait(lambda: len(got) >= 1, "the good group after the nested one")
+            wait_for(lambda: len(got) >= 1, "the good group after the nested one")
             client.check()  # the I/O thread lives
             assert client.stats().bad_messages >= 2 and client.failed is None
         assert got.ids[0] == "g000001"
@@ -187,10 +183,10 @@ def test_credit_hoarders_hold_at_most_max_credit_and_lose_nothing_when_they_vani
         thread = threading.Thread(target=heartbeat, daemon=True)
         thread.start()
         try:
-            _wait(lambda: len(server.stats().clients) == 5 and server.stats().credit_clamped >= 12, "the clamps")
+            wait_for(lambda: len(server.stats().clients) == 5 and server.stats().credit_clamped >= 12, "the clamps")
             produced = 400
             _put(server, 0, produced)
-            _wait(lambda: len(good) >= produced - 4 * MAX_CREDIT, "the good client's share")
+            wait_for(lambda: len(good) >= produced - 4 * MAX_CREDIT, "the good client's share")
             stats = server.stats()
             assert len(stats.clients) == 5  # the hoarders are alive: their groups are held, not lost
             for name, client in stats.clients.items():
@@ -200,7 +196,7 @@ def test_credit_hoarders_hold_at_most_max_credit_and_lose_nothing_when_they_vani
         finally:
             alive.clear()  # vanish: silent for 3 heartbeats, then dead; their groups are re-queued
             thread.join(timeout=10)
-        _wait(lambda: len(good) == produced, "every group, the hoarded ones re-queued")
+        wait_for(lambda: len(good) == produced, "every group, the hoarded ones re-queued")
         assert server.stats().dead_clients >= 4 and server.stats().requeued >= 1
     assert sorted(good.ids) == [f"g{i:06d}" for i in range(produced)]  # each exactly once
 
@@ -232,14 +228,14 @@ def test_clients_that_keep_granting_but_never_read_cannot_starve_a_good_one(serv
         thread = threading.Thread(target=keep_granting, daemon=True)
         thread.start()
         try:
-            _wait(lambda: len(server.stats().clients) == 5, "the greedy hellos")
+            wait_for(lambda: len(server.stats().clients) == 5, "the greedy hellos")
             _put(server, 0, phase, side)
-            _wait(lambda: len(good) >= phase - 4 * MAX_CREDIT, "the first phase, less what the greedy hold")
+            wait_for(lambda: len(good) >= phase - 4 * MAX_CREDIT, "the first phase, less what the greedy hold")
             greedy_held = [c["unacked"] for key, c in server.stats().clients.items() if key.startswith("greedy#")]
             assert len(greedy_held) == 4 and all(held <= MAX_CREDIT for held in greedy_held)
             before = len(good)
             _put(server, phase, phase, side)
-            _wait(lambda: len(good) - before == phase, "all of the second phase for the good client")
+            wait_for(lambda: len(good) - before == phase, "all of the second phase for the good client")
             assert len(good) + sum(greedy_held) == 2 * phase
             server.check()
             assert isinstance(_hello_answer(context, server.endpoint), Welcome)
@@ -266,8 +262,8 @@ def test_a_flood_of_costly_hellos_does_not_stall_delivery(server, context):
             flood.send_multipart([oversized])
             if i % 300 == 0:
                 _put(server, 20 + i // 300 * 10, 10)
-        _wait(lambda: len(good) == 120, "the good client's groups during the flood")
-        _wait(lambda: server.stats().bad_messages >= 3000, "the oversized hellos refused")
+        wait_for(lambda: len(good) == 120, "the good client's groups during the flood")
+        wait_for(lambda: server.stats().bad_messages >= 3000, "the oversized hellos refused")
         stats = server.stats()
         assert stats.dead_clients == 0 and client.stats().reconnects == 0
         server.check()
@@ -289,18 +285,18 @@ def test_a_reconnect_storm_cannot_lock_trainers_out(context):
                     answer = _hello_answer(context, srv.endpoint)
                     assert isinstance(answer, Error) and answer.code == "busy"
                 _put(srv, 0, 10)
-                _wait(lambda: len(good) + len(other) == 10, "the trainers' groups")
+                wait_for(lambda: len(good) + len(other) == 10, "the trainers' groups")
                 assert srv.stats().refused_clients == 20 and srv.stats().evicted_clients == 0
             finally:
                 second.close()  # says bye: one session frees
-            _wait(lambda: len(srv.stats().clients) == 1, "the second trainer's bye")
+            wait_for(lambda: len(srv.stats().clients) == 1, "the second trainer's bye")
             for _ in range(20):  # half-open storm sessions evict one another
                 assert isinstance(_hello_answer(context, srv.endpoint), Welcome)
             assert srv.stats().evicted_clients == 19
             fresh = Collector()
             with GroupClient([srv.endpoint], fresh, client_name="fresh", credits=4, connect_timeout=20):
                 _put(srv, 10, 10)
-                _wait(lambda: len(good) + len(other) + len(fresh) == 20, "both trainers' groups")
+                wait_for(lambda: len(good) + len(other) + len(fresh) == 20, "both trainers' groups")
                 assert srv.stats().refused_clients == 20 and srv.stats().evicted_clients == 20
             assert sorted(good.ids + other.ids + fresh.ids) == [f"g{i:06d}" for i in range(20)]
     finally:
@@ -329,7 +325,7 @@ def test_kill_9_of_a_client_mid_stream_loses_no_group(server):
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, server.endpoint], cwd=REPO, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        _wait(lambda: len(server.stats().clients) == 1, "the victim's hello")
+        wait_for(lambda: len(server.stats().clients) == 1, "the victim's hello")
         _put(server, 0, 8)
         assert victim.stdout.readline().strip() == "holding 8"
         survivor = Collector()
@@ -337,9 +333,9 @@ def test_kill_9_of_a_client_mid_stream_loses_no_group(server):
             _put(server, 8, 40)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=30)
-            _wait(lambda: server.stats().dead_clients == 1, "the victim declared dead")
-            _wait(lambda: len(survivor) + server.stats().queue_depth == 48, "every group accounted for")
-            _wait(lambda: len(survivor) == 48, "every group at the survivor")
+            wait_for(lambda: server.stats().dead_clients == 1, "the victim declared dead")
+            wait_for(lambda: len(survivor) + server.stats().queue_depth == 48, "every group accounted for")
+            wait_for(lambda: len(survivor) == 48, "every group at the survivor")
         assert server.stats().requeued >= 8
         assert sorted(survivor.ids) == [f"g{i:06d}" for i in range(48)]
     finally:

@@ -13,6 +13,7 @@ from generator_service.config import GeneratorConfig
 from protocol import Bye, Credit, Error, Group, Hello, ProtocolError, Welcome, decode, encode
 from protocol.client import GroupClient
 from protocol.server import GroupServer
+from tests.polling import wait_for
 
 GENERATOR = GeneratorConfig(images_per_group=2, save_size=8).welcome_info()
 
@@ -24,13 +25,6 @@ def _group(i: int) -> Group:
                  images=np.full((2, 4, 4, 3), i % 256, np.uint8), generator="fp", gen_seconds=0.1)
 
 
-def _wait(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def _credits(server: GroupServer) -> int:
@@ -79,7 +73,7 @@ def test_round_trip_through_server_and_client(server):
         assert client.welcomes[server.endpoint].generator == GENERATOR
         for i in range(30):
             assert server.put(_group(i), timeout=5)
-        assert _wait(lambda: len(received) == 30)
+        assert wait_for(lambda: len(received) == 30)
     assert [g.caption_id for g in received] == list(range(30))
     for g in received:
         np.testing.assert_array_equal(g.images, np.full((2, 4, 4, 3), g.caption_id, np.uint8))
@@ -105,7 +99,7 @@ def _credit_checks(server, ctx):
                      connect_timeout=5):
         for i in range(40):
             server.put(_group(i), timeout=5)
-        assert _wait(lambda: len(received) == 37)
+        assert wait_for(lambda: len(received) == 37)
         groups = [m for m in raw.recv_all(0.5) if isinstance(m, Group)]
         assert len(groups) == 3  # exactly its credits, though 37 more groups went by
         raw.send(Credit(n=1))
@@ -126,18 +120,18 @@ def test_a_credit_acknowledges_only_up_to_the_group_it_names(ctx):
         for i in range(4):
             server.put(_group(i), timeout=5)
         groups = []
-        assert _wait(lambda: groups.extend(m for m in raw.recv_all(0.05) if isinstance(m, Group)) or len(groups) == 4)
+        assert wait_for(lambda: groups.extend(m for m in raw.recv_all(0.05) if isinstance(m, Group)) or len(groups) == 4)
         raw.send(Credit(n=5))  # no ack: nothing acknowledged, so the grant is clamped to 8 - 4 unacked
-        assert _wait(lambda: server.stats().credit_clamped == 1)
+        assert wait_for(lambda: server.stats().credit_clamped == 1)
         assert server.stats().acked == 0 and server.unacked() == 4
         raw.send(Credit(n=1, ack="g9999"))  # an id this client never got: nothing acknowledged
-        assert _wait(lambda: server.stats().unknown_acks == 1)
+        assert wait_for(lambda: server.stats().unknown_acks == 1)
         assert server.unacked() == 4
         raw.send(Credit(n=1, ack=groups[1].group_id))  # the second group and the one before it
-        assert _wait(lambda: server.stats().acked == 2)
+        assert wait_for(lambda: server.stats().acked == 2)
         assert server.unacked() == 2
         raw.send(Bye(ack=groups[2].group_id))  # leaves having received the third: only the fourth goes back
-        assert _wait(lambda: server.stats().left_clients == 1)
+        assert wait_for(lambda: server.stats().left_clients == 1)
         stats = server.stats()
         assert stats.acked == 3 and stats.requeued == 1 and stats.queue_depth == 1
     finally:
@@ -149,15 +143,15 @@ def test_silent_client_is_declared_dead_and_loses_no_queued_group(server, ctx):
     raw.send(Hello(client="silent", rank=0, world_size=1))
     raw.recv_all(0.1)
     raw.send(Credit(n=5))
-    assert _wait(lambda: _credits(server) == 5)
-    assert _wait(lambda: server.stats().dead_clients == 1, timeout=3 * HB_MS / 1000 + 2)
+    assert wait_for(lambda: _credits(server) == 5)
+    assert wait_for(lambda: server.stats().dead_clients == 1, timeout=3 * HB_MS / 1000 + 2)
     assert _credits(server) == 0 and server.stats().clients == {}
     for i in range(6):
         server.put(_group(i), timeout=5)
     assert server.stats().queue_depth == 6  # nobody to send to: every group still queued
     received = []
     with GroupClient([server.endpoint], lambda g: received.append(g.caption_id), credits=8, connect_timeout=5):
-        assert _wait(lambda: len(received) == 6)
+        assert wait_for(lambda: len(received) == 6)
     assert received == list(range(6))
 
 
@@ -196,7 +190,7 @@ def test_oversized_message_is_refused_and_server_survives(ctx):
         with GroupClient([srv.endpoint], lambda g: got.append(g.caption_id), connect_timeout=5,
                          max_message_bytes=64 * 1024):
             srv.put(_group(1), timeout=5)
-            assert _wait(lambda: got == [1])
+            assert wait_for(lambda: got == [1])
     finally:
         srv.close()
 
@@ -231,14 +225,14 @@ def test_client_sends_heartbeats_and_reconnects_after_service_restart(ctx):
     client = GroupClient([endpoint], lambda g: got.append(g.caption_id), credits=3, connect_timeout=5).start()
     try:
         # More than 3 intervals pass (5 heartbeats arrive): the heartbeats keep the client alive.
-        assert _wait(lambda: srv.stats().heartbeats_received >= 5, timeout=30)
+        assert wait_for(lambda: srv.stats().heartbeats_received >= 5, timeout=30)
         assert srv.stats().dead_clients == 0 and len(srv.stats().clients) == 1
         srv.put(_group(1), timeout=5)
-        assert _wait(lambda: got == [1])
+        assert wait_for(lambda: got == [1])
         srv.close()
         srv = GroupServer(endpoint, "svc-b", GENERATOR, heartbeat_ms=HB_MS).start()
         srv.put(_group(2), timeout=5)
-        assert _wait(lambda: got == [1, 2], timeout=10)
+        assert wait_for(lambda: got == [1, 2], timeout=10)
         assert client.stats().reconnects >= 1
         assert client.welcomes[endpoint].service == "svc-b"
     finally:
@@ -246,7 +240,7 @@ def test_client_sends_heartbeats_and_reconnects_after_service_restart(ctx):
         srv.close()
 
 
-def test_put_blocks_when_queue_full_and_counts_wait():
+def test_put_blocks_when_queue_full_and_countswait_for():
     srv = GroupServer("tcp://127.0.0.1:*", "svc", GENERATOR, max_queue=2).start()
     try:
         assert srv.put(_group(0), timeout=1) and srv.put(_group(1), timeout=1)

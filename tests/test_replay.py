@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 from protocol import Group
 from trainer import replay
 from trainer.replay import ReplayBuffer, ReplayBufferClosed
+from tests.polling import wait_for
 
 H = W = 4
 P = 3
@@ -125,12 +125,6 @@ def test_distinct_caption_ids_per_batch():
         buffer.sample(5, 1, timeout=0.05)
 
 
-def _wait_until(predicate, timeout: float = 30.0) -> None:
-    done = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        done.wait(0.005)
 
 
 def test_blocking_sample_wakes_when_producer_adds():
@@ -139,7 +133,7 @@ def test_blocking_sample_wakes_when_producer_adds():
     batches = []
     sampler = threading.Thread(target=lambda: batches.append(buffer.sample(3, 2, timeout=60.0)))
     sampler.start()
-    _wait_until(lambda: buffer.stats()["samplers_waiting"] == 1)  # blocked: 1 group, 3 needed
+    wait_for(lambda: buffer.stats()["samplers_waiting"] == 1)  # blocked: 1 group, 3 needed
     for cid in range(1, 4):
         buffer.add(make_group(cid))
     sampler.join(timeout=60)
@@ -163,7 +157,7 @@ def test_timeout_and_close_errors():
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    _wait_until(lambda: buffer.stats()["samplers_waiting"] == 1)
+    wait_for(lambda: buffer.stats()["samplers_waiting"] == 1)
     buffer.close()
     thread.join(timeout=5)
     assert not thread.is_alive() and isinstance(errors[0], ReplayBufferClosed)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import trainer.small_cnn  # noqa: F401  (registers the "small_cnn" timm model)
 from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
 from trainer.text import TextConfig, TextTower, build_projection
 
