@@ -26,7 +26,7 @@ import zmq
 
 from .bounds import clip
 from .codec import decode
-from .errors import ProtocolError
+from .errors import ERROR_CODES, ProtocolError
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .ratelog import RateLimitedLog
@@ -305,7 +305,9 @@ class GroupClient:
         elif isinstance(msg, Error):
             with self._lock:
                 self._stats.errors_from_service += 1
-            self._faults.note(f"service_error:{clip(msg.code, 20)}", f"{endpoint.url} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
+            # Kinds are the protocol's codes only, so made-up codes cannot defeat the rate limit.
+            kind = msg.code if msg.code in ERROR_CODES else "other"
+            self._faults.note(f"service_error:{kind}", f"{endpoint.url} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
             if endpoint.welcome is None and msg.code == "version":
                 self._fatal = ProtocolError("version", f"service {endpoint.url} refused our version: {msg.message}")
             elif endpoint.welcome is None and msg.code == "busy":

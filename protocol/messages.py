@@ -232,7 +232,8 @@ def validate_header(header: dict[str, Any]) -> None:
             raise _bad(msg_type, "n", header["n"], f"must be in [1, {MAX_CREDIT}]")
     elif msg_type == "group":
         _validate_group(header)
-    if "ack" in header and not 1 <= len(header["ack"]) <= MAX_STRING_FIELD:
+    # Only types that define ``ack`` check it; elsewhere it is an unknown field, ignored like any other.
+    if "ack" in OPTIONAL.get(msg_type, {}) and "ack" in header and not 1 <= len(header["ack"]) <= MAX_STRING_FIELD:
         raise _bad(msg_type, "ack", header["ack"], f"must be a group_id of 1..{MAX_STRING_FIELD} characters")
 
 

@@ -15,6 +15,10 @@ credit, round-robin among such clients. Flow control cannot be gamed:
   unacknowledged group and sent nothing since its own ``hello`` (or nothing for 2 heartbeats),
   else it gets ``error`` code ``busy``; and
   ZeroMQ holds at most ``send_hwm`` messages per peer;
+- a session lives on the ZeroMQ routing id the ROUTER generated for one connection: a ``hello``
+  from a peer that chose its own (``ZMQ_ROUTING_ID``) gets ``error`` code ``bad_message``, since
+  such a peer comes back under the same id after its connection breaks, ZeroMQ having dropped
+  what was queued to the old connection, and its next ``ack`` would acknowledge those groups;
 - every loop turn receives at most ``recv_batch`` messages (or ``slice_s`` seconds' worth), then
   sends, then heartbeats; trainer headers over ``max_client_header_bytes`` are refused unread.
 
@@ -49,6 +53,15 @@ DEFAULT_MAX_CLIENTS = 64
 DEFAULT_MAX_CLIENT_BYTES = 512 * 2**20
 #: Trainers send only tiny headers (hello is the largest, ~100 bytes).
 MAX_CLIENT_HEADER_BYTES = 4096
+#: The ROUTER names each connection of a peer that sets no routing id ``b"\0"`` + 4 bytes (libzmq).
+GENERATED_ID_BYTES = 5
+
+
+def chosen_routing_id(identity: bytes) -> bool:
+    """True for a routing id the peer set itself (``ZMQ_ROUTING_ID``): one that outlives its connection."""
+    return len(identity) != GENERATED_ID_BYTES or identity[0] != 0
+
+
 #: a session silent for this many heartbeat intervals (and holding no unacknowledged group) may be
 #: evicted to make room for a new ``hello`` at ``max_clients`` (dead is at 3), as may one that sent
 #: nothing since its ``hello``.
@@ -304,6 +317,11 @@ class GroupServer:
             client = self._clients.get(identity)
             if client is not None:
                 client.last_seen = now
+        if isinstance(msg, Hello) and chosen_routing_id(identity):
+            self._refuse(socket, identity, "bad_message", "hello from a peer that set its own ZeroMQ routing id "
+                         f"{clip(repr(identity), 60)}: connect without ZMQ_ROUTING_ID (groups queued to a broken "
+                         "connection are lost, and a session under the same id would acknowledge them)")
+            return
         if isinstance(msg, Hello):
             with self._cond:
                 if client is None and len(self._clients) >= self.max_clients:

@@ -344,3 +344,129 @@ def test_kill_9_of_a_client_mid_stream_loses_no_group(server):
         if victim.poll() is None:
             victim.kill()
         victim.stdout.close()
+
+
+def test_an_ack_field_on_a_message_that_has_none_is_ignored_by_both_ends(server, context):
+    """Only ``credit`` and ``bye`` carry ``ack``; on any other type it is an unknown field, ignored
+    like any other, whatever its type: neither end stops, and neither reports a handler error."""
+    raw = _raw(context, server.endpoint)
+    hello = {"v": 1, "type": "hello", "client": "acker", "rank": 0, "world_size": 1, "ack": 5}
+    raw.send_multipart([msgpack.packb(hello)])
+    assert raw.poll(10000) and isinstance(decode(raw.recv_multipart()), Welcome)
+    raw.send_multipart([msgpack.packb({"v": 1, "type": "heartbeat", "ack": None})])
+    wait_for(lambda: server.stats().heartbeats_received == 1, "the heartbeat with an ack of None")
+    assert server.stats().handler_errors == 0 and server.stats().bad_messages == 0
+    raw.close()
+
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    got = Collector()
+    stop = threading.Event()
+
+    def service() -> None:  # every message it sends carries an ack it has no business sending
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = decode(frames)
+            if isinstance(msg, Hello):
+                welcome = encode(Welcome("acking", GENERATOR, 1000, 8))
+                router.send_multipart([ident, msgpack.packb({**msgpack.unpackb(welcome[0]), "ack": 7})])
+            elif isinstance(msg, Credit) and not got.ids:
+                router.send_multipart([ident, msgpack.packb({"v": 1, "type": "heartbeat", "ack": [1]})])
+                group = encode(_group(3))
+                router.send_multipart([ident, msgpack.packb({**msgpack.unpackb(group[0]), "ack": 3}), *group[1:]])
+
+    thread = threading.Thread(target=service, daemon=True)
+    thread.start()
+    try:
+        with GroupClient([f"tcp://127.0.0.1:{port}"], got, credits=2, connect_timeout=20) as client:
+            wait_for(lambda: len(got) == 1, "the group that carries an ack")
+            client.check()
+            assert client.stats().handler_errors == 0 and client.stats().bad_messages == 0
+        assert got.ids == ["g000003"]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        router.close()
+
+
+def test_a_peer_chosen_routing_id_is_refused_so_a_reconnect_cannot_acknowledge_lost_groups(context):
+    """ZeroMQ drops what was queued to a connection that breaks; a peer that sets its own
+    ZMQ_ROUTING_ID comes back under the same id, in the same session, and its next ack would
+    acknowledge the groups lost with the first connection. The service answers a hello from a
+    chosen id with ``bad_message``, so there is no such session: every group reaches the good client."""
+    with GroupServer("tcp://127.0.0.1:*", "sticky", GENERATOR, heartbeat_ms=60000, max_credit=MAX_CREDIT) as server:
+        _chosen_routing_id_checks(server, context)
+
+
+def _chosen_routing_id_checks(server: GroupServer, context: zmq.Context) -> None:
+
+    def ask(msg: object) -> tuple[zmq.Socket, object]:
+        """Connect under the chosen id and send ``msg`` until something comes back. While the
+        service still holds a connection under that id, ZeroMQ ignores a new one: try a fresh one."""
+        replies: list = []
+
+        def answered() -> bool:
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, b"trainer-0")
+            sock.connect(server.endpoint)
+            sock.send_multipart(encode(msg))
+            if sock.poll(200):
+                replies.append((sock, decode(sock.recv_multipart())))
+                return True
+            sock.close()
+            return False
+
+        wait_for(answered, f"an answer to {type(msg).__name__}")
+        return replies[0]
+
+    first, answer = ask(Hello(client="sticky"))
+    first.send_multipart(encode(Credit(n=4)))
+    _put(server, 0, 5)
+    wait_for(lambda: server.unacked() + server.stats().queue_depth == 5, "the five groups held or queued")
+    first.close()  # whatever was sent to it and not read is gone with the connection
+    again, reply = ask(Credit(n=1))
+    if isinstance(reply, Group):  # the same session on a new connection: it acknowledges what it got
+        again.send_multipart(encode(Credit(n=1, ack=reply.group_id)))
+        wait_for(lambda: server.stats().acked + server.stats().unknown_acks >= 1, "the ack")
+    again.close()
+    assert server.stats().acked == 0, "groups never read were acknowledged"
+    assert isinstance(answer, Error) and answer.code == "bad_message" and "routing id" in answer.message
+    good = Collector()
+    with GroupClient([server.endpoint], good, client_name="good", credits=4, connect_timeout=20):
+        wait_for(lambda: len(good) == 5, "the five groups at the good client")
+    assert sorted(good.ids) == [f"g{i:06d}" for i in range(5)]
+
+
+def test_a_service_cannot_flood_the_client_log_with_made_up_error_codes(context):
+    """Refusals are logged once per kind per interval; a service inventing a new error code per
+    message gets them all counted under one kind, so neither the log nor the counters grow with them."""
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def service() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            if isinstance(decode(frames), Hello):
+                router.send_multipart([ident, *encode(Welcome("inventive", GENERATOR, 60000, 8))])
+                for i in range(500):
+                    router.send_multipart([ident, msgpack.packb({"v": 1, "type": "error", "code": f"made-up-{i}",
+                                                                 "message": "?"})])
+
+    thread = threading.Thread(target=service, daemon=True)
+    thread.start()
+    try:
+        with GroupClient([f"tcp://127.0.0.1:{port}"], lambda g: None, credits=2, connect_timeout=20) as client:
+            wait_for(lambda: client.stats().errors_from_service == 500, "the 500 made-up errors")
+            client.check()
+            kinds = [kind for kind in client._faults.totals if kind.startswith("service_error")]
+            assert kinds == ["service_error:other"] and client._faults.totals[kinds[0]] == 500
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        router.close()

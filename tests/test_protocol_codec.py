@@ -213,6 +213,13 @@ def test_an_ack_that_is_no_group_id_is_refused_naming_the_field(ack):
         assert error.code == "bad_message" and f"{msg_type}.ack" in error.message
 
 
+@pytest.mark.parametrize("ack", [5, None, "", ["g1"]])
+def test_an_ack_on_a_type_without_one_is_an_ignored_unknown_field(ack):
+    assert isinstance(decode([msgpack.packb({"v": 1, "type": "heartbeat", "ack": ack})]), Heartbeat)
+    hello = {"v": 1, "type": "hello", "client": "t", "rank": 0, "world_size": 1, "ack": ack}
+    assert decode([msgpack.packb(hello)]) == Hello(client="t")
+
+
 def test_encode_refuses_invalid_messages():
     with pytest.raises(ProtocolError):
         encode(Credit(n=0))
