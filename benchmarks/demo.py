@@ -130,6 +130,28 @@ def run_generator_cli(args: list[str], timeout: float = 300.0) -> str:
     return done.stdout
 
 
+def write_probe_sets(attributes: tuple[str, ...] | list[str], data: Path, train_per_class: int,
+                     val_per_class: int, seed: int, reuse: bool = False) -> dict[str, Path]:
+    """Labelled procedural probe folders ``data/probe_<attribute>/{train,val}/<class>/``, one per attribute.
+
+    Attribute ``i`` gets seed ``seed + 1000 + i`` (so its images never equal a training image or another
+    attribute's). ``reuse``: keep a folder that already has ``val/`` (the study scores many arms on
+    one set); otherwise an old folder is replaced. Returns attribute -> folder.
+    """
+    folders: dict[str, Path] = {}
+    for i, attribute in enumerate(attributes):
+        folder = data / f"probe_{attribute}"
+        folders[attribute] = folder
+        if reuse and (folder / "val").is_dir():
+            continue
+        if folder.exists():
+            shutil.rmtree(folder)
+        run_generator_cli(["probe-set", "--out", str(folder), "--attribute", attribute,
+                           "--train-per-class", str(train_per_class), "--val-per-class", str(val_per_class),
+                           "--size", "64", "--seed", str(seed + 1000 + i)])
+    return folders
+
+
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
     """``tcp://host:PORT`` with a port the OS just reported free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -340,16 +362,8 @@ def run_demo(argv: list[str], output: str | None = None) -> int:
         t0 = time.perf_counter()
         captions = data / "captions.txt"
         run_generator_cli(["captions", "--n", str(plan.captions), "--out", str(captions), "--seed", str(plan.seed)])
-        probe_dirs: dict[str, Path] = {}
-        for i, attribute in enumerate(plan.attributes):
-            folder = data / f"probe_{attribute}"
-            if folder.exists():
-                shutil.rmtree(folder)
-            run_generator_cli(["probe-set", "--out", str(folder), "--attribute", attribute,
-                               "--train-per-class", str(plan.probe_train_per_class),
-                               "--val-per-class", str(plan.probe_val_per_class),
-                               "--size", "64", "--seed", str(plan.seed + 1000 + i)])
-            probe_dirs[attribute] = folder
+        probe_dirs = write_probe_sets(plan.attributes, data, plan.probe_train_per_class,
+                                      plan.probe_val_per_class, plan.seed)
         timings["data_s"] = time.perf_counter() - t0
         log(f"wrote {plan.captions} captions and probe sets for {', '.join(plan.attributes)} under {data}")
 

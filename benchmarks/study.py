@@ -39,7 +39,7 @@ from typing import Any
 
 from benchmarks.demo import (
     DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, export_initial_backbone, free_tcp_endpoint,
-    probe_snapshots, run_generator_cli,
+    probe_snapshots, run_generator_cli, write_probe_sets,
 )
 
 DEFAULT_OUTPUT = "runs/study"
@@ -217,15 +217,8 @@ def _prepare_data(plan: StudyPlan, data: Path, log) -> tuple[Path, dict[str, Pat
         run_generator_cli(["captions", "--n", str(plan.captions), "--out", str(captions), "--seed", "0"])
     if plan.probes:
         return captions, {name: Path(folder) for name, folder in plan.probes.items()}
-    probe_dirs = {}
-    for i, attribute in enumerate(plan.attributes):
-        folder = data / f"probe_{attribute}"
-        if not (folder / "val").is_dir():
-            run_generator_cli(["probe-set", "--out", str(folder), "--attribute", attribute,
-                               "--train-per-class", str(plan.probe_train_per_class),
-                               "--val-per-class", str(plan.probe_val_per_class), "--size", "64",
-                               "--seed", str(1000 + i)])
-        probe_dirs[attribute] = folder
+    probe_dirs = write_probe_sets(plan.attributes, data, plan.probe_train_per_class, plan.probe_val_per_class,
+                                  seed=0, reuse=True)
     log(f"probe sets for {', '.join(probe_dirs)} under {data}")
     return captions, probe_dirs
 
