@@ -2,6 +2,7 @@
 
     stablerep-bench transport --output runs/bench     # protocol v1 vs bare pyzmq vs pickle (alias: protocol)
     stablerep-bench generator --model random:sd15   # needs a GPU for meaningful numbers
+    stablerep-bench generator-sweep --steps-list 20,50 --sizes 256,512  # generator images/s vs steps and size
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
     stablerep-bench flops     --steps 50 --guidance 2  # FLOPs per generated / trained image, limit at a peak
     stablerep-bench buffer    --precision bf16      # replay sampling + augmentation per batch vs the step
@@ -44,6 +45,17 @@ def _protocol(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _generator_sweep(args: argparse.Namespace) -> None:
+    from .generator_sweep import plot, run_from_args
+
+    rows, table = run_from_args(args)
+    output, name = Path(args.output), args.name or args.bench
+    path = write_results(output, name, rows, table)
+    print(table)
+    print(f"wrote {path}")
+    print(f"wrote {plot(rows, output / f'{name}.png')}")
+
+
 def _stage(name: str, module_name: str, unit: str = "images/s"):
     def run(args: argparse.Namespace) -> None:
         import importlib
@@ -67,6 +79,7 @@ ALL_CUDA_RUNS = [
     ["generator", "--model", "random:sd15", "--recipe", "lcm4", "--lora", "none", "--name", "generator-lcm4"],
     ["generator", "--model", "random:sd15", "--recipe", "turbo-tiny", "--vae", "tiny:random", "--name",
      "generator-turbo-tiny"],
+    ["generator-sweep", "--model", "random:sd15", "--steps-list", "20,50", "--sizes", "256,512", "--captions", "16"],
     ["trainer", "--precision", "bf16"],
     ["buffer", "--precision", "bf16"],
 ]
@@ -105,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         drills,
         flops,
         generator_bench,
+        generator_sweep,
         online_bench,
         plan,
         trainer_bench,
@@ -113,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generator", help="generator images/s: this service vs plain diffusers, same recipe")
     generator_bench.add_arguments(gen)
     gen.set_defaults(func=_stage("generator", "generator_bench"))
+    gen_sweep = sub.add_parser("generator-sweep", help="generator images/s over a grid of steps x sizes, "
+                                                       "every generator flag passed through; line plot")
+    generator_sweep.add_arguments(gen_sweep)
+    gen_sweep.set_defaults(func=_generator_sweep)
     train = sub.add_parser("trainer", help="trainer images/s: step fed by the replay/online source vs bare step")
     trainer_bench.add_arguments(train)
     train.set_defaults(func=_stage("trainer", "trainer_bench"))
