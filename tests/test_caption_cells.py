@@ -37,6 +37,22 @@ def test_cells_hold_one_word_neighbours_of_their_anchor():
     assert positions == {(0,), (1,), (3,), (5,)}
 
 
+def test_vary_words_limit_cells_to_those_words():
+    from generator_service.procedural.grammar import SHAPES, TEXTURES
+    captions = all_captions()
+    rng = np.random.default_rng(0)
+    vary = set(SHAPES) | set(TEXTURES)
+    positions = set()
+    for _ in range(20):
+        for anchor, *others in select_cells(captions, 36, 6, rng, vary_words=vary):
+            for other in others:
+                (position,) = differing_positions(captions[anchor], captions[other])
+                assert caption_words(captions[other])[position] in vary
+                positions.add(position)
+    assert positions == {1, 3}  # shape and texture only, never colour or background
+    assert select_cells(captions, 36, 6, rng, vary_words={"zebra"}) == []
+
+
 def test_captions_without_neighbours_give_no_cells():
     rng = np.random.default_rng(0)
     assert select_cells(["a red circle", "two blue dogs running", "the sky"], 3, 4, rng) == []
@@ -44,8 +60,8 @@ def test_captions_without_neighbours_give_no_cells():
         select_cells(["a b"], 2, 1, rng)
 
 
-def _buffer_of_procedural_groups(hard_fraction: float, n: int = 200) -> ReplayBuffer:
-    buffer = ReplayBuffer(n, 2, 4, 4, hard_fraction=hard_fraction, cell_size=6, seed=1)
+def _buffer_of_procedural_groups(hard_fraction: float, n: int = 200, cell_words=()) -> ReplayBuffer:
+    buffer = ReplayBuffer(n, 2, 4, 4, hard_fraction=hard_fraction, cell_size=6, seed=1, cell_words=cell_words)
     for caption_id, caption in enumerate(all_captions()[:: 576 // n][:n]):
         images = np.full((2, 4, 4, 3), caption_id % 256, dtype=np.uint8)
         buffer.add(Group(group_id=f"g{caption_id}", caption_id=caption_id, caption=caption,
@@ -71,6 +87,20 @@ def test_replay_hard_batches_are_made_of_cells_and_uniform_ones_are_not():
     assert hard.stats()["hard_batches"] == 10 and uniform.stats()["hard_batches"] == 0
 
 
+def test_replay_cells_vary_only_the_cell_words():
+    buffer = _buffer_of_procedural_groups(1.0, cell_words=["Circle", "square", "triangle", "hexagon", "star", "cross"])
+    shape_pairs, other_pairs = 0, 0
+    for _ in range(10):
+        captions = buffer.sample(24, 2, timeout=5).captions
+        for i, a in enumerate(captions):
+            for b in captions[i + 1:]:
+                differing = differing_positions(a, b)
+                shape_pairs += differing == [1]
+                other_pairs += len(differing) == 1 and differing != [1]
+    # the cells vary the shape word only; one-word pairs elsewhere come from the uniform filler alone
+    assert shape_pairs >= 5 * 10 and other_pairs * 5 < shape_pairs, (shape_pairs, other_pairs)
+
+
 ONLINE = {"generators": ["tcp://127.0.0.1:5555"]}
 
 
@@ -79,3 +109,5 @@ def test_hard_negative_settings_are_validated():
         build_config(overrides={"data": ONLINE, "replay": {"hard_fraction": 1.5}})
     with pytest.raises(ConfigError, match="replay.cell_size"):
         build_config(overrides={"data": ONLINE, "replay": {"cell_size": 1}})
+    with pytest.raises(ConfigError, match="replay.cell_words"):
+        build_config(overrides={"data": ONLINE, "replay": {"cell_words": ["two words"]}})

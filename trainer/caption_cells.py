@@ -5,9 +5,10 @@ telling them apart never needs that detail (on the procedural grammar: colour x 
 separates almost every pair of a 16-caption batch, and shape and texture are never needed). A
 *cell* is an anchor caption plus captions that equal it word for word except at one word position
 (the varying position is drawn per cell among those where the candidates offer alternatives): hard
-negatives for whatever that word names. ``select_cells`` fills a batch with cells; the replay
-buffer uses it for a ``hard_fraction`` of its batches (``--hard-negatives``) and draws the others
-uniformly.
+negatives for whatever that word names. ``vary_words`` narrows the cells to positions where the
+anchor's and every neighbour's word are in a given vocabulary (e.g. object nouns), so the batches
+teach exactly those distinctions. ``select_cells`` fills a batch with cells; the replay buffer uses
+it for a ``hard_fraction`` of its batches (``--hard-negatives``) and draws the others uniformly.
 
 Words are compared after lower-casing, dropping punctuation and the articles a/an/the (so "an
 orange" and "a red" differ in one word). Nothing here knows a caption grammar.
@@ -28,11 +29,14 @@ def caption_words(caption: str) -> tuple[str, ...]:
     return tuple(w for w in _WORD.findall(caption.lower()) if w not in ARTICLES)
 
 
-def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random.Generator) -> list[list[int]]:
+def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random.Generator,
+                 vary_words: frozenset[str] | set[str] | None = None) -> list[list[int]]:
     """Cells of indices into ``captions``, at most ``count`` indices in all, no caption twice.
 
     Each cell is ``[anchor, *others]``: up to ``cell_size - 1`` other captions equal to the anchor
     except at one word position (drawn per cell among the positions where neighbours exist).
+    ``vary_words`` (lower-case words; None or empty = any word): a cell may only vary a position
+    where the anchor's word and the neighbours' words are all in this set.
     Anchors are tried in random order; an anchor without any one-word neighbour left is skipped.
     Fewer than ``count`` indices come back when the captions run out of neighbours; the caller
     fills the rest.
@@ -40,6 +44,7 @@ def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random
     if cell_size < 2:
         raise ValueError(f"cell_size must be >= 2, got {cell_size}")
     words = [caption_words(c) for c in captions]
+    vary = frozenset(vary_words) if vary_words else None
     # (length, position, words with that position blanked) -> indices, one per distinct caption.
     buckets: dict[tuple, list[int]] = defaultdict(list)
     first_of: dict[tuple[str, ...], int] = {}
@@ -61,8 +66,10 @@ def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random
         w = words[anchor]
         options = []
         for position in range(len(w)):
+            if vary is not None and w[position] not in vary:
+                continue
             members = [i for i in buckets[(len(w), position, w[:position] + w[position + 1:])]
-                       if i != anchor and i not in used]
+                       if i != anchor and i not in used and (vary is None or words[i][position] in vary)]
             if members:
                 options.append(members)
         if not options:

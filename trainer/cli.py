@@ -81,6 +81,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("replay", ("--min-fresh",), "replay.min_fresh", dict(type=float, help="fraction of never-drawn groups per batch")),
     ("replay", ("--hard-negatives",), "replay.hard_fraction", dict(type=float, metavar="FRACTION", help="fraction of batches made of caption cells: an anchor caption and captions differing from it in one word (default 0)")),
     ("replay", ("--cell-size",), "replay.cell_size", dict(type=int, help="captions per caption cell of --hard-negatives batches")),
+    ("replay", ("--cell-words",), "replay.cell_words", dict(nargs="+", metavar="WORD", help="the words a caption cell may vary, e.g. the object nouns (default: any word)")),
     ("optimizer", ("--lr",), "optim.lr", dict(type=float, help="peak lr (default, the official rule: base lr x captions x draw / 256 x crops / 2)")),
     ("optimizer", ("--base-lr",), "optim.base_lr", dict(type=float, help="lr per 256 images")),
     ("optimizer", ("--betas",), "optim.betas", dict(nargs=2, type=float, metavar=("B1", "B2"), help="AdamW betas")),

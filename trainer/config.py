@@ -109,6 +109,7 @@ class ReplayConfig:
     min_fresh: float = 0.0  # minimum fraction of never-drawn groups per batch, in [0, 1]
     hard_fraction: float = 0.0  # fraction of batches built of caption cells (hard negatives), in [0, 1]
     cell_size: int = 6  # captions per cell: an anchor and captions differing from it in one word
+    cell_words: list[str] = field(default_factory=list)  # the words a cell may vary ([] = any word)
 
 
 @dataclass
@@ -294,6 +295,9 @@ class TrainConfig:
             _fail("replay.hard_fraction", r.hard_fraction, "must be in [0, 1]")
         if r.cell_size < 2:
             _fail("replay.cell_size", r.cell_size, "a cell holds an anchor and at least one neighbour (>= 2)")
+        for word in r.cell_words:
+            if not isinstance(word, str) or not word.strip() or len(word.split()) != 1:
+                _fail("replay.cell_words", word, "every entry must be one word")
         _positive("optim.base_lr", o.base_lr)
         _positive("optim.lr", o.lr, optional=True)
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

@@ -69,6 +69,7 @@ class ReplayBuffer:
         seed: seed of the sampling RNG.
         hard_fraction: fraction of batches made of caption cells (hard negatives), in [0, 1].
         cell_size: captions per cell (anchor included), >= 2.
+        cell_words: the words a cell may vary (`trainer.caption_cells.select_cells`); empty = any.
         recent_ids: how many of the latest group ids are remembered (default ``max(4 * capacity,
             4096)``): a group whose id the buffer holds or has recently held is ignored (counted as
             ``repeats``), so the service's at-least-once delivery becomes exactly-once here.
@@ -88,6 +89,7 @@ class ReplayBuffer:
         seed: int = 0,
         hard_fraction: float = 0.0,
         cell_size: int = 6,
+        cell_words: list[str] | tuple[str, ...] = (),
         recent_ids: int | None = None,
     ) -> None:
         if capacity_groups < 1 or images_per_group < 1 or height < 1 or width < 1:
@@ -98,6 +100,7 @@ class ReplayBuffer:
         # The policies (evict in EVICTION_POLICIES, max_reuse >= 1, min_fresh and hard_fraction in
         # [0, 1], cell_size >= 2) are checked once, where the run's config is validated (trainer.config).
         self.hard_fraction, self.cell_size = float(hard_fraction), int(cell_size)
+        self.cell_words = frozenset(w.lower() for w in cell_words)
         self.capacity = int(capacity_groups)
         self.images_per_group = int(images_per_group)
         self.height, self.width = int(height), int(width)
@@ -394,7 +397,8 @@ class ReplayBuffer:
         pool = _one_per_caption(candidates, self._caption_ids)
         if pool.size < G:
             return None
-        cells = select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng)
+        cells = select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng,
+                             vary_words=self.cell_words)
         picked = pool[np.asarray([i for cell in cells for i in cell], dtype=np.int64)]
         rest = pool[~np.isin(pool, picked)][: G - picked.size]
         chosen = np.concatenate([picked, rest]).astype(np.int64)

@@ -77,7 +77,7 @@ class OnlineSource:
         rank, world_size: this process's place among the trainer processes (sent in ``hello``).
         capacity_groups, capacity_gib: buffer capacity (at most one of them).
         storage: ``"auto"`` | ``"gpu"`` | ``"host"``.
-        evict, max_reuse, min_fresh, hard_fraction, cell_size: replay policies (see ``trainer.replay``).
+        evict, max_reuse, min_fresh, hard_fraction, cell_size, cell_words: replay policies (see ``trainer.replay``).
         image_size: buffer image side (``None``: from the generators).
         credits: groups in flight per endpoint.
         connect_timeout: seconds to wait for every generator's ``welcome``.
@@ -108,6 +108,7 @@ class OnlineSource:
         min_fresh: float = 0.0,
         hard_fraction: float = 0.0,
         cell_size: int = 6,
+        cell_words: list[str] | tuple[str, ...] = (),
         image_size: int | None = None,
         credits: int = 8,
         connect_timeout: float = 30.0,
@@ -128,7 +129,7 @@ class OnlineSource:
         self._buffer_args = dict(
             capacity_groups=capacity_groups, capacity_gib=capacity_gib, storage=storage, evict=evict,
             max_reuse=max_reuse, min_fresh=min_fresh, hard_fraction=hard_fraction, cell_size=cell_size,
-            seed=seed + 1000 * rank,
+            cell_words=tuple(cell_words), seed=seed + 1000 * rank,
         )
         self._image_size = image_size
         self._images_per_group: int | None = None
@@ -203,7 +204,7 @@ class OnlineSource:
         self.replay = ReplayBuffer(
             capacity, self._images_per_group, height, width, device=storage_device,
             evict=args["evict"], max_reuse=args["max_reuse"], min_fresh=args["min_fresh"], seed=args["seed"],
-            hard_fraction=args["hard_fraction"], cell_size=args["cell_size"],
+            hard_fraction=args["hard_fraction"], cell_size=args["cell_size"], cell_words=args["cell_words"],
         )
         if self._pending_state is not None:
             self.replay.load_state_dict(self._pending_state)
