@@ -46,16 +46,15 @@ SNAPSHOTS = "snapshots"
 class DemoPlan:
     """What one demo run does; ``--quick`` shrinks every part.
 
-    The first attribute is the headline probe. In a few hundred CPU steps the tiny ViT learns the
-    caption's colour (invariant to the colour jitter) and background well beyond its random init;
-    shape and texture are not learned in this budget by any setting tried (benchmarks/RESULTS.md,
-    "Demo: learning shape and texture") and are probed to show exactly that. The probes train on
-    100 images per class: with 20 the selected classifier fits its training images perfectly and
-    generalizes at chance.
+    The first attribute is the headline probe. With the demo preset (small_cnn, caption cells that
+    differ only in shape or texture, weak augmentation; trainer/presets/demo.yaml) 1200 CPU steps
+    learn colour, shape and texture well beyond the random init (benchmarks/RESULTS.md, "Demo:
+    learning shape and texture"). The probes train on 100 images per class: with 20 the selected
+    classifier fits its training images perfectly and generalizes at chance.
     """
 
-    steps: int = 400
-    probe_every: int = 100
+    steps: int = 1200
+    probe_every: int = 300
     attributes: tuple[str, ...] = ("colour", "background", "texture", "shape")
     captions: int = 576
     probe_train_per_class: int = 100

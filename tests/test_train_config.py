@@ -117,8 +117,11 @@ def test_print_config(capsys):
 
 def test_demo_preset_holds_the_demo_trainer_settings():
     cfg, _ = cli.parse_config(["--preset", "demo", *GEN])
-    assert cfg.model.model_kwargs == {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}
+    assert (cfg.model.name, cfg.model.model_kwargs) == ("small_cnn", {})
     assert (cfg.data.captions_per_step, cfg.data.draw_per_caption, cfg.model.img_size) == (16, 4, 64)
+    # caption cells that differ only in shape or texture, and the weak augmentation (README, "Quick start")
+    assert cfg.replay.hard_fraction == 0.8 and set(cfg.replay.cell_words) >= {"circle", "stripes"}
+    assert cfg.augment.strong is False
 
 
 def test_schedule_values_at_known_steps():
