@@ -120,7 +120,7 @@ def test_demo_preset_holds_the_demo_trainer_settings():
     assert (cfg.model.name, cfg.model.model_kwargs) == ("small_cnn", {})
     assert (cfg.data.captions_per_step, cfg.data.draw_per_caption, cfg.model.img_size) == (16, 4, 64)
     # caption cells that differ only in shape or texture, and the weak augmentation (README, "Quick start")
-    assert cfg.replay.hard_fraction == 0.8 and set(cfg.replay.cell_words) >= {"circle", "stripes"}
+    assert cfg.replay.hard_fraction == 1.0 and set(cfg.replay.cell_words) >= {"circle", "stripes"}
     assert cfg.augment.strong is False
 
 
