@@ -48,8 +48,8 @@ class DemoPlan:
 
     The first attribute is the headline probe. With the demo preset (small_cnn, caption cells that
     differ only in shape or texture, weak augmentation; trainer/presets/demo.yaml) 1200 CPU steps
-    learn colour, shape and texture well beyond the random init (benchmarks/RESULTS.md, "Demo:
-    learning shape and texture"). The probes train on 100 images per class: with 20 the selected
+    learn colour and shape well beyond the random init and texture partly (benchmarks/RESULTS.md,
+    "Demo: shape and texture learned contrastively"). The probes train on 100 images per class: with 20 the selected
     classifier fits its training images perfectly and generalizes at chance.
     """
 
