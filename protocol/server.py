@@ -42,7 +42,7 @@ from .generator_info import GeneratorInfo
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .ratelog import RateLimitedLog
-from .server_state import ClientInfo, ServerStats, SentGroup
+from .server_state import EVICT_AFTER_HEARTBEATS, ClientInfo, SentGroup, ServerStats, chosen_routing_id, evictable
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,6 @@ DEFAULT_MAX_CLIENTS = 64
 DEFAULT_MAX_CLIENT_BYTES = 512 * 2**20
 #: Trainers send only tiny headers (hello is the largest, ~100 bytes).
 MAX_CLIENT_HEADER_BYTES = 4096
-#: The ROUTER names each connection of a peer that sets no routing id ``b"\0"`` + 4 bytes (libzmq).
-GENERATED_ID_BYTES = 5
-
-
-def chosen_routing_id(identity: bytes) -> bool:
-    """True for a routing id the peer set itself (``ZMQ_ROUTING_ID``): one that outlives its connection."""
-    return len(identity) != GENERATED_ID_BYTES or identity[0] != 0
-
-
-#: a session silent for this many heartbeat intervals (and holding no unacknowledged group) may be
-#: evicted to make room for a new ``hello`` at ``max_clients`` (dead is at 3), as may one that sent
-#: nothing since its ``hello``.
-EVICT_AFTER_HEARTBEATS = 2
-
 
 class ServerFailed(RuntimeError):
     """The service's I/O thread died: nothing is served any more."""
@@ -379,17 +365,11 @@ class GroupServer:
     def _acknowledge(self, client: ClientInfo, ack: str) -> None:
         """``ack`` (a group id) acknowledges that group and all sent before it to this client; an
         empty or unknown id acknowledges nothing (counted in ``stats.unknown_acks``)."""
-        if not ack:
-            return
-        if not any(sent.group_id == ack for sent in client.unacked):
+        acked = client.acknowledge(ack)
+        if acked is None:
             self._stats.unknown_acks += 1
-            return
-        while client.unacked:
-            sent = client.unacked.popleft()
-            client.unacked_bytes -= sent.nbytes
-            self._stats.acked += 1
-            if sent.group_id == ack:
-                return
+        else:
+            self._stats.acked += acked
 
     def _requeue(self, client: ClientInfo) -> None:
         """Put a client's unacknowledged groups back at the front of the queue, oldest first."""
@@ -406,11 +386,9 @@ class GroupServer:
         first) or has been silent for over ``EVICT_AFTER_HEARTBEATS`` intervals. So a storm of
         hellos that never follow up cannot lock anyone out, and a trainer that granted credit and
         heartbeats is never evicted."""
-        idle_after = EVICT_AFTER_HEARTBEATS * self.heartbeat_ms / 1000.0
-        candidates = [(c.followed_up, c.last_seen, ident) for ident, c in self._clients.items()
-                      if not c.unacked and (not c.followed_up or now - c.last_seen > idle_after)]
-        if candidates:
-            self._drop(min(candidates)[2], "evicted")
+        identity = evictable(self._clients, now, EVICT_AFTER_HEARTBEATS * self.heartbeat_ms / 1000.0)
+        if identity is not None:
+            self._drop(identity, "evicted")
 
     def _drop(self, identity: bytes, why: str) -> None:
         client = self._clients.pop(identity, None)

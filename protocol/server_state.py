@@ -1,9 +1,22 @@
-"""What the service keeps per trainer client, and the counters it reports (``GroupServer.stats``)."""
+"""What the service keeps per trainer client, who it admits and evicts, and the counters it reports
+(``GroupServer.stats``)."""
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
 from typing import Any
+
+#: The ROUTER names each connection of a peer that sets no routing id ``b"\0"`` + 4 bytes (libzmq).
+GENERATED_ID_BYTES = 5
+#: a session silent for this many heartbeat intervals (and holding no unacknowledged group) may be
+#: evicted to make room for a new ``hello`` at ``max_clients`` (dead is at 3), as may one that sent
+#: nothing since its ``hello``.
+EVICT_AFTER_HEARTBEATS = 2
+
+
+def chosen_routing_id(identity: bytes) -> bool:
+    """True for a routing id the peer set itself (``ZMQ_ROUTING_ID``): one that outlives its connection."""
+    return len(identity) != GENERATED_ID_BYTES or identity[0] != 0
 
 
 @dataclass
@@ -34,6 +47,31 @@ class ClientInfo:
     @property
     def outstanding(self) -> int:
         return self.credits + len(self.unacked)
+
+    def acknowledge(self, ack: str) -> int | None:
+        """Forget the unacknowledged groups up to and including ``ack`` (a group id); how many, 0 for an
+        empty ``ack``, None for an id this client does not hold unacknowledged (nothing is forgotten)."""
+        if not ack:
+            return 0
+        if not any(sent.group_id == ack for sent in self.unacked):
+            return None
+        count = 0
+        while self.unacked:
+            sent = self.unacked.popleft()
+            self.unacked_bytes -= sent.nbytes
+            count += 1
+            if sent.group_id == ack:
+                break
+        return count
+
+
+def evictable(clients: dict[bytes, ClientInfo], now: float, idle_after: float) -> bytes | None:
+    """The session to drop for a new ``hello`` at ``max_clients``, or None: one holding no
+    unacknowledged group that sent nothing since its ``hello`` (the longest silent first) or, failing
+    that, has been silent for over ``idle_after`` seconds (the longest silent first)."""
+    candidates = [(c.followed_up, c.last_seen, identity) for identity, c in clients.items()
+                  if not c.unacked and (not c.followed_up or now - c.last_seen > idle_after)]
+    return min(candidates)[2] if candidates else None
 
 
 @dataclass

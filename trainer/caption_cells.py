@@ -41,9 +41,14 @@ def select_cells(captions: list[str], count: int, cell_size: int, rng: np.random
     Fewer than ``count`` indices come back when the captions run out of neighbours; the caller
     fills the rest.
     """
+    return select_cells_of_words([caption_words(c) for c in captions], count, cell_size, rng, vary_words)
+
+
+def select_cells_of_words(words: list[tuple[str, ...]], count: int, cell_size: int, rng: np.random.Generator,
+                          vary_words: frozenset[str] | set[str] | None = None) -> list[list[int]]:
+    """`select_cells` over captions already split by `caption_words` (callers that keep the words)."""
     if cell_size < 2:
         raise ValueError(f"cell_size must be >= 2, got {cell_size}")
-    words = [caption_words(c) for c in captions]
     vary = frozenset(vary_words) if vary_words else None
     # (length, position, words with that position blanked) -> indices, one per distinct caption.
     buckets: dict[tuple, list[int]] = defaultdict(list)

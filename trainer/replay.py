@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from trainer.batch import Batch
-from trainer.caption_cells import select_cells
+from trainer.caption_cells import caption_words
 from trainer.images import decode_image
+from trainer.replay_select import select_in_cells, select_uniform
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
 
@@ -46,12 +47,6 @@ _FREE, _WRITING, _READY = 0, 1, 2
 
 class ReplayBufferClosed(RuntimeError):
     """Raised by :meth:`ReplayBuffer.sample` once the buffer is closed."""
-
-
-def _one_per_caption(slots: np.ndarray, caption_ids: np.ndarray) -> np.ndarray:
-    """The first slot of each caption id in ``slots``, keeping the order of ``slots``."""
-    _, first = np.unique(caption_ids[slots], return_index=True)
-    return slots[np.sort(first)]
 
 
 class ReplayBuffer:
@@ -130,6 +125,7 @@ class ReplayBuffer:
         self._order = np.zeros(self.capacity, dtype=np.int64)  # insertion sequence number
         self._group_ids: list[str | None] = [None] * self.capacity
         self._captions: list[str | None] = [None] * self.capacity
+        self._caption_words: list[tuple[str, ...]] = [()] * self.capacity  # caption_words, split once at add
 
         self._cond = threading.Condition(threading.Lock())
         self.recent_ids = max(int(recent_ids) if recent_ids is not None else max(4 * self.capacity, 4096), self.capacity)
@@ -157,6 +153,7 @@ class ReplayBuffer:
         for a group id held or recently held, or when closed."""
         images = self._validated_images(group)
         group_id = str(group.group_id)
+        words = caption_words(str(group.caption))
         with self._cond:
             if self._closed:
                 self._counters["dropped"] += 1
@@ -187,6 +184,7 @@ class ReplayBuffer:
             self._counters["sequence"] += 1
             self._group_ids[slot] = str(group.group_id)
             self._captions[slot] = str(group.caption)
+            self._caption_words[slot] = words
             self._counters["added"] += 1
             self._cond.notify_all()
         return True
@@ -291,6 +289,7 @@ class ReplayBuffer:
         c["evicted_draws_max"] = max(c["evicted_draws_max"], draws)
         self._state[slot] = _FREE
         self._group_ids[slot] = self._captions[slot] = None
+        self._caption_words[slot] = ()
 
     # ------------------------------------------------------------------ consumer side
     def sample(self, captions_per_rank: int, draw_per_caption: int, timeout: float | None = None) -> Batch:
@@ -362,12 +361,8 @@ class ReplayBuffer:
         return Batch(images=images, caption_ids=caption_ids, captions=captions, meta=meta)  # type: ignore[arg-type]
 
     def _select(self, G: int, n_fresh: int) -> np.ndarray | None:
-        """Pick ``G`` slots with distinct caption ids, ``n_fresh`` of them never drawn; None if impossible.
-
-        Fresh groups are taken first (one random slot per caption), then the rest uniformly over the
-        remaining captions. Feasible iff the eligible groups cover ``>= G`` captions and the fresh
-        ones ``>= n_fresh`` captions.
-        """
+        """``G`` eligible slots of distinct caption ids, ``n_fresh`` of them never drawn, in cells for a
+        ``hard_fraction`` of batches (`trainer.replay_select`); None if not possible yet."""
         eligible = self._state == _READY
         if self.max_reuse is not None:
             eligible &= self._draws < self.max_reuse
@@ -376,35 +371,12 @@ class ReplayBuffer:
             return None
         candidates = self._rng.permutation(candidates)
         if self.hard_fraction > 0 and self._rng.random() < self.hard_fraction:
-            chosen = self._select_cells(candidates, G, n_fresh)
+            chosen = select_in_cells(candidates, self._caption_ids, self._draws, self._caption_words, G, n_fresh,
+                                     self.cell_size, self.cell_words, self._rng)
             if chosen is not None:
                 self._counters["hard_batches"] += 1
                 return chosen
-        fresh = candidates[self._draws[candidates] == 0]
-        take_fresh = _one_per_caption(fresh, self._caption_ids)[:n_fresh]
-        if take_fresh.size < n_fresh:
-            return None
-        others = candidates[~np.isin(self._caption_ids[candidates], self._caption_ids[take_fresh])]
-        take_other = _one_per_caption(others, self._caption_ids)[: G - n_fresh]
-        if take_other.size < G - n_fresh:
-            return None
-        chosen = np.concatenate([take_fresh, take_other])
-        return chosen[self._rng.permutation(G)]
-
-    def _select_cells(self, candidates: np.ndarray, G: int, n_fresh: int) -> np.ndarray | None:
-        """``G`` slots of distinct captions, as many as possible in caption cells, the rest uniform;
-        None when the cells leave fewer than ``n_fresh`` never-drawn groups (caller draws uniformly)."""
-        pool = _one_per_caption(candidates, self._caption_ids)
-        if pool.size < G:
-            return None
-        cells = select_cells([self._captions[s] or "" for s in pool], G, self.cell_size, self._rng,
-                             vary_words=self.cell_words)
-        picked = pool[np.asarray([i for cell in cells for i in cell], dtype=np.int64)]
-        rest = pool[~np.isin(pool, picked)][: G - picked.size]
-        chosen = np.concatenate([picked, rest]).astype(np.int64)
-        if int((self._draws[chosen] == 0).sum()) < n_fresh:
-            return None
-        return chosen
+        return select_uniform(candidates, self._caption_ids, self._draws, G, n_fresh, self._rng)
 
     def _gather(self, slots: np.ndarray, image_choice: np.ndarray) -> torch.Tensor:
         """One ``index_select`` over storage seen as ``[C * P, H * W * 3]`` rows (whole-image row copies)
