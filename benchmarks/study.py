@@ -60,9 +60,9 @@ class StudyArm:
 class StudyPlan:
     """What ``stablerep-bench study`` runs; ``--quick`` shrinks every part (the tests run it)."""
 
-    steps: int = 120
+    steps: int = 300
     seeds: int = 1
-    image_rate: float = 32.0       # generator images/s of every online arm (a throttle)
+    image_rate: float = 64.0       # generator images/s of every online arm (a throttle)
     offline_reuse: float = 9.0     # the paper's offline reuse: K = steps * captions per step / this
     reuses: tuple[int, ...] = (1, 4, 16)
     methods: tuple[str, ...] = ("stablerep", "simclr", "clip")
@@ -191,13 +191,15 @@ def _train(cfg) -> dict[str, Any]:
         source.close()
 
 
-def _score(backbone_dir: Path, probe_dirs: dict[str, Path], plan: StudyPlan, seed: int, log) -> dict[str, Any]:
-    """Linear probe per attribute and 5-way 1-shot on the first attribute's held-out images."""
+def _score(backbone_dir: Path, probe_dirs: dict[str, Path], plan: StudyPlan, seed: int, step: int,
+           log) -> dict[str, Any]:
+    """Linear probe per attribute and 5-way 1-shot on the first attribute's held-out images
+    (``step``: the optimizer steps behind ``backbone_dir``, for the log)."""
     from trainer.eval import FewShotConfig, fewshot_probe, load_eval_backbone
     from trainer.eval.features import resolve_device
 
     demo_plan = DemoPlan(probe_epochs=plan.probe_epochs, seed=seed)
-    rows = probe_snapshots({0: backbone_dir}, probe_dirs, demo_plan, log)
+    rows = probe_snapshots({step: backbone_dir}, probe_dirs, demo_plan, log)
     headline_val = probe_dirs[plan.attributes[0]] / "val"
     shots = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=seed)
     fewshot = None
@@ -258,7 +260,7 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
         "train_seconds": summary["train_seconds"], "train_images_per_s": summary["images_per_s"],
         "mean_reuse": stats.get("reuse_mean"), "final_loss": summary["losses"][-1] if summary["losses"] else None,
     })
-    record.update(_score(out, probe_dirs, plan, seed, log))
+    record.update(_score(out, probe_dirs, plan, seed, int(summary["steps"]), log))
     log(f"{arm.name} (seed {seed}): " + ", ".join(f"{k} {v:.1f}%" for k, v in record["probe"].items()))
     return record
 
@@ -354,7 +356,7 @@ def run_study(argv: list[str]) -> int:
             cfg = _trainer_config(plan, trainer_argv, init_arm, seed, ["--source", "online", "--generators",
                                                                       "tcp://127.0.0.1:1"], root / f"init-seed{seed}")
             init_dir = export_initial_backbone(cfg, root / f"init-seed{seed}")
-            study["random_init"].append({"seed": seed, **_score(init_dir, probe_dirs, plan, seed, log)})
+            study["random_init"].append({"seed": seed, **_score(init_dir, probe_dirs, plan, seed, 0, log)})
             for arm in plan.arms():
                 study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
                 (root / "study.json").write_text(json.dumps(study, indent=2))  # partial results survive a stop
