@@ -26,6 +26,8 @@ import timm
 import torch
 from torch import nn
 
+import trainer.small_cnn  # noqa: F401  (registers "small_cnn", the demo's backbone, with timm)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONE_JSON = "backbone.json"
