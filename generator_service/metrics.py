@@ -7,6 +7,7 @@ Names (all ``stablerep_generator_*``; labels ``worker``, ``device`` where per wo
 - ``idle_seconds_total`` {worker, device}: seconds a worker waited for queue space (backpressure);
 - ``worker_restarts_total`` {worker, device}: worker process restarts;
 - ``worker_alive`` {worker, device}: 1 while the worker process runs;
+- ``worker_ready`` {worker, device}: 1 once its backend is built (model loaded) and it takes work;
 - ``images_per_s``: images delivered per second since the start;
 - ``queue_depth`` / ``queue_capacity``: groups waiting for a client with credit / the bound;
 - ``pending_groups``: groups handed to workers and not yet delivered;
@@ -40,6 +41,8 @@ def generator_samples(pool_stats: Any, server_stats: Any | None) -> list[Sample]
                    w["idle_backpressure_s"], labels),
             Sample(P + "worker_restarts_total", "counter", "worker process restarts", w["restarts"], labels),
             Sample(P + "worker_alive", "gauge", "1 while the worker process runs", int(bool(w["alive"])), labels),
+            Sample(P + "worker_ready", "gauge", "1 once the worker's backend is built and it takes work",
+                   int(bool(w["alive"] and w["ready"])), labels),
         ]
     out += [
         Sample(P + "images_per_s", "gauge", "images delivered per second since the start", pool_stats.images_per_second),

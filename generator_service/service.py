@@ -201,7 +201,8 @@ def run_service(
     """Run generation as ``options`` say until done, ``max_groups`` or ``stop``.
 
     ``on_start(info)`` is called once the outputs are open (``info``: endpoint, to-do count);
-    ``on_tick(pool, server)`` on every supervisor iteration (progress displays).
+    ``on_tick(pool, server)`` on every supervisor iteration (progress displays, metrics), and while a
+    finished online run still serves its queue.
     """
     config = options.config
     fingerprint = config.fingerprint()
@@ -293,7 +294,7 @@ def run_service(
 
         stats = pool.run(items, FanOutSink(sinks), stop=stop, on_tick=tick)
         if server is not None and not stop.requested:
-            _wait_until_sent(server, stop)
+            _wait_until_sent(server, stop, on_tick=(lambda: on_tick(pool, server)) if on_tick is not None else None)
         if preview is not None:
             preview.write()
         return RunResult(
@@ -313,8 +314,10 @@ def run_service(
             server.close()
 
 
-def _wait_until_sent(server: Any, stop: StopSignal, poll_s: float = 0.1) -> None:
-    """After a finite run, keep serving until every queued group went to a client (or stop).
+def _wait_until_sent(server: Any, stop: StopSignal, poll_s: float = 0.1,
+                     on_tick: Callable[[], None] | None = None) -> None:
+    """After a finite run, keep serving until every queued group went to a client (or stop);
+    ``on_tick()`` every poll, so status lines and metrics stay current meanwhile.
 
     Then keep serving while groups are still unacknowledged, until no client has died for three
     heartbeat intervals: a client that dies re-queues its groups, and they go to another one.
@@ -324,6 +327,8 @@ def _wait_until_sent(server: Any, stop: StopSignal, poll_s: float = 0.1) -> None
     requeued = server.stats().requeued
     while not stop.requested:
         server.check()
+        if on_tick is not None:
+            on_tick()
         stats = server.stats()
         if stats.queue_depth > 0 or stats.requeued != requeued:
             requeued, quiet_since = stats.requeued, None

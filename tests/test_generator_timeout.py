@@ -5,12 +5,14 @@ import json
 import logging
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from generator_service.procedural import write_caption_file
 from tests.test_train_cli import train_args
+from tests.polling import wait_for
 from tests.train_helpers import free_tcp_endpoint
 from trainer import cli
 from trainer.checkpoint import find_checkpoint
@@ -47,21 +49,40 @@ def test_watch_counts_from_the_start_while_nothing_arrived():
         GeneratorWatch(0, dict)
 
 
+def _generated_groups(metrics_port: int) -> float:
+    """The service's ``stablerep_generator_groups_total`` counters, summed (0 while it serves no metrics yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("stablerep_generator_groups_total"))
+
+
 @pytest.mark.parametrize("reuse", [[], ["--max-reuse", "2"]], ids=["frozen-buffer", "buffer-runs-dry"])
 def test_trainer_exits_3_with_a_checkpoint_when_the_generator_is_gone(tmp_path, capsys, reuse):
     """A service that serves 40 groups and exits: the trainer keeps drawing from its buffer (or,
     with --max-reuse, waits once it is used up), then stops within --generator-timeout of the last
-    group, with a checkpoint it can resume from."""
+    group, with a checkpoint it can resume from.
+
+    The trainer starts once the service has generated a group (its metrics say so), so a slow
+    worker start on a loaded machine cannot turn the test into the "never delivered" case."""
     captions = write_caption_file(tmp_path / "captions.txt", 40)
     endpoint = free_tcp_endpoint()
+    metrics_port = int(free_tcp_endpoint().rsplit(":", 1)[1])
     service = subprocess.Popen(
         [sys.executable, "-m", "generator_service.cli", "--captions", str(captions), "--backend", "procedural",
          "--bind", endpoint, "--height", "32", "--width", "32", "--save-size", "32", "--images-per-group", "4",
-         "--gpus", "cpu", "--max-groups", "40", "--no-progress", "--log-level", "WARNING", "--drain-timeout", "2"],
+         "--gpus", "cpu", "--max-groups", "40", "--no-progress", "--log-level", "WARNING", "--drain-timeout", "2",
+         "--metrics-port", str(metrics_port)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     out = tmp_path / "run"
     try:
+        assert wait_for(lambda: _generated_groups(metrics_port) >= 1 or service.poll() is not None,
+                        "the generator service's first group", timeout=120)
+        assert service.poll() is None, "the generator service exited before serving"
         code = cli.main(train_args(endpoint, out, 100000, "--generator-timeout", "6", "--replay-capacity", "40",
                                      *reuse))
     finally:
