@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
 from benchmarks.cli import main
 from benchmarks.online_bench import run_online_bench
+from tests.train_helpers import free_port, scrape_metrics
 
 ONLINE_KEYS = ("trainer_images_per_s", "generated_images_per_s", "trainer_stall_fraction",
                "generator_idle_fraction", "mean_reuse", "evicted_unused_fraction")
@@ -24,32 +24,15 @@ def test_quick_cli_json_has_its_keys(tmp_path):
     assert 0.0 <= results["evicted_unused_fraction"] <= 1.0
 
 
-def _scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith("stablerep_"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def test_metrics_endpoints_serve_stablerep_samples_during_a_run():
     scraped: dict[str, dict[str, float]] = {}
 
     def on_step(step: int) -> None:
         if step == 3:  # mid-run: both services are live
-            scraped["trainer"] = _scrape(f"http://127.0.0.1:{ports['trainer']}/metrics")
-            scraped["generator"] = _scrape(f"http://127.0.0.1:{ports['generator']}/metrics")
+            scraped["trainer"] = scrape_metrics(f"http://127.0.0.1:{ports['trainer']}/metrics")
+            scraped["generator"] = scrape_metrics(f"http://127.0.0.1:{ports['generator']}/metrics")
 
-    import socket
-
-    ports = {}
-    for name in ("trainer", "generator"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports[name] = s.getsockname()[1]
+    ports = {name: free_port() for name in ("trainer", "generator")}
     result = run_online_bench(generators=1, steps=2, warmup=2, metrics_port=ports["trainer"],
                               generator_metrics_port=ports["generator"], on_step=on_step)
     trainer, generator = scraped["trainer"], scraped["generator"]

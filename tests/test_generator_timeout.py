@@ -5,7 +5,6 @@ import json
 import logging
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from generator_service.procedural import write_caption_file
 from tests.test_train_cli import train_args
 from tests.polling import wait_for
-from tests.train_helpers import free_tcp_endpoint
+from tests.train_helpers import free_port, free_tcp_endpoint, scrape_metrics
 from trainer import cli
 from trainer.checkpoint import find_checkpoint
 from trainer.sources.generator_watch import GeneratorWatch
@@ -52,12 +51,10 @@ def test_watch_counts_from_the_start_while_nothing_arrived():
 def _generated_groups(metrics_port: int) -> float:
     """The service's ``stablerep_generator_groups_total`` counters, summed (0 while it serves no metrics yet)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+        samples = scrape_metrics(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
     except OSError:
         return 0.0
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("stablerep_generator_groups_total"))
+    return sum(value for name, value in samples.items() if name.startswith("stablerep_generator_groups_total"))
 
 
 @pytest.mark.parametrize("reuse", [[], ["--max-reuse", "2"]], ids=["frozen-buffer", "buffer-runs-dry"])
@@ -70,7 +67,7 @@ def test_trainer_exits_3_with_a_checkpoint_when_the_generator_is_gone(tmp_path, 
     worker start on a loaded machine cannot turn the test into the "never delivered" case."""
     captions = write_caption_file(tmp_path / "captions.txt", 40)
     endpoint = free_tcp_endpoint()
-    metrics_port = int(free_tcp_endpoint().rsplit(":", 1)[1])
+    metrics_port = free_port()
     service = subprocess.Popen(
         [sys.executable, "-m", "generator_service.cli", "--captions", str(captions), "--backend", "procedural",
          "--bind", endpoint, "--height", "32", "--width", "32", "--save-size", "32", "--images-per-group", "4",

@@ -7,6 +7,7 @@ few steps: the contrastive loss falls.
 from __future__ import annotations
 
 import socket
+import urllib.request
 import threading
 from pathlib import Path
 
@@ -90,12 +91,28 @@ class SyntheticService:
         self.server.close()
 
 
-def free_tcp_endpoint() -> str:
-    """An endpoint on 127.0.0.1 nobody listens on (the port was free a moment ago)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (it was free a moment ago)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
+        return s.getsockname()[1]
+
+
+def free_tcp_endpoint() -> str:
+    """An endpoint on 127.0.0.1 nobody listens on (the port was free a moment ago)."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def scrape_metrics(url: str, timeout: float = 30.0) -> dict[str, float]:
+    """Every ``stablerep_*`` sample a Prometheus endpoint serves: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("stablerep_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 def write_shards(out: Path, num_captions: int, m: int, size: int, groups_per_shard: int = 16) -> Path:
