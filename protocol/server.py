@@ -9,16 +9,20 @@ credit, round-robin among such clients. Flow control cannot be gamed:
 - a grant's ``ack`` (the last group id the client received) acknowledges that group and the
   ones sent to that client before it (a grant without ``ack`` acknowledges nothing); the
   unacknowledged ones (at most ``max_credit`` and ``max_client_bytes``) go back to the front of
-  the queue when the client leaves (``bye``), dies (silent for 3 heartbeats) or is unreachable,
-  so a client's death loses nothing (delivery is at-least-once; trainers drop repeats by id);
-- at most ``max_clients`` sessions; when full, a ``hello`` evicts a session that holds no
-  unacknowledged group and sent nothing since its own ``hello`` (or nothing for 2 heartbeats),
-  else it gets ``error`` code ``busy``; and
-  ZeroMQ holds at most ``send_hwm`` messages per peer;
-- a session lives on the ZeroMQ routing id the ROUTER generated for one connection: a ``hello``
-  from a peer that chose its own (``ZMQ_ROUTING_ID``) gets ``error`` code ``bad_message``, since
-  such a peer comes back under the same id after its connection breaks, ZeroMQ having dropped
-  what was queued to the old connection, and its next ``ack`` would acknowledge those groups;
+  the queue when the client leaves (``bye``), dies (silent for 3 heartbeats, judged only once
+  every message that arrived was read, so a ``bye`` is never overtaken) or is unreachable, so a
+  client's death loses nothing (delivery is at-least-once; trainers drop repeats by id); every
+  re-queue is logged with its count;
+- at most ``max_clients`` sessions; when full, a ``hello`` evicts the session that has held no
+  unacknowledged group for longest, heartbeats or not, but never one that streams (holds
+  unacknowledged groups, or received groups and holds credit); else it gets ``error`` code
+  ``busy``; ZeroMQ holds at most ``send_hwm`` messages per peer;
+- a session lives on a routing id the ROUTER generated for one connection: a ``hello`` from a
+  peer that chose its own (``ZMQ_ROUTING_ID``, even one shaped like a generated id) gets ``error``
+  code ``bad_message`` (``protocol.routing_ids``: a chosen id comes back after its connection
+  breaks, ZeroMQ having dropped what was queued to the old one, and its next ``ack`` would
+  acknowledge those groups); the ROUTER's id counter starts at a secret value, since libzmq
+  aborts the process when it reaches an id a connected peer chose;
 - every loop turn receives at most ``recv_batch`` messages (or ``slice_s`` seconds' worth), then
   sends, then heartbeats; trainer headers over ``max_client_header_bytes`` are refused unread.
 
@@ -42,7 +46,8 @@ from .generator_info import GeneratorInfo
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .ratelog import RateLimitedLog
-from .server_state import EVICT_AFTER_HEARTBEATS, ClientInfo, SentGroup, ServerStats, chosen_routing_id, evictable
+from .routing_ids import GeneratedIds, seed_routing_ids
+from .server_state import ClientInfo, SentGroup, ServerStats, evictable
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)
@@ -229,7 +234,9 @@ class GroupServer:
 
     # --- I/O thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        seed_routing_ids()  # before the ROUTER exists: its routing-id counter starts from rand()
         socket = self._context.socket(zmq.ROUTER)
+        generated_ids: GeneratedIds | None = None
         try:
             configure(socket, self.max_message_bytes)
             socket.setsockopt(zmq.SNDHWM, self.send_hwm)
@@ -238,7 +245,10 @@ class GroupServer:
                 self.curve.configure(self._context, socket)
             socket.bind(self.bind)
             self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            generated_ids = self._generated_ids = GeneratedIds.learn(self._context, socket)
         except (zmq.ZMQError, OSError, ValueError) as exc:
+            if generated_ids is not None:
+                generated_ids.close()
             socket.close(linger=0)
             self._start_error = OSError(f"generator service cannot bind {self.bind!r}: {exc}")
             self._ready.set()
@@ -254,9 +264,11 @@ class GroupServer:
                 events = dict(poller.poll(0 if busy else tick_ms))
                 if self._wake.read_fd in events:
                     self._wake.drain()
-                more_in = self._receive_some(socket) if socket in events or busy else False
+                more_in = self._receive_some(socket)  # a non-blocking try even without an event: see the reaper
                 more_out = self._dispatch(socket)
-                self._heartbeat_and_reap(socket)
+                # A client is dead only if silent after everything that arrived was read: a bye (or
+                # ack) waiting behind other messages is never overtaken by the reaper.
+                self._heartbeat_and_reap(socket, reap=not more_in)
                 self._faults.flush()
                 busy = more_in or more_out
         except BaseException as exc:  # never a silent zombie: put() and stats() report it
@@ -265,6 +277,7 @@ class GroupServer:
                 self._fatal = exc
                 self._cond.notify_all()
         finally:
+            generated_ids.close()
             socket.close(linger=0)
 
     def _receive_some(self, socket: zmq.Socket) -> bool:
@@ -303,7 +316,7 @@ class GroupServer:
             client = self._clients.get(identity)
             if client is not None:
                 client.last_seen = now
-        if isinstance(msg, Hello) and chosen_routing_id(identity):
+        if isinstance(msg, Hello) and not self._generated_ids.generated(identity):
             self._refuse(socket, identity, "bad_message", "hello from a peer that set its own ZeroMQ routing id "
                          f"{clip(repr(identity), 60)}: connect without ZMQ_ROUTING_ID (groups queued to a broken "
                          "connection are lost, and a session under the same id would acknowledge them)")
@@ -311,17 +324,18 @@ class GroupServer:
         if isinstance(msg, Hello):
             with self._cond:
                 if client is None and len(self._clients) >= self.max_clients:
-                    self._evict_idle(now)
+                    self._evict_idle()
                 if client is None and len(self._clients) >= self.max_clients:
                     self._stats.refused_clients += 1
                     refused = True
                 else:
                     refused = False
                     if client is not None:  # a second hello: a new session on the same socket
-                        self._requeue(client)
+                        self._requeue(client, "sent a new hello")
                     else:
                         self._rr.append(identity)
-                    self._clients[identity] = ClientInfo(msg.client, msg.rank, msg.world_size, last_seen=now, last_sent=now)
+                    self._clients[identity] = ClientInfo(msg.client, msg.rank, msg.world_size, last_seen=now, last_sent=now,
+                                                         settled_at=now)
             if refused:
                 self._faults.note("busy", f"client {identity.hex()} refused: {self.max_clients} clients already")
                 self._send(socket, identity, Error("busy", f"this service already serves max_clients = {self.max_clients} clients"))
@@ -332,8 +346,7 @@ class GroupServer:
                 self._refuse(socket, identity, "bad_message", "credit from a client that sent no hello")
                 return
             with self._cond:
-                client.followed_up = True
-                self._acknowledge(client, msg.ack)
+                self._acknowledge(client, msg.ack, now)
                 room = self.max_credit - client.outstanding
                 granted = max(0, min(msg.n, room))
                 client.credits += granted
@@ -347,14 +360,13 @@ class GroupServer:
         elif isinstance(msg, Bye):
             with self._cond:
                 if client is not None:
-                    self._acknowledge(client, msg.ack)
+                    self._acknowledge(client, msg.ack, now)
                     self._drop(identity, "left")
         elif isinstance(msg, Heartbeat):
             if client is None:
                 self._refuse(socket, identity, "bad_message", "heartbeat from a client that sent no hello")
             else:
                 with self._cond:
-                    client.followed_up = True
                     self._stats.heartbeats_received += 1
         elif isinstance(msg, Error):
             self._faults.note("client_error", f"client {identity.hex()} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
@@ -362,17 +374,22 @@ class GroupServer:
             self._refuse(socket, identity, "bad_message", f"type {msg.TYPE!r} is not sent by trainers")
 
     # --- bookkeeping (callers hold self._cond) --------------------------------------------------
-    def _acknowledge(self, client: ClientInfo, ack: str) -> None:
+    def _acknowledge(self, client: ClientInfo, ack: str, now: float) -> None:
         """``ack`` (a group id) acknowledges that group and all sent before it to this client; an
         empty or unknown id acknowledges nothing (counted in ``stats.unknown_acks``)."""
-        acked = client.acknowledge(ack)
+        acked = client.acknowledge(ack, now)
         if acked is None:
             self._stats.unknown_acks += 1
         else:
             self._stats.acked += acked
 
-    def _requeue(self, client: ClientInfo) -> None:
-        """Put a client's unacknowledged groups back at the front of the queue, oldest first."""
+    def _requeue(self, client: ClientInfo, why: str) -> None:
+        """Put a client's unacknowledged groups back at the front of the queue, oldest first (logged
+        with their count: each may reach a trainer twice)."""
+        count = len(client.unacked)
+        if count:
+            log.info("client %s#%d %s: re-queueing its %d unacknowledged group(s), %s .. %s", clip(client.name, 60),
+                     client.rank, why, count, clip(client.unacked[0].group_id, 60), clip(client.unacked[-1].group_id, 60))
         while client.unacked:
             sent = client.unacked.pop()
             self._queue.appendleft((sent.group_id, sent.frames))
@@ -380,13 +397,12 @@ class GroupServer:
         client.unacked_bytes = 0
         client.credits = 0
 
-    def _evict_idle(self, now: float) -> None:
-        """At ``max_clients``, make room for a new ``hello`` by dropping one session that holds no
-        unacknowledged group and either sent nothing since its ``hello`` (half-open: the oldest
-        first) or has been silent for over ``EVICT_AFTER_HEARTBEATS`` intervals. So a storm of
-        hellos that never follow up cannot lock anyone out, and a trainer that granted credit and
-        heartbeats is never evicted."""
-        identity = evictable(self._clients, now, EVICT_AFTER_HEARTBEATS * self.heartbeat_ms / 1000.0)
+    def _evict_idle(self) -> None:
+        """At ``max_clients``, make room for a new ``hello`` by dropping the session that has held no
+        unacknowledged group for longest, heartbeats or not (``server_state.evictable``). So neither
+        a storm of hellos nor sessions that only heartbeat can lock trainers out, and a trainer that
+        streams is never evicted."""
+        identity = evictable(self._clients)
         if identity is not None:
             self._drop(identity, "evicted")
 
@@ -394,7 +410,7 @@ class GroupServer:
         client = self._clients.pop(identity, None)
         if client is None:
             return
-        self._requeue(client)
+        self._requeue(client, {"left": "said bye", "evicted": "was evicted"}.get(why, "is gone (silent or unreachable)"))
         try:
             self._rr.remove(identity)
         except ValueError:
@@ -424,7 +440,8 @@ class GroupServer:
             ident = self._rr[0]
             self._rr.rotate(-1)
             c = self._clients.get(ident)
-            if c is not None and c.credits > 0 and c.unacked_bytes < self.max_client_bytes and c.blocked_until <= now:
+            if (c is not None and c.credits > 0 and c.unacked_bytes < self.max_client_bytes and c.blocked_until <= now
+                    and not c.unreachable):
                 return ident
         return None
 
@@ -448,8 +465,10 @@ class GroupServer:
             except zmq.ZMQError as exc:
                 with self._cond:
                     self._queue.appendleft(item)  # not sent: keep it for someone else
-                    if exc.errno == zmq.EHOSTUNREACH:
-                        self._drop(ident, "dead")
+                    if exc.errno == zmq.EHOSTUNREACH and ident in self._clients:
+                        # Its connection is gone, but what it sent last (a bye, an ack) may still wait
+                        # unread: the reaper drops it once every message that arrived was read.
+                        self._clients[ident].unreachable = max(1, self._clients[ident].unreachable)
                     elif ident in self._clients:  # its pipe is full: skip it for a tick
                         self._clients[ident].blocked_until = now + max(0.001, self.heartbeat_ms / 4000.0)
                 continue
@@ -468,15 +487,20 @@ class GroupServer:
                 return True
         return True
 
-    def _heartbeat_and_reap(self, socket: zmq.Socket) -> None:
+    def _heartbeat_and_reap(self, socket: zmq.Socket, reap: bool = True) -> None:
         now = monotonic()
         interval = self.heartbeat_ms / 1000.0
         with self._cond:
-            dead = [i for i, c in self._clients.items() if now - c.last_seen > DEAD_AFTER_HEARTBEATS * interval]
+            if reap:  # an unreachable client goes after one more drained receive: its last messages are read
+                for c in self._clients.values():
+                    c.unreachable += bool(c.unreachable)
+            dead = [i for i, c in self._clients.items()
+                    if reap and (c.unreachable > 2 or now - c.last_seen > DEAD_AFTER_HEARTBEATS * interval)]
             for ident in dead:
                 c = self._clients[ident]
-                log.warning("client %s silent for > %d heartbeats: dropping its %d credits, re-queueing its %d "
-                            "unacknowledged groups", ident.hex(), DEAD_AFTER_HEARTBEATS, c.credits, len(c.unacked))
+                if not c.unreachable:
+                    log.warning("client %s#%d silent for > %d heartbeats: dropping its %d credits", clip(c.name, 60),
+                                c.rank, DEAD_AFTER_HEARTBEATS, c.credits)
                 self._drop(ident, "dead")
             due = [i for i, c in self._clients.items() if now - c.last_sent >= interval]
         for ident in due:

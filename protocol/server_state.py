@@ -6,19 +6,6 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The ROUTER names each connection of a peer that sets no routing id ``b"\0"`` + 4 bytes (libzmq).
-GENERATED_ID_BYTES = 5
-#: a session silent for this many heartbeat intervals (and holding no unacknowledged group) may be
-#: evicted to make room for a new ``hello`` at ``max_clients`` (dead is at 3), as may one that sent
-#: nothing since its ``hello``.
-EVICT_AFTER_HEARTBEATS = 2
-
-
-def chosen_routing_id(identity: bytes) -> bool:
-    """True for a routing id the peer set itself (``ZMQ_ROUTING_ID``): one that outlives its connection."""
-    return len(identity) != GENERATED_ID_BYTES or identity[0] != 0
-
-
 @dataclass
 class SentGroup:
     """A group sent to a client and not yet acknowledged: re-queued whole if the client goes."""
@@ -42,15 +29,24 @@ class ClientInfo:
     unacked: collections.deque = field(default_factory=collections.deque)
     unacked_bytes: int = 0
     blocked_until: float = 0.0
-    followed_up: bool = False  # sent a credit or heartbeat since its hello (not half-open)
+    #: 0, or receive turns since its connection was found gone (EHOSTUNREACH): dropped once its last messages are read
+    unreachable: int = 0
+    #: since when it holds no unacknowledged group (its hello, or the ack that emptied ``unacked``)
+    settled_at: float = 0.0
+
+    @property
+    def streaming(self) -> bool:
+        """Holds unacknowledged groups, or has received groups and holds credit for more: never evicted."""
+        return bool(self.unacked) or (self.credits > 0 and self.groups_sent > 0)
 
     @property
     def outstanding(self) -> int:
         return self.credits + len(self.unacked)
 
-    def acknowledge(self, ack: str) -> int | None:
+    def acknowledge(self, ack: str, now: float = 0.0) -> int | None:
         """Forget the unacknowledged groups up to and including ``ack`` (a group id); how many, 0 for an
-        empty ``ack``, None for an id this client does not hold unacknowledged (nothing is forgotten)."""
+        empty ``ack``, None for an id this client does not hold unacknowledged (nothing is forgotten).
+        An ack that leaves nothing unacknowledged sets ``settled_at`` to ``now``."""
         if not ack:
             return 0
         if not any(sent.group_id == ack for sent in self.unacked):
@@ -62,16 +58,18 @@ class ClientInfo:
             count += 1
             if sent.group_id == ack:
                 break
+        if not self.unacked:
+            self.settled_at = now
         return count
 
 
-def evictable(clients: dict[bytes, ClientInfo], now: float, idle_after: float) -> bytes | None:
-    """The session to drop for a new ``hello`` at ``max_clients``, or None: one holding no
-    unacknowledged group that sent nothing since its ``hello`` (the longest silent first) or, failing
-    that, has been silent for over ``idle_after`` seconds (the longest silent first)."""
-    candidates = [(c.followed_up, c.last_seen, identity) for identity, c in clients.items()
-                  if not c.unacked and (not c.followed_up or now - c.last_seen > idle_after)]
-    return min(candidates)[2] if candidates else None
+def evictable(clients: dict[bytes, ClientInfo]) -> bytes | None:
+    """The session to drop for a new ``hello`` at ``max_clients``, or None: of those that do not
+    stream (``ClientInfo.streaming``), the one that has held no unacknowledged group for longest.
+    Heartbeats do not count: a session that only says it is alive holds its place until a newer
+    one needs it."""
+    candidates = [(c.settled_at, identity) for identity, c in clients.items() if not c.streaming]
+    return min(candidates)[1] if candidates else None
 
 
 @dataclass

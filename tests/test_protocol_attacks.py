@@ -274,20 +274,21 @@ def test_a_flood_of_costly_hellos_does_not_stall_delivery(server, context):
 
 
 def test_a_reconnect_storm_cannot_lock_trainers_out(context):
-    """At max_clients, a hello evicts a half-open session (nothing sent since its hello) and never
-    one that streams: while two trainers stream, every storm hello gets ``busy``; once one leaves,
-    each storm hello evicts the previous one and is welcomed, so a fresh trainer always gets in."""
+    """At max_clients, a hello evicts the session that has held no unacknowledged group for longest,
+    never one that streams: while two trainers stream, every storm hello gets ``busy``; once one
+    leaves, each storm hello evicts the previous one and is welcomed, so a fresh trainer always gets in."""
     srv = GroupServer("tcp://127.0.0.1:*", "small", GENERATOR, heartbeat_ms=HB_MS, max_clients=2).start()
     try:
         good, other = Collector(), Collector()
         with GroupClient([srv.endpoint], good, client_name="good", credits=4, connect_timeout=20):
             second = GroupClient([srv.endpoint], other, client_name="second", credits=4, connect_timeout=20).start()
             try:
+                _put(srv, 0, 10)
+                wait_for(lambda: len(good) + len(other) == 10, "the trainers' groups")
+                assert len(good) and len(other)
                 for _ in range(20):  # both sessions stream: every storm hello is refused
                     answer = _hello_answer(context, srv.endpoint)
                     assert isinstance(answer, Error) and answer.code == "busy"
-                _put(srv, 0, 10)
-                wait_for(lambda: len(good) + len(other) == 10, "the trainers' groups")
                 assert srv.stats().refused_clients == 20 and srv.stats().evicted_clients == 0
             finally:
                 second.close()  # says bye: one session frees

@@ -1,11 +1,12 @@
 """The service's per-client bookkeeping: acknowledgement and the choice of a session to evict."""
 from __future__ import annotations
 
-from protocol.server_state import ClientInfo, SentGroup, chosen_routing_id, evictable
+from protocol.routing_ids import counter_of
+from protocol.server_state import ClientInfo, SentGroup, evictable
 
 
-def _client(unacked: list[str] = (), followed_up: bool = True, last_seen: float = 0.0) -> ClientInfo:
-    client = ClientInfo("trainer", 0, 1, last_seen=last_seen, followed_up=followed_up)
+def _client(unacked: list[str] = (), settled_at: float = 0.0, credits: int = 0, groups_sent: int = 0) -> ClientInfo:
+    client = ClientInfo("trainer", 0, 1, settled_at=settled_at, credits=credits, groups_sent=groups_sent)
     for group_id in unacked:
         client.unacked.append(SentGroup(group_id, [b"x" * 10], 10))
         client.unacked_bytes += 10
@@ -27,21 +28,33 @@ def test_acknowledge_of_an_unknown_or_empty_id_forgets_nothing():
     assert client.unacked_bytes == 20
 
 
-def test_evictable_prefers_half_open_sessions_and_spares_unacknowledged_groups():
+def test_an_ack_that_empties_the_unacknowledged_groups_marks_when():
+    client = _client(["g1", "g2"], settled_at=1.0)
+    client.acknowledge("g1", now=5.0)
+    assert client.settled_at == 1.0
+    client.acknowledge("g2", now=7.0)
+    assert client.settled_at == 7.0
+
+
+def test_evictable_takes_the_longest_settled_session_and_never_one_that_streams():
     clients = {
-        b"\0busy1": _client(["g1"], followed_up=False, last_seen=0.0),  # holds a group: never evicted
-        b"\0idle1": _client(followed_up=True, last_seen=1.0),            # silent 9 s > 5 s
-        b"\0half1": _client(followed_up=False, last_seen=8.0),           # never followed up its hello
-        b"\0live1": _client(followed_up=True, last_seen=9.5),
+        b"\0busy1": _client(["g1"], settled_at=0.0),                      # holds a group: streams
+        b"\0feed1": _client(settled_at=0.5, credits=4, groups_sent=9),    # received groups, waits for more
+        b"\0idle1": _client(settled_at=1.0, credits=4),                   # credit, heartbeats, never a group
+        b"\0half1": _client(settled_at=8.0),                              # hello only
+        b"\0done1": _client(settled_at=9.5, groups_sent=3),               # took groups, grants no more
     }
-    assert evictable(clients, now=10.0, idle_after=5.0) == b"\0half1"
-    del clients[b"\0half1"]
-    assert evictable(clients, now=10.0, idle_after=5.0) == b"\0idle1"
+    assert evictable(clients) == b"\0idle1"
     del clients[b"\0idle1"]
-    assert evictable(clients, now=10.0, idle_after=5.0) is None
+    assert evictable(clients) == b"\0half1"
+    del clients[b"\0half1"]
+    assert evictable(clients) == b"\0done1"
+    del clients[b"\0done1"]
+    assert evictable(clients) is None
 
 
-def test_chosen_routing_id():
-    assert not chosen_routing_id(b"\0\x01\x02\x03\x04")
-    assert chosen_routing_id(b"trainer-0")
-    assert chosen_routing_id(b"\x01\x01\x02\x03\x04")
+def test_counter_of_reads_only_the_generated_shape():
+    assert counter_of(b"\0\x01\x02\x03\x04") == 0x01020304
+    assert counter_of(b"trainer-0") is None
+    assert counter_of(b"\x01\x01\x02\x03\x04") is None
+    assert counter_of(b"\0\x01\x02\x03") is None
