@@ -10,8 +10,12 @@ is bounded by credits. A service silent for more than three heartbeat intervals 
 Every credit granted back names the last group handled (``ack``), which acknowledges it and
 every group before it to the service (which re-sends the unacknowledged ones of a session that
 ends), so a group can arrive twice across a reconnect: the receiver drops repeats by ``group_id``. Credits are clamped to the ``max_credit`` a service
-announces. An exception while handling one message is counted and logged (rate-limited); if the
-I/O thread dies anyway, ``failed`` says why and ``check()`` raises ``ClientFailed``.
+announces. A group that cannot be used (refused by the codec, or ``on_group`` raises
+``BadGroup``) is counted (``bad_groups``), answered with ``error`` and its credit granted back, so
+no service can stop the stream with bad groups. A ``welcome`` that cannot be used stops ``start()``
+with a ``ProtocolError`` naming the endpoint. An exception while handling one message is counted
+and logged (rate-limited); if the I/O thread dies anyway, ``failed`` says why and ``check()`` raises
+``ClientFailed``.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import zmq
 
 from .bounds import clip
 from .codec import decode
-from .errors import ERROR_CODES, ProtocolError
+from .errors import ERROR_CODES, BadGroup, ProtocolError
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .ratelog import RateLimitedLog
@@ -50,6 +54,7 @@ class ClientStats:
     handler_errors: int = 0
     reconnects: int = 0
     errors_from_service: int = 0
+    bad_groups: int = 0  # groups refused (by the codec or by on_group's BadGroup): answered with error, credit given back
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -261,9 +266,12 @@ class GroupClient:
                     self._stats.bad_messages += 1
                 self._faults.note(exc.code, f"{endpoint.url}: {clip(exc.message)}")
                 self._send(endpoint, Error(code=exc.code, message=clip(exc.message)))
-                if endpoint.welcome is None and exc.code == "version":
-                    self._fatal = ProtocolError("version", f"{endpoint.url}: {exc.message}")
+                if endpoint.welcome is None and (exc.code == "version" or exc.msg_type == "welcome"):
+                    self._fatal = ProtocolError(exc.code, f"{endpoint.url} sent a welcome this trainer cannot use: "
+                                                          f"{clip(exc.message)}")
                     return
+                if exc.msg_type == "group" and endpoint.welcome is not None:
+                    self._refused_group(endpoint)
                 continue
             try:
                 self._handle(endpoint, msg, frames)
@@ -295,6 +303,11 @@ class GroupClient:
                 self._stats.bytes_received += sum(len(f) for f in frames[1:])
             try:
                 self.on_group(msg)
+            except BadGroup as exc:  # well-formed but unusable: skipped, and the service is told
+                with self._lock:
+                    self._stats.bad_groups += 1
+                self._faults.note("bad_group", f"{endpoint.url}: {clip(str(exc))}")
+                self._send(endpoint, Error("bad_message", clip(str(exc))))
             except Exception:
                 with self._lock:
                     self._stats.callback_errors += 1
@@ -324,6 +337,14 @@ class GroupClient:
             with self._lock:
                 self._stats.bad_messages += 1
             self._send(endpoint, Error("bad_message", f"type {msg.TYPE!r} is not sent by services"))
+
+    def _refused_group(self, endpoint: _Endpoint) -> None:
+        """A ``group`` the codec refused still used one of our credits: give it back. It is
+        acknowledged by the ack of the next group handled (its own id may be what was wrong)."""
+        with self._lock:
+            self._stats.bad_groups += 1
+            endpoint.outstanding -= 1
+        self._replenish(endpoint)
 
     def _replenish(self, endpoint: _Endpoint) -> None:
         """Grant back consumed credits, batched: once a quarter of them (at least one) is used."""

@@ -155,7 +155,11 @@ def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[
         raise ProtocolError(
             "bad_message", f"header.type = {short(msg_type)} is unknown; expected one of {sorted(MESSAGE_TYPES)}"
         )
-    validate_header(header)
+    try:
+        validate_header(header)
+    except ProtocolError as exc:
+        exc.msg_type = msg_type
+        raise
     return header
 
 
@@ -169,10 +173,18 @@ def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES, max_header
     if not isinstance(frames, (list, tuple)) or len(frames) == 0:
         raise ProtocolError("bad_message", "a message needs at least one frame (the header)")
     views = [_buffer(f) for f in frames]
-    _check_sizes(views, max_bytes)
-    header = decode_header(views[0], max_header_bytes)
+    header = decode_header(views[0], max_header_bytes)  # bounded by max_header_bytes
+    try:
+        _check_sizes(views, max_bytes)
+        return _message(header, views[1:])
+    except ProtocolError as exc:
+        exc.msg_type = header["type"]
+        raise
+
+
+def _message(header: dict[str, Any], payload: list[memoryview]) -> Message:
+    """The typed message of a checked header and its payload frames."""
     msg_type = header["type"]
-    payload = views[1:]
     if msg_type != "group":
         if payload:
             raise ProtocolError("bad_message", f"{msg_type} carries no payload frames, got {len(payload)}")

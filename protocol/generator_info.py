@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ProtocolError
-from .limits import MAX_IMAGES_PER_GROUP, MAX_INFO_EXTRA_FIELDS, MAX_STRING_FIELD
+from .limits import MAX_IMAGE_SIDE, MAX_IMAGES_PER_GROUP, MAX_INFO_EXTRA_FIELDS, MAX_STRING_FIELD
 
 _INFO_SCALARS = (str, int, float, bool)
 
@@ -107,6 +107,9 @@ def check_generator_info(data: Any, where: str = "welcome.generator") -> None:
         raise ProtocolError(
             "bad_message", f"{where}.images_per_group = {data['images_per_group']}: must be <= {MAX_IMAGES_PER_GROUP}"
         )
+    for name in ("height", "width", "save_size"):
+        if data[name] > MAX_IMAGE_SIDE:
+            raise ProtocolError("bad_message", f"{where}.{name} = {data[name]}: must be <= {MAX_IMAGE_SIDE}")
     extra = data.get("extra")
     if extra is None:
         return

@@ -14,6 +14,16 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_IMAGES_PER_GROUP = 1024
 MAX_CREDIT = 1 << 20
 
+#: Largest image side a service may announce (``welcome.generator`` height, width, save_size) or a
+#: group may carry: numbers from the wire are bounded before they size a buffer or a decoder.
+MAX_IMAGE_SIDE = 8192
+
+#: Longest ``group_id`` (and so ``ack``); ids double as shard keys and log quotes.
+MAX_GROUP_ID_CHARS = 256
+
+#: ``caption_id`` is an int64 everywhere it is stored: [0, 2**63).
+MAX_CAPTION_ID = 2**63 - 1
+
 #: Image encodings a ``group`` may carry. ``raw`` is one frame of m*H*W*3 bytes; the others are
 #: one encoded image per frame.
 ENCODINGS = ("raw", "png", "jpeg", "webp")

@@ -9,7 +9,7 @@ import numpy as np
 from .bounds import short
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo, check_generator_info
-from .limits import ENCODINGS, MAX_CREDIT, MAX_IMAGES_PER_GROUP, MAX_STRING_FIELD
+from .limits import ENCODINGS, MAX_CAPTION_ID, MAX_CREDIT, MAX_GROUP_ID_CHARS, MAX_IMAGE_SIDE, MAX_IMAGES_PER_GROUP
 
 
 @dataclass
@@ -233,8 +233,8 @@ def validate_header(header: dict[str, Any]) -> None:
     elif msg_type == "group":
         _validate_group(header)
     # Only types that define ``ack`` check it; elsewhere it is an unknown field, ignored like any other.
-    if "ack" in OPTIONAL.get(msg_type, {}) and "ack" in header and not 1 <= len(header["ack"]) <= MAX_STRING_FIELD:
-        raise _bad(msg_type, "ack", header["ack"], f"must be a group_id of 1..{MAX_STRING_FIELD} characters")
+    if "ack" in OPTIONAL.get(msg_type, {}) and "ack" in header and not 1 <= len(header["ack"]) <= MAX_GROUP_ID_CHARS:
+        raise _bad(msg_type, "ack", header["ack"], f"must be a group_id of 1..{MAX_GROUP_ID_CHARS} characters")
 
 
 def _validate_group(header: dict[str, Any]) -> None:
@@ -244,8 +244,8 @@ def _validate_group(header: dict[str, Any]) -> None:
     m, height, width, channels = shape
     if channels != 3:
         raise _bad("group", "shape", shape, "last dimension must be 3 (RGB)")
-    if not 1 <= m <= MAX_IMAGES_PER_GROUP or height < 1 or width < 1:
-        raise _bad("group", "shape", shape, f"needs 1 <= m <= {MAX_IMAGES_PER_GROUP} and H, W >= 1")
+    if not 1 <= m <= MAX_IMAGES_PER_GROUP or not 1 <= height <= MAX_IMAGE_SIDE or not 1 <= width <= MAX_IMAGE_SIDE:
+        raise _bad("group", "shape", shape, f"needs 1 <= m <= {MAX_IMAGES_PER_GROUP} and 1 <= H, W <= {MAX_IMAGE_SIDE}")
     seeds = header["seeds"]
     if len(seeds) != m:
         raise _bad("group", "seeds", seeds, f"must hold one seed per image (m = {m}), got {len(seeds)}")
@@ -255,7 +255,7 @@ def _validate_group(header: dict[str, Any]) -> None:
         raise _bad("group", "dtype", header["dtype"], "only 'uint8' is defined in protocol v1")
     if header["encoding"] not in ENCODINGS:
         raise _bad("group", "encoding", header["encoding"], f"must be one of {list(ENCODINGS)}")
-    if header["caption_id"] < 0:
-        raise _bad("group", "caption_id", header["caption_id"], "must be >= 0")
-    if not header["group_id"]:
-        raise _bad("group", "group_id", header["group_id"], "must not be empty")
+    if not 0 <= header["caption_id"] <= MAX_CAPTION_ID:
+        raise _bad("group", "caption_id", header["caption_id"], "must be in [0, 2**63)")
+    if not 1 <= len(header["group_id"]) <= MAX_GROUP_ID_CHARS:
+        raise _bad("group", "group_id", header["group_id"], f"must be 1..{MAX_GROUP_ID_CHARS} characters")

@@ -369,6 +369,8 @@ class GroupServer:
                 with self._cond:
                     self._stats.heartbeats_received += 1
         elif isinstance(msg, Error):
+            with self._cond:
+                self._stats.client_errors += 1
             self._faults.note("client_error", f"client {identity.hex()} reports [{clip(msg.code, 40)}] {clip(msg.message)}")
         else:
             self._refuse(socket, identity, "bad_message", f"type {msg.TYPE!r} is not sent by trainers")

@@ -80,6 +80,7 @@ class ServerStats:
     groups_sent: int = 0
     bytes_sent: int = 0
     bad_messages: int = 0
+    client_errors: int = 0  # ``error`` messages from clients (e.g. about a group they could not use)
     handler_errors: int = 0
     dead_clients: int = 0
     left_clients: int = 0

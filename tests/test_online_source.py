@@ -6,7 +6,7 @@ import torch
 
 from tests.train_helpers import SyntheticService, free_tcp_endpoint
 from trainer.sources import build_source
-from trainer.sources.online import GroupStreamError, OnlineSource, choose_storage_device
+from trainer.sources.online import OnlineSource, choose_storage_device
 
 
 def test_batches_stream_from_the_service():
@@ -100,17 +100,21 @@ def test_storage_rule_on_gpu():
     assert choose_storage_device("host", device, 1 << 20) == torch.device("cpu")
 
 
-def test_a_group_that_does_not_fit_fails_the_next_batch_with_its_name():
+def test_a_group_that_does_not_fit_is_skipped_and_the_stream_goes_on():
     from protocol.server import GroupServer
     from tests.train_helpers import generator_info, make_group
 
-    # the welcome promises 4 images per group, the groups carry 2
+    # the welcome promises 4 images per group; the first group carries 2, the others 4
     with GroupServer("tcp://127.0.0.1:*", "liar", generator_info(4, 16), heartbeat_ms=200) as server:
         source = OnlineSource([server.endpoint], captions_per_rank=2, draw_per_caption=2, connect_timeout=5,
-                              sample_timeout=10)
+                              sample_timeout=30, credits=1)
         try:
             server.put(make_group(7, 2, 16), timeout=5)
-            with pytest.raises(GroupStreamError, match="synthetic-000000007"):
-                source.next_batch()
+            for caption_id in range(2):
+                server.put(make_group(caption_id, 4, 16), timeout=5)
+            batch = source.next_batch()
+            assert sorted(batch.caption_ids.tolist()) == [0, 1]
+            assert source.stats()["bad_groups"] == 1 and source.stats()["added"] == 2
         finally:
             source.close()
+        assert server.stats().client_errors == 1  # the trainer's error about the group

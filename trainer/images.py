@@ -22,3 +22,21 @@ def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
         if size is not None and image.size != (size, size):
             image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
         return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image_of_size(data: bytes, height: int, width: int) -> np.ndarray:
+    """Decode one image that must be ``width`` x ``height``: RGB uint8 ``[height, width, 3]``.
+
+    The size is read from the image's header and checked *before* any pixel is decoded, so an
+    image that announces more pixels (a decompression bomb) costs nothing. Raises ``ValueError``
+    naming what is wrong (undecodable bytes, another size).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.size != (width, height):
+                raise ValueError(f"is {image.size[0]}x{image.size[1]}, expected {width}x{height}")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except ValueError:
+        raise
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ValueError(f"cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})") from None

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol.errors import BadGroup
 from trainer.batch import Batch
 from trainer.caption_cells import caption_words
 from trainer.images import decode_image
@@ -150,9 +151,14 @@ class ReplayBuffer:
         """Copy ``group`` (``.group_id``, ``.caption_id``, ``.caption``, ``.images`` uint8 ``[m, H, W, 3]``)
         into a slot, evicting one group when full. Groups with encoded images (``.encoded``) are decoded.
         Blocks only while every slot is being written or gathered. Returns False (and adds nothing)
-        for a group id held or recently held, or when closed."""
+        for a group id held or recently held, or when closed. Raises ``BadGroup`` (a ``ValueError``),
+        storing nothing, for a group that cannot be stored (wrong image count or size, caption id
+        outside int64)."""
         images = self._validated_images(group)
         group_id = str(group.group_id)
+        caption_id = int(group.caption_id)
+        if not 0 <= caption_id < 2**63:  # stored as int64
+            raise BadGroup(f"group {group_id[:80]}: caption_id {caption_id} is outside [0, 2**63)")
         words = caption_words(str(group.caption))
         with self._cond:
             if self._closed:
@@ -178,7 +184,7 @@ class ReplayBuffer:
         with self._cond:
             self._state[slot] = _READY
             self._draws[slot] = 0
-            self._caption_ids[slot] = int(group.caption_id)
+            self._caption_ids[slot] = caption_id
             self._added_at[slot] = _clock()
             self._order[slot] = self._counters["sequence"]
             self._counters["sequence"] += 1
@@ -201,20 +207,20 @@ class ReplayBuffer:
         if images is None:
             encoded = getattr(group, "encoded", None)
             if not encoded:
-                raise ValueError(f"group {group.group_id}: no images (encoding={getattr(group, 'encoding', None)!r})")
+                raise BadGroup(f"group {group.group_id}: no images (encoding={getattr(group, 'encoding', None)!r})")
             if len(encoded) < self.images_per_group:
-                raise ValueError(
+                raise BadGroup(
                     f"group {group.group_id}: {len(encoded)} encoded images, buffer needs {self.images_per_group}"
                 )
             return list(encoded[: self.images_per_group])
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
+            raise BadGroup(
                 f"group {group.group_id}: images must be uint8 [m, H, W, 3], got {images.dtype} {list(images.shape)}"
             )
         m, h, w, _ = images.shape
         if m < self.images_per_group or (h, w) != (self.height, self.width):
-            raise ValueError(
+            raise BadGroup(
                 f"group {group.group_id}: images of shape {list(images.shape)} do not fit buffer slots "
                 f"{list(expected)} (needs >= {self.images_per_group} images of {self.height}x{self.width})"
             )

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from protocol.client import GroupClient
+from protocol.errors import BadGroup, ProtocolError
 from trainer.batch import Batch
+from trainer.images import decode_image_of_size
 from trainer.replay import ReplayBuffer, ReplayBufferClosed
 from trainer.sources import register_source
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
@@ -158,6 +160,8 @@ class OnlineSource:
                 f"online source: no generator reachable at {', '.join(self.endpoints)} within "
                 f"{connect_timeout:g} s ({exc})"
             ) from exc
+        except ProtocolError as exc:  # a welcome this trainer cannot use (wrong version, bad fields)
+            raise ConnectionError(f"online source: {exc.message}") from None
         self._configure_from_welcomes()
 
     # ----- buffer setup ---------------------------------------------------------------------
@@ -169,6 +173,8 @@ class OnlineSource:
             raise ConnectionError(f"online source: no welcome from {', '.join(self.endpoints)}")
         # several generators with different fingerprints: namespace their caption ids (caption_ids.py)
         self._namespaced = needs_namespacing(info.fingerprint for info in infos.values())
+        #: (images per group, image side) each service announced: a group must match one of them
+        self._announced = {(info.images_per_group, info.save_size) for info in infos.values()}
         counts = {url: info.images_per_group for url, info in infos.items()}
         self._images_per_group = min(counts.values())
         if self._images_per_group < self.draw_per_caption:
@@ -179,8 +185,12 @@ class OnlineSource:
                 f"draw_per_caption={self.draw_per_caption}"
             )
         side = self._image_size or max(info.save_size for info in infos.values())
-        with self._lock:
-            self._allocate(side, side)
+        try:
+            with self._lock:
+                self._allocate(side, side)
+        except ValueError:
+            self.close()
+            raise
 
     def _allocate(self, height: int, width: int) -> None:
         """Create the replay buffer (lock held)."""
@@ -201,11 +211,18 @@ class OnlineSource:
                 f"replay capacity of {capacity} groups is smaller than the {self.captions_per_rank} captions of a batch"
             )
         storage_device = choose_storage_device(args["storage"], self.device, capacity * per_group)
-        self.replay = ReplayBuffer(
-            capacity, self._images_per_group, height, width, device=storage_device,
-            evict=args["evict"], max_reuse=args["max_reuse"], min_fresh=args["min_fresh"], seed=args["seed"],
-            hard_fraction=args["hard_fraction"], cell_size=args["cell_size"], cell_words=args["cell_words"],
-        )
+        try:
+            self.replay = ReplayBuffer(
+                capacity, self._images_per_group, height, width, device=storage_device,
+                evict=args["evict"], max_reuse=args["max_reuse"], min_fresh=args["min_fresh"], seed=args["seed"],
+                hard_fraction=args["hard_fraction"], cell_size=args["cell_size"], cell_words=args["cell_words"],
+            )
+        except (RuntimeError, MemoryError) as exc:  # sizes come from the generators' welcome
+            raise ValueError(
+                f"replay buffer of {capacity} groups x {self._images_per_group} images of {height}x{width} "
+                f"({capacity * per_group / 2**30:.1f} GiB on {storage_device}) cannot be allocated: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__} "
+                "(set --replay-capacity / --replay-gib or --image-size)") from None
         if self._pending_state is not None:
             self.replay.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -241,6 +258,8 @@ class OnlineSource:
                 group.caption_id = namespaced_caption_id(f"generator:{group.generator}", group.caption_id)
             if not self.replay.add(self._fit(group)):
                 self._check_repeats()
+        except BadGroup:  # skipped: the client counts it, tells the service and gives the credit back
+            raise
         except BaseException as exc:  # surfaced by next_batch on the training thread
             if self._error is None:
                 self._error = exc
@@ -250,10 +269,26 @@ class OnlineSource:
             raise
 
     def _fit(self, group: Any) -> Any:
-        """Resize a raw group whose images are not the buffer's size (antialiased bilinear)."""
+        """The group as the buffer stores it: its shape checked against what the services announced
+        (``BadGroup`` otherwise), encoded images decoded (each checked for its announced size before
+        any pixel is decoded), and images of another size than the buffer's resized (antialiased bilinear)."""
         replay = self.replay
+        m, height, width, _ = group.shape
+        if height != width or (m, height) not in self._announced:
+            announced = ", ".join(f"{n} x {side}x{side}" for n, side in sorted(self._announced))
+            raise BadGroup(f"group {group.group_id[:80]!r} holds {m} x {height}x{width} images; "
+                           f"the services announced {announced}")
         images = getattr(group, "images", None)
-        if images is None or tuple(images.shape[1:3]) == (replay.height, replay.width):
+        if images is None:
+            decoded = []
+            for i, data in enumerate(group.encoded[: replay.images_per_group]):
+                try:
+                    decoded.append(decode_image_of_size(data, height, width))
+                except ValueError as exc:
+                    raise BadGroup(f"group {group.group_id[:80]!r}: image {i} {exc}") from None
+            images = np.stack(decoded)
+            group = dataclasses.replace(group, images=images, encoded=None, encoding="raw", shape=tuple(images.shape))
+        if tuple(images.shape[1:3]) == (replay.height, replay.width):
             return group
         x = torch.from_numpy(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2)  # a copy: frames are read-only
         x = F.interpolate(x, size=(replay.height, replay.width), mode="bilinear", antialias=True, align_corners=False)
@@ -306,6 +341,7 @@ class OnlineSource:
             callback_errors=client.callback_errors,
             reconnects=client.reconnects,
             bad_messages=client.bad_messages,
+            bad_groups=client.bad_groups,
             groups_resized=self._resized_groups,
             handler_errors=client.handler_errors,
         )
