@@ -3,8 +3,9 @@
 The layout (member names, key rule, manifest schema) is defined in ``protocol.shards``, which the
 trainer's offline source reads too; this module only writes it.
 
-A writer killed at any moment leaves only complete, listed shards (plus a stray temp file that the
-next run deletes), so a rerun skips exactly the groups already on disk.
+A writer killed at any moment leaves complete, listed shards plus the open shard's temp file; the
+next ``open()`` turns the complete groups of that file into a listed shard (``shard_salvage``), so
+a rerun skips exactly the groups already on disk and an online archive keeps every group it served.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from generator_service.shard_salvage import SALVAGE_SUFFIX, salvage
 from protocol import GeneratorInfo, Group
 from protocol.shards import (
     IMAGE_FORMATS,
@@ -170,10 +172,18 @@ class ShardWriter:
         listed = {s.name for s in self.shards}
         indices = [shard_index(s.name) for s in self.shards]
         for entry in sorted(self.out_dir.iterdir()):
-            if TEMP_PATTERN.match(entry.name):
-                log.info("removing incomplete shard %s left by an interrupted run", entry)
+            if entry.name.endswith(SALVAGE_SUFFIX):  # an interrupted salvage: redone from its temp file
                 entry.unlink()
-            elif SHARD_PATTERN.match(entry.name) and entry.name not in listed:
+        for entry in sorted(self.out_dir.iterdir()):
+            temp = TEMP_PATTERN.match(entry.name)
+            if temp and shard_name(int(temp.group(1))) not in listed:
+                entry = salvage(entry, int(temp.group(1)))  # the open shard of a killed writer
+                if entry is None:
+                    continue
+            elif temp:
+                entry.unlink()  # its shard is listed already (a killed salvage or rename)
+                continue
+            if SHARD_PATTERN.match(entry.name) and entry.name not in listed:
                 # Renamed (so complete and synced) but the manifest update did not happen: adopt it.
                 try:
                     record = scan_shard(entry)
@@ -184,6 +194,7 @@ class ShardWriter:
                     continue
                 log.info("adopting complete shard %s (%d groups) missing from the manifest", entry, record.groups)
                 self.shards.append(record)
+                listed.add(entry.name)
                 indices.append(shard_index(entry.name))
         for record in self.shards:
             self.done_group_ids.update(record.group_ids)
@@ -234,6 +245,7 @@ class ShardWriter:
         contents = [group.caption.encode("utf-8"), json.dumps(header, sort_keys=True).encode("utf-8"), *images]
         for name, data in zip(names, contents):
             self._add_member(name, data)
+        self._tar_file.flush()  # in the OS before it is served: a killed run's next open recovers it (shard_salvage)
         self._current.groups += 1
         self._current.images += len(images)
         self._current.caption_ids.append(group.caption_id)

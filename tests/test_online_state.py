@@ -147,3 +147,17 @@ def test_a_killed_online_service_restarts_without_serving_an_id_or_seed_again(tm
     assert state["restarts"] == 1
     if where == "--archive":
         assert archived_first and not archived_first & set(second)  # archived groups are never served again
+
+
+def test_every_group_served_before_a_kill_9_is_archived_once_the_service_restarts(tmp_path):
+    """The open shard of a killed service is not lost: the restart recovers its complete groups, and
+    every group a trainer received is in the archive (before, the open shard's groups were not)."""
+    captions = write_caption_file(tmp_path / "captions.txt", 6)
+    directory = tmp_path / "archive"
+    command = [sys.executable, "-m", "generator_service.cli", "--backend", "procedural", "--gpus", "cpu:1",
+               "--captions", str(captions), "--images-per-group", "2", "--save-size", "16", "--worker-batch", "2",
+               "--no-progress", "--log-level", "WARNING", "--archive", str(directory), "--shard-size", "1000"]
+    served = _serve_until(command, 8)
+    _serve_until(command, 1)  # the restart's open() recovers the first run's open shard
+    archived = [g for s in read_manifest(directory).shards for g in s.group_ids]
+    assert set(served) <= set(archived) and len(archived) == len(set(archived))

@@ -78,27 +78,31 @@ def test_lossy_formats(tmp_path, fmt, ext):
     assert json.loads(sample["json"])["encoding"] == {"jpg": "jpeg", "webp": "webp"}[fmt]
 
 
-def test_resume_skips_done_groups_and_removes_torn_shard(tmp_path):
-    w = writer(tmp_path).open()
-    for cid in range(3):
-        w.write(make_group(cid))
-    # Simulate a kill: the open shard (group 2) stays a temp file, the lock dies with the process.
-    w._tar_file.flush()
-    w._release_lock()
-    assert (tmp_path / temp_name(1)).exists()
-
-    resumed = writer(tmp_path).open()
-    assert not (tmp_path / temp_name(1)).exists()
-    assert resumed.done_caption_ids == {0, 1}
+def test_resume_recovers_the_complete_groups_of_the_open_shard_and_drops_a_torn_tail(tmp_path):
+    w = writer(tmp_path, shard_size=4).open()
     for cid in range(6):
+        w.write(make_group(cid))
+    # A kill: the open shard (groups 4, 5) stays a temp file, the lock dies with the process, and
+    # the write of group 6 was cut after its caption and half its header.
+    w._release_lock()
+    with open(tmp_path / temp_name(1), "ab") as torn:
+        info = tarfile.TarInfo(f"{FINGERPRINT[:8]}-000000006.txt")
+        info.size = 9
+        torn.write(info.tobuf(format=tarfile.USTAR_FORMAT) + b"caption 6" + b"\0" * 503)
+        torn.write(tarfile.TarInfo(f"{FINGERPRINT[:8]}-000000006.json").tobuf(format=tarfile.USTAR_FORMAT)[:300])
+
+    resumed = writer(tmp_path, shard_size=4).open()
+    assert not (tmp_path / temp_name(1)).exists()
+    assert resumed.done_caption_ids == {0, 1, 2, 3, 4, 5}
+    for cid in range(8):
         if cid not in resumed.done_caption_ids:
             resumed.write(make_group(cid))
     resumed.close()
     manifest = read_manifest(tmp_path)
-    ids = [c for s in manifest.shards for c in s.caption_ids]
-    assert sorted(ids) == list(range(6))
+    assert [s.caption_ids for s in manifest.shards] == [[0, 1, 2, 3], [4, 5], [6, 7]]
     samples = list(wds.WebDataset([str(tmp_path / s.name) for s in manifest.shards], shardshuffle=False))
-    assert sorted(json.loads(s["json"])["caption_id"] for s in samples) == list(range(6))
+    assert sorted(json.loads(s["json"])["caption_id"] for s in samples) == list(range(8))
+    assert all(len([k for k in s if k.endswith("png")]) == 3 for s in samples)
 
 
 def test_renamed_but_unlisted_shard_is_adopted(tmp_path):
