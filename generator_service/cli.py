@@ -390,13 +390,13 @@ def _keys(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog=f"{PROG} keys", description=(
         "Make a CurveZMQ key directory: the service's key pair, one trainer key pair, and authorized/ "
-        "holding that trainer's public key. Pass --curve-keys DIR to stablerep-generator and stablerep-train. "
-        "Existing keys are never overwritten."))
+        "holding that trainer's public key, and DIR/trainer with only what trainers need. Pass --curve-keys DIR "
+        "to stablerep-generator and --curve-keys DIR/trainer to stablerep-train. Existing keys are never overwritten."))
     parser.add_argument("directory", metavar="DIR")
     args = parser.parse_args(argv)
     root = write_keys(args.directory)
     print(f"{PROG}: keys written to {root} (secret keys mode 0600); "
-          f"serve with --curve-keys {root}, train with --curve-keys {root}")
+          f"serve with --curve-keys {root}, train with --curve-keys {root / 'trainer'} (it holds no service secret)")
     return 0
 
 

@@ -7,6 +7,10 @@ A key directory (``write_keys``) holds::
     client.key          a trainer's public key
     client.key_secret   that trainer's key pair       (trainers only; mode 0600)
     authorized/         public keys the service accepts (``*.key``; client.key is copied here)
+    trainer/            what trainers get: server.key, client.key, client.key_secret (mode 0700)
+
+Secret key files are created in a private (0700) temporary directory, made 0600 there, and only
+then moved into place: they never exist readable by others.
 
 The service (``CurveServer``) runs ZeroMQ's ZAP handler (``zmq.auth.ThreadAuthenticator``) on
 its context: a client completes the handshake only with the service's public key *and* a key pair
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 SERVER = "server"
 CLIENT = "client"
 AUTHORIZED = "authorized"
+TRAINER = "trainer"
 
 
 class CurveKeyError(ValueError):
@@ -49,9 +55,21 @@ def write_keys(directory: str | os.PathLike) -> Path:
         raise CurveKeyError(f"{root}: {', '.join(existing)} already there; keys are never overwritten "
                             "(remove them first to make new keys, then restart services and trainers)")
     (root / AUTHORIZED).mkdir(parents=True, exist_ok=True)
-    for name in (SERVER, CLIENT):
-        _, secret = zmq.auth.create_certificates(root, name)
-        os.chmod(secret, 0o600)
+    trainer = root / TRAINER
+    trainer.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(trainer, 0o700)
+    private = Path(tempfile.mkdtemp(prefix=".keys-", dir=root))  # mode 0700: nobody else can open what is inside
+    try:
+        for name in (SERVER, CLIENT):
+            public, secret = (Path(p) for p in zmq.auth.create_certificates(private, name))
+            os.chmod(secret, 0o600)
+            shutil.copyfile(public, trainer / public.name)
+            if name == CLIENT:
+                shutil.copy2(secret, trainer / secret.name)  # inside the 0700 folder; copy2 ends at mode 0600
+            os.replace(public, root / public.name)
+            os.replace(secret, root / secret.name)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     shutil.copyfile(root / f"{CLIENT}.key", root / AUTHORIZED / f"{CLIENT}.key")
     return root
 
@@ -76,17 +94,17 @@ def server_public_key(directory: str | os.PathLike) -> bytes:
 class _CountingAuthenticator(ThreadAuthenticator):
     """ZeroMQ's threaded ZAP handler, counting the handshakes it refuses."""
 
-    def __init__(self, context: zmq.Context) -> None:
+    def __init__(self, context: zmq.Context, log_interval_s: float = 10.0) -> None:
         super().__init__(context, log=logging.getLogger("zmq.auth"))
         self._lock = threading.Lock()
         self.refused = 0
-        self._refusals = RateLimitedLog(log, "CURVE: refused a client")
+        self.refusals = RateLimitedLog(log, "CURVE: refused a client", log_interval_s)
 
     def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous") -> None:
         if status_code != b"200":
             with self._lock:
                 self.refused += 1
-            self._refusals.note("unauthorized key", status_text.decode("utf-8", "replace"))
+            self.refusals.note("unauthorized key", status_text.decode("utf-8", "replace"))
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
@@ -97,8 +115,9 @@ class CurveServer:
         directory: a key directory (``write_keys``); reads ``server.key_secret`` and ``authorized/``.
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, log_interval_s: float = 10.0) -> None:
         self.directory = Path(directory)
+        self.log_interval_s = float(log_interval_s)
         self.public_key, self.secret_key = _load(self.directory / f"{SERVER}.key_secret", want_secret=True)
         self.authorized = self.directory / AUTHORIZED
         if not self.authorized.is_dir() or not list(self.authorized.glob("*.key")):
@@ -108,7 +127,7 @@ class CurveServer:
     def configure(self, context: zmq.Context, socket: zmq.Socket) -> None:
         """Start the ZAP handler on ``context`` and make ``socket`` a CURVE server (before bind)."""
         if self._auth is None:
-            self._auth = _CountingAuthenticator(context)
+            self._auth = _CountingAuthenticator(context, self.log_interval_s)
             self._auth.start()
             self._auth.configure_curve(domain="*", location=str(self.authorized))
         socket.curve_secretkey = self.secret_key
@@ -120,9 +139,16 @@ class CurveServer:
         """Clients refused so far (their public key is not in ``authorized/``)."""
         return 0 if self._auth is None else self._auth.refused
 
+    def flush_log(self, force: bool = False) -> None:
+        """Write the refusal summary when its interval is over (``force``: now); the service's I/O
+        loop calls it every turn, so the last burst of refusals is summed up too."""
+        if self._auth is not None:
+            self._auth.refusals.flush(force=force)
+
     def stop(self) -> None:
         if self._auth is not None:
             self._auth.stop()
+            self._auth.refusals.flush(force=True)
 
 
 class CurveClient:

@@ -43,7 +43,7 @@ from .bounds import clip
 from .codec import decode, encode
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo
-from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
+from .limits import DEAD_AFTER_HEARTBEATS, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
 from .ratelog import RateLimitedLog
 from .routing_ids import GeneratedIds, seed_routing_ids
@@ -239,6 +239,9 @@ class GroupServer:
         generated_ids: GeneratedIds | None = None
         try:
             configure(socket, self.max_message_bytes)
+            # Trainers send headers only: ZeroMQ drops a connection that sends a bigger frame before
+            # buffering it (a multipart message of many small frames is still buffered whole by libzmq).
+            socket.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
             socket.setsockopt(zmq.SNDHWM, self.send_hwm)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if self.curve is not None:
@@ -270,6 +273,8 @@ class GroupServer:
                 # ack) waiting behind other messages is never overtaken by the reaper.
                 self._heartbeat_and_reap(socket, reap=not more_in)
                 self._faults.flush()
+                if self.curve is not None:
+                    self.curve.flush_log()
                 busy = more_in or more_out
         except BaseException as exc:  # never a silent zombie: put() and stats() report it
             log.critical("generator service I/O thread died: %s: %s", type(exc).__name__, clip(str(exc)), exc_info=True)
@@ -277,6 +282,7 @@ class GroupServer:
                 self._fatal = exc
                 self._cond.notify_all()
         finally:
+            self._faults.flush(force=True)
             generated_ids.close()
             socket.close(linger=0)
 

@@ -40,3 +40,18 @@ def test_tampered_legacy_source_state_is_refused_without_running_code(tmp_path):
     (tmp_path / "source_state_1.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a readable source state"):
         _load_source_state(tmp_path / "source_state_1")
+
+
+def test_deeply_nested_checkpoint_json_is_refused_in_one_sentence(tmp_path):
+    from trainer.checkpoint import STATE_FILE, load_checkpoint
+
+    nested = "[" * 200_000 + "]" * 200_000
+    (tmp_path / STATE_FILE).write_text(nested)
+    with pytest.raises(ValueError, match=r"trainer_state.json: not a readable trainer state \(nested too deeply\)"):
+        load_checkpoint(None, tmp_path)  # refused before any model state is touched
+    (tmp_path / STATE_FILE).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="a JSON object expected"):
+        load_checkpoint(None, tmp_path)
+    (tmp_path / "source_state_0.json").write_text(nested)
+    with pytest.raises(ValueError, match="not a readable source state"):
+        _load_source_state(tmp_path / "source_state_0")

@@ -128,3 +128,66 @@ def test_both_clis_train_over_curve(tmp_path):
         service.wait()
     summary = read_summary(out)
     assert summary["steps"] == 3 and summary["source_stats"]["groups_received"] >= 16
+
+
+def test_every_refusal_is_summed_up_in_the_log_even_after_the_last_burst(tmp_path, caplog):
+    """Refusals are logged once in full, then summed up; the summary of the last burst is written
+    by the service's loop (and at close), not only when a later refusal happens to come."""
+    import logging
+    import re
+
+    keys = write_keys(tmp_path / "keys")
+    unknown = write_keys(tmp_path / "unknown")
+    shutil.copyfile(keys / "server.key", unknown / "server.key")
+    curve = CurveServer(keys, log_interval_s=3600)
+    caplog.set_level(logging.WARNING, logger="protocol.curve")
+    context = zmq.Context()
+    server = GroupServer("tcp://127.0.0.1:*", "curve-svc", GENERATOR, heartbeat_ms=200, curve=curve).start()
+    try:
+        intruders = []
+        for _ in range(12):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            CurveClient(unknown).configure(sock)
+            sock.connect(server.endpoint)
+            intruders.append(sock)
+        wait_for(lambda: server.stats().auth_refused >= 12, what="12 refusals")
+        for sock in intruders:
+            sock.close()
+    finally:
+        server.close()
+        context.destroy(linger=0)
+    lines = [r.getMessage() for r in caplog.records if "CURVE: refused a client" in r.getMessage()]
+    logged = sum(1 if "[unauthorized key]" in line else int(re.search(r": (\d+) more", line).group(1)) for line in lines)
+    assert logged == curve.refused >= 12, lines
+
+
+def test_secret_keys_are_never_readable_by_others_and_trainers_get_no_service_secret(tmp_path, monkeypatch):
+    """Each secret file is made where only its owner can reach it (a 0700 folder) and is 0600 before
+    it moves into the key directory; ``DIR/trainer`` holds what a trainer needs and no service secret."""
+    import os
+
+    import zmq.auth
+
+    made = []
+    real = zmq.auth.create_certificates
+
+    def spy(directory, name, metadata=None):
+        public, secret = real(directory, name, metadata)
+        made.append((stat.S_IMODE(os.stat(directory).st_mode), Path(secret)))
+        return public, secret
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", spy)
+    keys = write_keys(tmp_path / "keys")
+    assert len(made) == 2 and all(mode == 0o700 for mode, _ in made)  # before: created in DIR itself, mode 0644
+    trainer = keys / "trainer"
+    assert sorted(p.name for p in trainer.iterdir()) == ["client.key", "client.key_secret", "server.key"]
+    assert stat.S_IMODE(trainer.stat().st_mode) == 0o700
+    assert stat.S_IMODE((trainer / "client.key_secret").stat().st_mode) == 0o600
+    assert not list(keys.glob(".keys-*"))
+    with GroupServer("tcp://127.0.0.1:*", "curve-svc", GENERATOR, heartbeat_ms=200, curve=CurveServer(keys)) as server:
+        got: list[str] = []
+        with GroupClient([server.endpoint], lambda g: got.append(g.group_id), credits=2, connect_timeout=20,
+                         curve=CurveClient(trainer)):
+            server.put(_group(1))
+            wait_for(lambda: got == ["g0001"], what="the group over CURVE with the trainer folder")

@@ -132,3 +132,25 @@ def test_closes_racing_a_stream_never_pass_for_deaths_nor_deliver_a_group_twice(
             stats = server.stats()
         assert stats.dead_clients == 0 and stats.left_clients == 100
         assert sum(delivered.values()) == put == len(delivered), [g for g, n in delivered.items() if n > 1]
+
+
+def test_a_frame_bigger_than_any_trainer_header_drops_its_connection_unread(context):
+    """Trainers send headers only (64 KiB at most): ZeroMQ drops a connection that sends a bigger
+    frame before buffering it, so it costs the service nothing and is never decoded; the next
+    connection of the same socket is served."""
+    with GroupServer("tcp://127.0.0.1:*", "guarded", GENERATOR, heartbeat_ms=60000) as server:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        sock.send(b"\x81" + b"\0" * (1 << 20))  # 1 MiB: not read, the connection goes
+        answers = []
+
+        def hello_answered() -> bool:  # a hello sent on the dropped connection is lost with it: ask again
+            sock.send_multipart(encode(Hello(client="after")))
+            if sock.poll(200):
+                answers.append(decode(sock.recv_multipart()))
+            return bool(answers)
+
+        wait_for(hello_answered, "an answer to a hello sent after the big frame")
+        assert isinstance(answers[0], Welcome)
+        assert server.stats().bad_messages == 0  # before: the frame was buffered, decoded and refused

@@ -122,10 +122,23 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict[str, Any], Any]
     state, or ``None`` when the checkpoint was written by a run with fewer processes.
     """
     path = Path(path)
-    with open(path / STATE_FILE, encoding="utf-8") as fh:
-        state = json.load(fh)
+    state = _read_json(path / STATE_FILE, "trainer state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path / STATE_FILE}: not a readable trainer state (a JSON object expected, got "
+                         f"{type(state).__name__})")
     accelerator.load_state(str(path))
     return state, _load_source_state(path / f"source_state_{accelerator.process_index}")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A checkpoint's JSON file; ``ValueError`` naming the file for anything unreadable, nesting
+    too deep for the parser included."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ValueError(f"{path}: not a readable {what} ({reason})") from None
 
 
 def _plain(value: Any) -> Any:
@@ -143,11 +156,7 @@ def _load_source_state(stem: Path) -> Any:
     """This process's source state (``None`` when the run that saved it had fewer processes)."""
     json_file, legacy = stem.with_suffix(".json"), stem.with_suffix(".pt")
     if json_file.is_file():
-        try:
-            with open(json_file, encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{json_file}: not a readable source state ({exc})") from None
+        return _read_json(json_file, "source state")
     if legacy.is_file():
         try:
             return torch.load(legacy, weights_only=True)
