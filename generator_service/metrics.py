@@ -15,7 +15,8 @@ Names (all ``stablerep_generator_*``; labels ``worker``, ``device`` where per wo
 - ``groups_sent_total``, ``bytes_sent_total``: what went over the wire;
 - ``bad_messages_total``, ``dead_clients_total``: malformed messages received, clients dropped as silent;
 - ``refused_clients_total``, ``auth_refused_total``: hellos refused (``busy``, bad hello), CURVE keys refused;
-- ``evicted_clients_total``: half-open or idle sessions dropped to make room for a new client at ``--max-clients``;
+- ``evicted_clients_total``: sessions that did not stream (the one that held no unacknowledged group longest)
+  dropped to make room for a new client at ``--max-clients``;
 - ``put_wait_seconds_total``: seconds the supervisor waited to queue a group.
 """
 from __future__ import annotations
