@@ -248,7 +248,8 @@ class GroupServer:
                 self.curve.configure(self._context, socket)
             socket.bind(self.bind)
             self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            generated_ids = self._generated_ids = GeneratedIds.learn(self._context, socket)
+            generated_ids = self._generated_ids = GeneratedIds.learn(
+                self._context, socket, in_process=self.endpoint.startswith("inproc://"))
         except (zmq.ZMQError, OSError, ValueError) as exc:
             if generated_ids is not None:
                 generated_ids.close()

@@ -113,3 +113,22 @@ def test_peers_squatting_the_predictable_ids_get_no_session_and_cannot_abort_the
         service.stdin.close()
         service.wait(timeout=30)
         service.stdout.close()
+
+
+def test_an_in_process_service_still_welcomes_in_process_trainers():
+    """inproc connections have no handshake (no monitor event): there the id's shape decides."""
+    from generator_service.config import GeneratorConfig
+    from protocol.server import GroupServer
+
+    context = zmq.Context()
+    try:
+        info = GeneratorConfig(images_per_group=2, save_size=8).welcome_info()
+        with GroupServer("inproc://in-process-service", "local", info, context=context):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect("inproc://in-process-service")
+            sock.send_multipart(encode(Hello(client="local")))
+            assert sock.poll(30000) and isinstance(decode(sock.recv_multipart()), Welcome)
+            sock.close()
+    finally:
+        context.term()
