@@ -263,6 +263,7 @@ class GroupServer:
         poller.register(self._wake.read_fd, zmq.POLLIN)
         tick_ms = max(1, min(self.heartbeat_ms // 4, 250))
         busy = False
+        drained_at = monotonic()
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(0 if busy else tick_ms))
@@ -271,8 +272,12 @@ class GroupServer:
                 more_in = self._receive_some(socket)  # a non-blocking try even without an event: see the reaper
                 more_out = self._dispatch(socket)
                 # A client is dead only if silent after everything that arrived was read: a bye (or
-                # ack) waiting behind other messages is never overtaken by the reaper.
-                self._heartbeat_and_reap(socket, reap=not more_in)
+                # ack) waiting behind other messages is not overtaken by the reaper. Under a flood that
+                # has not let the socket drain for a heartbeat interval, the reaper runs regardless.
+                now = monotonic()
+                if not more_in:
+                    drained_at = now
+                self._heartbeat_and_reap(socket, reap=not more_in or now - drained_at > self.heartbeat_ms / 1000.0)
                 self._faults.flush()
                 if self.curve is not None:
                     self.curve.flush_log()
