@@ -72,8 +72,8 @@ def bad_groups() -> dict[str, list]:
 
 
 class HostileService:
-    """A raw ROUTER: welcome ``welcome_header``; then, per credit, the next bad group (interleaved
-    with good ones) until every bad group went out, then good groups only."""
+    """A raw ROUTER: welcome ``welcome_header``; then, per credit, the next bad group until every
+    bad group went out, then good groups only."""
 
     def __init__(self, welcome_header: dict | None = None, bad: dict[str, list] | None = None) -> None:
         self.context = zmq.Context()
@@ -82,7 +82,9 @@ class HostileService:
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.welcome_header = welcome_header
-        self.script = [frames for pair in zip((bad or {}).values(), (_good(10000 + k) for k in range(len(bad or {})))) for frames in pair]
+        # every bad group first: training cannot end before each was answered, and the good ones
+        # come only on credit granted after those answers
+        self.script = list((bad or {}).values())
         self.sent_bad = 0
         self.errors: list[Error] = []
         self._stop = threading.Event()

@@ -129,6 +129,7 @@ def test_closes_racing_a_stream_never_pass_for_deaths_nor_deliver_a_group_twice(
                         put += 1
                     assert took.acquire(timeout=30), "the closing trainer got no group"
             wait_for(lambda: len(delivered) == put, "every group delivered")
+            wait_for(lambda: server.stats().left_clients + server.stats().dead_clients == 100, "every close seen")
             stats = server.stats()
         assert stats.dead_clients == 0 and stats.left_clients == 100
         assert sum(delivered.values()) == put == len(delivered), [g for g, n in delivered.items() if n > 1]
