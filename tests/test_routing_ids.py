@@ -4,6 +4,7 @@ the abort is observed, not suffered."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -45,9 +46,13 @@ if sys.argv[2] == "squat":
 """
 
 
+def _no_core_dump() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the abort below must leave no core file
+
+
 def _bare_router(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BARE_ROUTER, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, preexec_fn=_no_core_dump)
 
 
 def test_libzmq_aborts_when_its_counter_reaches_an_id_a_peer_chose():
@@ -86,7 +91,7 @@ def test_peers_squatting_the_predictable_ids_get_no_session_and_cannot_abort_the
     well shaped; their hellos are refused, a trainer then connects and streams, and the service
     process is still alive. Before the fix the trainer's connection aborted the service."""
     service = subprocess.Popen([sys.executable, "-c", SERVICE], cwd=REPO, env=ENV, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True, preexec_fn=_no_core_dump)
     context = zmq.Context()
     try:
         endpoint = service.stdout.readline().strip()
