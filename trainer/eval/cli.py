@@ -151,7 +151,9 @@ def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
         print_table(f"linear probe (paper, {result['config']['epochs']} epochs), {result['num_classes']} classes",
                     ["base lr", "lr", "train loss", "best val top1", "at epoch", "val top5"], rows)
         sel = result["selected"]
-        print(f"best base lr {sel['base_lr']:g} (lr {sel['lr']:g}) at epoch {sel['epoch']}: top1 {result['top1']:.2f}%")
+        print(f"best base lr {sel['base_lr']:g} (lr {sel['lr']:g}) at epoch {sel['epoch']}: top1 {result['top1']:.2f}%"
+              + (f", top5 {result['top5']:.2f}%" if result["top5"] is not None else "")
+              + f" (last epoch: top1 {result['final_top1']:.2f}%)")
     if result["skipped_images"]:
         print(f"skipped {result['skipped_images']} unreadable images (listed in the JSON)")
     return result

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +13,15 @@ from trainer.eval.backbones import EvalBackbone
 from trainer.eval.imagefolder import ImageFolderDataset, collate_skipping
 
 
+#: resizing of the probe views: bilinear, torchvision's default that the official main_linear.py uses
+PROBE_INTERPOLATION = transforms.InterpolationMode.BILINEAR
+
+
 def eval_transform(backbone: EvalBackbone) -> transforms.Compose:
-    """Resize(256/224 * S) + CenterCrop(S) + normalize: the paper's evaluation view."""
+    """Resize(256/224 * S, bilinear) + CenterCrop(S) + normalize: the official evaluation view."""
     size = backbone.input_size
     return transforms.Compose([
-        transforms.Resize(int(round(size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(int(round(size * 256 / 224)), interpolation=PROBE_INTERPOLATION),
         transforms.CenterCrop(size),
         transforms.ToTensor(),
         transforms.Normalize(backbone.mean, backbone.std),
@@ -26,10 +29,10 @@ def eval_transform(backbone: EvalBackbone) -> transforms.Compose:
 
 
 def train_transform(backbone: EvalBackbone) -> transforms.Compose:
-    """RandomResizedCrop(S) + horizontal flip + normalize: the linear-probe training view."""
+    """RandomResizedCrop(S, bilinear) + horizontal flip + normalize: the official linear-probe training view."""
     size = backbone.input_size
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, interpolation=PROBE_INTERPOLATION),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(backbone.mean, backbone.std),
@@ -40,13 +43,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def make_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
@@ -81,6 +77,7 @@ class FeatureSet:
 def _cache_key(backbone: EvalBackbone, dataset: ImageFolderDataset) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(backbone.describe(), sort_keys=True, default=str).encode())
+    digest.update(f"fp32 {dataset.transform!r}".encode())  # the preprocessing: features cached before it changed do not match
     source = Path(backbone.source)
     if source.exists():
         stat = source.stat()
@@ -118,8 +115,7 @@ def extract_features(
         skipped.extend(dataset.path(i) for i in batch.skipped)
         if batch.labels.numel() == 0:
             continue
-        with autocast_for(device):
-            out = backbone.features(batch.images.to(device, non_blocking=True))
+        out = backbone.features(batch.images.to(device, non_blocking=True))  # fp32, as the official probe
         feats.append(out.float().cpu())
         labels.append(batch.labels)
     if not feats:
