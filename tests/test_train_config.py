@@ -22,7 +22,8 @@ def test_paper_preset_is_the_papers_recipe():
     assert cfg.method.name == "stablerep" and cfg.method.temperature == 0.1 and cfg.augment.strong
     assert cfg.run.precision == "bf16"
     assert cfg.peak_lr() == pytest.approx(3.225e-3)  # official: blr x 43 x 32 x 6 / 256 x num_crop 1 / 2
-    steps_per_epoch = 10_000_000 / 1376
+    steps_per_epoch = 10_000_000 // 1376  # official: len(dataset) // batch, the loader drops the last one
+    assert cfg.steps_per_epoch() == steps_per_epoch == 7267
     assert cfg.total_steps() == math.ceil(15 * steps_per_epoch)
     assert cfg.warmup_steps() == round(0.5 * steps_per_epoch)
     assert cfg.crop_size() == 224

@@ -4,6 +4,11 @@ Precedence, lowest to highest: dataclass defaults < preset YAML (``--preset NAME
 ``trainer/presets/``) < config YAML (``--config FILE``) < command-line flags (``trainer/cli.py``).
 A higher layer replaces a lower layer's value, except for keyword maps (``model.model_kwargs``,
 ``method.kwargs``), whose keys merge into the lower layer's.
+Two values then follow the method and the augmentation chosen (``build_config``): a method whose
+official recipe fixes the images per caption or crops per image (SimCLR 1 and 2, CLIP 1 and 1; see
+``trainer.methods``) gets them unless a config file or a flag sets them (a preset does not count);
+and ``augment.scale_min`` from a layer below the one that chose strong / weak augmentation is
+dropped, so ``--weak-aug`` over the paper preset crops at the official 0.5-1.
 The resolved config is written to ``OUTPUT/config.yaml`` and can be fed back with ``--config``.
 
 YAML files are nested maps whose top-level keys are the groups below (``model``, ``method``,
@@ -69,7 +74,8 @@ class AugmentConfig:
 
     size: Optional[int] = None  # output crop side S; None = model.img_size
     strong: bool = True  # the paper's strong augmentation; False = the official weak one (crop only, no flip)
-    scale_min: Optional[float] = None  # RandomResizedCrop scale (scale_min, 1); None = 0.08 strong, 0.5 weak
+    scale_min: Optional[float] = None  # RandomResizedCrop scale (scale_min, 1); None = 0.08 strong, 0.5 weak;
+    # a value from a layer below the one that chose strong/weak is dropped (build_config)
     downsample: Optional[int] = None  # shrink every image to this side before augmenting (None = as stored)
     down_res: list[int] = field(default_factory=list)  # official random down-and-up resize sides ([] = off)
     down_prob: float = 0.05  # probability per image of that resize (official downsample_prob)
@@ -94,7 +100,7 @@ class DataConfig:
     curve_keys: Optional[str] = None  # online: CurveZMQ key directory (stablerep-generator keys DIR)
     credits: int = 8  # groups in flight per generator endpoint
     num_workers: int = 2  # offline: decoding workers
-    dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps
+    dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps (offline: None = count the data)
 
 
 @dataclass
@@ -122,6 +128,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to biases and norm parameters
+    wd_embeddings: bool = True  # official: decay cls token and position embeddings too (every >= 2-D weight)
     grad_clip: Optional[float] = None  # max global grad norm (None = no clipping)
 
 
@@ -191,37 +198,67 @@ class TrainConfig:
             out["down_up"] = f"p={a.down_prob:g} per image, shorter side to one of {a.down_res} and back"
         return out
 
+    def views_in_loss(self) -> tuple[int, int]:
+        """(images per caption, crops per image) that reach the method's loss: the method's own
+        ``views_in_loss`` of ``data.draw_per_caption`` and ``augment.crops_per_image`` (SimCLR: 1 image,
+        >= 2 crops; CLIP: 1 and 1; StableRep: both as configured)."""
+        from trainer.methods import METHODS
+
+        return METHODS.get(self.method.name).views_in_loss(self.data.draw_per_caption, self.augment.crops_per_image)
+
     def images_per_step(self) -> int:
-        """Global augmented images per optimizer step (all processes together):
-        captions_per_step x draw_per_caption x crops_per_image."""
-        return self.data.captions_per_step * self.data.draw_per_caption * self.augment.crops_per_image
+        """Global augmented images per optimizer step (all processes together) that reach the loss:
+        captions_per_step x images per caption x crops per image (see :meth:`views_in_loss`)."""
+        images, crops = self.views_in_loss()
+        return self.data.captions_per_step * images * crops
 
     def peak_lr(self) -> float:
         """``optim.lr`` when set, else the official StableRep rule
-        ``base_lr * captions_per_step * draw_per_caption / 256 * crops_per_image / 2`` (the official
-        script scales by ``num_crop / 2``: one crop per image halves the per-256-images rule)."""
+        ``base_lr * captions_per_step * n_img / 256 * num_crop / 2`` with the method's
+        :meth:`views_in_loss` as ``n_img`` and ``num_crop`` (the official script scales by
+        ``num_crop / 2``: one crop per image halves the per-256-images rule)."""
         if self.optim.lr is not None:
             return self.optim.lr
-        drawn = self.data.captions_per_step * self.data.draw_per_caption
-        return self.optim.base_lr * drawn / 256 * self.augment.crops_per_image / 2
+        images, crops = self.views_in_loss()
+        return self.optim.base_lr * self.data.captions_per_step * images / 256 * crops / 2
 
-    def _steps_per_epoch(self, what: str) -> float:
-        if self.data.dataset_captions is None:
+    def epoch_captions(self, what: str = "the run length") -> int:
+        """Captions in one epoch: ``data.dataset_captions`` when set, else (offline source) the caption
+        groups counted in ``data.data`` (``trainer.sources.dataset_size``)."""
+        if self.data.dataset_captions is not None:
+            return self.data.dataset_captions
+        if self.data.source != "offline" or not self.data.data:
             raise ConfigError(f"{what} is given in epochs but data.dataset_captions is not set")
-        return self.data.dataset_captions / self.data.captions_per_step
+        from trainer.sources.dataset_size import count_offline_captions
+
+        try:
+            return count_offline_captions(self.data.data, self.data.folders or None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config field data.data = {self.data.data!r}: cannot count its caption groups "
+                              f"for {what} in epochs: {exc}") from exc
+
+    def steps_per_epoch(self, what: str = "the run length") -> int:
+        """Optimizer steps in one epoch, as the official loader (``drop_last``): epoch captions //
+        captions_per_step."""
+        captions = self.epoch_captions(what)
+        steps = captions // self.data.captions_per_step
+        if steps < 1:
+            raise ConfigError(f"{what} is given in epochs but an epoch of {captions} captions holds no full step "
+                              f"of data.captions_per_step = {self.data.captions_per_step}")
+        return steps
 
     def total_steps(self) -> int:
         if self.schedule.steps is not None:
             return self.schedule.steps
         if self.schedule.epochs is not None:
-            return max(1, math.ceil(self.schedule.epochs * self._steps_per_epoch("schedule.epochs")))
+            return max(1, math.ceil(self.schedule.epochs * self.steps_per_epoch("schedule.epochs")))
         raise ConfigError("the run length is not set: give schedule.steps (--steps) or schedule.epochs (--epochs)")
 
     def warmup_steps(self) -> int:
         if self.schedule.warmup_steps is not None:
             return self.schedule.warmup_steps
         if self.schedule.warmup_epochs is not None:
-            return round(self.schedule.warmup_epochs * self._steps_per_epoch("schedule.warmup_epochs"))
+            return round(self.schedule.warmup_epochs * self.steps_per_epoch("schedule.warmup_epochs"))
         return 0
 
     def to_dict(self) -> dict:
@@ -235,6 +272,9 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps(),
             "peak_lr": self.peak_lr(),
             "images_per_step": self.images_per_step(),
+            **({"epoch_captions": self.epoch_captions(), "steps_per_epoch": self.steps_per_epoch()}
+               if self.schedule.epochs is not None or self.schedule.warmup_epochs is not None else {}),
+            "views_in_loss": dict(zip(("images_per_caption", "crops_per_image"), self.views_in_loss())),
             "augment": self.augment_summary(),
             "head_batchnorm": ("per view chunk" if self.model.head_per_view else "one over all images")
             + (", synchronized across processes" if self.model.sync_bn else ", per process"),
@@ -455,15 +495,23 @@ def build_config(
     preset: str | None = None, config_file: str | None = None, overrides: dict | None = None,
     validate: bool = True,
 ) -> TrainConfig:
-    """Defaults < preset < config file < ``overrides`` (nested map, e.g. from flags); validated unless told not."""
+    """Defaults < preset < config file < ``overrides`` (nested map, e.g. from flags), then the values
+    that follow the method, the augmentation and the source (``trainer.config_layers.resolve_layers``);
+    validated unless told not."""
     cfg = TrainConfig()
+    layers: list[tuple[str, dict]] = []  # (origin, nested map), lowest first
     if preset:
         path = preset_path(preset)
-        apply_overrides(cfg, load_yaml(path), origin=f"preset {preset} ({path})")
+        layers.append((f"preset {preset} ({path})", load_yaml(path)))
     if config_file:
-        apply_overrides(cfg, load_yaml(config_file), origin=f"config file {config_file}")
+        layers.append((f"config file {config_file}", load_yaml(config_file)))
     if overrides:
-        apply_overrides(cfg, overrides, origin="command line")
+        layers.append(("command line", overrides))
+    for origin, data in layers:
+        apply_overrides(cfg, data, origin=origin)
+    from trainer.config_layers import resolve_layers
+
+    resolve_layers(cfg, [data for _, data in layers], preset_first=bool(preset))
     return cfg.validate() if validate else cfg
 
 

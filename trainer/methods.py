@@ -8,11 +8,16 @@ host sync happens here; ``float()`` the tensors when logging.
 False (clip) means the projection head is unused, so build with ``head_layers=0`` (or let DDP find
 unused parameters).
 
+Every method class declares the official recipe's facts about it (:class:`MethodFacts`): ``official``
+(images per caption and crops per image that the official recipe fixes for it, e.g. SimCLR 1 and 2)
+and ``views_in_loss`` (the counts that really reach its loss, which the lr rule uses).
+
 Labels come from ``batch.caption_ids`` on every call (globally unique per caption), never from the
 batch size: the images of one caption are positives of each other.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,6 +37,30 @@ def register_method(name: str) -> Callable[[type], type]:
         cls.name = name
         return METHODS.register(name, cls)
     return add
+
+
+@dataclass(frozen=True)
+class OfficialViews:
+    """What the official recipe fixes for a method: images drawn per caption (its ``--n_img``) and
+    augmented crops per image (``--num_crop``). ``None``: the method takes the config's value (the
+    preset's); config resolution (``trainer.config.resolve_method_views``) applies the rest."""
+
+    draw_per_caption: int | None = None
+    crops_per_image: int | None = None
+
+
+class MethodFacts:
+    """Class-level facts every method declares; the defaults are StableRep's (all drawn images, every
+    crop of them, no value fixed by the official recipe)."""
+
+    official = OfficialViews()
+
+    @staticmethod
+    def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
+        """(images per caption, crops per image) that reach the loss when the source draws
+        ``draw_per_caption`` images of each caption and the augmentation asks for ``crops_per_image``.
+        The lr rule and ``images_per_step`` use these counts."""
+        return int(draw_per_caption), max(1, int(crops_per_image))
 
 
 def build_method(name: str, **cfg):
@@ -71,12 +100,12 @@ def _views(images: torch.Tensor, caption_ids: torch.Tensor, crops: int, augment:
     return augment(flat), labels, n * crops
 
 
-def _crops(augment: GPUAugment, at_least: int = 1) -> int:
-    return max(at_least, int(getattr(augment, "crops_per_image", 1)))
+def _crops(augment: GPUAugment) -> int:
+    return int(getattr(augment, "crops_per_image", 1))
 
 
 @register_method("stablerep")
-class StableRepMethod:
+class StableRepMethod(MethodFacts):
     """All ``G x n`` images, ``augment.crops_per_image`` augmentations each; positives = every view of the
     same caption."""
 
@@ -89,7 +118,8 @@ class StableRepMethod:
     def __call__(self, model: nn.Module, batch: Batch, augment: GPUAugment):
         device = _device(model)
         views, labels, per_group = _views(batch.images.to(device, non_blocking=True),
-                                          batch.caption_ids.to(device, non_blocking=True), _crops(augment), augment)
+                                          batch.caption_ids.to(device, non_blocking=True),
+                                          self.views_in_loss(batch.images.shape[1], _crops(augment))[1], augment)
         features = model(views, views=per_group)                        # [G*n*crops, head_out]
         loss, details = self.loss(features, labels, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
@@ -97,12 +127,18 @@ class StableRepMethod:
 
 
 @register_method("simclr")
-class SimCLRMethod:
+class SimCLRMethod(MethodFacts):
     """The first image of each group, ``max(2, crops_per_image)`` crops of it (official SimCLR: one image
     per caption, num_crop 2); positives = the other crops of the same image."""
 
     needs_text = False
     needs_head = True
+    official = OfficialViews(draw_per_caption=1, crops_per_image=2)  # official --n_img 1 --num_crop 2
+
+    @staticmethod
+    def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
+        """One image per caption (the first drawn), at least two crops of it."""
+        return 1, max(2, int(crops_per_image))
 
     def __init__(self, temperature: float = 0.1) -> None:
         self.loss = SimCLRLoss(temperature)  # a MultiPosConLoss: labels = image ids
@@ -111,7 +147,7 @@ class SimCLRMethod:
         device = _device(model)
         first = batch.images[:, :1].to(device, non_blocking=True)      # [G, 1, H, W, 3]
         views, labels, per_group = _views(first, batch.caption_ids.to(device, non_blocking=True),
-                                          _crops(augment, at_least=2), augment)
+                                          self.views_in_loss(1, _crops(augment))[1], augment)
         features = model(views, views=per_group)                        # [G*crops, head_out]
         loss, details = MultiPosConLoss.forward(self.loss, features, labels, return_details=True)
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
@@ -119,11 +155,17 @@ class SimCLRMethod:
 
 
 @register_method("clip")
-class CLIPMethod:
+class CLIPMethod(MethodFacts):
     """The first image of each group and its caption; image-text contrastive loss only."""
 
     needs_text = True
     needs_head = False
+    official = OfficialViews(draw_per_caption=1, crops_per_image=1)  # official --n_img 1, one crop
+
+    @staticmethod
+    def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
+        """One image per caption (the first drawn), one crop of it."""
+        return 1, 1
 
     def __init__(self) -> None:
         self.loss = CLIPLoss()
@@ -141,7 +183,7 @@ class CLIPMethod:
 
 
 @register_method("stablerep+")
-class StableRepPlusMethod:
+class StableRepPlusMethod(MethodFacts):
     """StableRep on all ``G x n`` images plus image-text terms against each group's caption."""
 
     needs_text = True
@@ -154,7 +196,7 @@ class StableRepPlusMethod:
         device = _device(model)
         text_labels = batch.caption_ids.to(device, non_blocking=True)
         views, labels, per_group = _views(batch.images.to(device, non_blocking=True), text_labels,
-                                          _crops(augment), augment)
+                                          self.views_in_loss(batch.images.shape[1], _crops(augment))[1], augment)
         tokens = unwrap(model).tokenize(batch.captions, device)  # [G, L]
         out = model(views, tokens, ssl=True, views=per_group)
         parts = self.loss(out["ssl"], out["image_embed"], out["text_embed"], labels, text_labels,
