@@ -45,21 +45,40 @@ def test_paper_head_layout():
     assert headless(torch.randn(2, 3, 32, 32)).shape == (2, 32)
 
 
-def test_param_groups_split_decay():
-    model = tiny(text=TINY_TEXT)
-    decay, no_decay = model.param_groups(0.1)
+def _decay_split(model, **kwargs) -> tuple[set[str], set[str]]:
+    decay, no_decay = model.param_groups(0.1, **kwargs)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"backbone.cls_token", "backbone.pos_embed", "logit_scale", "backbone.blocks.0.norm1.weight",
-            "head.1.weight", "head.0.bias"} <= no_decay_names
+    decay_names, no_decay_names = ({names[id(p)] for p in g["params"]} for g in (decay, no_decay))
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+    torch.optim.AdamW(model.param_groups(0.1, **kwargs), lr=1e-3)  # accepted as-is
+    return decay_names, no_decay_names
+
+
+def test_param_groups_decay_every_matrix_but_biases_and_norms():
+    """Official (util/misc.py add_weight_decay): decay iff ndim >= 2 and not a bias / norm, so the class
+    token, both position embeddings and the token embedding are decayed."""
+    model = tiny(text=TINY_TEXT)
+    decay_names, no_decay_names = _decay_split(model)
+    text_position = [n for n in decay_names if n.endswith("embeddings.position_embedding.weight")]
+    text_tokens = [n for n in decay_names if n.endswith("embeddings.token_embedding.weight")]
+    assert len(text_position) == 1 and text_position[0].startswith("text.") and len(text_tokens) == 1
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
+            "backbone.blocks.0.attn.qkv.weight", "head.0.weight", "head.6.weight", "image_projection.weight"} <= decay_names
+    assert {"logit_scale", "backbone.blocks.0.norm1.weight", "head.1.weight", "head.0.bias"} <= no_decay_names
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim >= 2 for n in decay_names)
+    assert all(params[n].ndim < 2 for n in no_decay_names)  # every bias and norm weight here is 1-D
+
+
+def test_param_groups_without_embedding_decay():
+    """--no-wd-embeddings: timm's no_weight_decay() names and the text positions are spared too."""
+    model = tiny(text=TINY_TEXT)
+    decay_names, no_decay_names = _decay_split(model, decay_embeddings=False)
+    assert {"backbone.cls_token", "backbone.pos_embed", "logit_scale", "head.0.bias"} <= no_decay_names
     position = [n for n in no_decay_names if n.endswith("embeddings.position_embedding.weight")]
     assert len(position) == 1 and position[0].startswith("text.")
-    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "head.0.weight",
-            "head.6.weight", "image_projection.weight"} <= decay_names
-    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
-    torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)  # accepted as-is
+    assert {"backbone.patch_embed.proj.weight", "head.0.weight", "image_projection.weight"} <= decay_names
 
 
 def test_export_and_load_backbone_round_trip(tmp_path):

@@ -399,15 +399,18 @@ def test_default_text_tower_is_the_official_clip_one():
 def test_mlp_projection_for_image_and_text():
     import torch
 
+    from trainer.text import TextConfig
+
+    assert TextConfig().mlp_out == 256  # official: the mlp projection outputs ssl_emb_dim = 256
     text = {"width": 32, "heads": 2, "layers": 1, "embed_dim": 16, "context_length": 16, "projection": "mlp",
-            "mlp_hidden": 24, "tokenizer": "bytes"}
+            "mlp_hidden": 24, "mlp_out": 12, "tokenizer": "bytes"}
     model = _tiny_model(text=text).train()
     for projection in (model.image_projection, model.text.projection):
         linears = [m for m in projection.modules() if isinstance(m, torch.nn.Linear)]
-        assert [m.out_features for m in linears] == [24, 24, 16]
+        assert [m.out_features for m in linears] == [24, 24, 12]  # mlp_out, not the linear embed_dim
         assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in projection.modules()) == 2
     out = model(torch.randn(4, 3, 32, 32), model.tokenize(["a", "b", "c", "d"]))
-    assert out["image_embed"].shape == (4, 16) and out["text_embed"].shape == (4, 16)
+    assert out["image_embed"].shape == (4, 12) and out["text_embed"].shape == (4, 12)
     with pytest.raises(ValueError, match="projection"):
         _tiny_model(text={**text, "projection": "conv"})
 

@@ -87,6 +87,8 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("optimizer", ("--betas",), "optim.betas", dict(nargs=2, type=float, metavar=("B1", "B2"), help="AdamW betas")),
     ("optimizer", ("--eps",), "optim.eps", dict(type=float, help="AdamW epsilon")),
     ("optimizer", ("--weight-decay", "--wd"), "optim.weight_decay", dict(type=float, help="AdamW weight decay (none on biases and norms)")),
+    ("optimizer", ("--wd-embeddings",), "optim.wd_embeddings", dict(action="store_const", const=True, help="weight-decay the class token and position embeddings like every other >= 2-D weight (official)")),
+    ("optimizer", ("--no-wd-embeddings",), "optim.wd_embeddings", dict(action="store_const", const=False, help="no weight decay on the class token and position embeddings (timm's no_weight_decay)")),
     ("optimizer", ("--grad-clip",), "optim.grad_clip", dict(type=float, metavar="MAX_NORM", help="clip the gradient norm to MAX_NORM (default: no clipping)")),
     ("schedule", ("--steps",), "schedule.steps", dict(type=int, help="optimizer steps of the whole run")),
     ("schedule", ("--epochs",), "schedule.epochs", dict(type=float, help="run length in epochs of --dataset-captions")),

@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     if cfg.run.compile:
         model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.optim.weight_decay), lr=peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        model.param_groups(cfg.optim.weight_decay, cfg.optim.wd_embeddings), lr=peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         fused=device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)

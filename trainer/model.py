@@ -18,6 +18,8 @@ import trainer.small_cnn  # noqa: F401  (registers the "small_cnn" timm model)
 from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
 from trainer.text import TextConfig, TextTower, build_projection
 
+#: norm layers whose parameters are never weight-decayed
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
 
@@ -41,6 +43,18 @@ def projection_head(in_dim: int, hidden: int = 4096, out: int = 256, layers: int
     return nn.Sequential(*blocks)
 
 
+def per_view_chunk(module: nn.Module, features: torch.Tensor, views: int) -> torch.Tensor:
+    """``module`` once per view chunk of group-major ``features [G * views, F]`` (the ``G`` rows at
+    index ``j`` of every group), so BatchNorm inside sees one chunk at a time -> ``[G * views, out]``."""
+    if views == 1:
+        return module(features)
+    if features.shape[0] % views:
+        raise ValueError(f"{features.shape[0]} feature rows do not split into groups of {views} views")
+    grouped = features.view(-1, views, features.shape[-1])                  # [G, views, F]
+    chunks = [module(grouped[:, j]) for j in range(views)]                  # views x [G, out]
+    return torch.stack(chunks, dim=1).flatten(0, 1)                         # [G * views, out]
+
+
 class StableRepModel(nn.Module):
     """Backbone + projection head (+ text tower, image projection and logit scale for image-text methods).
 
@@ -48,7 +62,8 @@ class StableRepModel(nn.Module):
         backbone: timm model with ``num_classes=0``: ``[N, 3, S, S] -> [N, num_features]``.
         head: projection head ``[N, num_features] -> [N, head_out]``.
         text: :class:`TextTower` or None.
-        image_projection: Linear ``num_features -> text.embed_dim`` (None without text tower).
+        image_projection: ``num_features -> text.config.joint_dim``, a Linear or the mlp projection (None
+            without text tower).
         logit_scale: scalar parameter, log inverse temperature of image-text logits (None without text).
     """
 
@@ -93,13 +108,16 @@ class StableRepModel(nn.Module):
         ``G`` rows at index ``j`` of every group, so its BatchNorm statistics are per chunk; else one
         call over all ``N`` rows.
         """
-        if not self.head_per_view or views == 1:
+        if not self.head_per_view:
             return self.head(features)
-        if features.shape[0] % views:
-            raise ValueError(f"{features.shape[0]} feature rows do not split into groups of {views} views")
-        grouped = features.view(-1, views, features.shape[-1])              # [G, views, F]
-        chunks = [self.head(grouped[:, j]) for j in range(views)]          # views x [G, head_out]
-        return torch.stack(chunks, dim=1).flatten(0, 1)                     # [G * views, head_out]
+        return per_view_chunk(self.head, features, views)
+
+    def embed_image(self, features: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """Image projection into the joint space, ``[N, F] -> [N, E]``; with ``head_per_view`` an ``mlp``
+        projection runs once per view chunk, as in the official StableRep+ (BatchNorm per chunk)."""
+        if isinstance(self.image_projection, nn.Linear) or not self.head_per_view:
+            return self.image_projection(features)
+        return per_view_chunk(self.image_projection, features, views)
 
     def forward(self, images: torch.Tensor, text_tokens: torch.Tensor | None = None, *, ssl: bool = True,
                 views: int = 1):
@@ -119,7 +137,7 @@ class StableRepModel(nn.Module):
         if text_tokens is None:
             return self.project(features, views)
         text = self._require_text()
-        out = {"image_embed": self.image_projection(features), "text_embed": text(text_tokens),
+        out = {"image_embed": self.embed_image(features, views), "text_embed": text(text_tokens),
                "logit_scale": self.logit_scale}
         if ssl:
             out["ssl"] = self.project(features, views)
@@ -138,20 +156,29 @@ class StableRepModel(nn.Module):
         """Captions -> int64 ``[G, L]`` for :meth:`encode_text` / :meth:`forward`."""
         return self._require_text().tokenize(captions, device)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups: ``weight_decay`` on weight matrices / conv kernels, none on
-        biases, norm parameters, other 1-D parameters, the logit scale, and token / position
-        embeddings (the backbone's ``no_weight_decay()`` names and the text tower's positions)."""
+    def param_groups(self, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+        """AdamW parameter groups ``[decay, no_decay]``.
+
+        The official rule (``decay_embeddings=True``): ``weight_decay`` on every parameter with two or
+        more dimensions that is not a bias or a norm parameter, so the class token, the position
+        embeddings (image and text) and the token embedding are decayed; biases, norm parameters,
+        other 1-D parameters and the logit scale are not. ``decay_embeddings=False`` also spares the
+        backbone's ``no_weight_decay()`` names (timm: ``cls_token``, ``pos_embed``, ...) and the text
+        tower's position embedding.
+        """
         skip = set()
-        if hasattr(self.backbone, "no_weight_decay"):
-            skip |= {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
-        if self.text is not None:
-            skip |= {f"text.{name}" for name in self.text.no_weight_decay_names}
+        if not decay_embeddings:
+            if hasattr(self.backbone, "no_weight_decay"):
+                skip |= {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+            if self.text is not None:
+                skip |= {f"text.{name}" for name in self.text.no_weight_decay_names}
+        norm_params = {id(p) for m in self.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+            spared = param.ndim < 2 or name.endswith("bias") or id(param) in norm_params or name in skip
+            (no_decay if spared else decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 

@@ -1,12 +1,13 @@
 """CLIP-style text tower for StableRep+ and CLIP: tokenizer + causal transformer + EOT pooling + projection.
 
-The transformer is ``transformers.CLIPTextModel`` built from a config (random init, nothing is
-downloaded). Tokenizers work offline: the default ``"clip"`` is CLIP's BPE tokenizer (vocabulary 49408,
+The transformer is ``transformers.CLIPTextModel`` built from a config (nothing is downloaded), then
+initialized as OpenAI's CLIP and the official StableRep+ text tower are (:func:`openai_text_init_`). Tokenizers work offline: the default ``"clip"`` is CLIP's BPE tokenizer (vocabulary 49408,
 context 77, as the official StableRep+) from ``open_clip``, whose vocabulary file ships inside the
 package; ``"bytes"`` (:class:`ByteTokenizer`) maps UTF-8 bytes to ids (small CPU towers);
 ``tokenizer=<folder>`` loads a local Hugging Face tokenizer folder with ``AutoTokenizer``.
-The projection into the joint space is ``linear`` or ``mlp`` (the official ``vl_projection``: the
-projection head's Linear-BN-ReLU x 2 + Linear, hidden ``mlp_hidden``).
+The projection into the joint space is ``linear`` (to ``embed_dim``) or ``mlp`` (the official
+``vl_projection``: the projection head's Linear-BN-ReLU x 2 + Linear, hidden ``mlp_hidden``, output
+``mlp_out`` = 256, the official ``ssl_emb_dim``).
 """
 from __future__ import annotations
 
@@ -26,10 +27,16 @@ class TextConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     context_length: int = 77
-    embed_dim: int = 512
+    embed_dim: int = 512  # joint image-text width of the linear projection
     tokenizer: str = "clip"  # "clip" (BPE, open_clip), "bytes", or the path of a local Hugging Face tokenizer folder
     projection: str = "linear"  # "linear" or "mlp" (official vl_projection), for both image and text
     mlp_hidden: int = 4096  # hidden width of the mlp projection (official ssl_mlp_dim)
+    mlp_out: int = 256  # output width of the mlp projection (official ssl_emb_dim)
+
+    @property
+    def joint_dim(self) -> int:
+        """Width of the joint image-text space: ``embed_dim`` (linear) or ``mlp_out`` (mlp)."""
+        return self.mlp_out if self.projection == "mlp" else self.embed_dim
 
 
 class ByteTokenizer:
@@ -129,8 +136,8 @@ def eot_positions(tokens: torch.Tensor, eos_id: int | None, pad_id: int) -> torc
 
 
 def build_projection(in_dim: int, config: TextConfig) -> nn.Module:
-    """``[B, in_dim] -> [B, embed_dim]``: bias-free Linear (init N(0, in_dim^-0.5)) for ``linear``, or
-    the 3-layer projection-head MLP for ``mlp``."""
+    """``[B, in_dim] -> [B, config.joint_dim]``: bias-free Linear to ``embed_dim`` (init N(0, in_dim^-0.5))
+    for ``linear``, or the 3-layer projection-head MLP to ``mlp_out`` for ``mlp``."""
     if config.projection == "linear":
         layer = nn.Linear(in_dim, config.embed_dim, bias=False)
         nn.init.normal_(layer.weight, std=in_dim ** -0.5)
@@ -138,12 +145,41 @@ def build_projection(in_dim: int, config: TextConfig) -> nn.Module:
     if config.projection == "mlp":
         from trainer.model import projection_head
 
-        return projection_head(in_dim, config.mlp_hidden, config.embed_dim, layers=3)
+        return projection_head(in_dim, config.mlp_hidden, config.mlp_out, layers=3)
     raise ValueError(f"text projection must be 'linear' or 'mlp', got {config.projection!r}")
 
 
+@torch.no_grad()
+def openai_text_init_(model: nn.Module) -> nn.Module:
+    """Re-initialize a ``transformers.CLIPTextModel`` in place as OpenAI's CLIP (and the official
+    StableRep+ text tower): token embedding N(0, 0.02), position embedding N(0, 0.01), for width ``w``
+    and ``L`` layers the attention in-projection (q, k, v) N(0, w^-0.5) and out-projection
+    N(0, w^-0.5 (2L)^-0.5) with zero biases (``nn.MultiheadAttention``'s), the MLP's first layer
+    N(0, (2w)^-0.5) and second N(0, w^-0.5 (2L)^-0.5) with PyTorch's default Linear biases, and
+    LayerNorms at weight 1, bias 0."""
+    config = model.config
+    width, layers = config.hidden_size, config.num_hidden_layers
+    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    text = getattr(model, "text_model", model)  # transformers < 5 wraps the modules in text_model
+    nn.init.normal_(text.embeddings.token_embedding.weight, std=0.02)
+    nn.init.normal_(text.embeddings.position_embedding.weight, std=0.01)
+    for layer in text.encoder.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear, std in ((attn.q_proj, attn_std), (attn.k_proj, attn_std), (attn.v_proj, attn_std),
+                            (attn.out_proj, proj_std)):
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+        for linear, std in ((mlp.fc1, fc_std), (mlp.fc2, proj_std)):
+            linear.reset_parameters()  # PyTorch's default bias U(-fan_in^-0.5, fan_in^-0.5)
+            nn.init.normal_(linear.weight, std=std)
+    for norm in (m for m in model.modules() if isinstance(m, nn.LayerNorm)):
+        nn.init.ones_(norm.weight)
+        nn.init.zeros_(norm.bias)
+    return model
+
+
 class TextTower(nn.Module):
-    """Captions -> embeddings ``[B, embed_dim]`` in the joint image-text space."""
+    """Captions -> embeddings ``[B, config.joint_dim]`` in the joint image-text space."""
 
     def __init__(self, config: TextConfig | None = None) -> None:
         super().__init__()
@@ -163,7 +199,7 @@ class TextTower(nn.Module):
             bos_token_id=self.tokenizer.bos_id,
             eos_token_id=self.tokenizer.eos_id,
         )
-        self.transformer = CLIPTextModel(hf_config)  # causal self-attention inside
+        self.transformer = openai_text_init_(CLIPTextModel(hf_config))  # causal self-attention inside
         self.projection = build_projection(config.width, config)
 
     @property
@@ -180,7 +216,7 @@ class TextTower(nn.Module):
         return tokens.to(device) if device is not None else tokens
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """int64 ``[B, L]`` -> float ``[B, embed_dim]`` (the EOT token's final state, projected)."""
+        """int64 ``[B, L]`` -> float ``[B, joint_dim]`` (the EOT token's final state, projected)."""
         if tokens.dim() != 2 or tokens.shape[1] > self.config.context_length:
             raise ValueError(f"expected tokens [B, <= {self.config.context_length}], got {tuple(tokens.shape)}")
         hidden = self.transformer(input_ids=tokens).last_hidden_state  # [B, L, width], final LN applied
