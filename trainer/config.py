@@ -227,8 +227,11 @@ class TrainConfig:
         groups counted in ``data.data`` (``trainer.sources.dataset_size``)."""
         if self.data.dataset_captions is not None:
             return self.data.dataset_captions
-        if self.data.source != "offline" or not self.data.data:
+        if self.data.source != "offline":
             raise ConfigError(f"{what} is given in epochs but data.dataset_captions is not set")
+        if not self.data.data:
+            raise ConfigError(f"{what} needs the captions per epoch: give the offline data (--data) to count "
+                              "them, or data.dataset_captions (--dataset-captions)")
         from trainer.sources.dataset_size import count_offline_captions
 
         try:
