@@ -121,7 +121,8 @@ class ReplayConfig:
 @dataclass
 class OptimConfig:
     """AdamW; the peak lr is ``lr`` when given, else the official rule
-    ``base_lr * captions_per_step * draw_per_caption / 256 * crops_per_image / 2``."""
+    ``base_lr * captions_per_step * n_img / 256 * num_crop / 2`` over the images per caption and crops
+    per image that reach the method's loss (``TrainConfig.views_in_loss``)."""
 
     base_lr: float = 2e-4
     lr: Optional[float] = None
