@@ -17,7 +17,8 @@ The generator's images/s is held fixed (``--image-rate``, a throttle), below wha
 draw, so reuse is what changes between the reuse arms (a reuse-1 arm waits for fresh groups).
 
 Writes ``OUTPUT/study.json`` (``arms``: ``{name, method, source, max_reuse, seed, steps,
-images_seen, probe: {attribute: top1}, fewshot, ...}``), ``study.txt`` (a table) and
+images_seen (augmented views in the loss: SimCLR's two crops of an image count twice), probe: {attribute: top1},
+fewshot, ...}``), ``study.txt`` (a table) and
 ``study.png``. With weights at hand, the same study runs on a real model and caption file:
 ``--generator-args "--backend diffusers --model DIR --gpus 0"``, ``--captions FILE`` and
 ``--probe NAME=DIR`` (an ImageFolder with ``train/`` and ``val/``, instead of the procedural probe

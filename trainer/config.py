@@ -247,8 +247,8 @@ class TrainConfig:
         captions = self.epoch_captions(what)
         steps = captions // self.data.captions_per_step
         if steps < 1:
-            raise ConfigError(f"{what} is given in epochs but an epoch of {captions} captions holds no full step "
-                              f"of data.captions_per_step = {self.data.captions_per_step}")
+            raise ConfigError(f"{what}: an epoch of {captions} captions holds no full step of "
+                              f"data.captions_per_step = {self.data.captions_per_step}")
         return steps
 
     def total_steps(self) -> int:

@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         f"stablerep-train: device {device} ({backend_name()}), world size {world_size}, rank {rank}, "
         f"model {cfg.model.name} {cfg.model.img_size}px ({memory.params / 1e6:.2f} M params, method "
         f"{cfg.method.name}), images per step {images_per_step} ({cfg.data.captions_per_step} captions x "
-        f"{cfg.data.draw_per_caption}, {local_captions} captions per rank), {total_steps} steps, source "
+        f"{' images x '.join(map(str, cfg.views_in_loss()))} crops, {local_captions} captions per rank), {total_steps} steps, source "
         f"{source_name}, output {output}", echo=main)
     status.note(memory.line(), echo=main)
     if cfg.run.compile:
