@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from protocol.cli_parser import SuggestingParser
+
 from .report import write_results
 
 
@@ -101,7 +103,7 @@ def _all(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablerep-bench", description=__doc__,
+    parser = SuggestingParser(prog="stablerep-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     proto = sub.add_parser("transport", aliases=["protocol"],

@@ -19,7 +19,6 @@ trainer/presets/demo.yaml):
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.cli_parser import SuggestingParser
 from trainer.report import write_demo_report
 
 DEMO_PRESET = "demo"  # trainer/presets/demo.yaml: the demo's trainer settings (user flags override them)
@@ -73,7 +73,7 @@ class DemoPlan:
 
 def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
     """Split ``argv`` into the demo's own flags (-> :class:`DemoPlan`) and flags for the trainer."""
-    parser = argparse.ArgumentParser(prog="stablerep-bench demo", add_help=True,
+    parser = SuggestingParser(prog="stablerep-bench demo", add_help=True,
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", "-o", help=f"run directory (default {DEFAULT_OUTPUT})")
     parser.add_argument("--quick", action="store_true", help="a shorter run (about a minute on 2 CPU cores)")

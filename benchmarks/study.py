@@ -26,7 +26,6 @@ sets); every other flag goes to ``stablerep-train`` on top of the ``demo`` prese
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -42,6 +41,7 @@ from benchmarks.demo import (
     DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, export_initial_backbone, free_tcp_endpoint,
     probe_snapshots, run_generator_cli, write_probe_sets,
 )
+from protocol.cli_parser import SuggestingParser
 
 DEFAULT_OUTPUT = "runs/study"
 ONE_IMAGE_METHODS = ("simclr", "clip")  # methods that use only the first image of each group
@@ -91,7 +91,7 @@ class StudyPlan:
 
 def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
     """Split ``argv`` into the study's own flags (-> :class:`StudyPlan`) and flags for the trainer."""
-    parser = argparse.ArgumentParser(prog="stablerep-bench study", description=__doc__.split("\n\n")[0])
+    parser = SuggestingParser(prog="stablerep-bench study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT)
     parser.add_argument("--quick", action="store_true", help="a few steps per arm, colour probe only (the tests)")
     parser.add_argument("--seeds", type=int, help="repeat every arm with seeds 0..N-1")

@@ -28,6 +28,7 @@ from generator_service.pool import PoolError, StopSignal, WorkerPool
 from generator_service.preflight import PreflightError, backend_name, check_model
 from generator_service.recipes import RECIPE_NAMES
 from generator_service.shards import IMAGE_FORMATS, ShardError
+from protocol.cli_parser import SuggestingParser
 from protocol.server import ServerFailed
 
 log = logging.getLogger("stablerep-generator")
@@ -54,7 +55,7 @@ def _shard_spec(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog=PROG,
         description="Synthesize groups of images per caption; write shards (--out) and/or serve them (--bind). "
         f"Subcommands: {PROG} captions ... | {PROG} probe-set ... (see their --help).",
@@ -388,7 +389,7 @@ def _keys(argv: list[str]) -> int:
     """``stablerep-generator keys DIR``: a fresh CurveZMQ key directory for --curve-keys."""
     from protocol.curve import write_keys
 
-    parser = argparse.ArgumentParser(prog=f"{PROG} keys", description=(
+    parser = SuggestingParser(prog=f"{PROG} keys", description=(
         "Make a CurveZMQ key directory: the service's key pair, one trainer key pair, and authorized/ "
         "holding that trainer's public key, and DIR/trainer with only what trainers need. Pass --curve-keys DIR "
         "to stablerep-generator and --curve-keys DIR/trainer to stablerep-train. Existing keys are never overwritten."))
@@ -404,7 +405,7 @@ def _probe_set(argv: list[str]) -> int:
     from generator_service.procedural.grammar import attributes
     from generator_service.procedural.probe import write_probe_imagefolder
 
-    parser = argparse.ArgumentParser(prog=f"{PROG} probe-set", description="Write a procedural ImageFolder (train/, val/) for linear probes.")
+    parser = SuggestingParser(prog=f"{PROG} probe-set", description="Write a procedural ImageFolder (train/, val/) for linear probes.")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--attribute", default="shape", choices=list(attributes), help="the attribute that is the class")
     parser.add_argument("--train-per-class", type=int, default=50)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from protocol.cli_parser import SuggestingParser
 from trainer.config import ConfigError, TrainConfig, available_presets, build_config
 from trainer.kwargs_arg import kwargs_token, merge_kwargs
 
@@ -134,7 +135,7 @@ def _default_of(path: str) -> Any:
 
 
 def _preset_parser(add_help: bool) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="stablerep-train", add_help=add_help, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 from generator_service.procedural.grammar import TEMPLATE, write_caption_file
+from protocol.cli_parser import SuggestingParser
 
 
 def build_parser(prog: str = "stablerep-generator captions") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog=prog,
         description=f"Write N captions of the procedural grammar ({TEMPLATE!r}) to a .txt or .csv file.",
     )

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protocol.cli_parser import SuggestingParser
 from trainer.eval.backbones import BackboneSpecError, load_eval_backbone
 from trainer.eval.features import resolve_device
 from trainer.eval.fewshot import FewShotConfig
@@ -59,7 +60,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablerep-eval", description=__doc__,
+    parser = SuggestingParser(prog="stablerep-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
