@@ -341,6 +341,8 @@ def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, outp
             "--save-every", str(plan.probe_every), "--seed", str(plan.seed)]
     if "--log-with" not in trainer_argv:
         argv.append("--log-with")  # no trackers unless asked for
+    if not any(a == "--resume" or a.startswith("--resume=") for a in trainer_argv):
+        argv.append("--overwrite")  # a rerun of the demo replaces its run (its data/ stays)
     cfg, _ = parse_config(argv)
     if cfg.schedule.warmup_steps is not None and "--warmup-steps" not in trainer_argv:
         cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(0, plan.steps // 10))

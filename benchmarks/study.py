@@ -158,7 +158,7 @@ def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, see
     argv = ["--preset", DEMO_PRESET, *trainer_argv, "--method", arm.method,
             "--captions-per-step", str(captions_per_step), "--draw-per-caption", str(draw), *source_flags,
             "--output", str(output), "--steps", str(plan.steps), "--save-every", str(plan.steps),
-            "--seed", str(seed)]
+            "--seed", str(seed), "--overwrite"]  # a rerun of the study replaces each arm's run
     if arm.max_reuse is not None:
         argv += ["--max-reuse", str(arm.max_reuse)]
     if "--log-with" not in trainer_argv:

@@ -73,9 +73,11 @@ def test_online_train_kill_and_resume(generator, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     assert first["source_stats"]["groups_received"] >= 16 and first["source_stats"]["batches"] == 10
 
-    # 2. a separate process resumes it, checkpoints every 2 steps, and is killed with SIGKILL
+    # 2. a separate process resumes it (the finished 10-step schedule replanned for 200 steps),
+    # checkpoints every 2 steps, and is killed with SIGKILL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", *train_args(generator, out, 200, "--resume", "auto", "--save-every", "2")],
+        [sys.executable, "-m", "trainer.cli", *train_args(generator, out, 200, "--resume", "auto", "--resume-lr", "replan",
+                                                         "--save-every", "2")],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.monotonic() + 240

@@ -81,7 +81,8 @@ def test_resume_continues_from_saved_step_with_optimizer_state(shards, tmp_path)
     saved_optimizer = torch.load(out / "checkpoints" / "last" / "optimizer.bin", weights_only=False)
     saved_model = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
 
-    second = train(tiny_config(shards, out, schedule={"steps": 5, "warmup_steps": 1}, run={"resume": "auto"}))
+    second = train(tiny_config(shards, out, schedule={"steps": 5, "warmup_steps": 1, "resume_lr": "replan"},
+                               run={"resume": "auto"}))
     assert second["start_step"] == 3 and second["steps"] == 5 and len(second["losses"]) == 2
     assert second["images_seen"] == 5 * 64
     optimizer = torch.load(out / "checkpoints" / "last" / "optimizer.bin", weights_only=False)

@@ -10,9 +10,12 @@ given on the command line overrides them (flags not given leave the preset's val
     stablerep-train --preset demo --generators tcp://127.0.0.1:5555   # the demo's trainer settings
     (the embedded default end to end, generator and probes included, is ``stablerep-bench demo``)
 
+Runs are never overwritten: an ``--output`` that holds a run is refused unless ``--resume auto|PATH``
+(continue it; the checkpoint must match this config) or ``--overwrite`` (replace it) is given.
+
 Exit codes: 0 completed; 1 training failed (non-finite loss, no generator, data error); 2 bad
-command line, config or launch; 130 interrupted by SIGINT/SIGTERM (a checkpoint was saved first;
-``--resume auto`` continues).
+command line, config or launch, an ``--output`` holding a run, a resume that is missing or does not
+fit; 130 interrupted by SIGINT/SIGTERM (a checkpoint was saved first; ``--resume auto`` continues).
 """
 from __future__ import annotations
 
@@ -96,11 +99,21 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("schedule", ("--warmup-steps",), "schedule.warmup_steps", dict(type=int, help="linear lr warmup steps (default: from --warmup-epochs)")),
     ("schedule", ("--warmup-epochs",), "schedule.warmup_epochs", dict(type=float, help="linear lr warmup in epochs of --dataset-captions")),
     ("schedule", ("--min-lr",), "schedule.min_lr", dict(type=float, help="lr at the end of the cosine decay")),
+    ("schedule", ("--resume-lr",), "schedule.resume_lr", dict(choices=["continue", "replan"], help=(
+        "a --resume with another --steps: continue = a new cosine from the lr the checkpoint reached down to "
+        "--min-lr at the new end (no jump; a finished run, whose lr has decayed, is refused); replan = the lr of "
+        "a run planned with the new length from the start (it jumps)"))),
     ("run", ("--output", "-o"), "run.output", dict(metavar="DIR", help="run directory")),
     ("run", ("--precision",), "run.precision", dict(choices=["bf16", "fp16", "no"], help="mixed precision of the autocast region (no = fp32)")),
     ("run", ("--seed",), "run.seed", dict(type=int, help="seed of model init, sampling and augmentation")),
     ("run", ("--save-every",), "run.save_every", dict(type=int, metavar="STEPS", help="steps between checkpoints (one is always written at the end and on Ctrl-C)")),
-    ("run", ("--resume",), "run.resume", dict(metavar="PATH|auto", help="checkpoint dir, or auto = OUTPUT/checkpoints/last")),
+    ("run", ("--resume",), "run.resume", dict(metavar="PATH|auto", help=(
+        "checkpoint dir, or auto = OUTPUT/checkpoints/last; the checkpoint's model, method, data layout and "
+        "schedule must match this config (checked before anything is written)"))),
+    ("run", ("--overwrite",), "run.overwrite", dict(action="store_const", const=True, help=(
+        "replace the run already in --output: its run files (config.yaml, checkpoints/, backbone.*, "
+        "train_summary.json, train.log, curve.png, stablerep/) are deleted when the new run starts; without "
+        "this flag or --resume an --output holding a run is refused"))),
     ("run", ("--compile",), "run.compile", dict(action="store_const", const=True, help="torch.compile the model")),
     ("run", ("--log-every",), "run.log_every", dict(type=int, metavar="STEPS", help="steps between tracker (tensorboard / wandb) logs")),
     ("run", ("--log-with",), "run.log_with", dict(nargs="*", choices=["tensorboard", "wandb"], help="trackers; give the flag alone for none")),
@@ -114,7 +127,9 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
 
 
 EPILOG = """\
-exit codes: 0 completed, 1 training failed, 2 bad command line, config or launch,
+exit codes: 0 completed, 1 training failed, 2 bad command line, config or launch (also: --output
+  holds a run and neither --resume nor --overwrite was given; --resume names no checkpoint; the
+  checkpoint's model, method, data layout or schedule differs from this config),
   3 generation stopped: no new group for --generator-timeout seconds (a checkpoint is saved first),
   130 interrupted by SIGINT/SIGTERM (a checkpoint is saved first; --resume auto continues)
 
@@ -123,6 +138,9 @@ status lines (stdout when it is not a terminal or with --no-progress; always RUN
   reuse = mean draws per group in the replay buffer | fresh = share of never-drawn groups in
   the last batch | stall = seconds spent waiting for generators | ETA at the current speed
   (reuse, fresh and stall come from the online source only)
+
+resume: --resume auto continues OUTPUT's run; --steps may change: the lr goes on from where the
+  checkpoint left it (new cosine to --min-lr), or --resume-lr replan follows the new length's schedule
 
 multi-process: torchrun --nproc_per_node N -m trainer.cli ... (add --cpu without GPUs), or
   accelerate launch --multi_gpu --num_processes N -m trainer.cli ...; see README "Workflows"

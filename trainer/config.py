@@ -142,6 +142,9 @@ class ScheduleConfig:
     warmup_steps: Optional[int] = None  # exclusive with warmup_epochs; default 0
     warmup_epochs: Optional[float] = None
     min_lr: float = 0.0
+    # a resume that changes the run length: "continue" = a new cosine from the lr the checkpoint
+    # reached down to min_lr at the new end; "replan" = the lr of a run planned with the new length
+    resume_lr: str = field(default="continue", metadata=_choices("continue", "replan"))
 
 
 @dataclass
@@ -153,6 +156,7 @@ class RunConfig:
     seed: int = 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     resume: Optional[str] = None  # checkpoint dir, or "auto" = OUTPUT/checkpoints/last if present
+    overwrite: bool = False  # replace the run already in OUTPUT (its run files are deleted first)
     compile: bool = False  # torch.compile the model
     log_every: int = 10
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
@@ -525,11 +529,14 @@ def from_dict(data: dict) -> TrainConfig:
 
 
 def write_config(cfg: TrainConfig, output: str | Path) -> Path:
-    """Write the resolved config to ``OUTPUT/config.yaml`` (temp file + rename)."""
+    """Write the resolved config to ``OUTPUT/config.yaml`` (temp file + rename). ``run.overwrite``
+    is written as false: a saved config never carries the permission to replace a run."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     path = output / "config.yaml"
     tmp = output / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False), encoding="utf-8")
+    data = cfg.resolved_dict()
+    data["run"]["overwrite"] = False
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -29,12 +29,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.sources.generator_watch import GeneratorsSilentError
 from trainer.config import ConfigError, TrainConfig, write_config
 from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
 from trainer.launch import accelerator_cpu_flag, backend_name, check_joined, check_single_launch, launch_env
-from trainer.schedule import lr_at
+from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
 
 log = logging.getLogger(__name__)
@@ -182,12 +182,15 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-        ConfigError: the batch does not split over the processes; paper-scale settings on a CPU.
+        ConfigError: the batch does not split over the processes; paper-scale settings on a CPU; OUTPUT
+            holds a run and neither ``run.resume`` nor ``run.overwrite`` is set; the checkpoint to resume is
+            missing or does not fit this config (``trainer.resume_check``, checked before anything is written).
         LaunchError: the processes of a multi-process launch did not form one process group.
         ConnectionError: the online source reached no generator.
     """
     check_data_paths(cfg)  # the most fundamental error first: no data at all
     cfg.validate()
+    start = check_run_start(cfg)  # OUTPUT free (or --resume / --overwrite) and the checkpoint fits: nothing written yet
     output = Path(cfg.run.output)
     trackers = _trackers(cfg)
     env = launch_env()
@@ -206,11 +209,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
             f"config field data.captions_per_step = {cfg.data.captions_per_step}: not divisible by the {world_size} processes"
         )
     local_captions = cfg.data.captions_per_step // world_size
-    total_steps, warmup_steps, peak_lr = cfg.total_steps(), cfg.warmup_steps(), cfg.peak_lr()
+    total_steps, schedule = cfg.total_steps(), start.schedule
     images_per_step = cfg.images_per_step()  # global
     set_seed(cfg.run.seed, device_specific=True)
-    if accelerator.is_main_process:
-        write_config(cfg, output)
+    if accelerator.is_main_process and cfg.run.overwrite:
+        clear_run(output)  # the old run's files go only now, after every check passed
 
     # Model, optimizer (AdamW, no decay on biases/norms), method, augmentation.
     model, method, augment = build_components(cfg)
@@ -230,7 +233,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     if cfg.run.compile:
         model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.optim.weight_decay, cfg.optim.wd_embeddings), lr=peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        model.param_groups(cfg.optim.weight_decay, cfg.optim.wd_embeddings), lr=schedule.peak_lr,
+        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         fused=device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -239,12 +243,19 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
     # Resume: model, optimizer, RNG and source counters from the checkpoint.
     start_step, images_seen, last_checkpoint, source_state = 0, 0, None, None
-    resume_from = find_checkpoint(cfg.run.resume, output)
+    resume_from = start.checkpoint
     if resume_from is not None:
-        state, source_state = load_checkpoint(accelerator, resume_from)
+        try:
+            state, source_state = load_checkpoint(accelerator, resume_from)
+        except RuntimeError as exc:  # load_state_dict: weights of another shape than this model's
+            raise ConfigError(f"--resume {resume_from}: {load_error_line(exc)}") from None
         start_step, images_seen = int(state["step"]), int(state.get("images_seen", 0))
         last_checkpoint = resume_from
         status.note(f"resumed from {resume_from} at step {start_step}", echo=main)
+        if start.note:
+            status.note(start.note, echo=main)
+    if main:
+        write_config(cfg, output)  # after the resume loaded: a checkpoint that does not fit leaves it as it was
     own_source = source is None
     if own_source:
         source = build_source(cfg, device=device, rank=rank, world_size=world_size, local_captions=local_captions)
@@ -270,9 +281,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     def checkpoint(last_loss: float | None) -> Path:
         source_state = source.state_dict()
         trainer_state = {
-            "images_seen": images_seen, "config": cfg.to_dict(), "loss": last_loss, "lr": lr_at(
-                max(step - 1, 0), peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                min_lr=cfg.schedule.min_lr),
+            "images_seen": images_seen, "config": cfg.to_dict(), "loss": last_loss, "lr": schedule(max(step - 1, 0)),
+            "lr_schedule": schedule.to_dict(),
             "total_steps": total_steps, "source_stats": source.stats(), "source_state": source_state,
             "rng": {"seed": cfg.run.seed, "states": [f"random_states_{r}.pkl" for r in range(world_size)]},
         }
@@ -291,8 +301,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         with _StopFlag() as stop:
             while step < total_steps:
                 t0 = time.perf_counter()
-                lr = lr_at(step, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                           min_lr=cfg.schedule.min_lr)
+                lr = schedule(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
