@@ -190,3 +190,22 @@ def test_longer_steps_continue_the_lr_from_where_the_checkpoint_left_it(shards, 
 def test_a_shorter_run_than_the_checkpoint_is_refused(shards, run, capsys):
     assert cli.main(tiny(shards, run, 2, "--resume", "auto")) == 2
     assert "past the new run length --steps 2" in error_line(capsys)
+
+
+def test_model_without_model_kwargs_drops_the_presets_and_trains(shards, tmp_path, capsys):
+    out = tmp_path / "cnn"
+    argv = ["--preset", "cpu_small", "--model", "small_cnn", "--source", "offline", "--data", str(shards),
+            "--output", str(out), "--img-size", "32", "--image-size", "32", "--head-hidden", "32", "--head-out", "16",
+            "--captions-per-step", "8", "--draw-per-caption", "2", "--steps", "2", "--warmup-steps", "1",
+            "--log-with", "--num-workers", "0", "--no-progress"]
+    cfg, _ = cli.parse_config(argv)
+    assert cfg.model.name == "small_cnn" and cfg.model.model_kwargs == {}
+    note = capsys.readouterr().err
+    assert "--model small_cnn: dropped model_kwargs" in note and "vit_tiny_patch16_224" in note
+    assert cli.main(argv) == 0
+    assert summary(out)["steps"] == 2
+    # given together, --model-kwargs are kept; the same model as the preset's keeps the preset's map
+    cfg, _ = cli.parse_config([*argv, "--model-kwargs", "width=8"])
+    assert cfg.model.model_kwargs == {"width": 8}
+    cfg, _ = cli.parse_config([*argv, "--model", "vit_tiny_patch16_224"])
+    assert cfg.model.model_kwargs["embed_dim"] == 96

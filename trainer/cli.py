@@ -199,13 +199,30 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     """argv -> validated config (raises ``ConfigError``; argparse exits with 2 on bad flags)."""
     ns = build_parser().parse_args(list(argv))
-    cfg = build_config(preset=ns.preset, config_file=ns.config, overrides=overrides_from_args(ns), validate=False)
+    overrides = overrides_from_args(ns)
+    cfg = build_config(preset=ns.preset, config_file=ns.config, overrides=overrides, validate=False)
+    _drop_other_models_kwargs(cfg, ns, overrides.get("model", {}))
     if not ns.print_config:
         from trainer.guards import check_data_paths
 
         check_data_paths(cfg)  # the most fundamental error first: no data (before derived schedule checks)
         cfg.validate()
     return cfg, ns
+
+
+def _drop_other_models_kwargs(cfg: TrainConfig, ns: argparse.Namespace, model_flags: dict[str, Any]) -> None:
+    """``--model X`` naming another model than the preset's / config's: their ``model_kwargs`` belong to
+    their own model and are dropped (with a note); only ``--model-kwargs`` given with it stay."""
+    if "name" not in model_flags:
+        return
+    below = build_config(preset=ns.preset, config_file=ns.config, validate=False).model
+    if below.name == model_flags["name"] or not below.model_kwargs:
+        return
+    given = dict(model_flags.get("model_kwargs") or {})
+    print(f"stablerep-train: note: --model {model_flags['name']}: dropped model_kwargs {below.model_kwargs} of "
+          f"{below.name} (from the preset / config)" + (f"; kept {given} from --model-kwargs" if given else
+                                                         "; give --model-kwargs to set some"), file=sys.stderr)
+    cfg.model.model_kwargs = given
 
 
 #: Old flag -> its name now; the old ones still work and print a warning.
