@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.train_helpers import tiny_offline_args as tiny
 from tests.train_helpers import write_shards
 from trainer import cli
 from trainer.checkpoint import find_checkpoint
@@ -24,16 +25,6 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("shards"), num_captions=32, m=4, size=32, groups_per_shard=16)
-
-
-def tiny(shards: Path, output: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "--preset", "cpu_small", "--source", "offline", "--data", str(shards), "--output", str(output),
-        "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2", "patch_size=8",
-        "--head-hidden", "32", "--head-out", "16", "--captions-per-step", "8", "--draw-per-caption", "2",
-        "--image-size", "32", "--steps", str(steps), "--warmup-steps", "1", "--log-with", "--num-workers", "0",
-        *extra,
-    ]
 
 
 def env() -> dict[str, str]:

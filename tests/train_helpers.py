@@ -121,3 +121,15 @@ def write_shards(out: Path, num_captions: int, m: int, size: int, groups_per_sha
         for caption_id in range(num_captions):
             writer.write(make_group(caption_id, m, size))
     return out
+
+
+def tiny_offline_args(shards: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    """``stablerep-train`` flags of a tiny offline run (a one-block ViT of width 32 at 32 px, 8 captions x
+    2 images per step) on ``shards`` written by :func:`write_shards` with ``size=32``."""
+    return [
+        "--preset", "cpu_small", "--source", "offline", "--data", str(shards), "--output", str(output),
+        "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2", "patch_size=8",
+        "--head-hidden", "32", "--head-out", "16", "--captions-per-step", "8", "--draw-per-caption", "2",
+        "--image-size", "32", "--steps", str(steps), "--warmup-steps", "1", "--log-with", "--num-workers", "0",
+        *extra,
+    ]

@@ -40,7 +40,8 @@ EXIT_INTERRUPTED = 130
 
 # (group title, flags, config path, argparse keyword arguments)
 _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
-    ("model", ("--model",), "model.name", dict(metavar="TIMM_NAME", help="timm backbone name")),
+    ("model", ("--model",), "model.name", dict(metavar="TIMM_NAME", help=(
+        "timm backbone name; another model than the preset's / config's drops their model_kwargs"))),
     ("model", ("--model-kwargs",), "model.model_kwargs",
      dict(nargs="+", type=kwargs_token, metavar="KEY=VALUE", help="extra timm.create_model arguments, e.g. patch_size=8 depth=6")),
     ("model", ("--img-size",), "model.img_size", dict(type=int, help="training resolution (crop side)")),

@@ -130,8 +130,10 @@ def check_run_start(cfg: TrainConfig) -> RunStart:
     if isinstance(saved, dict):
         difference = first_difference(saved, cfg)
         if difference:
-            raise ConfigError(f"--resume {checkpoint}: {difference}; resume with the checkpoint's settings "
-                              f"(--config {output / 'config.yaml'}) or train a new run (another --output)")
+            run_config = checkpoint.parent.parent / "config.yaml"  # RUN/checkpoints/last -> RUN/config.yaml
+            settings = f" (--config {run_config})" if run_config.is_file() else ""
+            raise ConfigError(f"--resume {checkpoint}: {difference}; resume with the checkpoint's settings{settings} "
+                              "or train a new run (another --output)")
     schedule, note = resumed_schedule(cfg, state, checkpoint, new_schedule)
     return RunStart(checkpoint, state, schedule, note)
 
