@@ -31,10 +31,12 @@ from protocol.shards import (
     TEMP_PATTERN,
     Manifest,
     ShardLayoutError,
+    ShardIndex,
     ShardRecord,
     check_key,
     group_members,
     fsync_directory,
+    index_name,
     read_manifest,
     scan_shard,
     shard_index,
@@ -125,6 +127,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._tar_file: Any = None
         self._current: ShardRecord | None = None
+        self._ranges: list[tuple[int, int]] = []  # byte range of every group of the open shard
         self._lock_fd: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -243,8 +246,10 @@ class ShardWriter:
         key = group.group_id
         names = group_members(key, len(images), self.extension)
         contents = [group.caption.encode("utf-8"), json.dumps(header, sort_keys=True).encode("utf-8"), *images]
+        start = self._tar.offset
         for name, data in zip(names, contents):
             self._add_member(name, data)
+        self._ranges.append((start, self._tar.offset - (-len(contents[-1]) % tarfile.BLOCKSIZE)))
         self._tar_file.flush()  # in the OS before it is served: a killed run's next open recovers it (shard_salvage)
         self._current.groups += 1
         self._current.images += len(images)
@@ -276,6 +281,7 @@ class ShardWriter:
         self._tar_file = open(path, "wb")
         self._tar = tarfile.open(fileobj=self._tar_file, mode="w", format=tarfile.USTAR_FORMAT)
         self._current = ShardRecord(shard_name(index), 0, 0, [], [])
+        self._ranges = []
 
     def _add_member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -295,7 +301,16 @@ class ShardWriter:
         os.fsync(self._tar_file.fileno())
         self._tar_file.close()
         index = shard_index(record.name)
-        os.replace(self.out_dir / temp_name(index), self.out_dir / record.name)
+        tar_path = self.out_dir / temp_name(index)
+        sample_index = ShardIndex(tar_path.stat().st_size, np.asarray(self._ranges, dtype=np.int64).reshape(-1, 2))
+        # The index first: a shard that exists under its final name always has its index.
+        index_tmp = self.out_dir / f".{index_name(record.name)}.tmp"
+        with open(index_tmp, "wb") as handle:
+            handle.write(sample_index.to_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(index_tmp, self.out_dir / index_name(record.name))
+        os.replace(tar_path, self.out_dir / record.name)
         fsync_directory(self.out_dir)
         self._tar = None
         self._tar_file = None

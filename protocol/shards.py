@@ -6,9 +6,17 @@ A shard directory holds:
   sample key is the ``group_id`` (no ``.`` or ``/``); members are ``KEY.txt`` (caption, UTF-8),
   ``KEY.json`` (the group's protocol header fields, ``Group.header_fields()``, with ``encoding`` =
   the stored image format) and ``KEY.{j}.{ext}`` for image ``j = 0 .. m-1`` (``ext`` png, jpg or webp).
-- ``.shard-{index:06d}.tar.tmp``: a shard being written; renamed when complete, so a listed or
+- ``.shard-{index:06d}.tar.tmp`` (``.tar.idx.tmp``): a shard (index) being written; renamed when complete, so a listed or
   renamed shard is never torn.
+- ``shard-{index:06d}.tar.idx``: the shard's sample index (:class:`ShardIndex`): the byte range of
+  every sample, so a reader finds any group without scanning the tar. Written and renamed into place
+  before its shard, so every listed shard has one; a reader checks it against the tar's size.
 - ``manifest.json``: the complete shards (:class:`Manifest`), rewritten atomically after each one.
+  It is the commit point: a shard (and its index) counts only once the manifest lists it.
+
+A tar without an index (img2dataset output, shard sets written before indexes existed) is scanned
+once by the reader, which caches the result in the same format, keyed by the tar's size and mtime
+(or object-store ETag) in ``ShardIndex.identity``.
 
 The key rule is WebDataset's: a member's key is its name up to the first dot of its base name, its
 extension the rest (``KEY.3.png`` -> key ``KEY``, extension ``3.png``).
@@ -18,10 +26,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .generator_info import GeneratorInfo
 from .errors import ProtocolError
@@ -32,8 +43,11 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2
 READABLE_MANIFEST_VERSIONS = (1, 2)
 
+INDEX_SUFFIX = ".idx"
+INDEX_MAGIC = b"SRIDX\x00\x01\n"
+
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.tar$")
-TEMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.tar\.tmp$")
+TEMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.tar(?:\.idx)?\.tmp$")
 MEMBER_PATTERN = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 GROUP_IMAGE_PATTERN = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp)$")
 
@@ -57,6 +71,11 @@ def shard_name(index: int) -> str:
 
 def temp_name(index: int) -> str:
     return f".shard-{index:06d}.tar.tmp"
+
+
+def index_name(shard: str) -> str:
+    """File name of the sample index of the shard (or any tar) named ``shard``."""
+    return shard + INDEX_SUFFIX
 
 
 def shard_index(name: str) -> int | None:
@@ -185,19 +204,28 @@ class Manifest:
 
 
 def read_manifest(directory: str | Path) -> Manifest | None:
-    """The manifest of ``directory``, or ``None`` when it has none.
+    """The manifest of ``directory`` (a local path or a URL, :mod:`protocol.storage`), or ``None``
+    when it has none.
 
     Raises:
         ShardLayoutError: the file exists but is unreadable or malformed (names the file).
+        storage.StorageError: the URL's scheme has no filesystem installed.
+        Other exceptions of the filesystem (missing bucket, credentials, endpoint) pass through.
     """
-    path = Path(directory) / MANIFEST_NAME
-    if not path.exists():
-        return None
+    from . import storage
+
+    where = storage.join(os.fspath(directory), MANIFEST_NAME)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardLayoutError(f"{path}: cannot read the shard manifest ({exc})") from None
-    return Manifest.from_dict(data, str(path))
+        raw = storage.read_bytes(where)
+    except FileNotFoundError:
+        return None
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise ShardLayoutError(f"{where}: cannot read the shard manifest ({exc})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardLayoutError(f"{where}: cannot read the shard manifest ({exc})") from None
+    return Manifest.from_dict(data, where)
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:
@@ -250,3 +278,66 @@ def scan_shard(path: str | Path) -> ShardRecord:
             elif GROUP_IMAGE_PATTERN.match(extension):
                 images += 1
     return ShardRecord(path.name, len(group_ids), images, caption_ids, group_ids)
+
+
+@dataclass
+class ShardIndex:
+    """Byte ranges of the samples of one tar: ``ranges`` int64 ``[count, 2]`` = ``[start, end)`` of
+    each sample's members, in file order (``start`` is the first member's header, ``end`` the end of
+    the last member's data).
+
+    Attributes:
+        tar_bytes: size of the tar the ranges describe; a reader refuses the index when the tar's
+            size differs (truncated, rewritten).
+        identity: ``""`` for an index the shard writer committed with its shard (valid for any copy
+            of that tar); a reader's scan cache stores ``"mtime:<ns>"`` or ``"etag:<tag>"`` and is
+            rebuilt when the tar's identity changes.
+        damaged: the scan that made it found a damaged tar (only its intact samples are listed).
+
+    On disk: ``INDEX_MAGIC``, a little-endian uint32 header length, a JSON header
+    (``tar_bytes``, ``count``, ``identity``, ``damaged``) padded with spaces to a multiple of 8 bytes,
+    then the ranges as little-endian int64 (16 bytes per sample).
+    """
+
+    tar_bytes: int
+    ranges: np.ndarray
+    identity: str = ""
+    damaged: bool = False
+
+    @property
+    def count(self) -> int:
+        return int(len(self.ranges))
+
+    def to_bytes(self) -> bytes:
+        ranges = np.ascontiguousarray(self.ranges, dtype="<i8").reshape(-1, 2)
+        header = json.dumps({"tar_bytes": int(self.tar_bytes), "count": len(ranges), "identity": self.identity,
+                             "damaged": bool(self.damaged)}).encode("utf-8")
+        header += b" " * (-(len(INDEX_MAGIC) + 4 + len(header)) % 8)
+        return INDEX_MAGIC + struct.pack("<I", len(header)) + header + ranges.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "ShardIndex":
+        """Parse and check an index (ranges ascending, inside ``tar_bytes``).
+
+        Raises:
+            ShardLayoutError: not an index, or inconsistent (names ``where``).
+        """
+        start = len(INDEX_MAGIC) + 4
+        if len(data) < start or data[: len(INDEX_MAGIC)] != INDEX_MAGIC:
+            raise ShardLayoutError(f"{where}: not a shard index (bad magic)")
+        (header_len,) = struct.unpack_from("<I", data, len(INDEX_MAGIC))
+        try:
+            header = json.loads(data[start : start + header_len])
+            tar_bytes, count = int(header["tar_bytes"]), int(header["count"])
+            identity, damaged = str(header.get("identity", "")), bool(header.get("damaged", False))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ShardLayoutError(f"{where}: unreadable shard index header ({exc})") from None
+        body = data[start + header_len :]
+        if count < 0 or len(body) != 16 * count:
+            raise ShardLayoutError(f"{where}: shard index holds {len(body)} bytes of ranges, its header says {count} samples")
+        ranges = np.frombuffer(body, dtype="<i8").reshape(count, 2)
+        if count and (ranges[0, 0] < 0 or (ranges[:, 1] <= ranges[:, 0]).any() or (ranges[1:, 0] < ranges[:-1, 1]).any()):
+            raise ShardLayoutError(f"{where}: shard index ranges are not ascending, non-empty byte ranges")
+        if count and int(ranges[-1, 1]) > tar_bytes:
+            raise ShardLayoutError(f"{where}: shard index ranges end at byte {int(ranges[-1, 1])}, past the tar's {tar_bytes}")
+        return cls(tar_bytes, ranges, identity, damaged)

@@ -132,7 +132,7 @@ def test_plain_webdataset_shards(tmp_path):
                 add_member(archive, f"{key}.jpg", encode(200, "JPEG", size))
                 add_member(archive, f"{key}.txt", f"photo {key}".encode())
                 add_member(archive, f"{key}.json", json.dumps({"key": key, "caption": f"photo {key}"}).encode())
-    source = OfflineSource(str(tmp_path / "{00000..00001}.tar"), captions_per_rank=3, draw_per_caption=2,
+    source = OfflineSource(str(tmp_path / "{00000..00001}.tar"), captions_per_rank=3, draw_per_caption=1,
                            image_size=S, num_workers=0)
     batches = [source.next_batch() for _ in range(2)]
     ids = [c for b in batches for c in b.caption_ids.tolist()]
@@ -141,10 +141,14 @@ def test_plain_webdataset_shards(tmp_path):
     captions = {c: t for b in batches for c, t in zip(b.caption_ids.tolist(), b.captions)}
     assert all(captions[key_caption_id(k)] == f"photo {k}" for k in keys)
     for b in batches:
-        assert b.images.shape == (3, 2, S, S, 3)
-        assert torch.equal(b.images[:, 0], b.images[:, 1])  # one image repeated for n = 2
+        assert b.images.shape == (3, 1, S, S, 3)
         assert abs(int(b.images[..., 0].float().mean()) - 200) <= 3
-    assert source.stats()["groups_short"] == 6
+    # one image per sample cannot give two distinct positives: every sample is skipped, never repeated
+    pairs = OfflineSource(str(tmp_path / "{00000..00001}.tar"), captions_per_rank=3, draw_per_caption=2,
+                          image_size=S, num_workers=0)
+    with pytest.raises(RuntimeError, match="6 with fewer images than draw_per_caption = 2"):
+        pairs.next_batch()
+    assert pairs.stats()["skipped_short"] == 6 and pairs.stats()["groups"] == 0
 
 
 def test_official_layout_csv_and_seed_folders(tmp_path):
@@ -157,19 +161,15 @@ def test_official_layout_csv_and_seed_folders(tmp_path):
             path = tmp_path / f"seed{seed}" / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode(pixel(r, seed)))
-    source = OfflineSource(str(tmp_path), captions_per_rank=3, draw_per_caption=3, num_workers=0, image_size=S,
+    source = OfflineSource(str(tmp_path), captions_per_rank=5, draw_per_caption=3, num_workers=0, image_size=S,
                            rows_per_part=2)
-    batches = [source.next_batch() for _ in range(2)]
-    assert sorted(c for b in batches for c in b.caption_ids.tolist()) == list(range(6))
-    for b in batches:
-        assert b.captions == [f"a caption number {c}" for c in b.caption_ids.tolist()]
-        for g, row in enumerate(b.caption_ids.tolist()):
-            values = sorted(b.images[g, :, 0, 0, 0].tolist())
-            if row == 4:  # 2 images available, one repeated
-                assert set(values) == {pixel(4, 0), pixel(4, 1)}
-            else:
-                assert values == [pixel(row, s) for s in range(3)]
-    assert source.stats()["groups_short"] == 1
+    batch = source.next_batch()
+    # row 4 has 2 images for a draw of 3: skipped and counted, never filled by repeating an image
+    assert sorted(batch.caption_ids.tolist()) == [0, 1, 2, 3, 5]
+    assert batch.captions == [f"a caption number {c}" for c in batch.caption_ids.tolist()]
+    for g, row in enumerate(batch.caption_ids.tolist()):
+        assert sorted(batch.images[g, :, 0, 0, 0].tolist()) == [pixel(row, s) for s in range(3)]
+    assert source.stats()["skipped_short"] == 1
     by_csv = OfflineSource(str(tmp_path / "data.csv"), captions_per_rank=6, draw_per_caption=1, num_workers=0,
                            image_size=S, seed_dirs=[str(tmp_path / "seed1")])
     batch = by_csv.next_batch()

@@ -9,7 +9,9 @@ Layout of ``OUTPUT/checkpoints/last/``:
   (as JSON, for reading), and where the RNG states are;
 - ``source_state_{rank}.json``: each process's ``source.state_dict()`` as JSON (plain data only,
   so a tampered checkpoint cannot run code; an older ``source_state_{rank}.pt`` is read with
-  ``torch.load(weights_only=True)`` or refused).
+  ``torch.load(weights_only=True)`` or refused). A state marked ``"layout_independent": true`` (the
+  offline source) is resumed from the states of all ranks together, on any number of processes:
+  every process then gets ``{"ranks": [state of rank 0, rank 1, ...]}``.
 
 A checkpoint is written into ``checkpoints/.last.tmp`` and only then swapped in: ``last`` is
 renamed to ``.last.prev``, ``.last.tmp`` to ``last``, and ``.last.prev`` deleted. A kill at any
@@ -119,7 +121,8 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict[str, Any], Any]
     """Restore model, optimizer and RNG state from ``path`` (on every process).
 
     Returns ``(trainer_state, source_state)``; ``source_state`` is this process's saved source
-    state, or ``None`` when the checkpoint was written by a run with fewer processes.
+    state, or ``None`` when the checkpoint was written by a run with fewer processes; for a
+    layout-independent source, ``{"ranks": [every rank's state]}`` (see the module docstring).
     """
     path = Path(path)
     state = _read_json(path / STATE_FILE, "trainer state")
@@ -127,7 +130,19 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict[str, Any], Any]
         raise ValueError(f"{path / STATE_FILE}: not a readable trainer state (a JSON object expected, got "
                          f"{type(state).__name__})")
     accelerator.load_state(str(path))
-    return state, _load_source_state(path / f"source_state_{accelerator.process_index}")
+    return state, load_source_state(path, accelerator.process_index)
+
+
+def load_source_state(path: str | Path, process_index: int) -> Any:
+    """The source state process ``process_index`` resumes from (see :func:`load_checkpoint`)."""
+    path = Path(path)
+    first = _load_source_state(path / "source_state_0")
+    if isinstance(first, dict) and first.get("layout_independent"):
+        ranks = [first]
+        while (path / f"source_state_{len(ranks)}.json").is_file():
+            ranks.append(_load_source_state(path / f"source_state_{len(ranks)}"))
+        return {"ranks": ranks}
+    return _load_source_state(path / f"source_state_{process_index}")
 
 
 def _read_json(path: Path, what: str) -> Any:

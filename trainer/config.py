@@ -100,6 +100,8 @@ class DataConfig:
     curve_keys: Optional[str] = None  # online: CurveZMQ key directory (stablerep-generator keys DIR)
     credits: int = 8  # groups in flight per generator endpoint
     num_workers: int = 2  # offline: decoding workers
+    index_cache: Optional[str] = None  # offline: folder or URL for the scan caches of unindexed tars (default: beside them)
+    allow_mixed: bool = False  # offline: accept inputs of different image sizes or images per group
     dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps (offline: None = count the data)
 
 

@@ -106,7 +106,7 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
     return sources.build_source(
         "offline", paths=d.data, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
         image_size=d.image_size, rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.run.seed,
-        seed_dirs=list(d.folders) or None,
+        seed_dirs=list(d.folders) or None, index_cache=d.index_cache, allow_mixed=d.allow_mixed,
     )
 
 

@@ -6,21 +6,23 @@ Layouts (see :mod:`trainer.sources.offline_layout`): generator shards (``DIR/man
 
 Epochs: every group has a global number (:mod:`trainer.sources.offline_index`); each epoch permutes
 all of them with ``(seed, epoch)`` (a global, sample-level shuffle, as the official
-DistributedSampler), pads the order by wrapping around to a multiple of ``world_size``, and rank
-``r`` takes positions ``r::world_size`` of it; DataLoader worker ``w`` takes ``w::num_workers`` of
-the rank's share. So every rank gets the same number of groups per epoch whatever the number of
-shards, and a batch mixes groups from the whole data set. Epochs repeat forever; a batch at an
-epoch boundary is completed from the next epoch (no group is dropped).
+DistributedSampler). The epochs form one stream of positions, split over ranks and DataLoader workers
+by :mod:`trainer.sources.offline_stream`: every rank gets the same number of groups per step, a batch
+mixes groups from the whole data set, and a batch at an epoch boundary is completed from the next
+epoch (no group is dropped, none repeated within an epoch).
 
-Resume: ``state_dict()`` records the epoch and, per worker, the plan position to continue from;
-``load_state_dict()`` continues the epoch where it stopped (same ``num_workers``, world size and
-sample count; otherwise the epoch restarts with a warning).
+Resume: ``state_dict()`` records the stream basis, the seed, the data set's size and fingerprint and
+how many positions this rank read; ``load_state_dict()`` takes the states of every rank of the saved
+run and resumes on any world size and number of workers, reading every sample of the interrupted
+epoch exactly once. A state of another data set (fingerprint, sample count) or seed is refused.
 
 Corrupt data never stops training: an unreadable image or sample, or a shard that cannot be opened,
 is logged and skipped. ``stats()["skipped_corrupt"]`` counts skipped groups (including groups a
 manifest lists in a shard but a truncated shard lost) plus shards skipped entirely;
 ``corrupt_shards`` counts damaged or unreadable shards (intact samples of a truncated shard are still
 read). Shard damage is found when the index is built, so it counts once per process at start.
+A group with fewer images than ``draw_per_caption`` is skipped and counted in ``skipped_short`` (it
+would make a positive pair of an image with itself); a manifest that says so refuses the run at start.
 """
 from __future__ import annotations
 
@@ -34,36 +36,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.batch import Batch
 from trainer.sources import register_source
+from trainer.sources.caption_ids import text_digest
 from trainer.sources.offline_index import SampleIndex, build_index
-from trainer.sources.offline_layout import OfficialTable, Part, resolve_data
+from trainer.sources.offline_layout import OfficialTable, Part, check_uniform, part_namespace, resolve_data
 from trainer.sources.offline_reader import WorkerItem, iterate_samples
+from trainer.sources.offline_stream import StreamBasis, epoch_order, merge_progress
 
 log = logging.getLogger("trainer.sources.offline")
 
 DEFAULT_IMAGE_SIZE = 256  # the paper stores its synthetic images at 256 px
-
-
-def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
-    """The order of all samples in ``epoch`` (identical on every rank and worker)."""
-    if not shuffle:
-        return np.arange(num_samples, dtype=np.int64)
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
-def rank_samples(num_samples: int, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int) -> np.ndarray:
-    """Global sample numbers rank ``rank`` reads in ``epoch`` (DistributedSampler rule: the order is
-    padded by wrapping to a multiple of ``world_size``, then rank ``r`` takes ``r::world_size``)."""
-    order = epoch_order(num_samples, epoch, seed, shuffle)
-    padded = -(-num_samples // world_size) * world_size
-    if padded > num_samples:
-        order = np.concatenate([order, np.resize(order, padded - num_samples)])
-    return order[rank::world_size]
-
-
-def worker_samples(num_samples: int, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int,
-                   worker: int, num_workers: int) -> np.ndarray:
-    """Global sample numbers worker ``worker`` of rank ``rank`` reads in ``epoch``, in order."""
-    return rank_samples(num_samples, epoch, seed, shuffle, rank, world_size)[worker::num_workers]
 
 
 def _identity(item: Any) -> Any:
@@ -71,24 +52,22 @@ def _identity(item: Any) -> Any:
 
 
 class _EpochStream(IterableDataset):
-    """One epoch of one rank's groups; each DataLoader worker reads its own parts."""
+    """One epoch of one rank's stream positions; DataLoader worker ``w`` reads every ``K``-th one."""
 
-    def __init__(self, parts: list[Part], tables: list[OfficialTable], index: SampleIndex, *, epoch: int, seed: int,
-                 shuffle: bool, rank: int, world_size: int, n: int, image_size: int, starts: dict[int, int]) -> None:
-        self.parts, self.tables, self.index = parts, tables, index
+    def __init__(self, parts: list[Part], tables: list[OfficialTable], index: SampleIndex, *, positions: np.ndarray,
+                 epoch: int, seed: int, shuffle: bool, n: int, image_size: int) -> None:
+        self.parts, self.tables, self.index, self.positions = parts, tables, index, positions
         self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.n, self.image_size, self.starts = n, image_size, starts
+        self.n, self.image_size = n, image_size
 
     def __iter__(self) -> Iterator[WorkerItem]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan = worker_samples(self.index.num_samples, self.epoch, self.seed, self.shuffle, self.rank,
-                              self.world_size, worker, num_workers)
-        return iterate_samples(
-            plan, self.index, self.parts, self.tables, worker=worker, epoch=self.epoch, seed=self.seed,
-            n=self.n, image_size=self.image_size, start=self.starts.get(worker, 0),
-        )
+        N = self.index.num_samples
+        order = epoch_order(N, self.epoch, self.seed, self.shuffle)
+        samples = order[self.positions[worker::num_workers] - self.epoch * N]
+        return iterate_samples(samples, self.index, self.parts, self.tables, worker=worker, epoch=self.epoch,
+                               seed=self.seed, n=self.n, image_size=self.image_size)
 
 
 @register_source("offline")
@@ -115,7 +94,8 @@ class OfflineSource:
     def __init__(self, paths: str | Sequence[str], captions_per_rank: int, draw_per_caption: int,
                  image_size: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, shuffle: bool = True, pin_memory: bool | None = None,
-                 seed_dirs: Sequence[str] | None = None, rows_per_part: int = 256, prefetch_factor: int = 8) -> None:
+                 seed_dirs: Sequence[str] | None = None, rows_per_part: int = 256, prefetch_factor: int = 8,
+                 index_cache: str | None = None, allow_mixed: bool = False) -> None:
         if captions_per_rank < 1 or draw_per_caption < 1:
             raise ValueError(f"captions_per_rank and draw_per_caption must be >= 1, got {captions_per_rank}, "
                              f"{draw_per_caption}")
@@ -124,6 +104,7 @@ class OfflineSource:
         resolved = resolve_data(paths, seed_dirs=seed_dirs, rows_per_part=rows_per_part)
         if not resolved.parts:
             raise ValueError(f"no shards or rows found in {paths!r}")
+        check_uniform(resolved.inputs, draw_per_caption, allow_mixed)
         self.parts, self.tables = resolved.parts, resolved.tables
         self.layouts = resolved.layouts
         self.image_size = int(image_size or resolved.image_size or DEFAULT_IMAGE_SIZE)
@@ -132,35 +113,41 @@ class OfflineSource:
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.prefetch_factor = int(prefetch_factor)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.index = build_index(self.parts, self.tables)
+        self.index = build_index(self.parts, self.tables, index_cache)
         if self.index.num_samples == 0:
             raise ValueError(f"no readable caption group in {paths!r}")
+        namespaces = [part_namespace(p, self.tables) for p in self.parts]
+        self.fingerprint = text_digest(sorted(set(namespaces)) + [str(self.index.num_samples)])
+        self.basis = StreamBasis(0, world_size=self.world_size)
         self.epoch = 0
-        self._starts: dict[int, int] = {}  # where each worker resumes in the next epoch stream
-        self._positions: dict[int, int] = {}  # last consumed plan position per worker, this epoch
+        self._consumed = 0  # stream positions this rank has taken under ``basis`` (groups and skipped ones)
+        self._epoch_items = 0
         self._epoch_groups = 0
+        self.batch_epochs: list[int] = []
         self._iterator: Iterator[WorkerItem] | None = None
         self._counters = {"batches": 0, "groups": 0, "images": 0, "skipped_corrupt": 0, "corrupt_shards": 0,
-                          "groups_short": 0, "epochs_completed": 0, "data_wait_seconds": 0.0}
+                          "skipped_short": 0, "epochs_completed": 0, "data_wait_seconds": 0.0}
         problems = self.index.problems
         self._counters["skipped_corrupt"] = problems["lost_groups"] + problems["unreadable_shards"]
         self._counters["corrupt_shards"] = problems["damaged_shards"] + problems["unreadable_shards"]
 
     # ------------------------------------------------------------------ iteration
     def _start_epoch(self) -> None:
+        positions = self.basis.rank_positions(self.epoch, self.index.num_samples, self.rank)
         stream = _EpochStream(
-            self.parts, self.tables, self.index, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
-            world_size=self.world_size, n=self.draw_per_caption, image_size=self.image_size, starts=self._starts,
+            self.parts, self.tables, self.index, positions=positions, epoch=self.epoch, seed=self.seed,
+            shuffle=self.shuffle, n=self.draw_per_caption, image_size=self.image_size,
         )
+        workers = min(self.num_workers, len(positions))
         loader = DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            stream, batch_size=None, num_workers=workers, collate_fn=_identity,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
-        self._positions = dict(self._starts)
-        self._starts = {}
+        self._epoch_items = self._epoch_groups = 0
         self._iterator = iter(loader)
 
     def _next_group(self) -> WorkerItem:
+        empty_epochs = 0
         while True:
             if self._iterator is None:
                 self._start_epoch()
@@ -168,73 +155,98 @@ class OfflineSource:
                 item = next(self._iterator)  # type: ignore[arg-type]
             except StopIteration:
                 self._iterator = None
-                if self._epoch_groups == 0:
+                if self._epoch_items and not self._epoch_groups:
+                    c = self._counters
                     raise RuntimeError(
                         f"epoch {self.epoch} of rank {self.rank}/{self.world_size} produced no readable group from "
-                        f"{self.index.num_samples} groups ({self._counters['skipped_corrupt']} skipped as corrupt)"
+                        f"{self.index.num_samples} groups ({c['skipped_corrupt']} skipped as corrupt, "
+                        f"{c['skipped_short']} with fewer images than draw_per_caption = {self.draw_per_caption})"
                     ) from None
+                empty_epochs = empty_epochs + 1 if not self._epoch_items else 0
+                if empty_epochs > self.world_size + 1:
+                    raise RuntimeError(f"rank {self.rank}/{self.world_size}: no group to read in {empty_epochs} epochs") from None
                 self.epoch += 1
-                self._epoch_groups = 0
-                self._positions = {}
                 self._counters["epochs_completed"] += 1
                 continue
-            self._counters["skipped_corrupt"] += item.corrupt_groups
+            self._consumed += 1
+            self._epoch_items += 1
             if item.group is None:
+                self._counters["skipped_short" if item.short else "skipped_corrupt"] += 1
                 continue
-            self._positions[item.worker] = item.next_sample
             self._epoch_groups += 1
             return item
 
     def next_batch(self) -> Batch:
         """The next ``G`` groups: images uint8 ``[G, n, S, S, 3]`` (pinned when CUDA is available)."""
         start = time.perf_counter()
-        items = [self._next_group() for _ in range(self.captions_per_rank)]
+        items, epochs = [], []
+        for _ in range(self.captions_per_rank):
+            items.append(self._next_group())
+            epochs.append(self.epoch)
+        self.batch_epochs = epochs  # epoch of each group of this batch (a batch may span two)
         self._counters["data_wait_seconds"] += time.perf_counter() - start
         G, n, S = self.captions_per_rank, self.draw_per_caption, self.image_size
         images = torch.empty((G, n, S, S, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
         torch.stack([item.group.images for item in items], out=images)  # type: ignore[union-attr]
         caption_ids = torch.tensor([item.group.caption_id for item in items], dtype=torch.int64)  # type: ignore[union-attr]
         captions = [item.group.caption for item in items]  # type: ignore[union-attr]
-        short = sum(item.group.short for item in items)  # type: ignore[union-attr]
         c = self._counters
         c["batches"] += 1
         c["groups"] += G
         c["images"] += G * n
-        c["groups_short"] += short
-        meta = {"epoch": float(self.epoch), "short_fraction": short / G}
+        meta = {"epoch": float(self.epoch)}
         return Batch(images=images, caption_ids=caption_ids, captions=captions, meta=meta)
 
     # ------------------------------------------------------------------ bookkeeping
     def stats(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "parts": len(self.parts), "samples": self.index.num_samples,
-                "image_size": self.image_size, **self._counters}
+                "index_bytes": self.index.nbytes, "image_size": self.image_size, **self._counters}
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, per-worker positions and counters: enough to continue the epoch where it stopped."""
+        """This rank's progress in the layout-independent stream (see the module docstring)."""
         return {
-            "epoch": self.epoch,
-            "epoch_groups": self._epoch_groups,
-            "num_workers": self.num_workers,
-            "world_size": self.world_size,
+            "layout_independent": True,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
             "num_samples": self.index.num_samples,
-            "positions": {str(w): int(p) for w, p in self._positions.items()},
+            "data_fingerprint": self.fingerprint,
+            "basis": self.basis.to_dict(),
+            "rank": self.rank,
+            "consumed": self._consumed,
             "counters": dict(self._counters),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; the next batch starts right after the last group handed out."""
+        """Continue after what every rank of the saved run read.
+
+        ``state``: ``{"ranks": [state of rank 0, 1, ...]}`` (what ``trainer.checkpoint`` loads for a
+        layout-independent source), or a single rank's ``state_dict()`` of a one-rank run.
+
+        Raises:
+            ValueError: the state is of another data set, seed or shuffle, or incomplete (names the field).
+        """
         self.close()
-        self.epoch = int(state["epoch"])
-        self._counters.update(state.get("counters", {}))
-        same_plan = (state.get("num_workers") == self.num_workers and state.get("world_size") == self.world_size
-                     and state.get("num_samples") == self.index.num_samples)
-        if same_plan:
-            self._starts = {int(w): int(p) for w, p in state.get("positions", {}).items()}
-            self._epoch_groups = int(state.get("epoch_groups", 0))
-        else:
-            log.warning("offline source resumed with a different worker/rank/part layout: epoch %d restarts "
-                        "from its beginning", self.epoch)
-            self._starts, self._epoch_groups = {}, 0
+        ranks = state.get("ranks") if "ranks" in state else [state]
+        if not ranks or not all(isinstance(r, dict) and r.get("layout_independent") for r in ranks):
+            raise ValueError("offline resume state: written by an older layout-dependent version; "
+                             "resume with that version or start a new run")
+        ranks = sorted(ranks, key=lambda r: int(r["rank"]))
+        mine = {"num_samples": self.index.num_samples, "data_fingerprint": self.fingerprint, "seed": self.seed,
+                "shuffle": self.shuffle}
+        for saved in ranks:
+            for field_name, value in mine.items():
+                if saved.get(field_name) != value:
+                    raise ValueError(f"offline resume state: field {field_name} = {saved.get(field_name)!r} in the "
+                                     f"checkpoint, {value!r} for this run's data (another data set or seed?)")
+        basis = StreamBasis.from_dict(ranks[0]["basis"])
+        if [int(r["rank"]) for r in ranks] != list(range(basis.world_size)):
+            raise ValueError(f"offline resume state: ranks {[r['rank'] for r in ranks]} saved, the run had "
+                             f"{basis.world_size}")
+        self.basis = merge_progress(basis, [int(r["consumed"]) for r in ranks], self.world_size)
+        self._consumed = 0
+        self.epoch = self.basis.first_epoch(self.index.num_samples)
+        counters = ranks[min(self.rank, len(ranks) - 1)].get("counters", {})
+        self._counters.update({k: v for k, v in counters.items() if k in self._counters})
 
     def close(self) -> None:
         """Stop the decoding workers."""

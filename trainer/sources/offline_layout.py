@@ -23,6 +23,7 @@ from typing import Sequence, Union
 
 import braceexpand
 
+from protocol import storage
 from protocol.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from protocol.shards import MANIFEST_NAME, ShardLayoutError, read_manifest
 from trainer.sources.caption_ids import file_digest, text_digest
@@ -61,12 +62,44 @@ class OfficialTable:
     namespace: str = ""  # "csv:" + digest of the file's bytes
 
 
+@dataclass(frozen=True)
+class InputInfo:
+    """What one ``--data`` entry says about its groups (``None``: it does not say)."""
+
+    name: str
+    image_size: int | None = None
+    images_per_group: int | None = None
+
+
 @dataclass
 class ResolvedData:
     parts: list[Part]
     tables: list[OfficialTable]
     image_size: int | None  # the generator's save size when a manifest says it
     layouts: list[str]
+    inputs: list[InputInfo] = field(default_factory=list)
+
+
+def check_uniform(inputs: Sequence[InputInfo], draw_per_caption: int, allow_mixed: bool) -> None:
+    """Refuse what would silently change what is trained.
+
+    Raises:
+        ValueError: an input stores fewer images per group than ``draw_per_caption`` (every group
+            would pair an image with itself), or, unless ``allow_mixed``, two inputs differ in image
+            size or images per group (both named, with their values).
+    """
+    for info in inputs:
+        if info.images_per_group is not None and info.images_per_group < draw_per_caption:
+            raise ValueError(f"{info.name} stores {info.images_per_group} image(s) per group, fewer than "
+                             f"draw_per_caption = {draw_per_caption} (a group cannot give that many distinct images)")
+    if allow_mixed:
+        return
+    for field_name, label in (("image_size", "image size"), ("images_per_group", "images per group")):
+        known = [(info.name, getattr(info, field_name)) for info in inputs if getattr(info, field_name) is not None]
+        for name, value in known[1:]:
+            if value != known[0][1]:
+                raise ValueError(f"mixed offline inputs: {known[0][0]} has {label} {known[0][1]}, {name} has {value} "
+                                 f"(pass --allow-mixed-data to train on both)")
 
 
 def _seed_number(path: Path) -> int:
@@ -99,22 +132,30 @@ def read_official_csv(csv_path: Path, seed_dirs: Sequence[str] | None = None) ->
     return table
 
 
-def manifest_parts(directory: Path) -> tuple[list[TarPart], int | None]:
-    """The complete shards listed in ``directory``'s manifest and the generator's save size."""
+def manifest_parts(directory: str | Path) -> tuple[list[TarPart], InputInfo]:
+    """The complete shards listed in ``directory``'s manifest (a path or URL) and what it says about them.
+
+    A listed shard missing from a local folder is an error here; one missing from an object store is
+    counted and skipped when the index is built (it may vanish mid-run too)."""
+    directory = os.fspath(directory)
     try:
         manifest = read_manifest(directory)
     except ShardLayoutError as exc:
         raise ValueError(str(exc)) from None
     if manifest is None:
-        raise FileNotFoundError(f"{directory / MANIFEST_NAME} not found")
+        raise FileNotFoundError(f"{storage.join(directory, MANIFEST_NAME)} not found")
     parts = []
     namespace = f"shards:{manifest.fingerprint}:{manifest.run.get('captions_digest', '')}"
+    remote = storage.is_remote(directory)
     for record in manifest.shards:
-        path = directory / record.name
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} is listed in {directory / MANIFEST_NAME} but does not exist")
-        parts.append(TarPart(str(path), record.groups, namespace))
-    return parts, manifest.save_size
+        path = storage.join(directory, record.name)
+        if not remote and not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {path} is listed in {storage.join(directory, MANIFEST_NAME)} but does not exist")
+        parts.append(TarPart(path, record.groups, namespace))
+    per_group = manifest.generator.images_per_group if manifest.generator is not None else None
+    if per_group is None and isinstance(manifest.run.get("images_per_group"), int):
+        per_group = manifest.run["images_per_group"]
+    return parts, InputInfo(directory, manifest.save_size, per_group)
 
 
 def _expand_tars(pattern: str) -> list[TarPart]:
@@ -155,6 +196,10 @@ def resolve_data(
 
     for entry in entries:
         text = os.fspath(entry)
+        if storage.is_remote(text):
+            _add_remote(resolved, text)
+            continue
+        text = storage.local_path(text) or text
         path = Path(text)
         if "{" in text:
             resolved.parts += _expand_tars(text)
@@ -166,9 +211,10 @@ def resolve_data(
             resolved.layouts.append("tar")
         elif path.is_dir():
             if (path / MANIFEST_NAME).is_file():
-                parts, save_size = manifest_parts(path)
+                parts, info = manifest_parts(path)
                 resolved.parts += parts
-                resolved.image_size = resolved.image_size or save_size
+                resolved.image_size = resolved.image_size or info.image_size
+                resolved.inputs.append(info)
                 resolved.layouts.append("manifest")
                 continue
             csvs = sorted(path.glob("*.csv"))
@@ -185,6 +231,30 @@ def resolve_data(
         else:
             raise ValueError(f"{path}: not a directory, .tar, brace pattern or .csv")
     return resolved
+
+
+def _add_remote(resolved: ResolvedData, url: str) -> None:
+    """A URL entry: a shard set with a manifest, a brace pattern or one ``.tar`` (no CSV layout)."""
+    try:
+        if "{" in url or url.endswith(".tar"):
+            paths = list(braceexpand.braceexpand(url))
+            namespace = "tars:" + text_digest(sorted(paths))
+            resolved.parts += [TarPart(p, namespace=namespace) for p in paths]
+            resolved.layouts.append("tar")
+            return
+        parts, info = manifest_parts(url)
+    except storage.StorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{url}: {exc}") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the store is one line naming the URL
+        raise storage.StorageError(f"{url}: {storage.describe_failure(exc)}") from None
+    resolved.parts += parts
+    resolved.image_size = resolved.image_size or info.image_size
+    resolved.inputs.append(info)
+    resolved.layouts.append("manifest")
 
 
 def part_namespace(part: Part, tables: Sequence[OfficialTable]) -> str:

@@ -13,7 +13,8 @@ the first dot of its base name, extension = the rest):
 With several inputs of different content, ids are namespaced per input (:mod:`trainer.sources.caption_ids`).
 
 Only the ``n`` images a batch needs are decoded, chosen without replacement; a group with fewer than
-``n`` images repeats some, chosen with replacement, and is counted as ``short``. Images whose size
+``n`` images is refused (:class:`ShortGroup`: it would pair an image with itself as a positive), as the
+online source refuses it. Images whose size
 differs from ``image_size`` are resized (shorter side) and center-cropped with PIL.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS
+from protocol.storage import StorageError
 from trainer.images import decode_image
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
 from trainer.sources.offline_index import SampleIndex, read_tar_sample
@@ -42,6 +44,10 @@ _SINGLE_IMAGE = IMAGE_EXTENSIONS
 
 class CorruptSample(Exception):
     """A sample that cannot be turned into a group (the message says why)."""
+
+
+class ShortGroup(Exception):
+    """A group with fewer images than the draw (the message says how many)."""
 
 
 @dataclass
@@ -57,7 +63,6 @@ class DecodedGroup:
     caption_id: int
     caption: str
     images: torch.Tensor  # uint8 [n, S, S, 3]; a tensor so DataLoader workers pass it by shared memory
-    short: bool  # fewer than n images: some repeated
 
 
 def key_caption_id(key: str) -> int:
@@ -127,29 +132,27 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
             caption_id = key_caption_id(sample.key) if namespace is None else namespaced_caption_id(namespace, sample.key)
             caption = files["txt"]().decode("utf-8")
         m = len(image_exts)
-        if m >= n:
-            chosen = rng.choice(m, size=n, replace=False)
-        else:
-            chosen = np.concatenate([rng.permutation(m), rng.choice(m, size=n - m, replace=True)])
+        if m < n:
+            raise ShortGroup(f"sample {sample.key}: {m} image(s), fewer than the {n} drawn per caption")
+        chosen = rng.choice(m, size=n, replace=False)
         images = np.stack([decode_image(files[image_exts[i]](), image_size) for i in chosen])
-    except CorruptSample:
+    except (CorruptSample, ShortGroup):
         raise
     except Exception as exc:  # undecodable image, bad JSON, bad UTF-8, I/O error
         raise CorruptSample(f"sample {sample.key}: {type(exc).__name__}: {exc}") from exc
     if namespace is not None and group_images:
         caption_id = namespaced_caption_id(namespace, caption_id)
-    return DecodedGroup(caption_id=caption_id, caption=caption, images=torch.from_numpy(images), short=m < n)
+    return DecodedGroup(caption_id=caption_id, caption=caption, images=torch.from_numpy(images))
 
 
 @dataclass
 class WorkerItem:
-    """What a worker sends the main process: a group (or only counters when ``group`` is None) and
-    ``next_sample``, the position in the worker's plan to continue from."""
+    """What a worker sends the main process for each sample of its plan, in order: the group, or
+    ``None`` for a sample skipped as corrupt (``short`` False) or with too few images (``short`` True)."""
 
     worker: int
-    next_sample: int
     group: DecodedGroup | None
-    corrupt_groups: int = 0
+    short: bool = False
 
 
 def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequence[OfficialTable]) -> RawSample:
@@ -159,13 +162,13 @@ def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequen
     if isinstance(part, RowsPart):
         row = part.start + k
         return official_samples(RowsPart(part.table, row, row + 1), tables[part.table])[0]
-    start, end = index.ranges[p][k]  # type: ignore[index]
+    start, end = index.byte_range(g)
     key, files = read_tar_sample(part.path, int(start), int(end))
     return RawSample(key, files)
 
 
 def iterate_samples(
-    plan: np.ndarray,
+    samples: np.ndarray,
     index: SampleIndex,
     parts: Sequence[Part],
     tables: Sequence[OfficialTable],
@@ -175,27 +178,29 @@ def iterate_samples(
     seed: int,
     n: int,
     image_size: int,
-    start: int = 0,
 ) -> Iterator[WorkerItem]:
-    """Decode the global samples ``plan[start:]`` in order. A corrupt sample is logged, counted and
-    skipped. ``WorkerItem.next_sample`` is the plan position to continue from."""
+    """Decode the global samples ``samples`` in order, one :class:`WorkerItem` each (a skipped sample
+    is logged and sent as ``group=None``, so the main process counts every position it was given)."""
     namespaced = needs_namespacing(part_namespace(p, tables) for p in parts)
-    pending = WorkerItem(worker, 0, None)
-    for k in range(start, len(plan)):
-        g = int(plan[k])
+    warned_short = False
+    for g in samples.tolist():
         part = parts[index.locate(g)[0]]
         rng = np.random.default_rng([seed, epoch, g, 1])
         try:
             try:
                 sample = raw_sample(g, index, parts, tables)
-            except (OSError, tarfile.TarError) as exc:
+            except (OSError, tarfile.TarError, StorageError) as exc:
                 raise CorruptSample(f"sample {g}: {type(exc).__name__}: {exc}") from exc
             group = decode_sample(sample, n, image_size, rng, part_namespace(part, tables) if namespaced else None)
         except CorruptSample as exc:
             log.warning("skipping corrupt sample in %s: %s", describe(part, tables), exc)
-            pending.corrupt_groups += 1
+            yield WorkerItem(worker, None)
             continue
-        pending.next_sample, pending.group = k + 1, group
-        yield pending
-        pending = WorkerItem(worker, 0, None)
-    yield pending  # the counters gathered after the last group
+        except ShortGroup as exc:
+            if not warned_short:
+                log.warning("skipping groups with too few images in %s (counted in skipped_short): %s",
+                            describe(part, tables), exc)
+                warned_short = True
+            yield WorkerItem(worker, None, short=True)
+            continue
+        yield WorkerItem(worker, group)
