@@ -259,6 +259,48 @@ def read_tar_sample(path: str, start: int, end: int) -> tuple[str, dict[str, Cal
     data = storage.read_bytes(path, start, end)
     if len(data) != end - start:
         raise OSError(f"{path}: sample at byte {start} is truncated ({len(data)} of {end - start} bytes)")
+    return parse_sample(data)
+
+
+#: Plain-file type flags of a USTAR header; any other entry (pax / GNU long names, links) goes to tarfile.
+_PLAIN_TYPES = (b"0", b"\0")
+
+
+def parse_sample(data: bytes) -> tuple[str, dict[str, Callable[[], bytes]]]:
+    """Members of one sample's bytes (a run of tar members): ``(key, {ext: bytes getter})``.
+
+    Plain USTAR members (what the shard writer, webdataset and img2dataset write) are read straight
+    from their 512-byte headers; opening a ``tarfile`` per sample costs about as much as decoding its
+    images. Anything else (pax or GNU long-name headers, links) is read by :mod:`tarfile`."""
+    files: dict[str, Callable[[], bytes]] = {}
+    key = ""
+    offset, block = 0, tarfile.BLOCKSIZE
+    while offset + block <= len(data):
+        header = data[offset : offset + block]
+        if header[257:262] != b"ustar" or header[156:157] not in _PLAIN_TYPES or header[124] & 0x80:
+            if not header.strip(b"\0"):
+                break
+            return _parse_with_tarfile(data)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            text = ((prefix + b"/" + name) if prefix else name).decode("utf-8")
+        except ValueError as exc:
+            raise tarfile.ReadError(f"bad tar header at byte {offset} of the sample: {exc}") from None
+        payload_start = offset + block
+        if payload_start + size > len(data):
+            raise tarfile.ReadError(f"member {text} runs past the end of the sample")
+        parts = split_member(text)
+        if parts is not None:
+            key = parts[0]
+            payload = data[payload_start : payload_start + size]
+            files[parts[1].lower()] = lambda b=payload: b
+        offset = payload_start + size + (-size % block)
+    return key, files
+
+
+def _parse_with_tarfile(data: bytes) -> tuple[str, dict[str, Callable[[], bytes]]]:
     data += bytes(-len(data) % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)  # block padding + end-of-archive
     files: dict[str, Callable[[], bytes]] = {}
     key = ""
