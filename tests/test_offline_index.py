@@ -119,3 +119,19 @@ def test_index_cache_folder_for_a_writable_folder_too(tmp_path, scans):
     count = count_groups(str(tmp_path / "d" / "{00000..00001}.tar"), index_cache=str(cache))
     assert count == 6 and len(scans) == 2 and len(os.listdir(cache)) == 2
     assert not list((tmp_path / "d").glob("*.idx"))  # nothing written beside the tars
+
+
+def test_samples_with_long_member_names_are_read_through_tarfile(tmp_path):
+    long_key = "k" * 120  # longer than a USTAR name field: a GNU / pax header
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"long-{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as archive:
+            add_member(archive, f"{long_key}.png", encode(7))
+            add_member(archive, f"{long_key}.txt", b"long")
+            add_member(archive, "short.png", encode(9))
+            add_member(archive, "short.txt", b"short")
+        source = OfflineSource(str(path), captions_per_rank=2, draw_per_caption=1, num_workers=0, image_size=S,
+                               shuffle=False)
+        batch = source.next_batch()
+        assert batch.captions == ["long", "short"]
+        assert batch.images[:, 0, 0, 0, 0].tolist() == [7, 9]
