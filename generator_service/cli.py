@@ -209,10 +209,13 @@ def write_resolved_config(directory: str, args: argparse.Namespace, config: Gene
     run = {key: value for key, value in vars(args).items() if key not in ("config",)}
     run["shard"] = f"{args.shard[0]}/{args.shard[1]}"
     resolved = {"generator": config.to_dict(), "fingerprint": config.fingerprint(), "devices": devices, "run": run}
-    path = Path(directory) / RESOLVED_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-    return path
+    from protocol import storage
+
+    target = storage.join(directory, RESOLVED_CONFIG_NAME)
+    if not storage.is_remote(directory):
+        Path(storage.local_path(directory) or directory).mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(target, yaml.safe_dump(resolved, sort_keys=False).encode("utf-8"))
+    return Path(target) if not storage.is_remote(target) else target  # type: ignore[return-value]
 
 
 # --- progress -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from generator_service.online_state import OnlineState, RunIdentity
 from generator_service.pool import GroupSink, PoolStats, StopSignal, WorkerPool, WorkItem
 from generator_service.seeds import image_seed
 from generator_service.shards import ShardWriter
+from protocol import storage
 from generator_service.sinks import FanOutSink, PreviewSink, ServerSink, ShardSink
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class ServiceOptions:
             raise ValueError("--curve-keys DIR secures the online server; give --bind ENDPOINT too")
         if self.archive and self.out:
             raise ValueError("give either --out DIR or --archive DIR, not both (they write the same shards)")
+        if self.archive and storage.is_remote(self.archive) and not self.state and self.epochs is None:
+            raise ValueError(f"--archive {self.archive}: an endless online run keeps its position in a local folder; "
+                             "give --state DIR too")
         if self.max_groups is not None and self.max_groups < 1:
             raise ValueError(f"--max-groups must be >= 1, got {self.max_groups}")
         if self.queue < 1:

@@ -6,6 +6,13 @@ trainer's offline source reads too; this module only writes it.
 A writer killed at any moment leaves complete, listed shards plus the open shard's temp file; the
 next ``open()`` turns the complete groups of that file into a listed shard (``shard_salvage``), so
 a rerun skips exactly the groups already on disk and an online archive keeps every group it served.
+
+The output may be an object-store URL (``s3://bucket/prefix``, any fsspec URL, :mod:`protocol.storage`):
+shards are then staged in a local temp folder and uploaded when complete, index first, then the
+shard (each one PUT, visible only when complete), then the manifest, which stays the commit point.
+A killed writer leaves at most an uploaded but unlisted shard, which the next run adopts (the groups
+of its open shard, staged locally, are lost: they were not uploaded yet). Object stores have no
+locks: run one writer per prefix.
 """
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +32,10 @@ import numpy as np
 from PIL import Image
 
 from generator_service.shard_salvage import SALVAGE_SUFFIX, salvage
-from protocol import GeneratorInfo, Group
+from protocol import GeneratorInfo, Group, storage
 from protocol.shards import (
     IMAGE_FORMATS,
+    INDEX_TEMP_PATTERN,
     MANIFEST_NAME,
     SHARD_PATTERN,
     TEMP_PATTERN,
@@ -38,6 +48,7 @@ from protocol.shards import (
     fsync_directory,
     index_name,
     read_manifest,
+    scan_ranges,
     scan_shard,
     shard_index,
     shard_name,
@@ -109,7 +120,12 @@ class ShardWriter:
             raise ValueError(f"image format must be one of png, jpg, webp; got {image_format!r}")
         if not 1 <= quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {quality}")
-        self.out_dir = Path(out_dir)
+        self.where = os.fspath(out_dir)  # the output as the user named it (path or URL)
+        self.remote = storage.is_remote(self.where)
+        if self.remote:
+            storage.filesystem(self.where)  # an unknown scheme is refused here, never taken as a local path
+        # local output: the folder itself; remote output: a local staging folder (made by open())
+        self.out_dir = Path(storage.local_path(self.where) or ".")
         self.generator: GeneratorInfo = config.welcome_info()
         self.generator_config = config.to_dict()
         self.fingerprint = self.generator.fingerprint
@@ -136,6 +152,8 @@ class ShardWriter:
         """Lock the directory and load its state; see the class docstring."""
         if self._lock_fd is not None:
             return self
+        if self.remote:
+            self.out_dir = Path(tempfile.mkdtemp(prefix="stablerep-shards-"))
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -156,27 +174,33 @@ class ShardWriter:
 
     def _load(self) -> None:
         try:
-            manifest = read_manifest(self.out_dir)
+            manifest = read_manifest(self.where)
         except ShardLayoutError as exc:
             raise ShardError(str(exc)) from None
+        except storage.StorageError as exc:
+            raise ShardError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a store's failure (bucket, credentials, endpoint): one line
+            if not self.remote:
+                raise
+            raise ShardError(f"{self.where}: {storage.describe_failure(exc)}") from None
         if manifest is not None:
             theirs = manifest.fingerprint
             if theirs != self.fingerprint:
                 raise ShardError(
-                    f"{self.out_dir} holds shards of generator fingerprint {theirs!r}, but this run's generator "
+                    f"{self.where} holds shards of generator fingerprint {theirs!r}, but this run's generator "
                     f"fingerprint is {self.fingerprint!r}: use another output directory or the same generator settings"
                 )
             for key, value in self.run.items():
                 if key in manifest.run and manifest.run[key] != value:
                     raise ShardError(
-                        f"{self.out_dir} was written with {key} = {manifest.run[key]!r}, this run has {key} = {value!r}"
+                        f"{self.where} was written with {key} = {manifest.run[key]!r}, this run has {key} = {value!r}"
                     )
             self.shards = list(manifest.shards)
         listed = {s.name for s in self.shards}
         indices = [shard_index(s.name) for s in self.shards]
         for entry in sorted(self.out_dir.iterdir()):
-            if entry.name.endswith(SALVAGE_SUFFIX):  # an interrupted salvage: redone from its temp file
-                entry.unlink()
+            if entry.name.endswith(SALVAGE_SUFFIX) or INDEX_TEMP_PATTERN.match(entry.name):
+                entry.unlink()  # an interrupted salvage (redone from its temp file) or index write
         for entry in sorted(self.out_dir.iterdir()):
             temp = TEMP_PATTERN.match(entry.name)
             if temp and shard_name(int(temp.group(1))) not in listed:
@@ -196,14 +220,41 @@ class ShardWriter:
                     os.replace(entry, aside)
                     continue
                 log.info("adopting complete shard %s (%d groups) missing from the manifest", entry, record.groups)
+                if not entry.with_name(index_name(entry.name)).exists():  # a salvaged shard: index it now
+                    self._write_index(entry)
                 self.shards.append(record)
                 listed.add(entry.name)
                 indices.append(shard_index(entry.name))
+        if self.remote:
+            self._adopt_uploaded(listed, indices)
         for record in self.shards:
             self.done_group_ids.update(record.group_ids)
             self.done_caption_ids.update(record.caption_ids)
         self._next_index = max(indices, default=-1) + 1
         self._write_manifest()
+
+    def _adopt_uploaded(self, listed: set[str], indices: list[int | None]) -> None:
+        """Remote output: adopt shards a killed writer uploaded but did not list."""
+        try:
+            names = storage.list_names(self.where)
+        except Exception as exc:  # noqa: BLE001
+            raise ShardError(f"{self.where}: {storage.describe_failure(exc)}") from None
+        for name in sorted(names):
+            if not SHARD_PATTERN.match(name) or name in listed:
+                continue
+            local = self.out_dir / name
+            try:
+                local.write_bytes(storage.read_bytes(storage.join(self.where, name)))
+                record = scan_shard(local)
+            except (tarfile.TarError, ShardLayoutError, OSError, ValueError, KeyError) as exc:
+                log.warning("shard %s in %s is not listed and cannot be read (%s); left as is", name, self.where, exc)
+                continue
+            finally:
+                local.unlink(missing_ok=True)
+            log.info("adopting complete shard %s (%d groups) missing from the manifest of %s", name, record.groups,
+                     self.where)
+            self.shards.append(record)
+            indices.append(shard_index(name))
 
     def close(self) -> None:
         """Complete the open shard (if it holds any group) and release the directory."""
@@ -211,6 +262,8 @@ class ShardWriter:
             self.flush()
         finally:
             self._release_lock()
+            if self.remote and self.out_dir.name.startswith("stablerep-shards-"):
+                shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -304,14 +357,11 @@ class ShardWriter:
         tar_path = self.out_dir / temp_name(index)
         sample_index = ShardIndex(tar_path.stat().st_size, np.asarray(self._ranges, dtype=np.int64).reshape(-1, 2))
         # The index first: a shard that exists under its final name always has its index.
-        index_tmp = self.out_dir / f".{index_name(record.name)}.tmp"
-        with open(index_tmp, "wb") as handle:
-            handle.write(sample_index.to_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(index_tmp, self.out_dir / index_name(record.name))
+        self._commit_index(record.name, sample_index)
         os.replace(tar_path, self.out_dir / record.name)
         fsync_directory(self.out_dir)
+        if self.remote:
+            self._upload(record.name)
         self._tar = None
         self._tar_file = None
         self._current = None
@@ -319,6 +369,37 @@ class ShardWriter:
         self._write_manifest()
         log.info("wrote %s (%d groups, %d images)", self.out_dir / record.name, record.groups, record.images)
 
+    def _commit_index(self, name: str, sample_index: ShardIndex) -> None:
+        """Write shard ``name``'s index (synced temp file, renamed into place)."""
+        index_tmp = self.out_dir / f".{index_name(name)}.tmp"
+        with open(index_tmp, "wb") as handle:
+            handle.write(sample_index.to_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(index_tmp, self.out_dir / index_name(name))
+
+    def _write_index(self, shard: Path) -> None:
+        """Index a complete shard written without one (a salvaged open shard) by scanning it."""
+        size = shard.stat().st_size
+        with open(shard, "rb") as handle:
+            ranges, _ = scan_ranges(handle, size)
+        self._commit_index(shard.name, ShardIndex(size, ranges))
+
+    def _upload(self, name: str) -> None:
+        """Remote output: upload a completed shard's index, then the shard; remove the staged files."""
+        try:
+            for file_name in (index_name(name), name):
+                storage.upload(str(self.out_dir / file_name), storage.join(self.where, file_name))
+                (self.out_dir / file_name).unlink()
+        except Exception as exc:  # noqa: BLE001
+            raise ShardError(f"cannot upload {name} to {self.where}: {storage.describe_failure(exc)}") from None
+
     def _write_manifest(self) -> None:
         manifest = Manifest(self.generator, self.fingerprint, list(self.shards), self.generator_config, self.run)
-        write_manifest(self.out_dir, manifest)
+        if not self.remote:
+            write_manifest(self.out_dir, manifest)
+            return
+        try:
+            storage.write_bytes(storage.join(self.where, MANIFEST_NAME), (json.dumps(manifest.to_dict(), indent=1) + "\n").encode())
+        except Exception as exc:  # noqa: BLE001
+            raise ShardError(f"cannot write the manifest of {self.where}: {storage.describe_failure(exc)}") from None

@@ -6,7 +6,7 @@ A shard directory holds:
   sample key is the ``group_id`` (no ``.`` or ``/``); members are ``KEY.txt`` (caption, UTF-8),
   ``KEY.json`` (the group's protocol header fields, ``Group.header_fields()``, with ``encoding`` =
   the stored image format) and ``KEY.{j}.{ext}`` for image ``j = 0 .. m-1`` (``ext`` png, jpg or webp).
-- ``.shard-{index:06d}.tar.tmp`` (``.tar.idx.tmp``): a shard (index) being written; renamed when complete, so a listed or
+- ``.shard-{index:06d}.tar.tmp`` (``.tar.idx.tmp``): a shard (its index) being written; renamed when complete, so a listed or
   renamed shard is never torn.
 - ``shard-{index:06d}.tar.idx``: the shard's sample index (:class:`ShardIndex`): the byte range of
   every sample, so a reader finds any group without scanning the tar. Written and renamed into place
@@ -47,7 +47,8 @@ INDEX_SUFFIX = ".idx"
 INDEX_MAGIC = b"SRIDX\x00\x01\n"
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.tar$")
-TEMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.tar(?:\.idx)?\.tmp$")
+TEMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.tar\.tmp$")
+INDEX_TEMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.tar\.idx\.tmp$")
 MEMBER_PATTERN = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 GROUP_IMAGE_PATTERN = re.compile(r"^(\d+)\.(png|jpg|jpeg|webp)$")
 
@@ -341,3 +342,37 @@ class ShardIndex:
         if count and int(ranges[-1, 1]) > tar_bytes:
             raise ShardLayoutError(f"{where}: shard index ranges end at byte {int(ranges[-1, 1])}, past the tar's {tar_bytes}")
         return cls(tar_bytes, ranges, identity, damaged)
+
+
+def scan_ranges(handle: Any, size: int) -> tuple[np.ndarray, bool]:
+    """Sample byte ranges of a tar read from the file object ``handle`` (member headers only; ``size``:
+    the file's size) and whether the tar is damaged (only its intact samples are returned).
+
+    Raises:
+        OSError: not a readable tar at all.
+    """
+    members: list[tarfile.TarInfo] = []
+    damaged = False
+    try:
+        with tarfile.open(fileobj=handle, mode="r|") as stream:
+            for member in stream:
+                if member.isfile():
+                    members.append(member)
+    except (tarfile.TarError, EOFError, OSError):
+        damaged = True
+    intact = [m for m in members if m.offset_data + m.size <= size]
+    damaged = damaged or len(intact) < len(members)
+    ranges: list[list[int]] = []
+    last_key = None
+    for member in intact:
+        parts = split_member(member.name)
+        if parts is None:
+            continue
+        if parts[0] != last_key:
+            ranges.append([member.offset, member.offset_data + member.size])
+            last_key = parts[0]
+        else:
+            ranges[-1][1] = member.offset_data + member.size
+    if damaged and not ranges:
+        raise OSError("not a readable tar file")
+    return np.asarray(ranges, dtype=np.int64).reshape(-1, 2), damaged

@@ -108,6 +108,16 @@ def read_bytes(target: str, start: int | None = None, end: int | None = None) ->
     return fs.cat_file(inner, start=start, end=end)
 
 
+def read_ranges(ranges: list[tuple[str, int, int]]) -> list[bytes | BaseException]:
+    """Bytes ``[start, end)`` of each ``(url, start, end)``: one ranged GET each, run concurrently by
+    the filesystem (all URLs of one scheme and store); a failed range maps to its exception."""
+    if not ranges:
+        return []
+    fs, _ = filesystem(ranges[0][0])
+    paths = [filesystem(url)[1] for url, _, _ in ranges]
+    return list(fs.cat_ranges(paths, [s for _, s, _ in ranges], [e for _, _, e in ranges], on_error="return"))
+
+
 def read_many(targets: list[str]) -> dict[str, bytes | BaseException]:
     """Whole files, fetched concurrently for URLs; a file that fails maps to its exception."""
     out: dict[str, bytes | BaseException] = {}

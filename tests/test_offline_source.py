@@ -233,3 +233,15 @@ def test_registry_builds_the_offline_source(tmp_path):
     assert source.next_batch().images.shape == (2, 1, S, S, 3)
     with pytest.raises(ValueError, match="unknown source 'nope'"):
         build_source("nope")
+
+
+def test_short_groups_and_mixed_inputs_are_refused_at_start(tmp_path):
+    write_generator_dir(tmp_path / "two", shards=1, per_shard=3, m=2)
+    write_generator_dir(tmp_path / "three", shards=1, per_shard=3, m=3)
+    with pytest.raises(ValueError, match=r"two stores 2 image\(s\) per group, fewer than draw_per_caption = 3"):
+        OfflineSource(str(tmp_path / "two"), captions_per_rank=2, draw_per_caption=3, num_workers=0)
+    both = [str(tmp_path / "two"), str(tmp_path / "three")]
+    with pytest.raises(ValueError, match=r"two has images per group 2, .*three has 3 \(pass --allow-mixed-data"):
+        OfflineSource(both, captions_per_rank=2, draw_per_caption=2, num_workers=0)
+    mixed = OfflineSource(both, captions_per_rank=6, draw_per_caption=2, num_workers=0, allow_mixed=True)
+    assert mixed.next_batch().images.shape == (6, 2, S, S, 3)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from protocol import storage
 from trainer.config import ConfigError, TrainConfig
 
 #: floats per (token x width x block) kept for backward in a pre-norm ViT block (attention + MLP)
@@ -32,7 +33,11 @@ def check_data_paths(cfg: TrainConfig) -> None:
         return
     found = False
     for entry in cfg.data.data:
-        path = Path(entry)
+        if storage.is_remote(entry):
+            check_remote_data(entry)
+            found = True
+            continue
+        path = Path(storage.local_path(entry) or entry)
         if not path.exists():
             raise ConfigError(f"config field data.data = {entry!r}: no such file or directory")
         if path.is_file() or any(p.is_file() for p in path.rglob("*")):
@@ -42,6 +47,33 @@ def check_data_paths(cfg: TrainConfig) -> None:
             f"config field data.data = {cfg.data.data!r}: empty, no shard files in it (write shards with "
             "`stablerep-generate ... --out DIR`)"
         )
+
+
+def check_remote_data(url: str) -> None:
+    """A ``--data`` URL is readable: its scheme has a filesystem, and its manifest (or first tar)
+    can be read. Raises ``ConfigError`` with one line naming the URL and the cause."""
+    import braceexpand
+
+    from protocol.shards import ShardLayoutError, read_manifest
+
+    field_name = f"config field data.data = {url!r}"
+    try:
+        if "{" in url or url.endswith(".tar"):
+            first = next(iter(braceexpand.braceexpand(url)))
+            if not storage.exists(first):
+                raise ConfigError(f"{field_name}: {first} not found")
+        elif read_manifest(url) is None:
+            bucket = "/".join(url.split("/")[:3])  # scheme://bucket
+            if not storage.exists(bucket):
+                raise ConfigError(f"{field_name}: bucket {bucket} not found")
+            raise ConfigError(f"{field_name}: no {storage.join(url, 'manifest.json')} (a shard set written by "
+                              "stablerep-generator --out URL; plain tars: give a brace pattern of .tar URLs)")
+    except ConfigError:
+        raise
+    except (storage.StorageError, ShardLayoutError) as exc:
+        raise ConfigError(f"{field_name}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - missing bucket, credentials, unreachable endpoint: one line
+        raise ConfigError(f"{field_name}: {storage.describe_failure(exc)}") from None
 
 
 @dataclass(frozen=True)

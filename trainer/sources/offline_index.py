@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from protocol import storage
-from protocol.shards import ShardIndex, ShardLayoutError, index_name, split_member
+from protocol.shards import ShardIndex, ShardLayoutError, index_name, scan_ranges, split_member
 from trainer.sources.offline_layout import (
     OfficialTable,
     Part,
@@ -85,8 +85,6 @@ class SampleIndex:
 
 def _scan_tar(path: str, size: int) -> tuple[np.ndarray, bool]:
     """Byte ranges ``[start, end)`` of the samples of a tar (header scan) and whether it is damaged."""
-    members: list[tarfile.TarInfo] = []
-    damaged = False
     local = storage.local_path(path)
     if local is not None:
         handle = open(local, "rb")
@@ -95,28 +93,9 @@ def _scan_tar(path: str, size: int) -> tuple[np.ndarray, bool]:
         handle = fs.open(inner, "rb", block_size=8 << 20)
     with handle:
         try:
-            with tarfile.open(fileobj=handle, mode="r|") as stream:
-                for member in stream:
-                    if member.isfile():
-                        members.append(member)
-        except (tarfile.TarError, EOFError, OSError):
-            damaged = True
-    intact = [m for m in members if m.offset_data + m.size <= size]
-    damaged = damaged or len(intact) < len(members)
-    ranges: list[list[int]] = []
-    last_key = None
-    for member in intact:
-        parts = split_member(member.name)
-        if parts is None:
-            continue
-        if parts[0] != last_key:
-            ranges.append([member.offset, member.offset_data + member.size])
-            last_key = parts[0]
-        else:
-            ranges[-1][1] = member.offset_data + member.size
-    if damaged and not ranges:
-        raise OSError(f"{path}: not a readable tar file")
-    return np.asarray(ranges, dtype=np.int64).reshape(-1, 2), damaged
+            return scan_ranges(handle, size)
+        except OSError as exc:
+            raise OSError(f"{path}: {exc}") from None
 
 
 def cache_name(path: str) -> str:

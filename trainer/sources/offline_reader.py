@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS
+from protocol import storage
 from protocol.storage import StorageError
 from trainer.images import decode_image
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
-from trainer.sources.offline_index import SampleIndex, read_tar_sample
-from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, describe, part_namespace
+from trainer.sources.offline_index import SampleIndex, parse_sample, read_tar_sample
+from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe, part_namespace
 
 log = logging.getLogger("trainer.sources.offline")
 
@@ -155,16 +156,46 @@ class WorkerItem:
     short: bool = False
 
 
-def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequence[OfficialTable]) -> RawSample:
-    """Global sample ``g`` as a :class:`RawSample` (one ``pread`` for a tar sample)."""
+def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequence[OfficialTable],
+               fetched: bytes | BaseException | None = None) -> RawSample:
+    """Global sample ``g`` as a :class:`RawSample` (one ``pread`` for a tar sample, or its bytes
+    ``fetched`` already, see :func:`fetch_remote`)."""
     p, k = index.locate(g)
     part = parts[p]
     if isinstance(part, RowsPart):
         row = part.start + k
         return official_samples(RowsPart(part.table, row, row + 1), tables[part.table])[0]
     start, end = index.byte_range(g)
-    key, files = read_tar_sample(part.path, int(start), int(end))
+    if fetched is None:
+        key, files = read_tar_sample(part.path, int(start), int(end))
+    elif isinstance(fetched, BaseException):
+        raise fetched
+    elif len(fetched) != end - start:
+        raise OSError(f"{part.path}: sample at byte {start} is truncated ({len(fetched)} of {end - start} bytes)")
+    else:
+        key, files = parse_sample(fetched)
     return RawSample(key, files)
+
+
+#: Remote samples a worker fetches at once (one ranged GET each, concurrently): an object store's
+#: latency is paid once per chunk, not once per group.
+FETCH_AHEAD = 32
+
+
+def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Part]) -> dict[int, bytes | BaseException]:
+    """The bytes of the tar samples among ``samples`` that live in an object store, fetched concurrently."""
+    wanted = []
+    for g in samples:
+        part = parts[index.locate(g)[0]]
+        if isinstance(part, TarPart) and storage.is_remote(part.path):
+            wanted.append((g, part.path, *index.byte_range(g)))
+    if not wanted:
+        return {}
+    try:
+        found = storage.read_ranges([(path, start, end) for _, path, start, end in wanted])
+    except Exception as exc:  # noqa: BLE001 - the store failed as a whole: every sample of the chunk reports it
+        return {g: exc for g, *_ in wanted}
+    return {g: data for (g, *_), data in zip(wanted, found)}
 
 
 def iterate_samples(
@@ -183,12 +214,16 @@ def iterate_samples(
     is logged and sent as ``group=None``, so the main process counts every position it was given)."""
     namespaced = needs_namespacing(part_namespace(p, tables) for p in parts)
     warned_short = False
-    for g in samples.tolist():
+    order = samples.tolist()
+    fetched: dict[int, bytes | BaseException] = {}
+    for i, g in enumerate(order):
+        if i % FETCH_AHEAD == 0:
+            fetched = fetch_remote(order[i : i + FETCH_AHEAD], index, parts)
         part = parts[index.locate(g)[0]]
         rng = np.random.default_rng([seed, epoch, g, 1])
         try:
             try:
-                sample = raw_sample(g, index, parts, tables)
+                sample = raw_sample(g, index, parts, tables, fetched.pop(g, None))
             except (OSError, tarfile.TarError, StorageError) as exc:
                 raise CorruptSample(f"sample {g}: {type(exc).__name__}: {exc}") from exc
             group = decode_sample(sample, n, image_size, rng, part_namespace(part, tables) if namespaced else None)

@@ -1,0 +1,115 @@
+"""Shard sets in an object store: the generator's ShardWriter writes s3:// (index, shard, then the
+manifest as commit point), the trainer reads it with one ranged GET per group, an unindexed tar in a
+bucket is scanned once and cached beside it, and bad URLs are one line with exit 2 before any model
+is built. The store is moto's real S3 server on 127.0.0.1, started by the test (tests/s3_server.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import boto3
+import pytest
+
+from protocol import storage
+from protocol.shards import MANIFEST_NAME, Manifest, ShardIndex
+from tests.s3_server import forget_s3_clients, s3_server
+from tests.test_offline_source import S, add_member, encode, read_groups, write_generator_dir
+from tests.train_helpers import free_port
+from trainer.sources.offline import OfflineSource
+from trainer.sources.offline_index import count_groups
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    with s3_server(monkeypatch, buckets=("bucket", "plain")) as url:
+        yield url
+
+
+def keys(bucket: str, prefix: str = "") -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def test_writer_and_reader_through_a_bucket(endpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would show up here as a folder "s3:"
+    ids = write_generator_dir("s3://bucket/run/shards", shards=3, per_shard=4, m=2)
+    assert not (tmp_path / "s3:").exists()
+    assert keys("bucket") == sorted([f"run/shards/{MANIFEST_NAME}"] + [
+        f"run/shards/shard-{k:06d}.tar{ext}" for k in range(3) for ext in ("", ".idx")])
+    index = ShardIndex.from_bytes(storage.read_bytes("s3://bucket/run/shards/shard-000001.tar.idx"), "idx")
+    assert index.count == 4 and index.identity == ""
+
+    source = OfflineSource("s3://bucket/run/shards", captions_per_rank=4, draw_per_caption=2, num_workers=2, seed=3)
+    assert source.image_size == S and count_groups("s3://bucket/run/shards") == 12
+    assert sorted(read_groups(source, 3)) == ids  # every group once per epoch, workers reading ranged GETs
+    assert sorted(read_groups(source, 3)) == ids
+    source.close()
+
+    # A writer killed after uploading shard 2 but before listing it: the rerun adopts it, no duplicates.
+    manifest = Manifest.from_dict(json.loads(storage.read_bytes("s3://bucket/run/shards/manifest.json")), "m")
+    manifest.shards = manifest.shards[:2]
+    storage.write_bytes("s3://bucket/run/shards/manifest.json", json.dumps(manifest.to_dict()).encode())
+    write_generator_dir("s3://bucket/run/shards", shards=3, per_shard=4, m=2)
+    manifest = Manifest.from_dict(json.loads(storage.read_bytes("s3://bucket/run/shards/manifest.json")), "m")
+    assert [s.name for s in manifest.shards] == [f"shard-{k:06d}.tar" for k in range(3)]
+    assert sorted(c for s in manifest.shards for c in s.caption_ids) == ids
+
+
+def test_unindexed_tars_in_a_bucket_are_scanned_once(endpoint, tmp_path, caplog):
+    client = boto3.client("s3")
+    for s in range(2):
+        local = tmp_path / f"{s:05d}.tar"
+        with tarfile.open(local, "w") as archive:
+            for k in range(3):
+                add_member(archive, f"{s:05d}{k:04d}.png", encode(50 + k))
+                add_member(archive, f"{s:05d}{k:04d}.txt", b"a photo")
+        client.upload_file(str(local), "plain", f"wds/{s:05d}.tar")
+    url = "s3://plain/wds/{00000..00001}.tar"
+    source = OfflineSource(url, captions_per_rank=6, draw_per_caption=1, num_workers=0, image_size=S)
+    assert source.next_batch().images.shape == (6, 1, S, S, 3)
+    cache = ShardIndex.from_bytes(storage.read_bytes("s3://plain/wds/00000.tar.idx"), "cache")
+    assert cache.identity.startswith("etag:") and cache.count == 3
+    # the tar is replaced in the store (new ETag): the cache is refused, named, and rebuilt
+    client.upload_file(str(tmp_path / "00001.tar"), "plain", "wds/00000.tar")
+    forget_s3_clients()
+    OfflineSource(url, captions_per_rank=6, draw_per_caption=1, num_workers=0, image_size=S)
+    assert "wds/00000.tar.idx: cached for etag:" in caplog.text
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_bad_urls_are_one_line_and_exit_2_before_any_model(endpoint, tmp_path):
+    env = dict(os.environ)
+    train = [str(BIN / "stablerep-train"), "--preset", "cpu_small", "--source", "offline", "--steps", "1",
+             "--output", str(tmp_path / "run"), "--no-progress", "--data"]
+    cases = {
+        "missing bucket": (["s3://no-such-bucket/shards"], env, "bucket s3://no-such-bucket not found"),
+        "unknown scheme": (["nosuch://bucket/shards"], env, "unknown URL scheme nosuch://"),
+        "unreachable endpoint": (["s3://bucket/shards"], dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}"),
+                                 "endpoint unreachable"),
+        "no credentials": (["s3://bucket/shards"], {k: v for k, v in env.items() if k not in (
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} | {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                                                            "AWS_CONFIG_FILE": str(tmp_path / "none")}, "credentials"),
+    }
+    for name, (data, case_env, expected) in cases.items():
+        proc = run_cli(train + data, case_env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0] and data[0] in lines[0], (name, proc.stderr)
+        assert not (tmp_path / "run" / "backbone.safetensors").exists()
+    (tmp_path / "c.txt").write_text("a red circle\n")
+    proc = subprocess.run([str(BIN / "stablerep-generator"), "--captions", str(tmp_path / "c.txt"), "--backend",
+                           "procedural", "--gpus", "cpu:1", "--out", "nosuch://bucket/shards"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown URL scheme nosuch://" in proc.stderr, proc.stderr
+    assert not (tmp_path / "nosuch:").exists()
