@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         flops,
         generator_bench,
         generator_sweep,
+        offline_bench,
         online_bench,
         plan,
         trainer_bench,
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     online = sub.add_parser("online", help="generator services + trainer in one run: stall, idle, reuse, eviction")
     online_bench.add_arguments(online)
     online.set_defaults(func=_stage("online", "online_bench"))
+    offline = sub.add_parser("offline", help="offline source start-up and index memory at 2k/100k/1M groups; groups/s "
+                                             "per worker from disk and a local S3 server vs plain webdataset")
+    offline_bench.add_arguments(offline)
+    offline.set_defaults(func=_stage("offline", "offline_bench", unit="groups/s"))
     drill = sub.add_parser("drills", help="a good client's groups/s before, during and after each attack on a service")
     drills.add_arguments(drill)
     drill.set_defaults(func=_stage("drills", "drills", unit="good client groups/s during the attack"))

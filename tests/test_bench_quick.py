@@ -41,3 +41,12 @@ def test_buffer_rejects_draws_beyond_the_group():
 
     with pytest.raises(ValueError, match="--draw-per-caption 6 exceeds --images-per-group 4"):
         run_buffer_bench(draw_per_caption=6, images_per_group=4, device="cpu")
+
+
+def test_offline_quick(tmp_path):
+    assert main(["offline", "--quick", "--no-s3", "--scan", "--output", str(tmp_path)]) == 0
+    r = _results(tmp_path, "offline")
+    small, large = r["sizes"]["200"], r["sizes"]["2000"]
+    assert small["groups"] == 200 and large["groups"] == 2000
+    assert large["index_bytes_per_group"] <= 24 and "us_per_group" in large and large["first_start_unindexed_s"] > 0
+    assert r["groups_per_s_one_process"]["reader_local"] > 0 and r["groups_per_s_one_process"]["webdataset_local"] > 0
