@@ -122,7 +122,9 @@ class ShardRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> "ShardRecord":
+    def from_dict(cls, data: Any, where: str, with_ids: bool = True) -> "ShardRecord":
+        """``with_ids=False`` leaves ``caption_ids`` / ``group_ids`` empty (a reader needs only the
+        counts; converting the ids is most of the cost of reading a large manifest)."""
         if not isinstance(data, dict) or not isinstance(data.get("name"), str) or shard_index(data["name"]) is None:
             raise ShardLayoutError(f"{where}: not a shard entry with a 'shard-NNNNNN.tar' name")
         try:
@@ -130,8 +132,8 @@ class ShardRecord:
                 name=data["name"],
                 groups=int(data["groups"]),
                 images=int(data["images"]),
-                caption_ids=[int(c) for c in data.get("caption_ids", [])],
-                group_ids=[str(g) for g in data.get("group_ids", [])],
+                caption_ids=[int(c) for c in data.get("caption_ids", [])] if with_ids else [],
+                group_ids=[str(g) for g in data.get("group_ids", [])] if with_ids else [],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ShardLayoutError(f"{where}: bad shard entry ({type(exc).__name__}: {exc})") from None
@@ -176,7 +178,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> "Manifest":
+    def from_dict(cls, data: Any, where: str, with_ids: bool = True) -> "Manifest":
         if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
             raise ShardLayoutError(f"{where}: expected an object with a 'shards' list")
         version = data.get("version")
@@ -184,7 +186,8 @@ class Manifest:
             raise ShardLayoutError(
                 f"{where}: unsupported manifest version {version!r} (readable: {list(READABLE_MANIFEST_VERSIONS)})"
             )
-        shards = [ShardRecord.from_dict(entry, f"{where}: shards[{i}]") for i, entry in enumerate(data["shards"])]
+        shards = [ShardRecord.from_dict(entry, f"{where}: shards[{i}]", with_ids)
+                  for i, entry in enumerate(data["shards"])]
         fingerprint = data.get("fingerprint")
         if not isinstance(fingerprint, str):
             raise ShardLayoutError(f"{where}: 'fingerprint' must be a string, got {type(fingerprint).__name__}")
@@ -204,7 +207,7 @@ class Manifest:
         return cls(info, fingerprint, shards, config, run, version=version)
 
 
-def read_manifest(directory: str | Path) -> Manifest | None:
+def read_manifest(directory: str | Path, with_ids: bool = True) -> Manifest | None:
     """The manifest of ``directory`` (a local path or a URL, :mod:`protocol.storage`), or ``None``
     when it has none.
 
@@ -226,7 +229,7 @@ def read_manifest(directory: str | Path) -> Manifest | None:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardLayoutError(f"{where}: cannot read the shard manifest ({exc})") from None
-    return Manifest.from_dict(data, where)
+    return Manifest.from_dict(data, where, with_ids)
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:

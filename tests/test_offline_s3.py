@@ -14,6 +14,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from generator_service.config import GeneratorConfig
+from generator_service.shards import ShardWriter
 from protocol import storage
 from protocol.shards import MANIFEST_NAME, Manifest, ShardIndex
 from tests.s3_server import forget_s3_clients, s3_server
@@ -58,10 +60,19 @@ def test_writer_and_reader_through_a_bucket(endpoint, tmp_path, monkeypatch):
     manifest = Manifest.from_dict(json.loads(storage.read_bytes("s3://bucket/run/shards/manifest.json")), "m")
     manifest.shards = manifest.shards[:2]
     storage.write_bytes("s3://bucket/run/shards/manifest.json", json.dumps(manifest.to_dict()).encode())
-    write_generator_dir("s3://bucket/run/shards", shards=3, per_shard=4, m=2)
+    with ShardWriter("s3://bucket/run/shards", GeneratorConfig(backend="procedural", images_per_group=2, save_size=S),
+                     shard_size=4) as writer:
+        assert len(writer.done_group_ids) == 12  # adopted at open: nothing left to write
+        assert writer.groups_written == 0
     manifest = Manifest.from_dict(json.loads(storage.read_bytes("s3://bucket/run/shards/manifest.json")), "m")
     assert [s.name for s in manifest.shards] == [f"shard-{k:06d}.tar" for k in range(3)]
     assert sorted(c for s in manifest.shards for c in s.caption_ids) == ids
+
+    # a shard deleted from the store mid-run: its groups are counted and skipped, training goes on
+    source = OfflineSource("s3://bucket/run/shards", captions_per_rank=4, draw_per_caption=2, num_workers=0, seed=3)
+    boto3.client("s3").delete_object(Bucket="bucket", Key="run/shards/shard-000002.tar")
+    assert len(read_groups(source, 4)) == 16
+    assert source.stats()["skipped_corrupt"] >= 4
 
 
 def test_unindexed_tars_in_a_bucket_are_scanned_once(endpoint, tmp_path, caplog):

@@ -57,6 +57,16 @@ def test_torchrun_two_cpu_ranks_share_one_group_and_one_run_directory(shards, tm
     assert find_checkpoint("auto", out) is not None and (out / "curve.png").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one run directory
 
+    # The 2-rank run resumes on 1 rank: it continues the global sample stream after the 3 x 8 groups
+    # both ranks read (not from the epoch's start), and its checkpoint says so.
+    proc = subprocess.run([str(BIN / "stablerep-train"), *tiny(shards, out, 5, "--resume", "auto")],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restarts" not in proc.stdout + proc.stderr
+    state = json.loads((out / "checkpoints" / "last" / "source_state_0.json").read_text())
+    assert state["basis"] == {"start": 24, "skip": [], "world_size": 1} and state["consumed"] == 2 * 8
+    assert not (out / "checkpoints" / "last" / "source_state_1.json").exists()
+
 
 def test_accelerate_cpu_launcher_with_several_processes_is_refused(shards, tmp_path):
     proc = subprocess.run(
@@ -125,3 +135,15 @@ def test_print_config_of_a_preset_needs_no_endpoint(capsys):
     assert cli.main(["--preset", "cpu_small", "--print-config"]) == 0
     captured = capsys.readouterr()
     assert "depth: 4" in captured.out and "not runnable as is" in captured.err
+
+
+def test_short_groups_and_mixed_shard_sets_are_refused_before_the_run_starts(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main([*tiny(shards, run, 2), "--draw-per-caption", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "stores 4 image(s) per group, fewer than draw_per_caption = 5" in err[0]
+    small = write_shards(tmp_path / "small", num_captions=8, m=4, size=16, groups_per_shard=8)
+    code = cli.main([*tiny(shards, run, 2), "--data", str(shards), str(small)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{shards} has image size 32, {small} has 16" in err[0]
+    assert "--allow-mixed-data" in err[0] and not run.exists()  # nothing written

@@ -47,6 +47,13 @@ def check_data_paths(cfg: TrainConfig) -> None:
             f"config field data.data = {cfg.data.data!r}: empty, no shard files in it (write shards with "
             "`stablerep-generate ... --out DIR`)"
         )
+    from trainer.sources.offline_layout import check_uniform, manifest_inputs
+
+    try:
+        inputs = manifest_inputs(cfg.data.data)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"config field data.data = {cfg.data.data!r}: {exc}") from None
+    check_uniform(inputs, cfg.data.draw_per_caption, cfg.data.allow_mixed)
 
 
 def check_remote_data(url: str) -> None:

@@ -26,6 +26,7 @@ import braceexpand
 from protocol import storage
 from protocol.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from protocol.shards import MANIFEST_NAME, ShardLayoutError, read_manifest
+from trainer.config import ConfigError
 from trainer.sources.caption_ids import file_digest, text_digest
 
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS)
@@ -84,13 +85,13 @@ def check_uniform(inputs: Sequence[InputInfo], draw_per_caption: int, allow_mixe
     """Refuse what would silently change what is trained.
 
     Raises:
-        ValueError: an input stores fewer images per group than ``draw_per_caption`` (every group
+        ConfigError: an input stores fewer images per group than ``draw_per_caption`` (every group
             would pair an image with itself), or, unless ``allow_mixed``, two inputs differ in image
             size or images per group (both named, with their values).
     """
     for info in inputs:
         if info.images_per_group is not None and info.images_per_group < draw_per_caption:
-            raise ValueError(f"{info.name} stores {info.images_per_group} image(s) per group, fewer than "
+            raise ConfigError(f"{info.name} stores {info.images_per_group} image(s) per group, fewer than "
                              f"draw_per_caption = {draw_per_caption} (a group cannot give that many distinct images)")
     if allow_mixed:
         return
@@ -98,7 +99,7 @@ def check_uniform(inputs: Sequence[InputInfo], draw_per_caption: int, allow_mixe
         known = [(info.name, getattr(info, field_name)) for info in inputs if getattr(info, field_name) is not None]
         for name, value in known[1:]:
             if value != known[0][1]:
-                raise ValueError(f"mixed offline inputs: {known[0][0]} has {label} {known[0][1]}, {name} has {value} "
+                raise ConfigError(f"mixed offline inputs: {known[0][0]} has {label} {known[0][1]}, {name} has {value} "
                                  f"(pass --allow-mixed-data to train on both)")
 
 
@@ -139,7 +140,7 @@ def manifest_parts(directory: str | Path) -> tuple[list[TarPart], InputInfo]:
     counted and skipped when the index is built (it may vanish mid-run too)."""
     directory = os.fspath(directory)
     try:
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory, with_ids=False)
     except ShardLayoutError as exc:
         raise ValueError(str(exc)) from None
     if manifest is None:
@@ -156,6 +157,20 @@ def manifest_parts(directory: str | Path) -> tuple[list[TarPart], InputInfo]:
     if per_group is None and isinstance(manifest.run.get("images_per_group"), int):
         per_group = manifest.run["images_per_group"]
     return parts, InputInfo(directory, manifest.save_size, per_group)
+
+
+def manifest_inputs(entries: Sequence[str]) -> list[InputInfo]:
+    """What the manifests among ``--data`` entries (shard folders or URLs) say about their groups."""
+    out = []
+    for entry in entries:
+        text = os.fspath(entry)
+        if "{" in text or text.endswith((".tar", ".csv")):
+            continue
+        local = storage.local_path(text)
+        if local is not None and not (Path(local) / MANIFEST_NAME).is_file():
+            continue
+        out.append(manifest_parts(local if local is not None else text)[1])
+    return out
 
 
 def _expand_tars(pattern: str) -> list[TarPart]:

@@ -168,8 +168,8 @@ def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequen
     start, end = index.byte_range(g)
     if fetched is None:
         key, files = read_tar_sample(part.path, int(start), int(end))
-    elif isinstance(fetched, BaseException):
-        raise fetched
+    elif isinstance(fetched, BaseException):  # deleted or unreadable in the store: counted and skipped
+        raise OSError(f"{part.path}: {storage.describe_failure(fetched)}")
     elif len(fetched) != end - start:
         raise OSError(f"{part.path}: sample at byte {start} is truncated ({len(fetched)} of {end - start} bytes)")
     else:
