@@ -212,11 +212,16 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
             point: dict[str, Any] = {"startup_s": seconds, "groups": count, "index_bytes": nbytes,
                                      "index_bytes_per_group": nbytes / count, "image_data": not index_only}
             if args.scan and not index_only:
-                for idx in data.glob("*.idx"):
-                    idx.unlink()
+                bare = root / f"unindexed-{n}"  # the same tars without their indexes, as img2dataset leaves them
+                shutil.rmtree(bare, ignore_errors=True)
+                bare.mkdir()
+                for tar in data.glob("shard-*.tar"):
+                    os.link(tar, bare / tar.name)
+                pattern = str(bare / f"shard-{{{0:06d}..{len(list(bare.iterdir())) - 1:06d}}}.tar")
                 start = time.perf_counter()
-                time_startup(str(data), m, 1)  # scans every tar once, caches the result beside it
+                time_startup(pattern, m, 1)  # scans every tar once, caches the result beside it
                 point["first_start_unindexed_s"] = time.perf_counter() - start
+                shutil.rmtree(bare)
             results["sizes"][str(n)] = point
         base = str(sizes[0])
         for n in sizes[1:]:
