@@ -342,15 +342,18 @@ def test_fewer_shards_than_ranks_no_rank_starves(tmp_path):
     from trainer.sources.offline import OfflineSource
 
     one_shard = write_shards(tmp_path / "one", num_captions=10, m=1, size=8, groups_per_shard=10)
-    per_rank = []
+    per_rank, epoch0 = [], []
     for rank in range(4):
         source = OfflineSource([str(one_shard)], captions_per_rank=3, draw_per_caption=1, num_workers=0, rank=rank,
                                world_size=4)
-        per_rank.append(source.next_batch().caption_ids.tolist())
-        assert source.stats()["epochs_completed"] == 0    # 3 of its ceil(10 / 4) = 3 groups this epoch
-    # DistributedSampler rule: 10 samples padded to 12 by wrapping, rank r takes r::4
-    assert sorted(set(c for ids in per_rank for c in ids)) == list(range(10))
-    assert sum(len(ids) for ids in per_rank) == 12
+        ids = source.next_batch().caption_ids.tolist()
+        per_rank.append(ids)
+        epoch0 += [c for c, epoch in zip(ids, source.batch_epochs) if epoch == 0]
+    # Every rank gets a whole batch. Unlike DistributedSampler (which pads 10 samples to 12 by repeating
+    # two), the epochs form one stream: the 10 groups of epoch 0 are read once each over the 4 ranks, and
+    # ranks 2 and 3 complete their batch from epoch 1.
+    assert all(len(ids) == 3 for ids in per_rank)
+    assert sorted(epoch0) == list(range(10))
 
 
 # ----- 8. official folder names: an explicit folder list with any names ---------------------------------

@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,7 @@ from tests.test_offline_source import write_generator_dir
 from tests.train_helpers import free_port
 from trainer.checkpoint import load_source_state
 from trainer.sources.offline import OfflineSource
+from trainer.sources.offline_stream import StreamBasis, merge_progress
 
 G = 3  # groups per rank per batch before the stop
 
@@ -97,3 +99,34 @@ def test_a_state_of_another_data_set_or_seed_is_refused(tmp_path):
         reseeded.load_state_dict(state)
     with pytest.raises(ValueError, match="older layout-dependent version"):
         reseeded.load_state_dict({"epoch": 0, "positions": {}})
+
+
+def _rank_stream(basis: StreamBasis, rank: int, num_samples: int, count: int) -> list[int]:
+    """The first ``count`` stream positions rank ``rank`` reads under ``basis``."""
+    out: list[int] = []
+    epoch = basis.first_epoch(num_samples)
+    while len(out) < count:
+        out += basis.rank_positions(epoch, num_samples, rank).tolist()
+        epoch += 1
+    return out[:count]
+
+
+def test_merged_progress_reads_every_position_once_over_chained_resumes():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        N = int(rng.integers(5, 40))
+        basis, read = StreamBasis(0, world_size=int(rng.integers(1, 5))), []
+        for _ in range(3):  # three stops and resumes, each on a new layout
+            W = basis.world_size
+            base = int(rng.integers(0, 2 * N // W + 1))
+            consumed = [base + int(rng.integers(0, 3)) for _ in range(W)]  # ranks that skipped corrupt groups read more
+            for r in range(W):
+                read += _rank_stream(basis, r, N, consumed[r])
+            basis = merge_progress(basis, consumed, int(rng.integers(1, 5)))
+            assert all(t not in read for t in range(basis.start, basis.start + 3 * N) if t not in set(basis.skip))
+            assert set(basis.skip) <= set(read) and all(t in read for t in range(basis.start))
+        assert len(read) == len(set(read))  # no stream position read twice
+        horizon = max(read) + 1
+        final = [t for r in range(basis.world_size) for t in _rank_stream(basis, r, N, horizon)]
+        covered = sorted(set(read) | {t for t in final if t < horizon})
+        assert covered == list(range(horizon)) and not set(read) & {t for t in final if t < horizon}
