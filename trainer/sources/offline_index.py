@@ -114,27 +114,47 @@ class _IndexLoader:
 
     def __init__(self, index_cache: str | None) -> None:
         self.index_cache = index_cache
-        self._listings: dict[str, dict[str, tuple[int, str]]] = {}
+        self._listings: dict[str, dict[str, tuple[int, str]] | None] = {}
         self._cache_warned = False
 
-    def listing(self, directory: str) -> dict[str, tuple[int, str]]:
+    def listing(self, directory: str) -> dict[str, tuple[int, str]] | None:
+        """Files of ``directory`` (one LIST per folder), or ``None`` where the store cannot list
+        (e.g. plain http): then each file is asked for on its own."""
         if directory not in self._listings:
-            self._listings[directory] = storage.list_names(directory)
+            try:
+                self._listings[directory] = storage.list_names(directory)
+            except Exception as exc:  # noqa: BLE001 - no listing: fall back to one request per file
+                log.debug("cannot list %s (%s): asking for each file", directory, exc)
+                self._listings[directory] = None
         return self._listings[directory]
+
+    def _identity(self, path: str) -> tuple[int, str] | None:
+        entries = self.listing(_parent(path))
+        if entries:
+            return entries.get(os.path.basename(path))
+        try:
+            return storage.file_identity(path)
+        except Exception:  # noqa: BLE001 - missing or unreachable: counted as an unreadable shard
+            return None
+
+    def _has(self, directory: str, name: str) -> bool:
+        """Whether ``directory/name`` may exist (always worth a try where the folder cannot be listed)."""
+        entries = self.listing(directory)
+        return not entries or name in entries
 
     def load(self, paths: list[str]) -> dict[str, ShardIndex | BaseException]:
         """The index of every tar in ``paths`` (an exception where the tar cannot be read)."""
         identities: dict[str, tuple[int, str]] = {}
         candidates: dict[str, list[str]] = {}
         for path in paths:
-            found = self.listing(_parent(path)).get(os.path.basename(path))
+            found = self._identity(path)
             if found is None:
                 continue
             identities[path] = found
             options = []
-            if self.index_cache and cache_name(path) in self.listing(self.index_cache):
+            if self.index_cache and self._has(self.index_cache, cache_name(path)):
                 options.append(storage.join(self.index_cache, cache_name(path)))
-            if index_name(os.path.basename(path)) in self.listing(_parent(path)):
+            if self._has(_parent(path), index_name(os.path.basename(path))):
                 options.append(path + ".idx")
             candidates[path] = options
         blobs = storage.read_many([c for options in candidates.values() for c in options])
@@ -147,8 +167,10 @@ class _IndexLoader:
             for candidate in candidates[path]:
                 problem = ""
                 blob = blobs.get(candidate)
-                if isinstance(blob, BaseException) or blob is None:
-                    problem = f"unreadable ({blob})"
+                if isinstance(blob, FileNotFoundError) or blob is None:
+                    continue  # no index there (a folder that could not be listed)
+                if isinstance(blob, BaseException):
+                    problem = f"{candidate}: unreadable ({type(blob).__name__}: {blob})"
                 else:
                     try:
                         index = ShardIndex.from_bytes(bytes(blob), candidate)
