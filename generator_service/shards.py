@@ -169,8 +169,13 @@ class ShardWriter:
             self._load()
         except BaseException:
             self._release_lock()
+            self._remove_staging()
             raise
         return self
+
+    def _remove_staging(self) -> None:
+        if self.remote and self.out_dir.name.startswith("stablerep-shards-"):
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def _load(self) -> None:
         try:
@@ -262,8 +267,7 @@ class ShardWriter:
             self.flush()
         finally:
             self._release_lock()
-            if self.remote and self.out_dir.name.startswith("stablerep-shards-"):
-                shutil.rmtree(self.out_dir, ignore_errors=True)
+            self._remove_staging()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -5,7 +5,6 @@ is built. The store is moto's real S3 server on 127.0.0.1, started by the test (
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -96,31 +95,33 @@ def test_unindexed_tars_in_a_bucket_are_scanned_once(endpoint, tmp_path, caplog)
     assert "wds/00000.tar.idx: cached for etag:" in caplog.text
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+def test_bad_urls_are_one_line_and_exit_2_before_any_model(endpoint, tmp_path, monkeypatch, capsys):
+    from trainer import cli
 
-
-def test_bad_urls_are_one_line_and_exit_2_before_any_model(endpoint, tmp_path):
-    env = dict(os.environ)
-    train = [str(BIN / "stablerep-train"), "--preset", "cpu_small", "--source", "offline", "--steps", "1",
-             "--output", str(tmp_path / "run"), "--no-progress", "--data"]
+    train = ["--preset", "cpu_small", "--source", "offline", "--steps", "1", "--output", str(tmp_path / "run"),
+             "--no-progress", "--data"]
+    no_credentials = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                      "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
     cases = {
-        "missing bucket": (["s3://no-such-bucket/shards"], env, "bucket s3://no-such-bucket not found"),
-        "unknown scheme": (["nosuch://bucket/shards"], env, "unknown URL scheme nosuch://"),
-        "unreachable endpoint": (["s3://bucket/shards"], dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}"),
+        "missing bucket": ("s3://no-such-bucket/shards", {}, "bucket s3://no-such-bucket not found"),
+        "unknown scheme": ("nosuch://bucket/shards", {}, "unknown URL scheme nosuch://"),
+        "unreachable endpoint": ("s3://bucket/shards", {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
                                  "endpoint unreachable"),
-        "no credentials": (["s3://bucket/shards"], {k: v for k, v in env.items() if k not in (
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} | {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                                                            "AWS_CONFIG_FILE": str(tmp_path / "none")}, "credentials"),
+        "no credentials": ("s3://bucket/shards", no_credentials, "credentials"),
     }
-    for name, (data, case_env, expected) in cases.items():
-        proc = run_cli(train + data, case_env)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0] and data[0] in lines[0], (name, proc.stderr)
-        assert not (tmp_path / "run" / "backbone.safetensors").exists()
+    for name, (url, env, expected) in cases.items():
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.delenv(key) if value is None else patch.setenv(key, value)
+            forget_s3_clients()
+            code = cli.main([*train, url])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0] and url in lines[0], (name, lines)
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+    forget_s3_clients()
     (tmp_path / "c.txt").write_text("a red circle\n")
     proc = subprocess.run([str(BIN / "stablerep-generator"), "--captions", str(tmp_path / "c.txt"), "--backend",
                            "procedural", "--gpus", "cpu:1", "--out", "nosuch://bucket/shards"],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown URL scheme nosuch://" in proc.stderr, proc.stderr
     assert not (tmp_path / "nosuch:").exists()
