@@ -125,3 +125,18 @@ def test_bad_urls_are_one_line_and_exit_2_before_any_model(endpoint, tmp_path, m
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown URL scheme nosuch://" in proc.stderr, proc.stderr
     assert not (tmp_path / "nosuch:").exists()
+
+
+def test_generator_cli_writes_a_bucket(endpoint, tmp_path):
+    captions = tmp_path / "captions.txt"
+    subprocess.run([str(BIN / "stablerep-generator"), "captions", "--n", "6", "--out", str(captions)], check=True,
+                   capture_output=True, timeout=120)
+    proc = subprocess.run([str(BIN / "stablerep-generator"), "--captions", str(captions), "--backend", "procedural",
+                           "--gpus", "cpu:1", "--images-per-group", "2", "--save-size", "16", "--shard-size", "4",
+                           "--no-progress", "--out", "s3://bucket/cli/shards"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "s3:").exists()  # nothing written to a local folder named after the URL
+    assert {"cli/shards/manifest.json", "cli/shards/shard-000001.tar", "cli/shards/shard-000001.tar.idx"} <= set(
+        keys("bucket", "cli/"))
+    assert count_groups("s3://bucket/cli/shards") == 6
