@@ -112,6 +112,7 @@ def test_plain_status_lines_reach_a_pipe_while_training_and_sigint_exits_130_wit
 def test_paper_scale_on_cpu_stops_at_once_pointing_to_the_small_presets(shards, tmp_path, capsys):
     code = cli.main(["--preset", "paper_vitb16_cc12m_1x", "--source", "offline", "--data", str(shards),
                      "--dataset-captions", "10000000",  # the paper's epoch (the 32 shard groups hold no full step)
+                     "--draw-per-caption", "4",  # the shards hold 4 images per group (the preset draws 6)
                      "--output", str(tmp_path / "run"), "--cpu", "--log-with"])
     err = capsys.readouterr().err
     assert code == 2
