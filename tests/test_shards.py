@@ -13,6 +13,7 @@ from PIL import Image
 from generator_service.config import GeneratorConfig
 from generator_service.shards import MANIFEST_NAME, ShardError, ShardWriter, read_manifest, temp_name
 from protocol import Group
+from protocol.shards import ShardIndex, index_name, scan_ranges
 
 CONFIG = GeneratorConfig(backend="procedural", images_per_group=3, save_size=8)
 FINGERPRINT = CONFIG.fingerprint()
@@ -103,6 +104,11 @@ def test_resume_recovers_the_complete_groups_of_the_open_shard_and_drops_a_torn_
     samples = list(wds.WebDataset([str(tmp_path / s.name) for s in manifest.shards], shardshuffle=False))
     assert sorted(json.loads(s["json"])["caption_id"] for s in samples) == list(range(8))
     assert all(len([k for k in s if k.endswith("png")]) == 3 for s in samples)
+    # the recovered shard got its sample index too: the same ranges a scan of it finds
+    recovered = tmp_path / manifest.shards[1].name
+    index = ShardIndex.from_bytes((tmp_path / index_name(recovered.name)).read_bytes(), "idx")
+    with open(recovered, "rb") as handle:
+        assert np.array_equal(index.ranges, scan_ranges(handle, recovered.stat().st_size)[0]) and index.count == 2
 
 
 def test_renamed_but_unlisted_shard_is_adopted(tmp_path):
