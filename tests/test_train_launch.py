@@ -59,7 +59,7 @@ def test_torchrun_two_cpu_ranks_share_one_group_and_one_run_directory(shards, tm
 
     # The 2-rank run resumes on 1 rank: it continues the global sample stream after the 3 x 8 groups
     # both ranks read (not from the epoch's start), and its checkpoint says so.
-    proc = subprocess.run([str(BIN / "stablerep-train"), *tiny(shards, out, 5, "--resume", "auto")],
+    proc = subprocess.run([str(BIN / "stablerep-train"), *tiny(shards, out, 5, "--resume", "auto", "--resume-lr", "replan")],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "restarts" not in proc.stdout + proc.stderr
