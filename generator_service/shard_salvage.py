@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SALVAGE_SUFFIX = ".salvage"
 
 
-def _complete_keys(temp: Path) -> list[str]:
+def complete_keys(temp: Path) -> list[str]:
     """Keys of the groups whose text, header and every image are in ``temp``, in order."""
     seen: dict[str, dict] = {}
     complete: list[str] = []
@@ -56,7 +56,7 @@ def _complete_keys(temp: Path) -> list[str]:
 def salvage(temp: Path, index: int) -> Path | None:
     """Write the complete groups of temp shard ``temp`` into ``shard-{index}.tar`` (synced, renamed)
     and delete ``temp``; returns the new shard's path, or None when no group was complete."""
-    keys = set(_complete_keys(temp))
+    keys = set(complete_keys(temp))
     if not keys:
         temp.unlink()
         return None

@@ -18,7 +18,9 @@ from PIL import Image
 from generator_service.cli import main
 from generator_service.config import GeneratorConfig
 from generator_service.procedural import write_caption_file
+from generator_service.shard_salvage import complete_keys
 from generator_service.shards import MANIFEST_NAME, SHARD_PATTERN, ShardWriter, read_manifest, scan_shard
+from protocol.shards import TEMP_PATTERN
 
 REPO = Path(__file__).resolve().parents[1]
 N_CAPTIONS = 40
@@ -119,8 +121,9 @@ def test_kill_then_sigterm_then_resume_exactly_once(tmp_path, captions_file):
     _wait_for_groups(out, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    # A shard renamed just before the kill may be missing from the manifest; resume adopts it.
-    after_kill = _complete_groups_on_disk(out)
+    # A shard renamed just before the kill may be missing from the manifest; resume adopts it, and
+    # recovers the complete groups of the open shard the kill left (generator_service.shard_salvage).
+    after_kill = _complete_groups_on_disk(out) + sum(len(complete_keys(t)) for t in out.iterdir() if TEMP_PATTERN.match(t.name))
     assert 4 <= after_kill < N_CAPTIONS, "the service finished before it was killed"
 
     # 2. Resume, then SIGTERM: exit 130 (interrupted) with every finished group flushed to a listed shard.
