@@ -405,7 +405,7 @@ def run_study(argv: list[str]) -> int:
                 for arm in plan.arms():
                     if any(a["name"] == arm.name and a["seed"] == seed for a in study["arms"]):
                         continue  # finished by the run this one resumes
-                    progress.enter(f"arm {arm.name}", f"seed {seed}")
+                    progress.enter("arms", f"arm {arm.name}, seed {seed}")
                     study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
                     _write_json(root / "study.json", study)  # partial results survive a stop
         except KeyboardInterrupt as exc:
