@@ -12,10 +12,15 @@ three (in benchmarks/, beside the study).
 4. Each snapshot (step 0 = the model's random init) gets the fast linear probe on the probe sets.
 5. ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` summarize the run; the generator is always stopped.
 
+Ctrl-C / SIGTERM stop it where it is (exit 130, one line saying where) with a partial report marked
+``"interrupted": true``; finished probes are kept, and ``--probes-only`` probes what is left
+(benchmarks/demo_run.py). The phases themselves run in ``benchmarks.demo_run.DemoRun``.
+
 Flags of this demo (all others go to ``stablerep-train`` on top of the ``demo`` preset,
 trainer/presets/demo.yaml):
 ``--steps N``, ``--quick``, ``--probe-every N``, ``--attributes shape,texture``, ``--captions N``,
-``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``.
+``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``,
+``--probes-only``. Both kinds are checked before any work.
 """
 from __future__ import annotations
 
