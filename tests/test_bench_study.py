@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.study import StudyArm, StudyPlan, parse_study_args, run_study
-from tests.polling import wait_for
+from tests.polling import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,13 +58,7 @@ def test_quick_study_stopped_then_resumed_runs_every_arm_and_writes_json_table_a
     # stopped by SIGINT once the first arm is in study.json (polled, not timed)
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.cli", "study", *argv], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: _arms_done(out / "study.json") >= 1 or proc.poll() is not None, "the first arm", timeout=600)
-        assert proc.poll() is None, proc.stderr.read()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    err = signal_when(proc, lambda: _arms_done(out / "study.json") >= 1, "the first arm", signal.SIGINT)
     assert proc.returncode == 130, err
     stopped = json.loads((out / "study.json").read_text())
     kept = stopped["arms"]

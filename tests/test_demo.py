@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.demo import DemoPlan, parse_demo_args, run_demo
-from tests.polling import wait_for
+from tests.polling import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,14 +93,8 @@ def test_demo_stopped_in_training_then_in_probes_keeps_its_work_and_probes_only_
     out = tmp_path / "demo"
     # 1. SIGINT while training (detected by the snapshot the demo copies after step 10)
     demo = _start(["demo", "--quick", "--steps", "2000", "--probe-every", "5", "--no-progress", "--output", str(out)])
-    try:
-        wait_for(lambda: (out / "snapshots" / "step-000010" / "backbone.safetensors").is_file() or demo.poll() is not None,
-                 "the snapshot after step 10", timeout=600)
-        assert demo.poll() is None, demo.stderr.read()
-        demo.send_signal(signal.SIGINT)
-        _, err = demo.communicate(timeout=300)
-    finally:
-        demo.kill()
+    err = signal_when(demo, (out / "snapshots" / "step-000010" / "backbone.safetensors").is_file,
+                      "the snapshot after step 10", signal.SIGINT)
     assert demo.returncode == 130, err
     report = json.loads((out / "report.json").read_text())
     steps = report["steps"]
@@ -115,13 +109,7 @@ def test_demo_stopped_in_training_then_in_probes_keeps_its_work_and_probes_only_
 
     # 2. SIGTERM while probing those snapshots (after the first probe is saved)
     probes = _start(["demo", "--probes-only", "--output", str(out)])
-    try:
-        wait_for(lambda: _probe_rows(out) >= 1 or probes.poll() is not None, "the first finished probe", timeout=600)
-        assert probes.poll() is None, probes.stderr.read()
-        probes.send_signal(signal.SIGTERM)
-        _, err = probes.communicate(timeout=300)
-    finally:
-        probes.kill()
+    err = signal_when(probes, lambda: _probe_rows(out) >= 1, "the first finished probe", signal.SIGTERM)
     assert probes.returncode == 130, err
     partial = json.loads((out / "report.json").read_text())
     kept = json.loads((out / "probes.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.eval_helpers import write_colour_folder
-from tests.polling import wait_for
+from tests.polling import signal_when
 from trainer.eval.backbones import BackboneSpecError, load_eval_backbone
 from trainer.eval.cli import main
 from trainer.eval.imagefolder import ImageFolderDataset, ImageFolderError
@@ -180,14 +180,8 @@ def test_sigterm_stops_the_probe_with_exit_130_naming_the_phase(folders, tmp_pat
         [sys.executable, "-m", "trainer.eval.cli", "linear", *TINY_VIT, "--train", str(folders / "train"),
          "--val", str(folders / "val"), "--cache-dir", str(cache), "--epochs", "200000", "--output", str(out)],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:  # both feature sets cached: the probe grid is training (for a long time at 200000 epochs)
-        wait_for(lambda: len(list(cache.glob("features-*.pt"))) == 2 or proc.poll() is not None,
-                 "the cached features", timeout=300)
-        assert proc.poll() is None, proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    # both feature sets cached: the probe grid is training (for a long time at 200000 epochs)
+    err = signal_when(proc, lambda: len(list(cache.glob("features-*.pt"))) == 2, "the cached features", signal.SIGTERM)
     assert proc.returncode == 130, err
     assert err.strip() == (f"stablerep-eval: interrupted by SIGTERM in the probe phase (fast grid of 12 classifiers); "
                            f"wrote {out} marked interrupted; features extracted so far stay in {cache}")
