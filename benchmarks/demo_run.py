@@ -26,8 +26,8 @@ from benchmarks.demo import (
 from benchmarks.demo_probes import (
     FEWSHOT_MIN_PER_CLASS, find_snapshots, fewshot_endpoints, load_probe_rows, probe_snapshots, save_probe_rows,
 )
-from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 from benchmarks.trainer_flags import BadFlags
+from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
 TRAIN_SUMMARY = "train_summary.json"
 

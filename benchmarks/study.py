@@ -43,9 +43,9 @@ from benchmarks.demo import (
     run_generator_cli, write_probe_sets,
 )
 from benchmarks.demo_probes import probe_snapshots
-from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 from benchmarks.trainer_flags import BadFlags, parse_trainer_config
 from protocol.cli_parser import SuggestingParser
+from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
 DEFAULT_OUTPUT = "runs/study"
 PROG = "stablerep-bench study"
