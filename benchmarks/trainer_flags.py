@@ -27,7 +27,8 @@ def parse_trainer_config(argv: Sequence[str]):
     except SystemExit as exc:
         lines = [line for line in captured.getvalue().splitlines() if line.strip()]
         message = (lines[-1] if lines else f"bad trainer flags (exit {exc.code})").split(": error: ", 1)[-1]
-        where = ("not a flag of this command nor of stablerep-train" if "unrecognized arguments" in message
+        message = message.removesuffix(" (see stablerep-train --help)")
+        where = ("not a flag of this command nor of stablerep-train" if "unrecognized argument" in message
                  else "a flag passed to stablerep-train")
         raise BadFlags(f"{message} ({where})") from None
     except ConfigError as exc:

@@ -41,7 +41,7 @@ def test_study_flags_are_checked_before_any_work_and_resume_needs_the_same_plan(
     out = tmp_path / "study"
     assert run_study(["--quick", "--stpes", "3", "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "unrecognized arguments: --stpes 3" in err, err
+    assert len(err.strip().splitlines()) == 1 and "unrecognized argument --stpes (did you mean --steps?)" in err, err
     assert err.startswith("stablerep-bench study: error: ")
     assert not out.exists()
     assert run_study(["--quick", "--resume", "--output", str(out)]) == 2

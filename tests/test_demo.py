@@ -130,7 +130,7 @@ def test_demo_stopped_in_training_then_in_probes_keeps_its_work_and_probes_only_
 
 def test_demo_flags_are_checked_before_any_work(tmp_path, capsys):
     out = tmp_path / "demo"
-    for argv, message in ((["--stpes", "5"], "unrecognized arguments: --stpes"),
+    for argv, message in ((["--stpes", "5"], "unrecognized argument --stpes (did you mean --steps?) (not a flag of this command"),
                           (["--lr", "abc"], "--lr: invalid float value: 'abc'"),
                           (["--captions-per-step", "0"], "captions_per_step")):
         assert run_demo([*argv, "--output", str(out)]) == 2
