@@ -23,7 +23,7 @@ from pathlib import Path
 
 from protocol.cli_parser import SuggestingParser
 
-from .report import write_results
+from .report import QUICK_NOTE, write_results
 
 
 def _protocol(args: argparse.Namespace) -> None:
@@ -41,10 +41,16 @@ def _protocol(args: argparse.Namespace) -> None:
               for t, data in results["transports"].items() for m, run in data["methods"].items()}
     note = "bars: best run; lines: min-max over the runs\n" + "\n".join(
         f"{name}: {text}" for name, text in METHOD_LEGEND.items())
+    table = _with_quick_note(args, table)
     path = write_results(Path(args.output), args.name or args.bench, results, table, bars, unit="GB/s",
-                         spread=spread, note=note)
+                         spread=spread, note=note, xlabel="transport / method", quick=args.quick)
     print(table)
     print(f"wrote {path}")
+
+
+def _with_quick_note(args: argparse.Namespace, table: str) -> str:
+    """A ``--quick`` table starts with :data:`QUICK_NOTE`: its groups are too small to time anything."""
+    return f"{QUICK_NOTE}\n{table}" if getattr(args, "quick", False) else table
 
 
 def _generator_sweep(args: argparse.Namespace) -> None:
@@ -52,19 +58,22 @@ def _generator_sweep(args: argparse.Namespace) -> None:
 
     rows, table = run_from_args(args)
     output, name = Path(args.output), args.name or args.bench
-    path = write_results(output, name, rows, table)
+    table = _with_quick_note(args, table)
+    path = write_results(output, name, rows, table, quick=args.quick)
     print(table)
     print(f"wrote {path}")
     print(f"wrote {plot(rows, output / f'{name}.png')}")
 
 
-def _stage(name: str, module_name: str, unit: str = "images/s"):
+def _stage(name: str, module_name: str, unit: str = "images/s", xlabel: str = ""):
     def run(args: argparse.Namespace) -> None:
         import importlib
 
         module = importlib.import_module(f"benchmarks.{module_name}")
         results, table, bars = module.run_from_args(args)
-        path = write_results(Path(args.output), args.name or name, results, table, bars, unit=unit)
+        table = _with_quick_note(args, table)
+        path = write_results(Path(args.output), args.name or name, results, table, bars, unit=unit, xlabel=xlabel,
+                             quick=getattr(args, "quick", False))
         print(table)
         print(f"wrote {path}")
 
@@ -87,14 +96,22 @@ ALL_CUDA_RUNS = [
 ]
 
 
+def quick_runs() -> list[list[str]]:
+    """``all --quick``: the ``--quick`` form of every stage ``all`` runs (each once), CUDA or not."""
+    stages = dict.fromkeys(run[0] for run in ALL_RUNS + ALL_CUDA_RUNS)
+    return [[stage, "--quick"] for stage in stages]
+
+
 def _all(args: argparse.Namespace) -> None:
     import torch
 
-    runs = list(ALL_RUNS)
-    if torch.cuda.is_available():
-        runs += ALL_CUDA_RUNS
+    if args.quick:
+        runs = quick_runs()
+    elif torch.cuda.is_available():
+        runs = ALL_RUNS + ALL_CUDA_RUNS
     else:
-        print("no CUDA device: the generator and trainer goals need one; running the protocol benchmark only")
+        runs = list(ALL_RUNS)
+        print("no CUDA device: the generator and trainer goals need one; running the protocol and FLOP benchmarks only")
     parser = build_parser()
     for argv in runs:
         print(f"== stablerep-bench {' '.join(argv)}", flush=True)
@@ -129,33 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generator", help="generator images/s: this service vs plain diffusers, same recipe")
     generator_bench.add_arguments(gen)
-    gen.set_defaults(func=_stage("generator", "generator_bench"))
+    gen.set_defaults(func=_stage("generator", "generator_bench", xlabel="generation path"))
     gen_sweep = sub.add_parser("generator-sweep", help="generator images/s over a grid of steps x sizes, "
                                                        "every generator flag passed through; line plot")
     generator_sweep.add_arguments(gen_sweep)
     gen_sweep.set_defaults(func=_generator_sweep)
     train = sub.add_parser("trainer", help="trainer images/s: step fed by the replay/online source vs bare step")
     trainer_bench.add_arguments(train)
-    train.set_defaults(func=_stage("trainer", "trainer_bench"))
+    train.set_defaults(func=_stage("trainer", "trainer_bench", xlabel="training step"))
     flop = sub.add_parser("flops", help="FLOPs per generated and per trained image, and the physical limit in images/s")
     flops.add_arguments(flop)
-    flop.set_defaults(func=_stage("flops", "flops", unit="TFLOP per image"))
+    flop.set_defaults(func=_stage("flops", "flops", unit="TFLOP per image", xlabel="part of the work"))
     buf = sub.add_parser("buffer", help="cost per batch of replay sampling and GPU augmentation vs the train step")
     buffer_bench.add_arguments(buf)
-    buf.set_defaults(func=_stage("buffer", "buffer_bench"))
+    buf.set_defaults(func=_stage("buffer", "buffer_bench", xlabel="stage of one batch"))
     online = sub.add_parser("online", help="generator services + trainer in one run: stall, idle, reuse, eviction")
     online_bench.add_arguments(online)
-    online.set_defaults(func=_stage("online", "online_bench"))
+    online.set_defaults(func=_stage("online", "online_bench", xlabel="images/s trained vs generated"))
     offline = sub.add_parser("offline", help="offline source start-up and index memory at 2k/100k/1M groups; groups/s "
                                              "per worker from disk and a local S3 server vs plain webdataset")
     offline_bench.add_arguments(offline)
-    offline.set_defaults(func=_stage("offline", "offline_bench", unit="groups/s"))
+    offline.set_defaults(func=_stage("offline", "offline_bench", unit="groups/s", xlabel="reader and store"))
     drill = sub.add_parser("drills", help="a good client's groups/s before, during and after each attack on a service")
     drills.add_arguments(drill)
-    drill.set_defaults(func=_stage("drills", "drills", unit="good client groups/s during the attack"))
+    drill.set_defaults(func=_stage("drills", "drills", unit="good client groups/s during the attack", xlabel="attack"))
     planner = sub.add_parser("plan", help="generator GPUs per trainer GPU for a target reuse; stall at other ratios")
     plan.add_arguments(planner)
-    planner.set_defaults(func=_stage("plan", "plan", unit="trainer stall fraction"))
+    planner.set_defaults(func=_stage("plan", "plan", unit="trainer stall fraction",
+                                     xlabel="generator GPUs per trainer GPU"))
     sub.add_parser("demo", add_help=False,
                    help="the embedded default end to end: generator service + trainer + probes (make demo); "
                         "--quick is the 1-minute version, --steps N a longer one; see `stablerep-bench demo --help`")
@@ -163,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper's comparisons in miniature on the embedded default (method, online vs offline, "
                         "reuse); --quick is the short version; see `stablerep-bench study --help`")
     every = sub.add_parser("all", help="the protocol run, plus the generator and trainer goals when CUDA is present")
+    every.add_argument("--quick", action="store_true", help="the --quick form of every stage it runs (tests the code paths)")
     every.set_defaults(func=_all)
     for p in {id(p): p for p in sub.choices.values()}.values():  # aliases share a parser
         if p.prog.endswith((" demo", " study")):

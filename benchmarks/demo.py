@@ -12,10 +12,15 @@ three (in benchmarks/, beside the study).
 4. Each snapshot (step 0 = the model's random init) gets the fast linear probe on the probe sets.
 5. ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` summarize the run; the generator is always stopped.
 
+Ctrl-C / SIGTERM stop it where it is (exit 130, one line saying where) with a partial report marked
+``"interrupted": true``; finished probes are kept, and ``--probes-only`` probes what is left
+(benchmarks/demo_run.py). The phases themselves run in ``benchmarks.demo_run.DemoRun``.
+
 Flags of this demo (all others go to ``stablerep-train`` on top of the ``demo`` preset,
 trainer/presets/demo.yaml):
 ``--steps N``, ``--quick``, ``--probe-every N``, ``--attributes shape,texture``, ``--captions N``,
-``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``.
+``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``,
+``--probes-only``. Both kinds are checked before any work.
 """
 from __future__ import annotations
 
@@ -26,18 +31,17 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.trainer_flags import BadFlags, parse_trainer_config
 from protocol.cli_parser import SuggestingParser
-from trainer.report import write_demo_report
 
 DEMO_PRESET = "demo"  # trainer/presets/demo.yaml: the demo's trainer settings (user flags override them)
 GENERATOR_NICENESS = 10
 GENERATOR_GROUPS_PER_S = 100  # about 2x what the demo's trainer draws on 2 cores
-FEWSHOT_MIN_PER_CLASS = 11  # 1 shot + 10 queries
+PROG = "stablerep-bench demo"
 DEFAULT_OUTPUT = "runs/demo"
 SNAPSHOTS = "snapshots"
 
@@ -65,6 +69,7 @@ class DemoPlan:
     seed: int = 0
     probe_epochs: int = 100
     output: str | None = None
+    probes_only: bool = False
 
     @classmethod
     def quick(cls) -> "DemoPlan":
@@ -77,6 +82,8 @@ def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", "-o", help=f"run directory (default {DEFAULT_OUTPUT})")
     parser.add_argument("--quick", action="store_true", help="a shorter run (about a minute on 2 CPU cores)")
+    parser.add_argument("--probes-only", action="store_true",
+                        help="no training: probe the snapshots already in --output (after a stop; finished probes are kept)")
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--probe-every", type=int, help="steps between backbone snapshots that get probed")
     parser.add_argument("--attributes", help="comma-separated caption attributes to probe; the first is the headline")
@@ -97,9 +104,20 @@ def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
             setattr(plan, name, value)
     if args.attributes:
         plan.attributes = tuple(a.strip() for a in args.attributes.split(",") if a.strip())
+        check_attributes(parser, plan.attributes)
     if args.steps is not None and args.probe_every is None:
         plan.probe_every = max(1, plan.steps // 4)
+    plan.probes_only = args.probes_only
     return plan, rest
+
+
+def check_attributes(parser: SuggestingParser, attributes: tuple[str, ...]) -> None:
+    """``--attributes`` names procedural caption attributes only (checked before any work)."""
+    from generator_service.procedural.grammar import ATTRIBUTES
+
+    unknown = [a for a in attributes if a not in ATTRIBUTES]
+    if unknown or not attributes:
+        parser.error(f"--attributes: {', '.join(unknown) or 'none given'} (known: {', '.join(ATTRIBUTES)})")
 
 
 GENERATOR_MODULE = "generator_service.cli"
@@ -281,60 +299,9 @@ def export_initial_backbone(cfg, dst_dir: Path) -> Path:
     return dst_dir
 
 
-def probe_snapshots(
-    snapshots: dict[int, Path], probe_dirs: dict[str, Path], plan: DemoPlan, log
-) -> list[dict[str, Any]]:
-    """Fast linear probe of every snapshot on every attribute's train/val folders."""
-    from trainer.eval import FastProbeConfig, linear_probe, load_eval_backbone
-    from trainer.eval.features import resolve_device
-
-    device = resolve_device("auto")
-    cfg = FastProbeConfig(epochs=plan.probe_epochs, seed=plan.seed)
-    rows = []
-    total, done, t0 = len(snapshots) * len(probe_dirs), 0, time.perf_counter()
-    for step in sorted(snapshots):
-        backbone = load_eval_backbone(snapshots[step])
-        for attribute, folder in probe_dirs.items():
-            elapsed = time.perf_counter() - t0
-            eta = f", about {elapsed / done * (total - done):.0f} s left" if done else ""
-            log(f"probe {done + 1}/{total}: snapshot step {step}, attribute {attribute} "
-                f"({elapsed:.0f} s into the probe phase{eta})")
-            done += 1
-            result = linear_probe(backbone, folder / "train", folder / "val", cfg, device, batch_size=256, workers=0)
-            rows.append({"step": step, "attribute": attribute, "top1": result["top1"],
-                         "train_top1": _selected_row(result)["train_top1"], "num_classes": result["num_classes"],
-                         "selected": result["selected"], "val_images": result["val_images"],
-                         "skipped_images": result["skipped_images"], "seconds": result["seconds"]})
-            log(f"probe step {step:5d} {attribute:>10}: top-1 {result['top1']:.1f}% "
-                f"({result['num_classes']} classes, {result['val_images']} held-out images)")
-    return rows
-
-
-def _selected_row(result: dict[str, Any]) -> dict[str, Any]:
-    """The grid row of the classifier the probe selected (its train accuracy is the one reported)."""
-    chosen = result["selected"]
-    return next(row for row in result["grid"]
-                if row["lr"] == chosen["lr"] and row["weight_decay"] == chosen["weight_decay"])
-
-
-def fewshot_endpoints(snapshots: dict[int, Path], data_dir: Path, plan: DemoPlan, log) -> dict[str, Any]:
-    """5-way 1-shot episodes (logistic regression on L2-normalized features) at init and at the end."""
-    from trainer.eval import FewShotConfig, fewshot_probe, load_eval_backbone
-    from trainer.eval.features import resolve_device
-
-    cfg = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=plan.seed)
-    out: dict[str, Any] = {"config": asdict(cfg), "data": str(data_dir)}
-    for name, step in (("random_init", min(snapshots)), ("trained", max(snapshots))):
-        result = fewshot_probe(load_eval_backbone(snapshots[step]), data_dir, cfg, resolve_device("auto"))
-        out[name] = {"step": step, "accuracy": result["accuracy"], "ci95": result["ci95"]}
-        log(f"few-shot {cfg.n_way}-way {cfg.k_shot}-shot ({data_dir.parent.name}), {name}: "
-            f"{result['accuracy']:.1f}% +- {result['ci95']:.1f}")
-    return out
-
-
 def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, output: Path):
     """``demo`` preset < the user's trainer flags < what the demo must set (source, length, output)."""
-    from trainer.cli import parse_config
+    from trainer.config import ConfigError
 
     argv = ["--preset", DEMO_PRESET, *trainer_argv,
             "--source", "online", "--generators", endpoint, "--output", str(output), "--steps", str(plan.steps),
@@ -343,83 +310,31 @@ def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, outp
         argv.append("--log-with")  # no trackers unless asked for
     if not any(a == "--resume" or a.startswith("--resume=") for a in trainer_argv):
         argv.append("--overwrite")  # a rerun of the demo replaces its run (its data/ stays)
-    cfg, _ = parse_config(argv)
+    cfg, _ = parse_trainer_config(argv)
     if cfg.schedule.warmup_steps is not None and "--warmup-steps" not in trainer_argv:
         cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(0, plan.steps // 10))
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        raise BadFlags(str(exc)) from None
 
 
 def run_demo(argv: list[str], output: str | None = None) -> int:
-    """Run the demo (see module docstring); returns the exit status."""
+    """Run the demo (see module docstring); returns the exit status (0, 1 failed, 2 bad input, 130 stopped)."""
     plan, trainer_argv = parse_demo_args(list(argv))
     out = Path(output or plan.output or DEFAULT_OUTPUT)
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
+    if plan.probes_only:
+        from benchmarks.demo_run import run_probes_only
 
-    def log(msg: str) -> None:
-        print(f"[demo] {msg}", flush=True)
+        return run_probes_only(plan, trainer_argv, out)
+    try:  # every flag is checked before any work: the trainer's too
+        _trainer_config(plan, trainer_argv, "tcp://127.0.0.1:1", out)
+    except BadFlags as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    from benchmarks.demo_run import DemoRun
 
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    try:
-        t0 = time.perf_counter()
-        captions = data / "captions.txt"
-        run_generator_cli(["captions", "--n", str(plan.captions), "--out", str(captions), "--seed", str(plan.seed)])
-        probe_dirs = write_probe_sets(plan.attributes, data, plan.probe_train_per_class,
-                                      plan.probe_val_per_class, plan.seed)
-        timings["data_s"] = time.perf_counter() - t0
-        log(f"wrote {plan.captions} captions and probe sets for {', '.join(plan.attributes)} under {data}")
-
-        endpoint = free_tcp_endpoint()
-        cfg = _trainer_config(plan, trainer_argv, endpoint, out)
-        snapshot_dir = out / SNAPSHOTS
-        if snapshot_dir.exists():
-            shutil.rmtree(snapshot_dir)
-        snapshots = {0: export_initial_backbone(cfg, snapshot_dir / "step-000000")}
-        command = ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
-                   "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
-                   "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
-                   "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress",
-                   # The procedural renderer outruns a CPU trainer many times over; unthrottled it takes a
-                   # core the trainer needs and most of its groups are evicted unseen.
-                   "--max-groups-per-s", str(GENERATOR_GROUPS_PER_S)]
-        log(f"starting the procedural generator service at {endpoint}")
-        with GeneratorProcess(command, log_path=out / "generator.log") as generator:
-            summary, wrapper = _train(cfg, generator, out, snapshot_dir, log)
-        snapshots.update(wrapper.snapshots)
-        final_step = int(summary["steps"])
-        snapshots[final_step] = copy_backbone(out, snapshot_dir / f"step-{final_step:06d}")
-        timings["generator_connect_s"] = summary.pop("_connect_seconds")
-        timings["train_s"] = summary.pop("_train_seconds")
-
-        t0 = time.perf_counter()
-        probes = probe_snapshots(snapshots, probe_dirs, plan, log)
-        headline_val = probe_dirs[plan.attributes[0]] / "val"
-        fewshot = None
-        if plan.probe_val_per_class >= FEWSHOT_MIN_PER_CLASS and len(list(headline_val.iterdir())) >= 5:
-            fewshot = fewshot_endpoints(snapshots, headline_val, plan, log)
-        timings["probe_s"] = time.perf_counter() - t0
-    except Exception as exc:  # reported with the files produced so far left in place
-        traceback.print_exc()
-        print(f"stablerep-bench demo: failed: {type(exc).__name__}: {exc} (partial outputs in {out})",
-              file=sys.stderr)
-        return 1
-    timings["total_s"] = time.perf_counter() - t_start
-
-    report = write_demo_report(out, plan=asdict(plan), summary=summary, probes=probes, timings=timings,
-                               fewshot=fewshot,
-                               generator={"endpoint": endpoint, "log": str(out / "generator.log"),
-                                          "command": generator.command, "pid": generator.pid,
-                                          "exit_status": generator.returncode})
-    log(f"probe accuracy ({plan.attributes[0]}, {report['num_classes']} classes, chance "
-        f"{report['chance_accuracy']:.1f}%): trained {report['probe_accuracy']:.1f}% vs random init "
-        f"{report['random_init_probe_accuracy']:.1f}%")
-    for attribute, row in report["per_attribute"].items():
-        log(f"  {attribute:>10}: trained {row['trained']:.1f}% | random init {row['random_init']:.1f}%")
-    log(f"{report['steps']} steps, {report['images_seen']} images seen, {report['generated_groups']} groups "
-        f"generated, {report['train_images_per_s']:.1f} train images/s; report {out / 'report.json'}, "
-        f"curve {out / 'curve.png'}")
-    return 0
+    return DemoRun(plan, trainer_argv, out).run()
 
 
 def _train(cfg, generator: GeneratorProcess, out: Path, snapshot_dir: Path, log):

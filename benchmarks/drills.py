@@ -131,6 +131,20 @@ def _fresh_welcome(context: zmq.Context, endpoint: str, timeout_ms: int = 5000) 
         sock.close()
 
 
+def _wait_for_first_group(count: list[int], lock: threading.Lock, service: subprocess.Popen,
+                          timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with lock:
+            if count[0]:
+                return
+        if service.poll() is not None:
+            raise RuntimeError(f"the drilled generator service exited with status {service.returncode} before serving")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no group from the drilled generator service within {timeout_s:g} s")
+        time.sleep(0.05)
+
+
 def run_drills(attacks: tuple[str, ...] = ATTACKS, rate: float = 100.0, phase_s: float = 5.0, side: int = 64,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     from benchmarks.demo import free_tcp_endpoint
@@ -168,7 +182,8 @@ def run_drills(attacks: tuple[str, ...] = ATTACKS, rate: float = 100.0, phase_s:
                                    "attacks": {}}
         try:
             client.start()
-            time.sleep(phase_s)  # warm up: the first groups, the worker at its throttle
+            _wait_for_first_group(count, lock, service)  # the service started its worker (seconds when loaded)
+            time.sleep(phase_s)  # warm up: the worker at its throttle
             results["rss_mib_start"] = _tree_rss_mib(service.pid)
             peak = results["rss_mib_start"]
             for name in attacks:
@@ -222,9 +237,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="service throttle, groups/s (default 100)")
     parser.add_argument("--phase-s", type=float, default=5.0, help="seconds per window (default 5)")
     parser.add_argument("--image-size", type=int, default=64, help="generated image side (default 64)")
+    parser.add_argument("--quick", action="store_true", help="windows of 0.5 s, 16 px images (tests the code path)")
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
+    if args.quick:
+        args.phase_s, args.image_size = 0.5, 16
     result = run_drills(tuple(args.attacks), rate=args.rate, phase_s=args.phase_s, side=args.image_size)
     bars = {name: a["during_groups_per_s"] for name, a in result["attacks"].items()}
     return result, format_table(result), bars

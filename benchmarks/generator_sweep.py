@@ -1,7 +1,7 @@
 """Generator images/s against denoising steps and resolution: ``stablerep-bench generator`` over a grid.
 
     stablerep-bench generator-sweep --model random:sd15 --steps-list 20,50 --sizes 256,512   # on a GPU
-    stablerep-bench generator-sweep --quick --model /tmp/fg/tiny     # a tiny saved pipeline on the CPU
+    stablerep-bench generator-sweep --quick     # a tiny random pipeline on the CPU (the code path, not the speed)
 
 Each grid point (steps, size) is one ``run_generator_bench`` call at ``height = width = size``,
 with every other generator flag passed through unchanged (model, recipe, scheduler, guidance,
@@ -15,8 +15,9 @@ Writes ``generator-sweep.json`` (``results``: the list of rows, each with the po
 ``generator-sweep.png`` (images/s against steps, one line per size and path).
 
 ``--quick`` is the CPU smoke form: steps 2 and 4 at 32 px, 4 captions of 2 images, batches of 2,
-one thread, fp32. It needs ``--model`` naming a small saved pipeline, e.g. the one
-``tests/tiny_sd.py``'s ``make_tiny_sd_pipeline`` writes (real weights are far too slow on a CPU).
+one thread, fp32. Without ``--model`` it builds a tiny random-weight pipeline
+(``generator_service.backends.tiny_sd``) in ``OUTPUT/tiny-sd-pipeline`` first (real weights are far
+too slow on a CPU); its numbers test the code path, not the speed of any real model.
 """
 from __future__ import annotations
 
@@ -152,15 +153,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--sizes", type=int_list, default=(256, 512),
                       help="height = width in pixels, comma-separated (default: 256,512)")
     grid.add_argument("--quick", action="store_true",
-                      help="steps 2,4 at 32 px, 4 small captions, one CPU thread (needs --model: a tiny saved pipeline)")
+                      help="steps 2,4 at 32 px, 4 small captions, one CPU thread; without --model on a tiny random "
+                           "pipeline it builds in OUTPUT/tiny-sd-pipeline (tests the code path, not the speed)")
     generator_bench.add_arguments(_WithoutSweptFlags(parser.add_argument_group("generator (every grid point)")))
+
+
+def tiny_pipeline(folder: Path, log: Callable[[str], Any] = print) -> Path:
+    """The tiny random-weight pipeline in ``folder``, built there first unless it is already there."""
+    if not (folder / "model_index.json").is_file():
+        from generator_service.backends.tiny_sd import make_tiny_sd_pipeline
+
+        log(f"--quick: building a tiny random-weight pipeline in {folder}")
+        make_tiny_sd_pipeline(folder)
+    return folder
 
 
 def run_from_args(args: argparse.Namespace, log: Callable[[str], Any] = print) -> tuple[list[dict[str, Any]], str]:
     """Run with parsed flags; return (rows, table)."""
     if args.quick:
         if args.model is None:
-            raise ValueError("--quick needs --model: a small saved pipeline (tests/tiny_sd.py's make_tiny_sd_pipeline)")
+            args.model = str(tiny_pipeline(Path(args.output) / "tiny-sd-pipeline", log))
         for name, value in QUICK.items():
             setattr(args, name, value)
         args.dtype = args.dtype or "fp32"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -38,12 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.demo import (
-    DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, export_initial_backbone, free_tcp_endpoint,
-    probe_snapshots, run_generator_cli, write_probe_sets,
+    DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, check_attributes, export_initial_backbone, free_tcp_endpoint,
+    run_generator_cli, write_probe_sets,
 )
+from benchmarks.demo_probes import probe_snapshots
+from benchmarks.trainer_flags import BadFlags, parse_trainer_config
 from protocol.cli_parser import SuggestingParser
+from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
 DEFAULT_OUTPUT = "runs/study"
+PROG = "stablerep-bench study"
 ONE_IMAGE_METHODS = ("simclr", "clip")  # methods that use only the first image of each group
 
 
@@ -76,6 +81,7 @@ class StudyPlan:
     probe_epochs: int = 100
     generator_args: list[str] = field(default_factory=list)
     output: str = DEFAULT_OUTPUT
+    resume: bool = False
 
     @classmethod
     def quick(cls) -> "StudyPlan":
@@ -94,6 +100,8 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
     parser = SuggestingParser(prog="stablerep-bench study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT)
     parser.add_argument("--quick", action="store_true", help="a few steps per arm, colour probe only (the tests)")
+    parser.add_argument("--resume", action="store_true",
+                        help="after a stop: run only the arms the earlier study in --output did not finish (same flags)")
     parser.add_argument("--seeds", type=int, help="repeat every arm with seeds 0..N-1")
     parser.add_argument("--steps", type=int, help="optimizer steps of every arm")
     parser.add_argument("--image-rate", type=float, help="generator images/s of every online arm")
@@ -135,8 +143,11 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
         plan.probes[name] = folder
     if plan.probes:
         plan.attributes = tuple(plan.probes)
+    elif args.attributes:
+        check_attributes(parser, plan.attributes)
     plan.captions_file = args.captions_file
     plan.generator_args = shlex.split(args.generator_args)
+    plan.resume = args.resume
     return plan, rest
 
 
@@ -151,8 +162,7 @@ def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, see
     """``demo`` preset < the user's trainer flags < what the study fixes per arm."""
     import yaml
 
-    from trainer.cli import parse_config
-    from trainer.config import preset_path
+    from trainer.config import ConfigError, preset_path
 
     captions_per_step, draw = _geometry(arm.method)
     argv = ["--preset", DEMO_PRESET, *trainer_argv, "--method", arm.method,
@@ -166,8 +176,11 @@ def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, see
     if "--warmup-steps" not in trainer_argv:  # the preset's warmup, at most a tenth of a short run
         preset = yaml.safe_load(preset_path(DEMO_PRESET).read_text())
         argv += ["--warmup-steps", str(min(int(preset["schedule"]["warmup_steps"]), plan.steps // 10))]
-    cfg, _ = parse_config(argv)
-    return cfg.validate()
+    cfg, _ = parse_trainer_config(argv)
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        raise BadFlags(str(exc)) from None
 
 
 def _generator_flags(plan: StudyPlan, captions: Path, seed: int, images_per_group: int) -> list[str]:
@@ -187,9 +200,19 @@ def _train(cfg) -> dict[str, Any]:
         t0 = time.perf_counter()
         summary = train(cfg, source=source)
         summary["train_seconds"] = time.perf_counter() - t0
-        return summary
     finally:
         source.close()
+    if summary["interrupted"]:  # the trainer saved a checkpoint and stopped: so does the study
+        raise TrainingStopped(summary)
+    return summary
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """The trainer stopped on SIGINT/SIGTERM; ``summary`` says at which step."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__(summary["stopped"])
+        self.summary = summary
 
 
 def _score(backbone_dir: Path, probe_dirs: dict[str, Path], plan: StudyPlan, seed: int, step: int,
@@ -230,6 +253,8 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
             probe_dirs: dict[str, Path], root: Path, log) -> dict[str, Any]:
     """Train one arm, score its final backbone, return its row of ``study.json``."""
     out = root / f"{arm.name}-seed{seed}"
+    if out.exists():  # left by a stopped or earlier study: this arm trains from scratch
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     captions_per_step, draw = _geometry(arm.method)
     images_per_group = draw
@@ -338,7 +363,12 @@ def plot(study: dict[str, Any], path: Path) -> Path:
 
 
 def run_study(argv: list[str]) -> int:
-    """Run every arm for every seed (see module docstring); returns the exit status."""
+    """Run every arm for every seed (see module docstring); returns the exit status.
+
+    SIGINT/SIGTERM: the arm in training checkpoints and stops; ``study.json`` keeps every finished
+    arm, with ``"interrupted": true`` and ``stopped_at``; exit 130. ``--resume`` runs only the arms
+    (and random-init scores) that an earlier, stopped run of the same plan did not finish.
+    """
     plan, trainer_argv = parse_study_args(list(argv))
     root = Path(plan.output)
 
@@ -347,30 +377,91 @@ def run_study(argv: list[str]) -> int:
 
     from benchmarks.report import machine_facts
 
+    try:  # every flag is checked before any work: the trainer's too
+        for arm in [StudyArm("init", "stablerep", "online"), *plan.arms()]:
+            if arm.source == "online":
+                _trainer_config(plan, trainer_argv, arm, 0, ["--source", "online", "--generators",
+                                                            "tcp://127.0.0.1:1"], root / "check")
+        study = _resume(root, plan, trainer_argv) if plan.resume else None
+    except BadFlags as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
-    study: dict[str, Any] = {"machine": machine_facts(), "commit": _commit(), "plan": asdict(plan),
-                             "trainer_flags": trainer_argv, "random_init": [], "arms": []}
-    try:
-        captions, probe_dirs = _prepare_data(plan, root / "data", log)
-        for seed in range(plan.seeds):
-            init_arm = StudyArm("init", "stablerep", "online")
-            cfg = _trainer_config(plan, trainer_argv, init_arm, seed, ["--source", "online", "--generators",
-                                                                      "tcp://127.0.0.1:1"], root / f"init-seed{seed}")
-            init_dir = export_initial_backbone(cfg, root / f"init-seed{seed}")
-            study["random_init"].append({"seed": seed, **_score(init_dir, probe_dirs, plan, seed, 0, log)})
-            for arm in plan.arms():
-                study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
-                (root / "study.json").write_text(json.dumps(study, indent=2))  # partial results survive a stop
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"stablerep-bench study: failed: {type(exc).__name__}: {exc} (partial results in {root})",
-              file=sys.stderr)
-        return 1
-    study["seconds"] = time.perf_counter() - t_start
-    (root / "study.json").write_text(json.dumps(study, indent=2))
+    study = study or {"machine": machine_facts(), "commit": _commit(), "plan": _plan_dict(plan),
+                      "trainer_flags": trainer_argv, "random_init": [], "arms": []}
+    study.update(interrupted=False, stopped_at=None)
+    progress = Progress("data")
+    with StopSignals() as stop:
+        try:
+            captions, probe_dirs = _prepare_data(plan, root / "data", log)
+            for seed in range(plan.seeds):
+                if not any(row["seed"] == seed for row in study["random_init"]):
+                    progress.enter("random init", f"seed {seed}")
+                    init_arm = StudyArm("init", "stablerep", "online")
+                    cfg = _trainer_config(plan, trainer_argv, init_arm, seed, ["--source", "online", "--generators",
+                                                                              "tcp://127.0.0.1:1"], root / f"init-seed{seed}")
+                    init_dir = export_initial_backbone(cfg, root / f"init-seed{seed}")
+                    study["random_init"].append({"seed": seed, **_score(init_dir, probe_dirs, plan, seed, 0, log)})
+                for arm in plan.arms():
+                    if any(a["name"] == arm.name and a["seed"] == seed for a in study["arms"]):
+                        continue  # finished by the run this one resumes
+                    progress.enter("arms", f"arm {arm.name}, seed {seed}")
+                    study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
+                    _write_json(root / "study.json", study)  # partial results survive a stop
+        except KeyboardInterrupt as exc:
+            reached = getattr(exc, "summary", None)
+            if reached is not None:
+                progress.detail += f", training stopped at step {reached['steps']}/{reached['total_steps']}"
+            study.update(interrupted=True, stopped_at={**progress.as_dict(), "signal": stop.describe()})
+            _write_json(root / "study.json", study)
+            print(f"{PROG}: interrupted by {stop.describe()} in {progress.where()}; kept {len(study['arms'])} "
+                  f"finished arms in {root / 'study.json'}; continue with: stablerep-bench study --resume "
+                  f"{' '.join(argv)}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        except Exception as exc:
+            traceback.print_exc()
+            print(f"{PROG}: failed in {progress.where()}: {type(exc).__name__}: {exc} (partial results in {root})",
+                  file=sys.stderr)
+            return 1
+    study["seconds"] = study.get("seconds", 0.0) + time.perf_counter() - t_start
+    _write_json(root / "study.json", study)
     table = format_table(study)
     (root / "study.txt").write_text(table + "\n")
     plot(study, root / "study.png")
     print(table)
     log(f"{len(study['arms'])} arms in {study['seconds']:.0f} s; wrote {root / 'study.json'}, study.txt, study.png")
     return 0
+
+
+def _plan_dict(plan: StudyPlan) -> dict[str, Any]:
+    """The plan as ``study.json`` stores it (JSON types; ``resume`` is how it ran, not what it runs)."""
+    out = json.loads(json.dumps(asdict(plan)))
+    out.pop("resume", None)
+    return out
+
+
+def _resume(root: Path, plan: StudyPlan, trainer_argv: list[str]) -> dict[str, Any]:
+    """The ``study.json`` of an earlier run of the same plan in ``root``; :class:`BadFlags` naming the
+    first difference (a field of the plan, or the trainer flags) or what is missing."""
+    path = root / "study.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadFlags(f"--resume: {path} does not exist (no earlier study in {root})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadFlags(f"--resume: cannot read {path}: {exc}") from None
+    wanted = _plan_dict(plan)
+    for key, value in wanted.items():
+        if saved.get("plan", {}).get(key) != value:
+            raise BadFlags(f"--resume: the earlier study in {root} has {key}={saved.get('plan', {}).get(key)!r}, "
+                           f"this one {value!r}; give the same flags")
+    if saved.get("trainer_flags") != trainer_argv:
+        raise BadFlags(f"--resume: the earlier study passed trainer flags {saved.get('trainer_flags')}, "
+                       f"this one {trainer_argv}; give the same flags")
+    return saved
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)

@@ -14,6 +14,7 @@ is read with the default column ``caption``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class CaptionSet:
     shard: tuple[int, int] = (0, 1)
     seed: int | None = None
     column: str | None = None
+    lines: list[int] = field(default_factory=list, repr=False)  # caption_id -> 1-based line (.parquet: row)
     _by_id: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -47,6 +49,11 @@ class CaptionSet:
 
     def __getitem__(self, position: int) -> tuple[int, str]:
         return self.caption_ids[position], self.captions[position]
+
+    def where(self, caption_id: int) -> str:
+        """``PATH line N`` (``row N`` for .parquet) of a caption, for messages."""
+        unit = "row" if Path(self.path).suffix.lower() == ".parquet" else "line"
+        return f"{self.path} {unit} {self.lines[caption_id]}" if self.lines else f"{self.path} caption {caption_id}"
 
     def caption_of(self, caption_id: int) -> str:
         """The caption with this id (it must belong to this shard)."""
@@ -72,13 +79,26 @@ def _missing_column(path: Path, column: str, available: list[str]) -> ValueError
     )
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a ValueError naming the file, line and byte when it is not (e.g. binary)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); "
+                         "caption files are UTF-8 .txt/.csv/.tsv/.jsonl or .parquet") from None
+
+
 def _read_txt(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path), newline=None) as handle:  # universal newlines, as open() reads
         return [line.strip() for line in handle]
 
 
-def _read_delimited(path: Path, column: str, delimiter: str) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as handle:
+def _read_delimited(path: Path, column: str, delimiter: str, lines: list[int]) -> list[str]:
+    """The column's cells in file order; ``lines`` gets each record's (last) line number."""
+    with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         header = [name.strip() for name in (reader.fieldnames or [])]
         if not header:
@@ -86,12 +106,16 @@ def _read_delimited(path: Path, column: str, delimiter: str) -> list[str]:
         reader.fieldnames = header
         if column not in header:
             raise _missing_column(path, column, header)
-        return [_clean(row.get(column)) for row in reader]
+        cells = []
+        for row in reader:  # (csv skips blank lines: the line numbers come from the reader)
+            cells.append(_clean(row.get(column)))
+            lines.append(reader.line_num)
+        return cells
 
 
 def _read_jsonl(path: Path, column: str) -> list[str]:
     captions = []
-    with open(path, encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path), newline=None) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 captions.append("")
@@ -129,26 +153,36 @@ def _read_parquet(path: Path, column: str) -> list[str]:
 
 def read_caption_column(path: str | Path, column: str = "caption") -> tuple[list[str], int]:
     """All non-empty captions of a file in file order, and the number of empty ones skipped."""
+    captions, skipped, _ = _read_caption_lines(path, column)
+    return captions, skipped
+
+
+def _read_caption_lines(path: str | Path, column: str) -> tuple[list[str], int, list[int]]:
+    """Non-empty captions in file order, empty ones skipped, and each caption's 1-based line in the
+    file (.parquet: its row, the first record being row 1)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption file not found: {path}")
     suffix = path.suffix.lower()
+    record_lines: list[int] = []
     if suffix == ".txt":
         raw = _read_txt(path)
     elif suffix in (".csv", ".tsv"):
-        raw = _read_delimited(path, column, "," if suffix == ".csv" else "\t")
+        raw = _read_delimited(path, column, "," if suffix == ".csv" else "\t", record_lines)
     elif suffix == ".jsonl":
         raw = _read_jsonl(path, column)
     elif suffix == ".parquet":
         raw = _read_parquet(path, column)
     else:
         raise ValueError(f"{path}: unknown caption file type {suffix!r}; supported: {', '.join(FORMATS)}")
+    record_lines = record_lines or list(range(1, len(raw) + 1))
+    lines = [line for line, text in zip(record_lines, raw) if text]
     captions = [text for text in raw if text]
     skipped = len(raw) - len(captions)
     if not captions:
         where = "" if suffix == ".txt" else f" in column {column!r}"
         raise ValueError(f"{path}: no captions{where} ({skipped} empty entries skipped)")
-    return captions, skipped
+    return captions, skipped, lines
 
 
 def load_captions(
@@ -168,7 +202,7 @@ def load_captions(
         raise ValueError(f"shard must be (index, count) integers, got {shard!r}")
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {index}/{count} is invalid: need count >= 1 and 0 <= index < count")
-    captions, skipped = read_caption_column(path, column)
+    captions, skipped, lines = _read_caption_lines(path, column)
     order = np.arange(len(captions))
     if seed is not None:
         order = np.random.default_rng(seed).permutation(len(captions))
@@ -182,4 +216,5 @@ def load_captions(
         shard=(index, count),
         seed=seed,
         column=None if Path(path).suffix.lower() == ".txt" else column,
+        lines=lines,
     )

@@ -25,11 +25,11 @@ import yaml
 from generator_service.config import GeneratorConfig
 from generator_service.devices import DeviceSpecError, parse_devices, visible_cuda_count
 from generator_service.pool import PoolError, StopSignal, WorkerPool
-from generator_service.preflight import PreflightError, backend_name, check_model
+from generator_service.preflight import PreflightError, backend_name, check_captions, check_model
 from generator_service.recipes import RECIPE_NAMES
 from generator_service.shards import IMAGE_FORMATS, ShardError
 from protocol.cli_parser import SuggestingParser
-from protocol.server import ServerFailed
+from protocol.server import BindError, ServerFailed
 
 log = logging.getLogger("stablerep-generator")
 
@@ -38,6 +38,16 @@ SUBCOMMANDS = ("captions", "probe-set", "keys")
 RESOLVED_CONFIG_NAME = "config.yaml"
 #: exit status after SIGINT / SIGTERM (128 + SIGINT); the work done so far is flushed first
 EXIT_INTERRUPTED = 130
+#: default --max-groups-per-s of the procedural backend serving online: it renders thousands of groups/s,
+#: a CPU trainer draws tens to a hundred, and the surplus is evicted unseen while taking the trainer's cores
+PROCEDURAL_ONLINE_GROUPS_PER_S = 50.0
+
+
+def online_throttle(backend: str, serving_only: bool, given: float | None) -> float | None:
+    """The effective --max-groups-per-s: ``given`` (0 = none), else the procedural online default."""
+    if given is not None:
+        return given if given != 0 else None
+    return PROCEDURAL_ONLINE_GROUPS_PER_S if backend == "procedural" and serving_only else None
 
 
 class CliError(ValueError):
@@ -122,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("run")
     group.add_argument("--max-groups", type=int, help="stop after this many groups")
     group.add_argument("--max-groups-per-s", type=float,
-                       help="throttle: hand out at most this many groups per second (simulates a slower device)")
+                       help="throttle: hand out at most this many groups per second (simulates a slower device; "
+                            f"0: none; default: none, but {PROCEDURAL_ONLINE_GROUPS_PER_S:g} for the procedural "
+                            "backend serving online, about what a CPU trainer draws)")
     group.add_argument("--preview", help="write a labelled grid of the first groups to this .png")
     group.add_argument("--preview-groups", type=int, default=8, help="rows of the preview grid (default 8)")
     group.add_argument("--drain-timeout", type=float, default=300.0, help="seconds a stop waits for in-flight groups")
@@ -274,6 +286,19 @@ class OnlineStatus:
         pass
 
 
+def check_bind(endpoint: str) -> None:
+    """``--bind``: ``tcp://HOST:PORT`` (PORT 0-65535 or ``*``) or ``ipc://PATH``; CliError naming the problem."""
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return
+    if not endpoint.startswith("tcp://"):
+        raise CliError(f"--bind {endpoint}: expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555) or ipc://PATH")
+    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    if not sep or not host:
+        raise CliError(f"--bind {endpoint}: no port; expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)")
+    if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise CliError(f"--bind {endpoint}: port {port!r} is not a number in 0-65535 (or * for any free port)")
+
+
 def is_loopback(endpoint: str) -> bool:
     """True for ``tcp://127.x.x.x:PORT``, ``tcp://localhost:...``, ``tcp://[::1]:...``, ``ipc://`` and ``inproc://``."""
     if not endpoint.startswith("tcp://"):
@@ -295,10 +320,13 @@ def _run(argv: list[str]) -> int:
         raise CliError("--captions FILE is required (a .txt/.csv/.tsv/.jsonl/.parquet caption file)")
     if args.worker_batch < 1:
         raise CliError(f"--worker-batch must be >= 1, got {args.worker_batch}")
+    if args.bind:
+        check_bind(args.bind)
     devices = _devices(args.gpus)
     config = generator_config(args)
     check_model(config)  # before any worker starts: one line, exit 2
     captions = load_captions(args.captions, column=args.caption_column, shard=tuple(args.shard))
+    check_captions(config, captions)  # the procedural grammar, before any worker starts: one line, exit 2
     options = ServiceOptions(
         config=config,
         captions=captions,
@@ -317,7 +345,7 @@ def _run(argv: list[str]) -> int:
         preview=args.preview,
         preview_groups=args.preview_groups,
         drain_timeout=args.drain_timeout,
-        max_groups_per_s=args.max_groups_per_s,
+        max_groups_per_s=online_throttle(config.backend, bool(args.bind and not args.out), args.max_groups_per_s),
         max_credit=args.max_credit,
         max_clients=args.max_clients,
         max_client_mib=args.max_client_mib,
@@ -325,6 +353,9 @@ def _run(argv: list[str]) -> int:
         state=args.state,
         curve_keys=args.curve_keys,
     )
+    if options.max_groups_per_s is not None and args.max_groups_per_s is None:
+        log.info("procedural backend online: at most %g groups/s by default, about what a CPU trainer draws "
+                 "(--max-groups-per-s R changes it, 0 removes it)", options.max_groups_per_s)
     if args.bind and not is_loopback(args.bind) and not args.curve_keys:
         print(f"{PROG}: warning: serving {args.bind} without --curve-keys: anyone who can reach this address can "
               "connect, read every group and use this service's capacity (make keys with "
@@ -452,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (CliError, PreflightError, DeviceSpecError, ShardError, FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except BindError as exc:  # e.g. the port is taken: found before any worker starts
+        print(f"{PROG}: error: --bind: {exc}", file=sys.stderr)
         return 2
     except PoolError as exc:
         print(f"{PROG}: generation failed: {exc}", file=sys.stderr)

@@ -48,3 +48,31 @@ def check_model(config: GeneratorConfig) -> None:
 
         if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
             raise PreflightError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+
+
+#: characters of a bad caption shown in a message (a caption file may hold a line of megabytes)
+CAPTION_SHOWN = 80
+
+
+def check_captions(config: GeneratorConfig, captions) -> None:
+    """Raise :class:`PreflightError` naming the first caption (by line) the backend cannot draw.
+
+    Only the procedural backend has a grammar (``generator_service.procedural.grammar``); any text
+    suits diffusers. ``captions``: a ``generator_service.captions.CaptionSet``.
+    """
+    if config.backend != "procedural":
+        return
+    from generator_service.procedural.grammar import TEMPLATE, make_caption, parse_caption
+
+    for caption_id, text in sorted(zip(captions.caption_ids, captions.captions)):
+        try:
+            parse_caption(text)
+        except ValueError as exc:
+            shown = text if len(text) <= CAPTION_SHOWN else f"{text[:CAPTION_SHOWN]}... ({len(text)} characters)"
+            message = str(exc)
+            cut = message.rfind(": unknown ")
+            reason = message[cut + 2:] if cut >= 0 else f"not of the form {TEMPLATE!r}"
+            raise PreflightError(
+                f"{captions.where(caption_id)}: {shown!r}: {reason}. The procedural backend draws only "
+                f"captions of its grammar (e.g. {make_caption('red', 'triangle', 'stripes', 'dark')!r}; "
+                "`stablerep-generator captions` writes them); other text needs --backend diffusers") from None

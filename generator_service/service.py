@@ -290,15 +290,18 @@ def run_service(
             image_codec=(options.image_format, options.quality) if options.out and not options.bind else None,
         )
 
+        waiting = ClientWaitNotice(server) if server is not None else None
+
         def tick(p: WorkerPool) -> None:
             if server is not None:
                 server.check()  # the I/O thread died: stop the run, exit non-zero
+                waiting.check()
             if on_tick is not None:
                 on_tick(p, server)
 
         stats = pool.run(items, FanOutSink(sinks), stop=stop, on_tick=tick)
         if server is not None and not stop.requested:
-            _wait_until_sent(server, stop, on_tick=(lambda: on_tick(pool, server)) if on_tick is not None else None)
+            _wait_until_sent(server, stop, on_tick=lambda: tick(pool))
         if preview is not None:
             preview.write()
         return RunResult(
@@ -316,6 +319,34 @@ def run_service(
             writer.close()
         if server is not None:
             server.close()
+
+
+class ClientWaitNotice:
+    """Says so (log, once per wait) when groups are ready and no client is connected, so a service
+    with nothing to do is seen waiting for a trainer rather than hanging; and says when one came."""
+
+    def __init__(self, server: Any, after_s: float = 2.0) -> None:
+        self.server, self.after_s = server, after_s
+        self.idle_since: float | None = None
+        self.announced = False
+
+    def check(self) -> None:
+        stats = self.server.stats()
+        if stats.clients:
+            if self.announced:
+                log.info("a client connected; serving")
+            self.idle_since, self.announced = None, False
+            return
+        if stats.queue_depth == 0:
+            return
+        now = time.monotonic()
+        if self.idle_since is None:
+            self.idle_since = now
+        elif not self.announced and now - self.idle_since >= self.after_s:
+            self.announced = True
+            log.warning("waiting for a client: %d group(s) ready at %s and no trainer connected "
+                        "(start one with: stablerep-train --source online --generators %s ...)",
+                        stats.queue_depth, self.server.endpoint, self.server.endpoint)
 
 
 def _wait_until_sent(server: Any, stop: StopSignal, poll_s: float = 0.1,

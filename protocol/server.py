@@ -63,6 +63,10 @@ class ServerFailed(RuntimeError):
     """The service's I/O thread died: nothing is served any more."""
 
 
+class BindError(OSError):
+    """The server cannot bind its endpoint (address in use, malformed, not this host's): bad input."""
+
+
 class GroupServer:
     """Serve caption groups to trainer clients over a ROUTER socket.
 
@@ -254,7 +258,7 @@ class GroupServer:
             if generated_ids is not None:
                 generated_ids.close()
             socket.close(linger=0)
-            self._start_error = OSError(f"generator service cannot bind {self.bind!r}: {exc}")
+            self._start_error = BindError(f"cannot bind {self.bind!r}: {exc}")
             self._ready.set()
             return
         self._ready.set()

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.study import StudyArm, StudyPlan, parse_study_args, run_study
+from tests.polling import signal_when
+
+REPO = Path(__file__).resolve().parents[1]
 
 ARM_KEYS = {"name", "method", "source", "max_reuse", "seed", "steps", "images_seen", "probe", "fewshot"}
 
@@ -23,10 +30,47 @@ def test_study_args_split_between_study_and_trainer(tmp_path):
         parse_study_args(["--probe", f"shape={tmp_path}"])  # no train/ and val/ there
 
 
-def test_quick_study_runs_every_arm_and_writes_json_table_and_plot(tmp_path):
+def _arms_done(path) -> int:
+    try:
+        return len(json.loads(path.read_text())["arms"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_study_flags_are_checked_before_any_work_and_resume_needs_the_same_plan(tmp_path, capsys):
     out = tmp_path / "study"
-    assert run_study(["--quick", "--output", str(out), "--no-progress"]) == 0
+    assert run_study(["--quick", "--stpes", "3", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unrecognized argument --stpes (did you mean --steps?)" in err, err
+    assert err.startswith("stablerep-bench study: error: ")
+    assert not out.exists()
+    assert run_study(["--quick", "--resume", "--output", str(out)]) == 2
+    assert "no earlier study" in capsys.readouterr().err
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"plan": {"steps": 99}, "trainer_flags": [], "arms": []}))
+    assert run_study(["--quick", "--resume", "--output", str(out)]) == 2
+    assert "has steps=99, this one 6" in capsys.readouterr().err
+
+
+def test_quick_study_stopped_then_resumed_runs_every_arm_and_writes_json_table_and_plot(tmp_path):
+    out = tmp_path / "study"
+    argv = ["--quick", "--output", str(out), "--no-progress"]
+    # stopped by SIGINT once the first arm is in study.json (polled, not timed)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.cli", "study", *argv], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = signal_when(proc, lambda: _arms_done(out / "study.json") >= 1, "the first arm", signal.SIGINT)
+    assert proc.returncode == 130, err
+    stopped = json.loads((out / "study.json").read_text())
+    kept = stopped["arms"]
+    assert stopped["interrupted"] is True and stopped["stopped_at"]["phase"] in ("arms", "random init")
+    assert 1 <= len(kept) < len(StudyPlan.quick().arms())
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stablerep-bench study: interrupted by SIGINT in the arms phase (arm ") and "--resume" in line
+    assert "Traceback" not in err
+
+    assert run_study([*argv, "--resume"]) == 0  # only the arms not finished run
     study = json.loads((out / "study.json").read_text())
+    assert study["arms"][:len(kept)] == kept and study["interrupted"] is False
     plan = StudyPlan.quick()
     arms = study["arms"]
     assert [a["name"] for a in arms] == [arm.name for arm in plan.arms()]

@@ -123,3 +123,24 @@ def test_unknown_format_and_bad_shard(tmp_path, txt_file):
         load_captions(_write(tmp_path / "c.xml", "<a/>"))
     with pytest.raises(ValueError, match="shard 4/4 is invalid"):
         load_captions(txt_file, shard=(4, 4))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_a_binary_caption_file_names_the_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"captions{suffix}"
+    first = {".txt": b"a cat\n", ".csv": b"caption\na cat\n", ".jsonl": b'{"caption": "a cat"}\n'}[suffix]
+    path.write_bytes(first + b"ok \xff\xfe binary\n")
+    line = first.count(b"\n") + 1
+    with pytest.raises(ValueError, match=rf"^{path}:{line}: not UTF-8 text \(byte 0xff at column 4\)"):
+        load_captions(path)
+
+
+def test_each_caption_knows_its_line_for_messages(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("first\n\n  \nsecond\n")
+    captions = load_captions(path, seed=3)
+    assert captions.where(1) == f"{path} line 4" and captions.where(0) == f"{path} line 1"
+    table = tmp_path / "captions.csv"
+    table.write_text("caption\n\nfirst\n\"two\nlines\"\n")
+    assert load_captions(table).where(0) == f"{table} line 3"  # csv skips the blank line; the count does not
+    assert load_captions(table).where(1) == f"{table} line 5"  # a record over two lines: its last line

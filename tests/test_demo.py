@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.demo import DemoPlan, parse_demo_args, run_demo
+from tests.polling import signal_when
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_args_split_between_demo_and_trainer():
@@ -67,3 +74,72 @@ def test_generator_process_is_always_stopped(tmp_path):
         bad.proc.wait(60)
         with pytest.raises(RuntimeError, match="missing.txt"):
             bad.check_alive()
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    """``stablerep-bench ARGS`` as a subprocess of this interpreter (stderr captured, stdout dropped)."""
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _probe_rows(out) -> int:
+    try:
+        return len(json.loads((out / "probes.json").read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+def test_demo_stopped_in_training_then_in_probes_keeps_its_work_and_probes_only_finishes(tmp_path):
+    out = tmp_path / "demo"
+    # 1. SIGINT while training (detected by the snapshot the demo copies after step 10)
+    demo = _start(["demo", "--quick", "--steps", "2000", "--probe-every", "5", "--no-progress", "--output", str(out)])
+    err = signal_when(demo, (out / "snapshots" / "step-000010" / "backbone.safetensors").is_file,
+                      "the snapshot after step 10", signal.SIGINT)
+    assert demo.returncode == 130, err
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    assert report["interrupted"] is True and report["stopped_at"]["phase"] == "training"
+    assert 10 <= steps < 2000 and report["total_steps"] == 2000 and len(report["losses"]) == steps
+    assert report["probes"] == [] and report["probe_accuracy"] is None
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stablerep-bench demo: interrupted by SIGINT in the training phase (step ")
+    assert f"step {steps}/2000" in line and "--probes-only" in line and "Traceback" not in err
+    snapshots = sorted(int(p.name.split("-")[1]) for p in (out / "snapshots").iterdir())
+    assert snapshots[0] == 0 and snapshots[-1] == steps and 10 in snapshots  # the stop's checkpoint is kept too
+
+    # 2. SIGTERM while probing those snapshots (after the first probe is saved)
+    probes = _start(["demo", "--probes-only", "--output", str(out)])
+    err = signal_when(probes, lambda: _probe_rows(out) >= 1, "the first finished probe", signal.SIGTERM)
+    assert probes.returncode == 130, err
+    partial = json.loads((out / "report.json").read_text())
+    kept = json.loads((out / "probes.json").read_text())
+    assert partial["interrupted"] is True and partial["stopped_at"]["phase"] == "probes"
+    assert partial["stopped_at"]["signal"] == "SIGTERM" and 1 <= len(kept) < len(snapshots)
+    assert partial["probes"] == kept and partial["steps"] == steps  # the training part is still there
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("stablerep-bench demo: interrupted by SIGTERM in the probes phase (probe ")
+
+    # 3. --probes-only again: the kept probes stay, the rest run, the report says the training stopped early
+    assert run_demo(["--probes-only", "--output", str(out)]) == 0
+    final = json.loads((out / "report.json").read_text())
+    assert [p["step"] for p in final["probes"]] == snapshots
+    assert final["probes"][:len(kept)] == kept  # not probed again
+    assert final["interrupted"] is True and final["stopped_at"]["phase"] == "training"
+    assert final["probe_accuracy"] is not None and final["per_attribute"]["colour"]["steps"] == snapshots
+
+
+def test_demo_flags_are_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    for argv, message in ((["--stpes", "5"], "unrecognized argument --stpes (did you mean --steps?) (not a flag of this command"),
+                          (["--lr", "abc"], "--lr: invalid float value: 'abc'"),
+                          (["--captions-per-step", "0"], "captions_per_step")):
+        assert run_demo([*argv, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+        assert err.startswith("stablerep-bench demo: error: ")
+    with pytest.raises(SystemExit):
+        parse_demo_args(["--attributes", "colour,smell"])
+    assert "smell (known: colour" in capsys.readouterr().err
+    assert not out.exists()  # nothing written: no captions, no probe sets
+    assert run_demo(["--probes-only", "--output", str(out)]) == 2
+    assert "holds no trained demo run" in capsys.readouterr().err

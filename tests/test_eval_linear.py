@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.eval_helpers import write_colour_folder
+from tests.polling import signal_when
 from trainer.eval.backbones import BackboneSpecError, load_eval_backbone
 from trainer.eval.cli import main
 from trainer.eval.imagefolder import ImageFolderDataset, ImageFolderError
@@ -168,3 +172,18 @@ def test_exported_backbone_round_trip(tmp_path):
     (run / "backbone.json").write_text("{broken")
     with pytest.raises(BackboneSpecError, match="not valid JSON"):
         load_eval_backbone(run)
+
+
+def test_sigterm_stops_the_probe_with_exit_130_naming_the_phase(folders, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "result.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.eval.cli", "linear", *TINY_VIT, "--train", str(folders / "train"),
+         "--val", str(folders / "val"), "--cache-dir", str(cache), "--epochs", "200000", "--output", str(out)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # both feature sets cached: the probe grid is training (for a long time at 200000 epochs)
+    err = signal_when(proc, lambda: len(list(cache.glob("features-*.pt"))) == 2, "the cached features", signal.SIGTERM)
+    assert proc.returncode == 130, err
+    assert err.strip() == (f"stablerep-eval: interrupted by SIGTERM in the probe phase (fast grid of 12 classifiers); "
+                           f"wrote {out} marked interrupted; features extracted so far stay in {cache}")
+    result = json.loads(out.read_text())
+    assert result["interrupted"] is True and result["stopped_at"]["phase"] == "probe"

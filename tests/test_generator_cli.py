@@ -194,18 +194,62 @@ def test_a_missing_model_path_and_an_unknown_backend_are_one_line_exit_2(capsys,
     assert not out.exists()
 
 
-def test_caption_the_backend_rejects_fails_the_run_naming_it(capsys, tmp_path):
+def test_captions_outside_the_procedural_grammar_are_one_line_exit_2_naming_the_line(capsys, tmp_path):
+    captions = tmp_path / "captions.txt"
+    huge = "a photo of a dog " * 60_000  # a 1 MB line: the message shows its start only
+    captions.write_text("a red circle with dots on a dark background\n\n" + huge + "\na photo of a cat\n")
+    out = tmp_path / "shards"
+    argv = ["--captions", str(captions), "--out", str(out), "--gpus", "cpu", "--images-per-group", "2", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and len(err) < 1000, err[:2000]
+    assert f"{captions} line 3: 'a photo of a dog" in err and f"({len(huge.strip())} characters)" in err
+    assert "--backend diffusers" in err and "stablerep-generator captions" in err
+    assert not out.exists()  # refused before any worker started or any shard was opened
+
+    captions.write_text("a red circle with dots on a dark background\na red dog with dots on a dark background\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "unknown shape 'dog'" in err
+
+
+def test_a_caption_a_worker_cannot_generate_fails_the_run_and_keeps_what_was_made(tmp_path):
+    """Past the preflight (here: the service called directly), a caption that fails in the worker
+    stops the run after its retries, naming it, and the groups made before it are kept."""
+    from generator_service.captions import load_captions
+    from generator_service.pool import PoolError
+    from generator_service.service import ServiceOptions, run_service
+
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle with dots on a dark background\nthis is not a procedural caption\n")
     out = tmp_path / "shards"
-    argv = ["--captions", str(captions), "--out", str(out), "--gpus", "cpu", "--worker-batch", "1",
-            "--images-per-group", "2", "--no-progress"]
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert "caption 1 ('this is not a procedural caption') failed to generate 2 times" in err
-    assert "does not follow the procedural grammar" in err
-    # what was generated before the failure is kept
+    options = ServiceOptions(config=GeneratorConfig(images_per_group=2), captions=load_captions(captions),
+                             devices=["cpu"], worker_batch=1, out=str(out))
+    with pytest.raises(PoolError) as failure:
+        run_service(options)
+    assert "caption 1 ('this is not a procedural caption') failed to generate 2 times" in str(failure.value)
+    assert "does not follow the procedural grammar" in str(failure.value)
     assert [c for s in read_manifest(out).shards for c in s.caption_ids] == [0]
+
+
+def test_a_binary_caption_file_is_one_line_naming_file_and_line(capsys, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_bytes(b"a red circle with dots on a dark background\n\x89PNG\r\n\x1a\n\x00\xff")
+    err = _error(capsys, ["--captions", str(captions), "--out", str(tmp_path / "o"), "--gpus", "cpu"])
+    assert len(err.splitlines()) == 1 and f"{captions}:2: not UTF-8 text (byte 0x89 at column 1)" in err
+
+
+def test_a_port_in_use_and_a_malformed_bind_are_one_line_exit_2(capsys, captions_file):
+    import zmq
+
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as taken:
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        err = _error(capsys, ["--captions", captions_file, "--bind", f"tcp://127.0.0.1:{port}", "--gpus", "cpu"])
+        assert len(err.splitlines()) == 1 and f"cannot bind 'tcp://127.0.0.1:{port}'" in err
+    err = _error(capsys, ["--captions", captions_file, "--bind", "tcp://127.0.0.1:abc", "--gpus", "cpu"])
+    assert err.strip() == ("stablerep-generator: error: --bind tcp://127.0.0.1:abc: port 'abc' is not a number "
+                           "in 0-65535 (or * for any free port)")
+    assert "no port" in _error(capsys, ["--captions", captions_file, "--bind", "tcp://127.0.0.1", "--gpus", "cpu"])
 
 
 def test_max_groups_stops_after_that_many(capsys, captions_file, tmp_path):
@@ -233,3 +277,38 @@ def test_old_count_flags_are_deprecated_aliases(capsys, tmp_path):
     old.write_text("batch-captions: 4\n")
     assert parse_args(["--config", str(old)]).worker_batch == 4
     assert "'batch-captions' is deprecated; use 'worker_batch'" in capsys.readouterr().err
+
+
+def test_a_service_with_groups_and_no_client_says_it_waits_for_one(tmp_path, captions_file):
+    from tests.polling import wait_for
+    from tests.train_helpers import free_tcp_endpoint
+
+    endpoint, log_path = free_tcp_endpoint(), tmp_path / "generator.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "generator_service.cli", "--captions", captions_file,
+                                 "--bind", endpoint, "--gpus", "cpu", "--max-groups", "8", "--images-per-group", "2",
+                                 "--save-size", "16", "--no-progress", "--drain-timeout", "2"],
+                                cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "waiting for a client" in log_path.read_text() or proc.poll() is not None,
+                     "the waiting-for-a-client line", timeout=120)
+            assert proc.poll() is None, log_path.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            proc.kill()
+    text = log_path.read_text()
+    line = next(line for line in text.splitlines() if "waiting for a client" in line)
+    assert f"ready at {endpoint} and no trainer connected" in line and f"--generators {endpoint}" in line
+    assert text.count("waiting for a client") == 1  # said once, not every tick
+    assert "at most 50 groups/s by default" in text  # the procedural online default throttle, announced
+
+
+def test_the_procedural_backend_serving_online_is_throttled_by_default():
+    from generator_service.cli import PROCEDURAL_ONLINE_GROUPS_PER_S, online_throttle
+
+    assert online_throttle("procedural", serving_only=True, given=None) == PROCEDURAL_ONLINE_GROUPS_PER_S
+    assert online_throttle("procedural", serving_only=True, given=0) is None  # 0 lifts it
+    assert online_throttle("procedural", serving_only=True, given=7.5) == 7.5
+    assert online_throttle("procedural", serving_only=False, given=None) is None  # shards: as fast as it goes
+    assert online_throttle("diffusers", serving_only=True, given=None) is None

@@ -45,7 +45,7 @@ def check_data_paths(cfg: TrainConfig) -> None:
     if not found:
         raise ConfigError(
             f"config field data.data = {cfg.data.data!r}: empty, no shard files in it (write shards with "
-            "`stablerep-generate ... --out DIR`)"
+            "`stablerep-generator --captions FILE --out DIR`)"
         )
     from trainer.sources.offline_layout import check_uniform, manifest_inputs
 

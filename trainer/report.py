@@ -107,12 +107,16 @@ def write_demo_report(
     summary: dict[str, Any],
     probes: list[dict[str, Any]],
     timings: dict[str, float],
+    stopped_at: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Write ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` of a demo run; returns the report.
 
     ``probes``: rows ``{"step", "attribute", "top1", "num_classes", ...}``; step 0 is the random init,
     the largest step the trained backbone. The first attribute of ``plan["attributes"]`` is the headline.
+    ``stopped_at`` (``{"phase", "detail", "signal" or "error"}``): the run did not finish; the report
+    is partial (``"interrupted": true``): ``summary`` may be empty (stopped before training ended) and
+    attributes without a probe row are left out of ``per_attribute`` (their headline fields are None).
     """
     output = Path(output)
     attributes = list(plan["attributes"])
@@ -122,26 +126,31 @@ def write_demo_report(
     per_attribute = {}
     for attribute, rows in by_attr.items():
         if not rows:
-            raise ValueError(f"no probe result for attribute {attribute!r}")
+            if stopped_at is None:
+                raise ValueError(f"no probe result for attribute {attribute!r}")
+            continue
         per_attribute[attribute] = {
             "trained": rows[-1]["top1"], "random_init": rows[0]["top1"], "num_classes": rows[-1]["num_classes"],
             "chance": 100.0 / rows[-1]["num_classes"], "steps": [r["step"] for r in rows],
             "top1": [r["top1"] for r in rows],
         }
-    head = per_attribute[headline]
+    head = per_attribute.get(headline, {})
     losses = [float(v) for v in summary.get("losses", [])]
     k = max(1, min(10, len(losses) // 5 or 1))
     stats = summary.get("source_stats") or {}
     report = {
+        "interrupted": stopped_at is not None,  # True: a partial report (see stopped_at)
+        "stopped_at": stopped_at,
         "probe_attribute": headline,
-        "probe_accuracy": head["trained"],
-        "random_init_probe_accuracy": head["random_init"],
-        "probe_margin": head["trained"] - head["random_init"],
-        "num_classes": head["num_classes"],
-        "chance_accuracy": head["chance"],
+        "probe_accuracy": head.get("trained"),
+        "random_init_probe_accuracy": head.get("random_init"),
+        "probe_margin": head["trained"] - head["random_init"] if head else None,
+        "num_classes": head.get("num_classes"),
+        "chance_accuracy": head.get("chance"),
         "per_attribute": per_attribute,
-        "steps": int(summary["steps"]),
-        "images_seen": int(summary["images_seen"]),
+        "steps": int(summary.get("steps", 0)),
+        "total_steps": int(summary.get("total_steps", plan.get("steps", 0))),
+        "images_seen": int(summary.get("images_seen", 0)),
         "generated_groups": int(stats.get("groups_received", 0)),
         "train_images_per_s": float(summary.get("images_per_s", 0.0)),
         "loss_first": losses[0] if losses else None,  # the loss of the first optimizer step
@@ -160,14 +169,16 @@ def write_demo_report(
         "curve": str(output / "curve.png"),
         **extra,
     }
+    stop_note = f" (stopped in {stopped_at['phase']}: {stopped_at['detail']})" if stopped_at else ""
     plot_training_curve(
         output / "curve.png", losses,
         {f"{a} ({r['num_classes']} classes)": (r["steps"], r["top1"]) for a, r in per_attribute.items()},
         chance_accuracy={f"{a} ({r['num_classes']} classes)": r["chance"] for a, r in per_attribute.items()},
         title=f"StableRep demo: {report['steps']} steps, {report['images_seen']} images, "
-              f"{report['generated_groups']} generated groups",
+              f"{report['generated_groups']} generated groups{stop_note}",
         lrs=summary.get("lrs"),
     )
+    output.mkdir(parents=True, exist_ok=True)
     tmp = output / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str))
     tmp.replace(output / "report.json")

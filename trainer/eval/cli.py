@@ -21,6 +21,7 @@ from trainer.eval.fewshot import FewShotConfig
 from trainer.eval.imagefolder import ImageFolderError
 from trainer.eval.linear import FastProbeConfig, PaperProbeConfig
 from trainer.eval.probe import fewshot_probe, linear_probe
+from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 
 
@@ -126,7 +127,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     Console(width=120).print(table)
 
 
-def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
+def _linear(args: argparse.Namespace, backbone, device, progress: Progress) -> dict[str, Any]:
     if args.protocol == "fast":
         given = {"epochs": args.epochs, "lrs": args.lrs, "weight_decays": args.weight_decays}
         cfg = FastProbeConfig(select=args.select, standardize=not args.no_standardize, seed=args.seed,
@@ -137,7 +138,8 @@ def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
                  "eval_every": args.eval_every, "momentum": args.momentum, "weight_decay": args.weight_decay}
         cfg = PaperProbeConfig(batch_norm=args.batch_norm and not args.no_batch_norm, seed=args.seed,
                                workers=args.workers, **{k: v for k, v in given.items() if v is not None})
-    result = linear_probe(backbone, args.train, args.val, cfg, device, args.batch_size, args.workers, args.cache_dir)
+    result = linear_probe(backbone, args.train, args.val, cfg, device, args.batch_size, args.workers, args.cache_dir,
+                          progress=progress)
     if args.protocol == "fast":
         rows = [[f"{r['lr']:g}", f"{r['weight_decay']:g}", r.get("holdout_top1"), r["train_top1"], r["top1"], r["top5"]]
                 for r in result["grid"]]
@@ -160,10 +162,11 @@ def _linear(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
     return result
 
 
-def _fewshot(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
+def _fewshot(args: argparse.Namespace, backbone, device, progress: Progress) -> dict[str, Any]:
     cfg = FewShotConfig(n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes,
                         seed=args.seed, inverse_reg=args.inverse_reg)
-    result = fewshot_probe(backbone, args.data, cfg, device, args.batch_size, args.workers, args.cache_dir)
+    result = fewshot_probe(backbone, args.data, cfg, device, args.batch_size, args.workers, args.cache_dir,
+                           progress=progress)
     print(f"{cfg.n_way}-way {cfg.k_shot}-shot over {cfg.episodes} episodes: "
           f"{result['accuracy']:.2f}% +- {result['ci95']:.2f} (95% CI)")
     if result["excluded_classes"]:
@@ -175,30 +178,42 @@ def _fewshot(args: argparse.Namespace, backbone, device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        for folder in ([args.train, args.val] if args.command == "linear" else [args.data]):
-            if not Path(folder).is_dir():
-                raise ImageFolderError(f"image folder {folder} does not exist or is not a directory")
-        backbone = load_eval_backbone(args.checkpoint, merge_kwargs(args.model_kwargs), seed=args.init_seed)
-        device = resolve_device(args.device)
-        result = (_linear if args.command == "linear" else _fewshot)(args, backbone, device)
-    except (BackboneSpecError, ImageFolderError, ValueError, FloatingPointError) as err:
-        print(f"stablerep-eval: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stablerep-eval: interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError) as err:
-        print(f"stablerep-eval: evaluation failed: {err}", file=sys.stderr)
-        return 1
+    progress = Progress("setup", "loading the backbone")
+    with StopSignals() as stop:
+        try:
+            for folder in ([args.train, args.val] if args.command == "linear" else [args.data]):
+                if not Path(folder).is_dir():
+                    raise ImageFolderError(f"image folder {folder} does not exist or is not a directory")
+            backbone = load_eval_backbone(args.checkpoint, merge_kwargs(args.model_kwargs), seed=args.init_seed)
+            device = resolve_device(args.device)
+            result = (_linear if args.command == "linear" else _fewshot)(args, backbone, device, progress)
+        except (BackboneSpecError, ImageFolderError, ValueError, FloatingPointError) as err:
+            print(f"stablerep-eval: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            kept = ""
+            if args.output:
+                _write_json(Path(args.output), {"interrupted": True, "stopped_at": {
+                    **progress.as_dict(), "signal": stop.describe()}, "command": args.command})
+                kept = f"; wrote {args.output} marked interrupted"
+            cached = f"; features extracted so far stay in {args.cache_dir}" if args.cache_dir else ""
+            print(f"stablerep-eval: interrupted by {stop.describe()} in {progress.where()}{kept}{cached}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (RuntimeError, OSError) as err:
+            print(f"stablerep-eval: evaluation failed: {err}", file=sys.stderr)
+            return 1
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
-        print(f"wrote {out}")
+        _write_json(Path(args.output), result)
+        print(f"wrote {args.output}")
     return 0
+
+
+def _write_json(out: Path, payload: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

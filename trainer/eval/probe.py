@@ -11,6 +11,7 @@ from trainer.eval.backbones import EvalBackbone
 from trainer.eval.features import eval_transform, extract_features, train_transform
 from trainer.eval.fewshot import FewShotConfig, fewshot_eval
 from trainer.eval.imagefolder import ImageFolderDataset
+from trainer.interrupts import Progress
 from trainer.eval.linear import FastProbeConfig, PaperProbeConfig, fast_linear_probe, paper_linear_probe
 
 
@@ -24,24 +25,37 @@ def linear_probe(
     workers: int = 0,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Linear probe of ``backbone`` trained on ``train_dir`` and scored on ``val_dir`` (ImageFolders).
 
     ``FastProbeConfig`` -> features extracted once with the eval view, grid on cached features;
     ``PaperProbeConfig`` -> augmented views through the frozen backbone every epoch.
+    ``progress`` learns the phase ("features", "probe") for a caller that reports where a stop came.
     """
     start = time.perf_counter()
+    progress = progress or Progress()
     if isinstance(config, PaperProbeConfig):
         train = ImageFolderDataset(train_dir, train_transform(backbone))
         val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
-        result = paper_linear_probe(backbone, train, val, config, device, log=log)
+        progress.enter("probe", f"paper protocol, {config.epochs} epochs")
+
+        def log_epoch(message: str) -> None:
+            if message.startswith("epoch "):
+                progress.detail = f"paper protocol, {message.split(' loss')[0]} finished"
+            log(message)
+
+        result = paper_linear_probe(backbone, train, val, config, device, log=log_epoch)
     else:
         train = ImageFolderDataset(train_dir, eval_transform(backbone))
         val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
         t0 = time.perf_counter()
+        progress.enter("features", f"{len(train)} training images")
         train_feats = extract_features(backbone, train, device, batch_size, workers, cache_dir)
+        progress.enter("features", f"{len(val)} held-out images")
         val_feats = extract_features(backbone, val, device, batch_size, workers, cache_dir)
         extract_seconds = time.perf_counter() - t0
+        progress.enter("probe", f"fast grid of {len(config.lrs) * len(config.weight_decays)} classifiers")
         result = fast_linear_probe(train_feats, val_feats, config, device)
         result["extract_seconds"] = extract_seconds
         result["train_skipped"] = train_feats.skipped
@@ -60,11 +74,15 @@ def fewshot_probe(
     batch_size: int = 256,
     workers: int = 0,
     cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Few-shot episodes over the classes of ``data_dir`` (an ImageFolder) on frozen features."""
     start = time.perf_counter()
+    progress = progress or Progress()
     data = ImageFolderDataset(data_dir, eval_transform(backbone))
+    progress.enter("features", f"{len(data)} images")
     feats = extract_features(backbone, data, device, batch_size, workers, cache_dir)
+    progress.enter("episodes", f"{config.episodes} episodes")
     result = fewshot_eval(feats, config, device)
     result.update(backbone=backbone.describe(), data_dir=str(data_dir), skipped_images=len(feats.skipped),
                   seconds=time.perf_counter() - start)

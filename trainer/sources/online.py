@@ -49,6 +49,8 @@ GPU_STORAGE_FRACTION = 0.25  # auto storage: buffer on the GPU when it takes <= 
 DEFAULT_CAPACITY_FACTOR = 8  # default capacity: this many batches' worth of groups
 # Repeated group ids beyond re-sends: warn once when at least this many and this share of arrivals repeat.
 REPEAT_WARNING_COUNT, REPEAT_WARNING_SHARE = 32, 0.25
+# Groups evicted before any draw: warn once when at least this many and this share of all evictions were unseen.
+UNSEEN_WARNING_COUNT, UNSEEN_WARNING_SHARE = 256, 0.5
 
 
 class GroupStreamError(RuntimeError):
@@ -142,6 +144,8 @@ class OnlineSource:
         self._pending_state: dict | None = None
         self._resized_groups = 0
         self._repeat_warned = False
+        self._unseen_warned = False
+        self._added_since_check = 0
         self._started_at = time.monotonic()
         curve = None
         if curve_keys:
@@ -243,6 +247,23 @@ class OnlineSource:
                 "generators serve the same captions with the same seed? Give each its own --shard i/N "
                 "(or its own --seed)", stats["repeats"], received)
 
+    def _check_unseen_evictions(self) -> None:
+        """Warn once when most groups leave the buffer never drawn: the generators make far more than
+        this trainer draws, and the surplus costs their compute (and, on one machine, the trainer's CPU)."""
+        self._added_since_check += 1
+        if self._unseen_warned or self.replay is None or self._added_since_check < 64:
+            return
+        self._added_since_check = 0  # the counters are read every 64 added groups, not for every one
+        stats = self.replay.stats()
+        unseen, evicted = stats["evicted_unused"], stats["evicted"]
+        if unseen >= UNSEEN_WARNING_COUNT and unseen >= UNSEEN_WARNING_SHARE * evicted:
+            self._unseen_warned = True
+            log.warning(
+                "%d of %d groups evicted from the replay buffer were never drawn: the generators make groups "
+                "faster than this trainer draws them (%d per step). Throttle them to about what it draws "
+                "(stablerep-generator --max-groups-per-s R), or draw more: a larger --captions-per-step or "
+                "--replay-capacity", unseen, evicted, self.captions_per_rank)
+
     def _on_group(self, group: Any) -> None:
         """Called by the client's I/O thread for every received group."""
         if self._error is not None:  # already failed: next_batch reports it; drop quietly
@@ -258,6 +279,8 @@ class OnlineSource:
                 group.caption_id = namespaced_caption_id(f"generator:{group.generator}", group.caption_id)
             if not self.replay.add(self._fit(group)):
                 self._check_repeats()
+            else:
+                self._check_unseen_evictions()
         except BadGroup:  # skipped: the client counts it, tells the service and gives the credit back
             raise
         except BaseException as exc:  # surfaced by next_batch on the training thread
