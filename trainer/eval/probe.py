@@ -8,11 +8,27 @@ from typing import Any, Callable
 import torch
 
 from trainer.eval.backbones import EvalBackbone
-from trainer.eval.features import eval_transform, extract_features, train_transform
+from trainer.eval.features import FeatureSet, eval_transform, extract_features, train_transform
 from trainer.eval.fewshot import FewShotConfig, fewshot_eval
 from trainer.eval.imagefolder import ImageFolderDataset
 from trainer.interrupts import Progress
 from trainer.eval.linear import FastProbeConfig, PaperProbeConfig, fast_linear_probe, paper_linear_probe
+
+
+def split_features(
+    backbone: EvalBackbone,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+) -> tuple[FeatureSet, FeatureSet]:
+    """Eval-view features of two ImageFolders; val's labels follow train's class order."""
+    train = ImageFolderDataset(train_dir, eval_transform(backbone))
+    val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
+    return (extract_features(backbone, train, device, batch_size, workers, cache_dir),
+            extract_features(backbone, val, device, batch_size, workers, cache_dir))
 
 
 def linear_probe(
