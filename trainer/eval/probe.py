@@ -11,6 +11,7 @@ from trainer.eval.backbones import EvalBackbone
 from trainer.eval.features import FeatureSet, eval_transform, extract_features, train_transform
 from trainer.eval.fewshot import FewShotConfig, fewshot_eval
 from trainer.eval.imagefolder import ImageFolderDataset
+from trainer.eval.knn import KnnConfig, knn_eval
 from trainer.interrupts import Progress
 from trainer.eval.linear import FastProbeConfig, PaperProbeConfig, fast_linear_probe, paper_linear_probe
 
@@ -102,4 +103,26 @@ def fewshot_probe(
     result = fewshot_eval(feats, config, device)
     result.update(backbone=backbone.describe(), data_dir=str(data_dir), skipped_images=len(feats.skipped),
                   seconds=time.perf_counter() - start)
+    return result
+
+
+def knn_probe(
+    backbone: EvalBackbone,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    config: KnnConfig,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Weighted k-NN of ``val_dir`` images against ``train_dir`` images (ImageFolders), eval view."""
+    start = time.perf_counter()
+    train_feats, val_feats = split_features(backbone, train_dir, val_dir, device, batch_size, workers, cache_dir)
+    extract_seconds = time.perf_counter() - start
+    result = knn_eval(train_feats, val_feats, config, device)
+    result.update(backbone=backbone.describe(), train_dir=str(train_dir), val_dir=str(val_dir),
+                  train_skipped=train_feats.skipped, val_skipped=val_feats.skipped,
+                  skipped_images=len(train_feats.skipped) + len(val_feats.skipped),
+                  extract_seconds=extract_seconds, seconds=time.perf_counter() - start)
     return result
