@@ -1,12 +1,16 @@
-"""Weighted k-NN (InstDisc / DINO): hand-computed votes on a tiny feature set, k and T at work."""
+"""Weighted k-NN (InstDisc / DINO): hand-computed votes on a tiny feature set, k and T at work, and
+``stablerep-eval knn`` on real ImageFolders."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from tests.eval_helpers import write_colour_folder
 from trainer.eval import KnnConfig, knn_class_scores, knn_eval
+from trainer.eval.cli import main as eval_main
 from trainer.eval.features import FeatureSet
 
 # Training features (not unit length: the scorer normalizes) and their classes.
@@ -56,3 +60,35 @@ def test_bad_settings_and_mismatched_classes_are_refused():
     other = FeatureSet(BANK, LABELS, ["zero", "two"], [])
     with pytest.raises(ValueError, match="differ"):
         knn_eval(train, other)
+
+
+@pytest.fixture(scope="module")
+def colour_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    write_colour_folder(root / "train", per_class=12, seed=0, classes=("red", "blue", "green"))
+    write_colour_folder(root / "val", per_class=6, seed=1, classes=("red", "blue", "green"))
+    (root / "val" / "red" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_eval_knn_cli_scores_colours_and_counts_a_corrupt_image(colour_split, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    code = eval_main(["knn", "--checkpoint", "timm:small_cnn", "--train", str(colour_split / "train"),
+                      "--val", str(colour_split / "val"), "--workers", "0", "--device", "cpu",
+                      "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["val_images"] == 18 and result["train_images"] == 36 and result["skipped_images"] == 1
+    assert result["config"]["k"] == 20 and result["config"]["temperature"] == 0.07
+    assert result["top1"] > 90  # colour is what a random conv net already separates
+    printed = capsys.readouterr().out
+    assert "k-NN (k=20, T=0.07)" in printed and "skipped 1 unreadable" in printed
+
+
+def test_eval_knn_cli_bad_input_exits_2(colour_split, tmp_path, capsys):
+    code = eval_main(["knn", "--checkpoint", "timm:small_cnn", "--train", str(colour_split / "train"),
+                      "--val", str(tmp_path / "missing"), "--workers", "0"])
+    assert code == 2 and "missing" in capsys.readouterr().err
+    code = eval_main(["knn", "--checkpoint", "timm:small_cnn", "--train", str(colour_split / "train"),
+                      "--val", str(colour_split / "val"), "--knn-k", "0", "--workers", "0"])
+    assert code == 2 and "k-NN k" in capsys.readouterr().err

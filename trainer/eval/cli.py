@@ -1,6 +1,7 @@
-"""``stablerep-eval``: linear probe and few-shot evaluation of a frozen backbone.
+"""``stablerep-eval``: linear probe, weighted k-NN and few-shot evaluation of a frozen backbone.
 
     stablerep-eval linear --checkpoint runs/demo --train DATA/train --val DATA/val [--protocol fast|paper]
+    stablerep-eval knn --checkpoint runs/demo --train DATA/train --val DATA/val [--knn-k 20 --knn-temperature 0.07]
     stablerep-eval fewshot --checkpoint runs/demo --data DATA/val [--n-way 5 --k-shot 5]
 
 Exit codes: 0 completed, 1 evaluation failed, 2 bad input, 130 interrupted.
@@ -19,8 +20,9 @@ from trainer.eval.backbones import BackboneSpecError, load_eval_backbone
 from trainer.eval.features import resolve_device
 from trainer.eval.fewshot import FewShotConfig
 from trainer.eval.imagefolder import ImageFolderError
+from trainer.eval.knn import KnnConfig
 from trainer.eval.linear import FastProbeConfig, PaperProbeConfig
-from trainer.eval.probe import fewshot_probe, linear_probe
+from trainer.eval.probe import fewshot_probe, knn_probe, linear_probe
 from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 
@@ -87,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--eval-every", type=int, default=None,
                        help="paper: evaluate val every N epochs, best over evaluations (default 10; 0 = end only)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the probe training (default: %(default)s)")
+
+    knn = sub.add_parser("knn", help="weighted k-NN (cosine, exp(sim / T) votes) on a frozen backbone")
+    _add_common(knn)
+    data = knn.add_argument_group("data")
+    data.add_argument("--train", required=True, help="ImageFolder whose features are the neighbours")
+    data.add_argument("--val", required=True, help="ImageFolder whose images are classified")
+    vote = knn.add_argument_group("k-NN")
+    vote.add_argument("--knn-k", type=int, default=KnnConfig.k, help="neighbours per query (default: %(default)s, DINO)")
+    vote.add_argument("--knn-temperature", type=float, default=KnnConfig.temperature,
+                      help="vote weight exp(cosine / T) (default: %(default)s, DINO)")
 
     few = sub.add_parser("fewshot", help="N-way K-shot episodes with logistic regression")
     _add_common(few)
@@ -162,6 +174,18 @@ def _linear(args: argparse.Namespace, backbone, device, progress: Progress) -> d
     return result
 
 
+def _knn(args: argparse.Namespace, backbone, device, progress: Progress) -> dict[str, Any]:
+    cfg = KnnConfig(k=args.knn_k, temperature=args.knn_temperature)
+    progress.enter("features", "training and held-out images, then k-NN")
+    result = knn_probe(backbone, args.train, args.val, cfg, device, args.batch_size, args.workers, args.cache_dir)
+    print(f"k-NN (k={cfg.k}, T={cfg.temperature:g}), {result['num_classes']} classes, "
+          f"{result['train_images']} neighbours, {result['val_images']} queries: top1 {result['top1']:.2f}%"
+          + (f", top5 {result['top5']:.2f}%" if result["top5"] is not None else ""))
+    if result["skipped_images"]:
+        print(f"skipped {result['skipped_images']} unreadable images (listed in the JSON)")
+    return result
+
+
 def _fewshot(args: argparse.Namespace, backbone, device, progress: Progress) -> dict[str, Any]:
     cfg = FewShotConfig(n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes,
                         seed=args.seed, inverse_reg=args.inverse_reg)
@@ -181,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress("setup", "loading the backbone")
     with StopSignals() as stop:
         try:
-            for folder in ([args.train, args.val] if args.command == "linear" else [args.data]):
+            for folder in ([args.data] if args.command == "fewshot" else [args.train, args.val]):
                 if not Path(folder).is_dir():
                     raise ImageFolderError(f"image folder {folder} does not exist or is not a directory")
+            if args.command == "knn":
+                KnnConfig(k=args.knn_k, temperature=args.knn_temperature)  # bad settings before loading anything
             backbone = load_eval_backbone(args.checkpoint, merge_kwargs(args.model_kwargs), seed=args.init_seed)
             device = resolve_device(args.device)
-            result = (_linear if args.command == "linear" else _fewshot)(args, backbone, device, progress)
+            run = {"linear": _linear, "knn": _knn, "fewshot": _fewshot}[args.command]
+            result = run(args, backbone, device, progress)
         except (BackboneSpecError, ImageFolderError, ValueError, FloatingPointError) as err:
             print(f"stablerep-eval: error: {err}", file=sys.stderr)
             return 2
