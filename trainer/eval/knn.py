@@ -82,10 +82,10 @@ def knn_eval(train: FeatureSet, val: FeatureSet, config: KnnConfig = KnnConfig()
     scores = knn_class_scores(train.features.to(device), train.labels.to(device), val.features.to(device),
                               train.num_classes, config)
     labels = val.labels.to(scores.device)
-    top1 = (scores.argmax(dim=1) == labels).float().mean().item() * 100
+    top1 = 100.0 * int((scores.argmax(dim=1) == labels).sum()) / len(labels)
     top5 = None
     if train.num_classes > 5:
-        top5 = (scores.topk(5, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item() * 100
+        top5 = 100.0 * int((scores.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()) / len(labels)
     return {
         "protocol": "knn",
         "config": asdict(config),
