@@ -12,7 +12,7 @@ dropped, so ``--weak-aug`` over the paper preset crops at the official 0.5-1.
 The resolved config is written to ``OUTPUT/config.yaml`` and can be fed back with ``--config``.
 
 YAML files are nested maps whose top-level keys are the groups below (``model``, ``method``,
-``augment``, ``data``, ``replay``, ``optim``, ``schedule``, ``run``); an unknown key, a wrong
+``augment``, ``data``, ``replay``, ``optim``, ``schedule``, ``run``, ``monitor``); an unknown key, a wrong
 type or an out-of-range value is an error that names the file, the field and the value.
 """
 from __future__ import annotations
@@ -170,6 +170,18 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Representation monitor (``trainer/monitor.py``): weighted k-NN of the backbone on probe folders."""
+
+    dirs: list[str] = field(default_factory=list)  # ImageFolders with train/ and val/ ([] = no monitor)
+    every: int = 1000  # steps between evaluations (also at step 0 and the last step)
+    knn_k: int = 20  # neighbours per query (DINO)
+    knn_temperature: float = 0.07  # vote weight exp(cosine / T) (DINO)
+    linear: bool = False  # also a quick linear probe on the same features
+    batch_size: int = 256  # images per feature-extraction batch
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -179,6 +191,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     # ----- derived values -------------------------------------------------------------------
     def crop_size(self) -> int:
@@ -383,6 +396,8 @@ class TrainConfig:
                 _fail("run.log_with", name, "must be tensorboard or wandb")
         if not run.output:
             _fail("run.output", run.output, "must be a directory path")
+        for name in ("every", "knn_k", "knn_temperature", "batch_size"):
+            _positive(f"monitor.{name}", getattr(self.monitor, name))
         return self
 
 

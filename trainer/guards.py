@@ -1,7 +1,8 @@
 """Checks before the first step: data that exists, a memory estimate, and the CPU guard.
 
 * :func:`check_data_paths` runs before the config's own checks, so an empty or missing data folder
-  is the error a user sees (not a warmup length derived from it).
+  (or a monitor probe folder without train/ and val/) is the error a user sees (not a warmup length
+  derived from it).
 * :func:`estimate_memory` gives a rough peak memory of one training process: weights, gradients,
   AdamW moments and the activations of one local batch (a ViT keeps about ``ACT_FLOATS_PER_TOKEN``
   floats per token, width unit and block for backward).
@@ -28,7 +29,29 @@ CPU_MAX_MEMORY_SHARE = 0.8
 
 
 def check_data_paths(cfg: TrainConfig) -> None:
-    """Offline source: every ``data.data`` entry exists and at least one holds data files."""
+    """Offline source: every ``data.data`` entry exists and at least one holds data files; every
+    ``monitor.dirs`` entry is a probe folder (train/ and val/ with the same >= 2 classes)."""
+    _check_offline_data(cfg)
+    check_probe_folders(cfg.monitor.dirs)
+
+
+def check_probe_folders(dirs: list[str]) -> None:
+    """Raise ``ConfigError`` naming the first probe folder without the train/val layout, or two of one name."""
+    from trainer.eval.imagefolder import ImageFolderError, scan_probe_folder
+
+    names: dict[str, str] = {}
+    for entry in dirs:
+        try:
+            probe = scan_probe_folder(entry)
+        except ImageFolderError as err:
+            raise ConfigError(f"config field monitor.dirs = {entry!r}: {err}") from None
+        if probe.name in names:
+            raise ConfigError(f"config field monitor.dirs = {entry!r}: the probe name {probe.name!r} is also "
+                              f"{names[probe.name]!r} (probes are named after their folder)")
+        names[probe.name] = entry
+
+
+def _check_offline_data(cfg: TrainConfig) -> None:
     if cfg.data.source != "offline" or not cfg.data.data:
         return
     found = False

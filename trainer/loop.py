@@ -34,6 +34,7 @@ from trainer.sources.generator_watch import GeneratorsSilentError
 from trainer.config import ConfigError, TrainConfig, write_config
 from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
 from trainer.launch import accelerator_cpu_flag, backend_name, check_joined, check_single_launch, launch_env
+from trainer.monitor import Monitor
 from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
 
@@ -296,8 +297,10 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                                      "(--resume auto continues once generators serve again)")
 
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
+    monitor = Monitor(cfg, unwrapped, accelerator, output, status, live)  # k-NN on probe folders (--monitor)
     status.start(start_step)
     try:
+        monitor.start(step, images_seen)
         with _StopFlag() as stop:
             while step < total_steps:
                 t0 = time.perf_counter()
@@ -342,6 +345,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 if main:
                     status.step(step, total_steps, loss_value, lr, images_per_step, source.stats,
                                 force=step == total_steps or stop_now)
+                monitor.after_step(step, images_seen)
 
                 if step % cfg.run.log_every == 0 or step == total_steps:
                     recent = step_seconds[-cfg.run.log_every:]
@@ -372,6 +376,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     name = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another rank"
                     stopped = f"interrupted ({name})"
                     break
+        monitor.finish(step, images_seen, completed=stopped == "completed")
         if step > start_step or last_checkpoint is None:
             last_checkpoint = checkpoint(losses[-1] if losses else None)
         source_stats = source.stats()
@@ -379,8 +384,9 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         if main and losses:
             from trainer.report import plot_training_curve
 
-            plot_training_curve(output / "curve.png", losses, {}, lrs=lrs, first_step=start_step + 1,
-                                title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}")
+            plot_training_curve(output / "curve.png", losses, lrs=lrs, first_step=start_step + 1,
+                                title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}",
+                                **monitor.curve_kwargs())
     finally:
         progress.close()
         if live is not None:
@@ -407,4 +413,5 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         "lrs": lrs,
         "world_size": world_size,
         "device": str(device),
+        "monitor": monitor.summary(),
     }

@@ -14,7 +14,10 @@ Names (all ``stablerep_trainer_*``), refreshed at every log step (``--log-every`
   (``evicted_unused``: groups evicted without ever being drawn);
 - ``repeated_groups_total``: arrivals dropped because their group id was already held (re-sends
   after a reconnect, or generators serving the same captions with the same seed);
-- ``groups_received_total``, ``reconnects_total``, ``bad_messages_total``: the online client.
+- ``groups_received_total``, ``reconnects_total``, ``bad_messages_total``: the online client;
+- ``knn_top1{probe=...}`` (and ``linear_top1{probe=...}`` with ``--monitor-linear``): the monitor's
+  last accuracy per probe folder, ``monitor_step``: the step it was measured at,
+  ``monitor_failures_total``: monitor evaluations that failed (trainer/monitor.py).
 """
 from __future__ import annotations
 
@@ -62,18 +65,38 @@ def trainer_samples(step: int, logs: dict[str, float], source_stats: dict[str, A
     return out
 
 
+def monitor_samples(rows: list[dict[str, Any]], failures: int) -> list[Sample]:
+    """One gauge per probe and accuracy from the monitor's rows of one evaluation (trainer/monitor.py)."""
+    out = [Sample(P + "monitor_failures_total", "counter", "monitor evaluations that failed", float(failures))]
+    if rows:
+        out.append(Sample(P + "monitor_step", "gauge", "step of the last monitor evaluation", float(rows[0]["step"])))
+    for row in rows:
+        for key, text in (("knn_top1", "weighted k-NN top-1 (%) of the backbone on a probe folder"),
+                          ("linear_top1", "quick linear probe top-1 (%) of the backbone on a probe folder")):
+            if key in row:
+                out.append(Sample(P + key, "gauge", text, float(row[key]), {"probe": str(row["probe"])}))
+    return out
+
+
 class TrainerMetrics:
-    """Serve the trainer's metrics on ``port``; ``update`` replaces the snapshot."""
+    """Serve the trainer's metrics on ``port``; ``update`` and ``set_monitor`` replace their parts of the snapshot."""
 
     def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
         self.server = MetricsServer(port, addr)
+        self._training: list[Sample] = []
+        self._monitor: list[Sample] = []
 
     @property
     def url(self) -> str:
         return self.server.url
 
     def update(self, step: int, logs: dict[str, float], source_stats: dict[str, Any]) -> None:
-        self.server.set(trainer_samples(step, logs, source_stats))
+        self._training = trainer_samples(step, logs, source_stats)
+        self.server.set(self._training + self._monitor)
+
+    def set_monitor(self, rows: list[dict[str, Any]], failures: int) -> None:
+        self._monitor = monitor_samples(rows, failures)
+        self.server.set(self._training + self._monitor)
 
     def close(self) -> None:
         self.server.close()

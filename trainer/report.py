@@ -26,17 +26,20 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 def plot_training_curve(
     path: str | Path,
     losses: Sequence[float],
-    probe_curves: dict[str, tuple[Sequence[int], Sequence[float]]],
+    probe_curves: dict[str, tuple[Sequence[int], Sequence[float]]] | None = None,
     chance_accuracy: dict[str, float] | None = None,
     title: str = "",
     lrs: Sequence[float] | None = None,
     first_step: int = 1,
+    initial_accuracy: dict[str, float] | None = None,
+    accuracy_title: str = "linear probe on held-out images",
 ) -> Path:
     """Write a two-panel PNG: loss per step (raw + moving average) and probe accuracy (%) per step.
 
     ``probe_curves[name] = (steps, top1)``: probe accuracy of the backbone snapshot taken after
     ``steps[i]`` optimizer steps (step 0 = the random init); the first entry is drawn boldest.
-    ``chance_accuracy[name]`` adds a dotted chance line of the same colour. ``lrs``: the learning
+    ``chance_accuracy[name]`` adds a dotted chance line of the same colour, ``initial_accuracy[name]``
+    a dashed line at the random-init value. ``accuracy_title`` names the measure. ``lrs``: the learning
     rate per step, drawn dashed on a second axis of the loss panel; ``first_step``: the step number of
     ``losses[0]`` (a resumed run starts after its checkpoint). Without probe curves the figure
     has the loss panel only.
@@ -75,10 +78,13 @@ def plot_training_curve(
                 ax_acc.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
         if chance_accuracy and name in chance_accuracy:
             ax_acc.axhline(chance_accuracy[name], color=colour, linestyle=":", linewidth=1)
+        if initial_accuracy and name in initial_accuracy:
+            ax_acc.axhline(initial_accuracy[name], color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
     ax_acc.set_xlabel("optimizer step (0 = random init)")
     ax_acc.set_ylabel("held-out top-1 accuracy (%)")
     ax_acc.set_ylim(0, 105)
-    ax_acc.set_title("linear probe on held-out images (dotted: chance)")
+    ax_acc.set_title(f"{accuracy_title} (dotted: chance" + (", dashed: random init)" if initial_accuracy else ")"),
+                     fontsize=9)
     ax_acc.grid(alpha=0.3)
     if probe_curves:
         ax_acc.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="probed attribute")

@@ -125,3 +125,34 @@ def collate_skipping(items: list) -> LoadedBatch:
     labels = torch.tensor([item[1] for item in good], dtype=torch.long)
     indices = torch.tensor([item[2] for item in good], dtype=torch.long)
     return LoadedBatch(images, labels, indices, skipped)
+
+
+@dataclass(frozen=True)
+class ProbeFolder:
+    """A labelled probe: ``root/train/<class>/...`` and ``root/val/<class>/...`` with the same classes."""
+
+    root: Path
+    class_names: list[str]
+    train_images: int
+    val_images: int
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+
+def scan_probe_folder(root: str | Path) -> ProbeFolder:
+    """Check the train/val layout of a probe folder; an :class:`ImageFolderError` names what is wrong."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageFolderError(f"probe folder {root} does not exist or is not a directory")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ImageFolderError(f"probe folder {root} has no {split}/ sub-folder (expected {root}/{split}/<class>/<image>)")
+    classes, train = scan_image_folder(root / "train")
+    if len(classes) < 2:
+        raise ImageFolderError(f"probe folder {root}: train/ has {len(classes)} class ({classes}); a probe needs >= 2")
+    val_classes, val = scan_image_folder(root / "val")
+    if val_classes != classes:
+        raise ImageFolderError(f"probe folder {root}: classes differ between train/ {classes} and val/ {val_classes}")
+    return ProbeFolder(root, classes, len(train), len(val))

@@ -1,0 +1,271 @@
+"""What the representation learns while it trains: weighted k-NN of the live backbone on probe folders.
+
+``stablerep-train --monitor DIR [DIR ...] --monitor-every STEPS``: at step 0 (the random init), every
+``STEPS`` steps and at the last step of a completed run, the backbone (the one training, frozen for
+the evaluation: eval mode, ``no_grad``, its train mode restored afterwards) embeds the ``train/`` and
+``val/`` images of every probe folder in batches on the training device, and each val image is
+classified by weighted k-NN against the train images (``trainer/eval/knn.py``, the scorer of
+``stablerep-eval knn``). ``--monitor-linear`` adds the quick linear probe of ``stablerep-eval linear``
+(one short grid, selected on a held-out part of train) on the same features.
+
+The probe images are decoded once per run, resized and centre-cropped to the model's input as
+``stablerep-eval`` does, and kept as uint8; an undecodable image is skipped and counted. The global
+RNG state is saved and restored around an evaluation, so a run with a monitor trains exactly as the
+same run without one.
+
+Results: one line per probe and evaluation in ``OUTPUT/monitor.jsonl``
+(``{"step", "probe", "knn_top1", "linear_top1"?, "images_seen", "seconds", ...}``; a failed evaluation
+is a line with ``"error"`` instead of the accuracies: a warning, and training goes on), a line in the
+status output and ``train.log`` (``monitor step 250: knn colour 87.5 | knn shape 40.2 (3.1 s)``),
+tracker scalars ``monitor/<probe>/knn_top1``, the Prometheus gauge
+``stablerep_trainer_knn_top1{probe="<probe>"}``, a second panel of ``curve.png`` and the ``monitor``
+entry of the run's summary.
+
+With several processes, rank 0 evaluates while the other ranks wait at a barrier (the probe sets of
+a monitor are small next to training; see benchmarks/RESULTS.md for the measured cost).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision import transforms
+
+from trainer.eval.backbones import IMAGENET_MEAN, IMAGENET_STD, EvalBackbone
+from trainer.eval.features import FeatureSet, eval_transform, extract_features, make_loader
+from trainer.eval.imagefolder import ImageFolderDataset
+from trainer.eval.knn import KnnConfig, knn_eval
+from trainer.eval.linear import FastProbeConfig, fast_linear_probe
+
+log = logging.getLogger(__name__)
+
+MONITOR_FILE = "monitor.jsonl"
+#: the quick linear probe of ``--monitor-linear``: one weight decay, three lrs, 50 epochs, holdout selection
+QUICK_LINEAR = FastProbeConfig(lrs=(0.01, 0.1, 1.0), weight_decays=(0.0,), epochs=50)
+
+
+@dataclass
+class DecodedSplit(torch.utils.data.Dataset):
+    """One split of a probe, decoded once: ``images`` uint8 ``[N, 3, S, S]`` (resized and centre-cropped as
+    ``stablerep-eval``'s eval view), ``labels`` int64 ``[N]``. Items are ``(image, label, index)`` with
+    ``image`` float ``[3, S, S]`` normalized, so :func:`extract_features` reads it like an ImageFolder."""
+
+    root: Path
+    class_names: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    skipped: list[str]
+    normalize: transforms.Normalize
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.normalize(self.images[index].float().div(255)), int(self.labels[index]), index
+
+    def path(self, index: int) -> str:
+        return self.paths[index]
+
+
+def decode_split(root: Path, backbone: EvalBackbone, classes: list[str] | None = None) -> DecodedSplit:
+    """Decode every image under ``root`` (an ImageFolder) once into a :class:`DecodedSplit`."""
+    view = eval_transform(backbone).transforms  # [Resize, CenterCrop, ToTensor, Normalize]
+    folder = ImageFolderDataset(root, transforms.Compose([*view[:2], transforms.PILToTensor()]), classes=classes)
+    images, labels, paths, skipped = [], [], [], []
+    for batch in make_loader(folder, batch_size=256, workers=0):
+        skipped.extend(folder.path(i) for i in batch.skipped)
+        if batch.labels.numel():
+            images.append(batch.images)
+            labels.append(batch.labels)
+            paths.extend(folder.path(int(i)) for i in batch.indices)
+    if not images:
+        raise ValueError(f"no decodable image in {root} ({len(skipped)} unreadable files)")
+    return DecodedSplit(Path(root), list(folder.class_names), torch.cat(images), torch.cat(labels), paths, skipped,
+                        view[3])
+
+
+@dataclass
+class Probe:
+    """A probe folder and, after the first evaluation, its decoded splits."""
+
+    root: Path
+    train: DecodedSplit | None = None
+    val: DecodedSplit | None = None
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def decoded(self, backbone: EvalBackbone) -> tuple[DecodedSplit, DecodedSplit]:
+        if self.train is None or self.val is None:
+            self.train = decode_split(self.root / "train", backbone)
+            self.val = decode_split(self.root / "val", backbone, classes=self.train.class_names)
+        return self.train, self.val
+
+
+class Monitor:
+    """The monitor of one run. Every process calls :meth:`start`, :meth:`after_step` and :meth:`finish`
+    at the same steps (they meet at a barrier when there are several); only the main process evaluates
+    and writes. Without ``monitor.dirs`` every method does nothing."""
+
+    def __init__(self, cfg, model: torch.nn.Module, accelerator, output: Path, status, live=None) -> None:
+        self.cfg, self.accelerator, self.status, self.live = cfg.monitor, accelerator, status, live
+        self.enabled = bool(self.cfg.dirs)
+        self.main = accelerator.is_main_process
+        self.path = Path(output) / MONITOR_FILE
+        self.knn = KnnConfig(k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+        self.probes = [Probe(Path(d)) for d in self.cfg.dirs]
+        self.records: list[dict[str, Any]] = []
+        self.failures, self.seconds = 0, 0.0
+        self.first_step, self.last_evaluated = 0, -1  # of this process's session: the same on every rank
+        self.backbone = EvalBackbone(
+            model=model.backbone, name=cfg.model.name, model_kwargs=dict(cfg.model.model_kwargs),
+            input_size=cfg.crop_size(), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            num_features=int(model.num_features), source="the training backbone",
+        )
+
+    # ----- the hooks the loop calls -----------------------------------------------------------
+    def start(self, step: int, images_seen: int) -> None:
+        """Before the first step: keep the records of the run resumed (steps <= ``step``), evaluate step 0."""
+        if not self.enabled:
+            return
+        self.first_step = step
+        if self.main:
+            self._keep_records_up_to(step)
+        if step == 0:
+            self._evaluate(step, images_seen)
+
+    def after_step(self, step: int, images_seen: int) -> None:
+        if self.enabled and step % self.cfg.every == 0:
+            self._evaluate(step, images_seen)
+
+    def finish(self, step: int, images_seen: int, completed: bool) -> None:
+        """The last step of a completed run that trained in this session, unless it was just evaluated."""
+        if self.enabled and completed and step > self.first_step and step != self.last_evaluated:
+            self._evaluate(step, images_seen)
+
+    # ----- results ----------------------------------------------------------------------------
+    def curve_kwargs(self) -> dict[str, Any]:
+        """``plot_training_curve`` arguments of the accuracy panel: k-NN top-1 against step per probe."""
+        curves, chance, initial = {}, {}, {}
+        for probe in self.probes:
+            rows = sorted((r for r in self.records if r["probe"] == probe.name and "knn_top1" in r),
+                          key=lambda r: r["step"])
+            if not rows:
+                continue
+            label = f"{probe.name} ({rows[-1]['num_classes']} classes)"
+            curves[label] = ([r["step"] for r in rows], [r["knn_top1"] for r in rows])
+            chance[label] = 100.0 / rows[-1]["num_classes"]
+            if rows[0]["step"] == 0:
+                initial[label] = rows[0]["knn_top1"]
+        if not curves:
+            return {}
+        return {"probe_curves": curves, "chance_accuracy": chance, "initial_accuracy": initial,
+                "accuracy_title": f"k-NN (k={self.knn.k}, T={self.knn.temperature:g}) on held-out images"}
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        last = {}
+        for record in self.records:
+            if "knn_top1" in record:
+                last[record["probe"]] = {k: record[k] for k in ("step", "knn_top1", "linear_top1") if k in record}
+        return {"file": str(self.path), "every": self.cfg.every, "knn_k": self.knn.k,
+                "knn_temperature": self.knn.temperature, "evaluations": len({r["step"] for r in self.records}),
+                "failures": self.failures, "seconds": self.seconds, "last": last}
+
+    # ----- evaluation -------------------------------------------------------------------------
+    def _evaluate(self, step: int, images_seen: int) -> None:
+        self.last_evaluated = step
+        if self.main:
+            start = time.perf_counter()
+            rows = self._evaluate_all(step, images_seen)
+            seconds = time.perf_counter() - start
+            self.seconds += seconds
+            self._publish(step, rows, seconds)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+
+    def _evaluate_all(self, step: int, images_seen: int) -> list[dict[str, Any]]:
+        model = self.backbone.model
+        was_training = model.training
+        device = self.accelerator.device
+        rows = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                for probe in self.probes:
+                    rows.append(self._evaluate_probe(probe, step, images_seen, device))
+            finally:
+                model.train(was_training)
+        return rows
+
+    def _evaluate_probe(self, probe: Probe, step: int, images_seen: int, device: torch.device) -> dict[str, Any]:
+        start = time.perf_counter()
+        row: dict[str, Any] = {"step": step, "probe": probe.name}
+        try:
+            train, val = probe.decoded(self.backbone)
+            train_feats = extract_features(self.backbone, train, device, self.cfg.batch_size)
+            val_feats = extract_features(self.backbone, val, device, self.cfg.batch_size)
+            row["knn_top1"] = knn_eval(train_feats, val_feats, self.knn, device)["top1"]
+            if self.cfg.linear:
+                row["linear_top1"] = self._linear_top1(train_feats, val_feats, device)
+            row.update(num_classes=len(train.class_names), train_images=len(train), val_images=len(val),
+                       skipped_images=len(train.skipped) + len(val.skipped))
+        except Exception as err:  # noqa: BLE001 - a failed evaluation must not end the run
+            self.failures += 1
+            row["error"] = f"{type(err).__name__}: {err}"
+            log.warning("monitor: evaluation of probe %s at step %d failed (training goes on): %s",
+                        probe.name, step, row["error"])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.update(images_seen=images_seen, seconds=time.perf_counter() - start)
+        return row
+
+    @staticmethod
+    def _linear_top1(train: FeatureSet, val: FeatureSet, device: torch.device) -> float:
+        return float(fast_linear_probe(train, val, QUICK_LINEAR, device)["top1"])
+
+    def _publish(self, step: int, rows: list[dict[str, Any]], seconds: float) -> None:
+        self.records.extend(rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        parts, scalars = [], {}
+        for row in rows:
+            if "error" in row:
+                parts.append(f"{row['probe']} failed")
+                continue
+            parts.append(f"knn {row['probe']} {row['knn_top1']:.1f}"
+                         + (f" linear {row['linear_top1']:.1f}" if "linear_top1" in row else ""))
+            scalars.update({f"monitor/{row['probe']}/{k}": row[k] for k in ("knn_top1", "linear_top1") if k in row})
+        self.status.note(f"monitor step {step}: {' | '.join(parts)} ({seconds:.1f} s)")
+        scalars["monitor/seconds"] = seconds
+        self.accelerator.log(scalars, step=step)
+        if self.live is not None:
+            self.live.set_monitor(rows, self.failures)
+
+    def _keep_records_up_to(self, step: int) -> None:
+        """A fresh run starts an empty ``monitor.jsonl``; a resumed one keeps the lines up to its step."""
+        kept = []
+        if step > 0 and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    kept.append(row)
+        self.records = kept
+        self.failures = sum("error" in r for r in kept)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{MONITOR_FILE}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
