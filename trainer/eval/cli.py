@@ -62,6 +62,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--output", default=None, help="write the result JSON to this file")
 
 
+def _add_train_val(parser: argparse.ArgumentParser, train_help: str, val_help: str) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--train", required=True, help=train_help)
+    data.add_argument("--val", required=True, help=val_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = SuggestingParser(prog="stablerep-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lin = sub.add_parser("linear", help="linear probe on a frozen backbone")
     _add_common(lin)
-    data = lin.add_argument_group("data")
-    data.add_argument("--train", required=True, help="ImageFolder for training the probe")
-    data.add_argument("--val", required=True, help="ImageFolder for scoring it")
+    _add_train_val(lin, "ImageFolder for training the probe", "ImageFolder for scoring it")
     probe = lin.add_argument_group("probe")
     probe.add_argument("--protocol", choices=("fast", "paper"), default="fast", help="fast: the quick probe; paper: the paper's linear protocol (default: %(default)s)")
     probe.add_argument("--epochs", type=int, default=None, help="default: fast 100, paper 90")
@@ -92,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     knn = sub.add_parser("knn", help="weighted k-NN (cosine, exp(sim / T) votes) on a frozen backbone")
     _add_common(knn)
-    data = knn.add_argument_group("data")
-    data.add_argument("--train", required=True, help="ImageFolder whose features are the neighbours")
-    data.add_argument("--val", required=True, help="ImageFolder whose images are classified")
+    _add_train_val(knn, "ImageFolder whose features are the neighbours", "ImageFolder whose images are classified")
     vote = knn.add_argument_group("k-NN")
     vote.add_argument("--knn-k", type=int, default=KnnConfig.k, help="neighbours per query (default: %(default)s, DINO)")
     vote.add_argument("--knn-temperature", type=float, default=KnnConfig.temperature,
