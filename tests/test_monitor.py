@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.eval_helpers import write_colour_folder
 from tests.test_train_launch import REPO, env, launcher
@@ -69,7 +70,7 @@ def monitored_run(shards, probes, tmp_path_factory):
     colours, unreadable, mixed = probes
     out = tmp_path_factory.mktemp("monitored") / "run"
     code = cli.main(args(shards, out, 4, "--monitor", str(colours), str(unreadable), str(mixed), "--monitor-every", "2",
-                         "--monitor-linear"))
+                         "--monitor-linear", "--log-with", "tensorboard"))
     assert code == 0
     return out
 
@@ -95,6 +96,11 @@ def test_a_run_with_monitor_evaluates_steps_0_n_2n_and_keeps_training_past_a_fai
     log = (monitored_run / "train.log").read_text()
     assert log.count("monitor step ") == 3
     assert f"monitor step 4: knn colours {good[-1]['knn_top1']:.1f} linear" in log and "unreadable failed" in log
+    events = EventAccumulator(str(next(monitored_run.glob("stablerep/**/events.out.tfevents.*")).parent))
+    events.Reload()
+    knn = [(e.step, e.value) for e in events.Scalars("monitor/colours/knn_top1")]
+    assert knn == [(r["step"], pytest.approx(r["knn_top1"])) for r in good]
+    assert "monitor/mixed/linear_top1" in events.Tags()["scalars"]
     with Image.open(monitored_run / "curve.png") as curve:
         assert curve.width == 1320  # two panels (loss | accuracy); the loss panel alone is 770 px wide
 

@@ -167,7 +167,8 @@ class Monitor:
         if not curves:
             return {}
         return {"probe_curves": curves, "chance_accuracy": chance, "initial_accuracy": initial,
-                "accuracy_title": f"k-NN (k={self.knn.k}, T={self.knn.temperature:g}) on held-out images"}
+                "accuracy_title": f"k-NN (k={self.knn.k}, T={self.knn.temperature:g}) on held-out images",
+                "legend_title": "probe folder"}
 
     def summary(self) -> dict[str, Any] | None:
         if not self.enabled:

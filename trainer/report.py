@@ -33,13 +33,15 @@ def plot_training_curve(
     first_step: int = 1,
     initial_accuracy: dict[str, float] | None = None,
     accuracy_title: str = "linear probe on held-out images",
+    legend_title: str = "probed attribute",
 ) -> Path:
     """Write a two-panel PNG: loss per step (raw + moving average) and probe accuracy (%) per step.
 
     ``probe_curves[name] = (steps, top1)``: probe accuracy of the backbone snapshot taken after
     ``steps[i]`` optimizer steps (step 0 = the random init); the first entry is drawn boldest.
     ``chance_accuracy[name]`` adds a dotted chance line of the same colour, ``initial_accuracy[name]``
-    a dashed line at the random-init value. ``accuracy_title`` names the measure. ``lrs``: the learning
+    a dashed line at the random-init value. ``accuracy_title`` names the measure, ``legend_title`` the
+    curves. ``lrs``: the learning
     rate per step, drawn dashed on a second axis of the loss panel; ``first_step``: the step number of
     ``losses[0]`` (a resumed run starts after its checkpoint). Without probe curves the figure
     has the loss panel only.
@@ -87,7 +89,7 @@ def plot_training_curve(
                      fontsize=9)
     ax_acc.grid(alpha=0.3)
     if probe_curves:
-        ax_acc.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="probed attribute")
+        ax_acc.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title=legend_title)
     return _save_figure(fig, path, title)
 
 
