@@ -300,8 +300,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     monitor = Monitor(cfg, unwrapped, accelerator, output, status, live)  # k-NN on probe folders (--monitor)
     status.start(start_step)
     try:
-        monitor.start(step, images_seen)
         with _StopFlag() as stop:
+            monitor.start(step, images_seen)  # step 0: the random init (Ctrl-C during it stops after step 1)
             while step < total_steps:
                 t0 = time.perf_counter()
                 lr = schedule(step)
