@@ -139,7 +139,8 @@ def test_resume_keeps_the_earlier_evaluations_and_continues_the_cadence(shards, 
     out = tmp_path / "run"
     assert cli.main(args(shards, out, 2, "--monitor", str(colours), "--monitor-every", "2")) == 0
     assert [r["step"] for r in records(out)] == [0, 2]
-    assert cli.main(args(shards, out, 4, "--monitor", str(colours), "--monitor-every", "2", "--resume", "auto")) == 0
+    assert cli.main(args(shards, out, 4, "--monitor", str(colours), "--monitor-every", "2", "--resume", "auto",
+                             "--resume-lr", "replan")) == 0
     assert [r["step"] for r in records(out)] == [0, 2, 4]
 
 
