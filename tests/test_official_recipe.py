@@ -467,5 +467,8 @@ def test_fp16_uses_a_gradient_scaler_in_the_trainer_bench():
 def test_trainer_fp16_uses_accelerates_gradient_scaler():
     from accelerate import Accelerator
 
+    from trainer.launch import fresh_accelerator_state
+
+    fresh_accelerator_state()  # earlier tests in this process trained at other precisions
     accelerator = Accelerator(mixed_precision="fp16")
     assert accelerator.scaler is not None  # accelerator.backward scales, the prepared optimizer unscales

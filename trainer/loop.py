@@ -21,19 +21,28 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.sources.generator_watch import GeneratorsSilentError
 from trainer.config import ConfigError, TrainConfig, write_config
 from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
-from trainer.launch import accelerator_cpu_flag, backend_name, check_joined, check_single_launch, launch_env
+from trainer.launch import (
+    accelerator_cpu_flag,
+    backend_name,
+    check_joined,
+    check_single_launch,
+    collective_timeout_s,
+    fresh_accelerator_state,
+    launch_env,
+)
 from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
 
@@ -198,9 +207,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     memory = estimate_memory(cfg, meta_model(cfg), env.world_size)  # before anything big is allocated
     on_cpu = accelerator_cpu_flag(cfg.run.cpu, env) or not torch.cuda.is_available()
     check_cpu_scale(cfg, memory, torch.device("cpu" if on_cpu else "cuda"), env.world_size, cfg.run.force)
+    fresh_accelerator_state()  # an earlier run in this process may have used another precision
+    group_timeout = timedelta(seconds=collective_timeout_s(cfg.data.connect_timeout, cfg.data.sample_timeout))
     accelerator = Accelerator(
         mixed_precision=cfg.run.precision, cpu=accelerator_cpu_flag(cfg.run.cpu, env), log_with=trackers or None,
-        project_dir=str(output),
+        project_dir=str(output), kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout)],
     )
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     check_joined(env, world_size, rank)
