@@ -463,6 +463,7 @@ def test_fp16_uses_a_gradient_scaler_in_the_trainer_bench():
     assert results["grad_scaler"] is True and results["fed_step"]["images_per_s"] > 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Accelerate's fp16 mode needs CUDA")
 def test_trainer_fp16_uses_accelerates_gradient_scaler():
     from accelerate import Accelerator
