@@ -6,7 +6,13 @@ returns a summary dict. Each step:
 
     batch (uint8 [G, n, H, W, 3]) from the source -> device (non_blocking)
     -> method(model, batch, augment) -> (loss, metrics)   [under autocast]
-    -> backward -> non-finite check -> optional grad clip -> AdamW step
+    -> backward -> (check steps: non-finite check) -> optional grad clip -> AdamW step
+
+The next batch is drawn in a background thread while a step runs (``step_pipeline.Prefetcher``).
+Losses stay on the device and are read back only at check steps: log steps, checkpoint saves, the
+last step and a stop (``step_pipeline.LossLedger``; what that means for a non-finite loss is
+described there). A single process stops on SIGTERM/SIGINT after the current step; several
+processes agree on a stop at the next check step.
 
 Multi-process runs go through ``accelerate launch``: every process builds its own source and
 draws ``captions_per_step / num_processes`` groups per step; the contrastive loss gathers features
@@ -45,6 +51,7 @@ from trainer.launch import (
 )
 from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
+from trainer.step_pipeline import LossLedger, Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +290,17 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
         live = TrainerMetrics(cfg.run.metrics_port)
         accelerator.print(f"metrics at {live.url}")
-    losses: list[float] = []
+    ledger = LossLedger(start_step)  # losses on the device, read back at check steps
+    losses = ledger.values
     lrs: list[float] = []
     step_seconds: list[float] = []
     stopped = "completed"
     step = start_step
 
     def checkpoint(last_loss: float | None) -> Path:
-        source_state = source.state_dict()
+        check_finite()  # never save weights that a non-finite step has touched
+        last_loss = ledger.last() if last_loss is None else last_loss
+        source_state = prefetch.state_dict()  # not counting the batch drawn ahead
         trainer_state = {
             "images_seen": images_seen, "config": cfg.to_dict(), "loss": last_loss, "lr": schedule(max(step - 1, 0)),
             "lr_schedule": schedule.to_dict(),
@@ -306,7 +316,14 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         return GeneratorsSilentError(f"{why}; stopped after step {step}, checkpoint {checkpoint(last_loss)} "
                                      "(--resume auto continues once generators serve again)")
 
+    def check_finite(bad: tuple[int, float] | None = None) -> None:
+        """Raise NonFiniteLossError at ``bad`` (step, loss), or at the first non-finite pending loss."""
+        bad = ledger.flush() if bad is None else bad
+        if bad is not None:
+            raise NonFiniteLossError(bad[0], bad[1], last_checkpoint)
+
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
+    prefetch = Prefetcher(source, device, limit=total_steps - start_step)
     status.start(start_step)
     try:
         with _StopFlag() as stop:
@@ -319,24 +336,33 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 # Online: every generator silent for --generator-timeout -> checkpoint, GeneratorsSilentError.
                 silent = silent_generators() if silent_generators is not None else None
                 try:
-                    batch = source.next_batch().to(device, non_blocking=True)
+                    batch = prefetch.next()  # drawn and copied while the previous step ran
                 except GeneratorsSilentError as exc:  # the buffer ran dry as well
-                    raise stopped_for_silence(str(exc), losses[-1] if losses else None) from None
+                    raise stopped_for_silence(str(exc), None) from None
                 with accelerator.autocast():
                     loss, metrics = method(model, batch, augment)
                 accelerator.backward(loss)
+                ledger.add(loss)
 
-                # Sync point: the loss value decides whether this step's update is applied at all.
-                loss_value = loss.item()
-                non_finite = not math.isfinite(loss_value)
+                # Check steps read the losses back (a host-device sync); other steps do not wait.
                 stop_now = stop.signal is not None
                 generators_silent = silent is not None
-                if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
-                    flags = torch.tensor([float(non_finite), float(stop_now), float(generators_silent)], device=device)
-                    flags = accelerator.reduce(flags, reduction="sum")
-                    non_finite, stop_now, generators_silent = (bool(f > 0) for f in flags.tolist())
-                if non_finite:
-                    raise NonFiniteLossError(step + 1, loss_value, last_checkpoint)
+                done = step + 1
+                check = (done % cfg.run.log_every == 0 or done == total_steps or done % cfg.run.save_every == 0
+                         or (world_size == 1 and (stop_now or generators_silent)))
+                if check:
+                    bad = ledger.flush()
+                    if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
+                        flags = torch.tensor([float(bad is not None), float(stop_now), float(generators_silent)],
+                                             device=device)
+                        flags = accelerator.reduce(flags, reduction="sum")
+                        non_finite, stop_now, generators_silent = (bool(f > 0) for f in flags.tolist())
+                        if non_finite and bad is None:
+                            bad = (done, math.nan)  # another process's loss
+                    check_finite(bad)  # before this step's update
+                else:
+                    stop_now = generators_silent = False  # several processes: acted on at the next check step
+                loss_value = losses[-1] if check else loss.detach()  # a float at check steps, else a device scalar
 
                 grad_norm = None
                 if cfg.optim.grad_clip is not None:
@@ -347,7 +373,6 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
                 step += 1
                 images_seen += images_per_step
-                losses.append(loss_value)
                 lrs.append(lr)
                 step_seconds.append(time.perf_counter() - t0)
                 if main:
@@ -384,7 +409,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     stopped = f"interrupted ({name})"
                     break
         if step > start_step or last_checkpoint is None:
-            last_checkpoint = checkpoint(losses[-1] if losses else None)
+            last_checkpoint = checkpoint(None)
         source_stats = source.stats()
         status.note(f"{stopped} at step {step}/{total_steps}; checkpoint {last_checkpoint}", echo=main)
         if main and losses:
@@ -393,6 +418,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
             plot_training_curve(output / "curve.png", losses, {}, lrs=lrs, first_step=start_step + 1,
                                 title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}")
     finally:
+        prefetch.close()
         progress.close()
         if live is not None:
             live.close()
