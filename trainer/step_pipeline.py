@@ -44,6 +44,8 @@ class Prefetcher:
 
     def __init__(self, source: Any, device: torch.device, limit: int | None = None) -> None:
         self.source, self.device, self.limit = source, torch.device(device), limit
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._taken = 0
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._want = threading.Semaphore(0)
@@ -67,6 +69,8 @@ class Prefetcher:
         return batch, copied
 
     def _run(self) -> None:
+        if self.device.type == "cuda":  # a new thread starts on device 0: make the training device current
+            torch.cuda.set_device(self.device)
         while True:
             self._want.acquire()
             if self._closed.is_set():
