@@ -249,14 +249,14 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         f"{' images x '.join(map(str, cfg.views_in_loss()))} crops, {local_captions} captions per rank), {total_steps} steps, source "
         f"{source_name}, output {output}", echo=main)
     status.note(memory.line(), echo=main)
-    if cfg.run.compile:
-        model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.optim.weight_decay, cfg.optim.wd_embeddings), lr=schedule.peak_lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         fused=device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.run.compile:  # after the data-parallel wrapper, so that gradient all-reduce overlaps backward
+        model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     if isinstance(augment, torch.nn.Module):
         augment = augment.to(device)
 
