@@ -235,10 +235,14 @@ def _quiet_loading_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+#: backends that compute on the host whatever device they are given: their workers open no CUDA context
+HOST_ONLY_BACKENDS = frozenset({"procedural"})
+
+
 def _setup_device(spec: WorkerSpec) -> None:
     import torch
 
-    if spec.device.startswith("cuda"):
+    if spec.device.startswith("cuda") and spec.config.backend not in HOST_ONLY_BACKENDS:
         torch.cuda.set_device(torch.device(spec.device))
     torch.set_num_threads(max(1, spec.num_threads))  # the host's cores, shared among the workers
 

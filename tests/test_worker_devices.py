@@ -1,4 +1,4 @@
-"""Compiled generators see one batch shape: the worker pads a short last batch (generator_service.worker)."""
+"""Generator workers on GPU slots: one batch shape for compiled models (padding), no CUDA context for host-only backends."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,3 +48,21 @@ def test_a_compiled_diffusers_backend_declares_a_static_batch(tiny_sd_path):
                   dtype="fp32", images_per_group=2)
     assert create_backend(GeneratorConfig(**fields, compile=True)).static_batch  # nothing compiles until a call
     assert not create_backend(GeneratorConfig(**fields)).static_batch
+
+
+def test_a_procedural_worker_on_a_gpu_slot_opens_no_cuda_context():
+    """`--gpus auto` gives every worker a GPU slot; the procedural backend renders on the host and must
+    not call into CUDA (each worker would hold a context of ~0.5 GiB). Here, without a GPU, any CUDA
+    call would raise."""
+    import torch
+
+    from generator_service.worker import WorkerSpec, _setup_device
+
+    config = GeneratorConfig(backend="procedural", height=16, width=16, save_size=16, images_per_group=2)
+    threads = torch.get_num_threads()
+    try:
+        _setup_device(WorkerSpec(index=0, device="cuda:0", config=config, worker_batch=2, num_threads=threads))
+    finally:
+        torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        assert not torch.cuda.is_initialized()
