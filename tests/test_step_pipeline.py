@@ -55,7 +55,8 @@ def test_prefetcher_raises_the_sources_error_at_the_batch_it_concerns():
         assert int(prefetch.next().images.max()) == 1
         with pytest.raises(GeneratorsSilentError):
             prefetch.next()
-        assert int(prefetch.next().images.max()) == 3  # the next call draws again
+        assert source.drawn == 2 and prefetch.state_dict() == {"drawn": 2}  # nothing drawn ahead after it
+        assert int(prefetch.next().images.max()) == 3  # a later call draws again
     finally:
         prefetch.close()
 

@@ -114,9 +114,9 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
         return sources.build_source(
             "online", endpoints=d.generators, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
             device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
-            capacity_gib=r.capacity_gib, storage=r.storage, training_bytes=int(training.total_gib * 2**30), evict=r.evict, max_reuse=r.max_reuse,
-            min_fresh=r.min_fresh, hard_fraction=r.hard_fraction, cell_size=r.cell_size,
-            cell_words=r.cell_words, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
+            capacity_gib=r.capacity_gib, storage=r.storage, training_bytes=int(training.total_gib * 2**30),
+            evict=r.evict, max_reuse=r.max_reuse, min_fresh=r.min_fresh, hard_fraction=r.hard_fraction,
+            cell_size=r.cell_size, cell_words=r.cell_words, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
             sample_timeout=d.sample_timeout, generator_timeout=d.generator_timeout, seed=cfg.run.seed,
             curve_keys=d.curve_keys,
         )

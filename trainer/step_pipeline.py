@@ -37,7 +37,7 @@ class Prefetcher:
     One batch is drawn ahead (memory: one extra batch). On CUDA its copy runs on a stream of its own
     and the caller's stream waits for it. Exceptions of the source (``TimeoutError``,
     ``GeneratorsSilentError``, ...) are raised by the ``next()`` that would have returned that batch;
-    the ``next()`` after that draws again. ``state_dict()`` is the source's state before the draw
+    nothing is drawn ahead after one, and a later ``next()`` draws again. ``state_dict()`` is the source's state before the draw
     of the batch not handed out yet: the state as of the batches the caller has taken. ``limit``:
     how many batches the caller will take at most (none is drawn ahead past the last one).
     """
@@ -55,6 +55,7 @@ class Prefetcher:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
         self._started = False
+        self._in_flight = False  # a draw was asked for and its batch not taken yet
 
     def _draw(self) -> tuple[Any, Any]:
         with self._lock:
@@ -88,15 +89,18 @@ class Prefetcher:
         if not self._started:
             self._started = True
             self._thread.start()
+        if not self._in_flight:
             self._want.release()
         item = self._ready.get()
+        self._in_flight = False
         with self._lock:
             self._state_before_pending = None
+        if isinstance(item, _Failed):
+            raise item.exc
         self._taken += 1
         if self.limit is None or self._taken < self.limit:
             self._want.release()  # draw the next one while the caller's step runs
-        if isinstance(item, _Failed):
-            raise item.exc
+            self._in_flight = True
         batch, copied = item
         if copied is not None:  # the caller's stream waits for the copy; the memory stays the caller's
             stream = torch.cuda.current_stream(self.device)
