@@ -27,10 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--weak", action="store_true", help="crop + flip only (the official weak recipe)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when present)")
+    parser.add_argument("--quick", action="store_true", help="16 images, 40 -> 32 px, one timed call on the CPU (tests)")
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     """Run with parsed flags; return (results, table, bars in images/s)."""
+    if args.quick:
+        args.batch, args.size, args.input_size, args.iters, args.warmup, args.device = 16, 32, 40, 1, 1, "cpu"
     for name in ("batch", "size", "input_size", "iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

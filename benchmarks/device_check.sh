@@ -135,8 +135,7 @@ if [ "$DRY" = 1 ]; then
   # shellcheck disable=SC2086  # one word per file
   run_stage cuda-tests 120 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$WORK/cuda-tests.xml" $GPU_TEST_FILES
   run_stage trainer 90 "${BENCH[@]}" trainer --quick --device cpu --output "$WORK" --name trainer
-  run_stage augment 60 "${BENCH[@]}" augment --batch 16 --size 32 --input-size 40 --iters 1 --warmup 1 --device cpu \
-    --output "$WORK" --name augment
+  run_stage augment 60 "${BENCH[@]}" augment --quick --output "$WORK" --name augment
   run_stage generator-paper 90 "${BENCH[@]}" generator --quick --device cpu --output "$WORK" --name generator-paper
   run_stage generator-fast 90 "${BENCH[@]}" generator --quick --device cpu --output "$WORK" --name generator-fast
   run_stage online 120 "${BENCH[@]}" online --quick --device cpu --output "$WORK" --name online
