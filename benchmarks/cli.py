@@ -6,6 +6,7 @@
     stablerep-bench trainer   --precision bf16      # bare model step vs the fed training step
     stablerep-bench flops     --steps 50 --guidance 2  # FLOPs per generated / trained image, limit at a peak
     stablerep-bench buffer    --precision bf16      # replay sampling + augmentation per batch vs the step
+    stablerep-bench augment   --batch 2048          # GPU augmentation alone, images/s
     stablerep-bench online    --generators 2 --generator-rate 5  # the whole system: stall, idle, reuse
     stablerep-bench drills    --rate 100              # attacks on a live service: a good client's groups/s
     stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--quick", action="store_true", help="a small run over ipc (tests)")
     proto.set_defaults(func=_protocol)
     from . import (
+        augment_bench,
         buffer_bench,
         drills,
         flops,
@@ -160,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     buf = sub.add_parser("buffer", help="cost per batch of replay sampling and GPU augmentation vs the train step")
     buffer_bench.add_arguments(buf)
     buf.set_defaults(func=_stage("buffer", "buffer_bench", xlabel="stage of one batch"))
+    aug = sub.add_parser("augment", help="GPU augmentation alone: images/s at one batch size")
+    augment_bench.add_arguments(aug)
+    aug.set_defaults(func=_stage("augment", "augment_bench", xlabel="GPU augmentation"))
     online = sub.add_parser("online", help="generator services + trainer in one run: stall, idle, reuse, eviction")
     online_bench.add_arguments(online)
     online.set_defaults(func=_stage("online", "online_bench", xlabel="images/s trained vs generated"))

@@ -24,6 +24,7 @@ trainer/presets/demo.yaml):
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -243,12 +244,13 @@ class GeneratorProcess:
 
 
 class SnapshotSource:
-    """Wraps the training source; before each step, copies a newly exported backbone to
-    ``snapshots/step-NNNNNN`` (N = steps done), so probes can run after training on every snapshot."""
+    """Wraps the training source; at each draw, copies a newly exported backbone to
+    ``snapshots/step-NNNNNN`` (N = the step of the checkpoint that exported it), so probes can run
+    after training on every snapshot. The trainer draws a batch ahead, in a thread, so the step is
+    read from the checkpoint, not counted here."""
 
     def __init__(self, source: Any, output: Path, snapshot_dir: Path) -> None:
         self.source, self.output, self.snapshot_dir = source, output, snapshot_dir
-        self.steps = 0
         self._seen_mtime: int | None = None
         self.snapshots: dict[int, Path] = {}
 
@@ -257,15 +259,19 @@ class SnapshotSource:
         if not weights.exists():
             return
         mtime = weights.stat().st_mtime_ns
-        if mtime != self._seen_mtime and self.steps not in self.snapshots:
-            self.snapshots[self.steps] = copy_backbone(self.output, self.snapshot_dir / f"step-{self.steps:06d}")
+        if mtime == self._seen_mtime:
+            return
+        try:  # the checkpoint is complete before its backbone is exported
+            step = int(json.loads((self.output / "checkpoints" / "last" / "trainer_state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return
+        if step not in self.snapshots:
+            self.snapshots[step] = copy_backbone(self.output, self.snapshot_dir / f"step-{step:06d}")
         self._seen_mtime = mtime
 
     def next_batch(self):
         self.capture()
-        batch = self.source.next_batch()
-        self.steps += 1
-        return batch
+        return self.source.next_batch()
 
     def stats(self) -> dict[str, Any]:
         return self.source.stats()

@@ -207,9 +207,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help="device peak for the physical limit (default: %(default)s, bf16 on one H100)")
     parser.add_argument("--quick", action="store_true", help="small sizes (128 px generated, 64 px trained)")
+    parser.add_argument("--recipe", help="FLOPs per image of a generator recipe (paper | dpm20 | lcm4 | turbo | "
+                                         "turbo-tiny) on its own architecture, vs the paper recipe; 'all' for every one")
 
 
 def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
+    if args.recipe is not None:
+        return _recipe_from_args(args)
     if args.quick:
         args.height, args.width, args.steps, args.img_size = 128, 128, 4, 64
     result = run_flops(args.model, args.scheduler, args.steps, args.guidance, args.height, args.width,
@@ -217,3 +221,20 @@ def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
     bars = {k: v for k, v in result["generator"]["breakdown_tflop"].items() if k != "unet"}
     bars["trained image"] = result["trainer"]["tflop_per_image"]
     return result, format_table(result), bars
+
+
+def _recipe_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
+    """``--recipe NAME|all``: the recipes' FLOPs per image (`benchmarks.recipe_flops`), vs the paper's."""
+    from generator_service.recipes import RECIPE_NAMES
+
+    from .recipe_flops import format_table as recipe_rows_table
+    from .recipe_flops import recipe_table
+
+    if args.recipe != "all" and args.recipe not in RECIPE_NAMES:
+        raise ValueError(f"--recipe {args.recipe!r}: unknown; known: {', '.join(RECIPE_NAMES)}, all")
+    if args.images_per_group < 1:
+        raise ValueError(f"--images-per-group must be >= 1, got {args.images_per_group}")
+    names = None if args.recipe == "all" else [args.recipe]
+    rows = recipe_table(args.images_per_group, names)
+    results = {"images_per_group": args.images_per_group, "recipes": rows}
+    return results, recipe_rows_table(rows), {row["recipe"]: row["tflop_per_image"] for row in rows}

@@ -3,7 +3,8 @@
 Three numbers, in images per second, on one device:
 
 - ``diffusers_eager``: the baseline a user writes by hand: ``pipe(prompt, num_images_per_prompt=m,
-  generator=[...], output_type="np")`` per caption (``baseline_worker_batch`` captions per call),
+  generator=[...], output_type="np")`` with ``baseline_worker_batch`` captions per call (default:
+  ``worker_batch``, the service's captions per call, so the speedup does not measure batch size),
   then uint8 conversion on the host. Eager, the same recipe: dtype, scheduler, steps, guidance,
   size, and the same fused LoRA and decoder (``prepare_pipeline``).
 - ``service_backend``: the service's ``DiffusersBackend`` in this process, batches handed over with
@@ -158,7 +159,7 @@ def run_generator_bench(
     captions: int = 32,
     dtype: str | None = None,
     compile: bool | None = None,
-    baseline_worker_batch: int = 1,
+    baseline_worker_batch: int | None = None,
     include_backend: bool = True,
     threads: int | None = None,
     repeats: int = 1,
@@ -194,6 +195,8 @@ def run_generator_bench(
         compile = on_cuda and compile_skipped is None
     service_config = config.replace(compile=bool(compile)) if backend == "diffusers" else config
     texts = sample_captions(captions, seed=0)
+    if baseline_worker_batch is None:  # equal captions per call on both sides of the comparison
+        baseline_worker_batch = worker_batch
     result: dict[str, Any] = {
         "device": device,
         "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
@@ -270,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", type=int, default=32, help="captions timed (default: %(default)s)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="pipeline dtype")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the UNet (default: on CUDA)")
-    parser.add_argument("--baseline-worker-batch", type=int, default=1, help="captions per call of the plain diffusers baseline (default: %(default)s)")
+    parser.add_argument("--baseline-worker-batch", type=int, help="captions per call of the plain diffusers baseline (default: --worker-batch, equal batches)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for every path")
     parser.add_argument("--quick", action="store_true", help="the procedural backend, 8 small captions (tests)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of the in-process paths, best kept")

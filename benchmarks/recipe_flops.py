@@ -1,6 +1,6 @@
 """FLOPs per image of each generator recipe, counted on the real architectures (meta device, no weights).
 
-    python -m benchmarks.recipe_flops [--images-per-group 10] [--json out.json]
+    stablerep-bench flops --recipe all [--images-per-group 10]     # or --recipe NAME
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts 2 x multiply-adds of every matmul,
 convolution and attention (scaled_dot_product_attention) call in one forward pass of each part,
@@ -17,8 +17,6 @@ OpenCLIP ViT-H/14 text tower, 23 layers).
 """
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 from benchmarks.flops import _count as count_flops
@@ -72,11 +70,13 @@ def config_flops(config: GeneratorConfig) -> dict[str, Any]:
             "tflop_decoder": parts["decoder"] / 1e12, "tflop_text_per_image": text / 1e12}
 
 
-def recipe_table(images_per_group: int = 10) -> list[dict[str, Any]]:
-    """One row per recipe, with its FLOPs per image relative to the paper recipe's."""
-    rows = [config_flops(GeneratorConfig(backend="diffusers", recipe=name, images_per_group=images_per_group))
-            for name in RECIPE_NAMES]
-    paper = next(row for row in rows if row["recipe"] == "paper")["tflop_per_image"]
+def recipe_table(images_per_group: int = 10, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per recipe (``names``, default all), with its FLOPs per image relative to the paper recipe's."""
+    wanted = list(RECIPE_NAMES) if names is None else list(names)
+    counted = {name: config_flops(GeneratorConfig(backend="diffusers", recipe=name, images_per_group=images_per_group))
+               for name in dict.fromkeys([*wanted, "paper"])}
+    paper = counted["paper"]["tflop_per_image"]
+    rows = [counted[name] for name in wanted]
     for row in rows:
         row["fraction_of_paper"] = row["tflop_per_image"] / paper
     return rows
@@ -89,21 +89,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['recipe']} ({r['architecture']}) | {r['unet_passes_per_image']} | {r['tflop_unet_pass']:.3f} "
                      f"| {r['tflop_decoder']:.3f} | {r['tflop_per_image']:.2f} | 1/{1 / r['fraction_of_paper']:.1f} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe_flops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images-per-group", type=int, default=10, help="images sharing one caption's text pass")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    rows = recipe_table(args.images_per_group)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(rows, handle, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

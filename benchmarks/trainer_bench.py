@@ -5,8 +5,9 @@ Measured in one run, with the same model, batch and precision:
 - ``bare_step``: forward + multi-positive contrastive loss + backward + AdamW on synthetic float
   tensors already on the device (no data path, no augmentation): the ceiling. Eager, and
   ``torch.compile`` on CUDA.
-- ``fed_step``: the training loop's step: ``source.next_batch()`` -> device -> ``method(model,
-  batch, augment)`` (GPU augmentation inside) -> backward -> AdamW. The source is a replay buffer
+- ``fed_step``: the training loop's step: the next batch from the source, drawn ahead in a thread
+  as the loop does (``trainer.step_pipeline.Prefetcher``) -> device -> ``method(model, batch,
+  augment)`` (GPU augmentation inside) -> backward -> AdamW; like the loop, no host sync per step. The source is a replay buffer
   pre-filled with caption groups (``source="replay"``: isolates the trainer side), or the online
   source connected to generator ``endpoints`` (``source="online"``: includes the live feed, its
   stall time shows up in the step).
@@ -33,6 +34,7 @@ from trainer.losses import MultiPosConLoss
 from trainer.methods import build_method
 from trainer.model import build_model
 from trainer.replay import ReplayBuffer
+from trainer.step_pipeline import Prefetcher
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
@@ -113,6 +115,25 @@ def _prefilled_replay(groups: int, m: int, size: int, device: torch.device) -> R
     return replay
 
 
+class _ReplayFeed:
+    """A pre-filled replay buffer as a source: ``next_batch`` samples it, ``state_dict`` is its own."""
+
+    def __init__(self, replay: ReplayBuffer, captions: int, draw: int) -> None:
+        self.replay, self.captions, self.draw = replay, captions, draw
+
+    def next_batch(self):
+        return self.replay.sample(self.captions, self.draw, timeout=60)
+
+    def state_dict(self) -> dict:
+        return self.replay.state_dict()
+
+    def stats(self) -> dict:
+        return self.replay.stats()
+
+    def close(self) -> None:
+        self.replay.close()
+
+
 def run_trainer_bench(
     model: str = "vit_base_patch16_224",
     img_size: int = 224,
@@ -179,27 +200,30 @@ def run_trainer_bench(
     method = build_method("stablerep", temperature=temperature)
     augment = GPUAugment(size=img_size, strong=strong_aug)
     if source == "replay":
-        replay = _prefilled_replay(max(4 * captions_per_step, 64), draw_per_caption, stored_size, device)
-        next_batch = lambda: replay.sample(captions_per_step, draw_per_caption, timeout=60)  # noqa: E731
-        stats, close = replay.stats, replay.close
+        feed: Any = _ReplayFeed(_prefilled_replay(max(4 * captions_per_step, 64), draw_per_caption, stored_size,
+                                                  device), captions_per_step, draw_per_caption)
     else:
         from trainer.sources.online import OnlineSource
 
-        online = OnlineSource(endpoints, captions_per_step, draw_per_caption, device=device, image_size=stored_size,
-                              connect_timeout=60, sample_timeout=600)
-        next_batch, stats, close = online.next_batch, online.stats, online.close
+        feed = OnlineSource(endpoints, captions_per_step, draw_per_caption, device=device, image_size=stored_size,
+                            connect_timeout=60, sample_timeout=600)
+    prefetch = Prefetcher(feed, device, limit=warmup + steps)  # nothing drawn past the last timed step
+
+    def close() -> None:
+        prefetch.close()
+        feed.close()
 
     scaler = grad_scaler(device, precision)
 
     def fed_step() -> None:
-        batch = next_batch().to(device, non_blocking=True)
+        batch = prefetch.next()
         with _autocast(device, precision):
             loss, _ = method(net, batch, augment)
         _optimizer_step(loss, optimizer, scaler)
 
     try:
         fed = _time_steps(fed_step, device, steps, warmup)
-        source_stats = stats()
+        source_stats = feed.stats()
     finally:
         close()
     results["fed_step"] = {

@@ -165,7 +165,10 @@ def generate_task(
     ``on_failed`` as ``GenerationFailed`` (raised here when ``on_failed`` is None and the backend
     finishes inline). An out-of-memory error while submitting halves the batch limit
     (``on_batch_limit`` is told) and the batch is retried; at a limit of one caption, or for any
-    other error, ``GenerationFailed`` is raised. Returns the final batch limit.
+    other error, ``GenerationFailed`` is raised. A backend with ``static_batch`` (a compiled model)
+    always gets ``batch_limit`` captions: a shorter last batch is padded with copies of its last
+    caption, whose images are dropped, so the model sees one shape and never recompiles mid-run
+    (until an out-of-memory halving). Returns the final batch limit.
     """
     def raise_failed(failure: GenerationFailed) -> None:
         raise failure
@@ -175,6 +178,9 @@ def generate_task(
     position = 0
     while position < len(items):
         chunk = items[position : position + batch_limit]
+        submitted = chunk
+        if getattr(backend, "static_batch", False) and len(chunk) < batch_limit:
+            submitted = chunk + [chunk[-1]] * (batch_limit - len(chunk))  # padding; done() keeps len(chunk)
         group_ids = [group_id for group_id, _, _ in chunk]
         last = position + len(chunk) == len(items)
         started = time.perf_counter()
@@ -189,7 +195,7 @@ def generate_task(
             on_failed(GenerationFailed(group_ids, exc))
 
         try:
-            submit([caption for _, caption, _ in chunk], [list(seeds) for _, _, seeds in chunk], done, failed)
+            submit([caption for _, caption, _ in submitted], [list(seeds) for _, _, seeds in submitted], done, failed)
         except GenerationFailed:
             raise
         except Exception as exc:
@@ -229,10 +235,14 @@ def _quiet_loading_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+#: backends that compute on the host whatever device they are given: their workers open no CUDA context
+HOST_ONLY_BACKENDS = frozenset({"procedural"})
+
+
 def _setup_device(spec: WorkerSpec) -> None:
     import torch
 
-    if spec.device.startswith("cuda"):
+    if spec.device.startswith("cuda") and spec.config.backend not in HOST_ONLY_BACKENDS:
         torch.cuda.set_device(torch.device(spec.device))
     torch.set_num_threads(max(1, spec.num_threads))  # the host's cores, shared among the workers
 

@@ -1,14 +1,16 @@
 """GPUAugment: shapes, determinism, per-sample parameters, and each op against torchvision."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
 from trainer.augment import (
     IMAGENET_MEAN, IMAGENET_STD, AugmentParams, GPUAugment, adjust_brightness, adjust_contrast,
-    adjust_hue, adjust_saturation, benchmark_augment, crop_flip_resize, gaussian_blur, grayscale_where,
-    sample_crops,
+    adjust_hue, adjust_saturation, benchmark_augment, color_jitter, crop_flip_resize, gaussian_blur,
+    grayscale_where, sample_crops,
 )
 
 
@@ -201,3 +203,67 @@ def test_cuda_half_matches_cpu_float():
     # float16 working dtype, sampling grid included: on random-noise pixels a grid step of ~1/60 px
     # moves single outputs by up to ~0.1 (normalized); the same bounds as the float16 test on CPU.
     assert (gpu - cpu).abs().mean() < 0.01 and (gpu - cpu).abs().max() < 0.2
+
+
+# ----- colour jitter: each op once per batch off the host ---------------------------------------------
+class _BytesWritten:
+    """Counts the bytes of every tensor that aten ops return (on the meta device: shapes only)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter.bytes += sum(t.numel() * t.element_size() for t in tree_flatten(out)[0]
+                                     if isinstance(t, torch.Tensor))
+                return out
+
+        self.bytes, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_balanced_orders_are_uniform_per_sample_and_exact_quarters_per_position():
+    from trainer.augment import JITTER_ORDERS, balanced_orders
+
+    orders = balanced_orders(24 * 500 + 7, torch.Generator().manual_seed(0), torch.device("cpu"))
+    head = orders[:24 * 500]
+    for k in range(4):
+        assert torch.bincount(head[:, k], minlength=4).tolist() == [3000] * 4
+    codes = (orders[:, None, :] == JITTER_ORDERS[None]).all(-1).float().argmax(-1)
+    assert torch.bincount(codes, minlength=24).min() >= 500  # every order, equally often per block
+    assert len({tuple(o) for o in orders[24 * 500:].tolist()}) == 7  # the tail: distinct orders of one block
+
+
+def test_sorted_jitter_equals_the_per_sample_reference():
+    aug = GPUAugment(size=16, balanced_jitter=True)
+    params = aug.sample_params(53, 20, 20, generator=torch.Generator().manual_seed(3))  # 48 balanced + 5
+    assert params.jitter_balanced == 48
+    x = torch.rand(53, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    reference = color_jitter(x, params, sorted_ops=False)  # on the host: each op on its own rows
+    assert torch.equal(color_jitter(x, params, sorted_ops=True), reference)
+
+
+def test_jitter_off_the_host_moves_each_op_once_not_four_times():
+    """On the meta device (as on a GPU: no host reads), the balanced batch costs one pass of each op
+    plus a few gathers; the masked way runs every op at every position on the whole batch."""
+    n, side = 96, 64
+    aug = GPUAugment(size=side, balanced_jitter=True)
+    params = aug.sample_params(n, side, side, device="meta")
+    x = torch.empty(n, 3, side, side, device="meta")
+    batch_bytes = x.numel() * 4
+    with _BytesWritten() as once:  # each op once on the whole batch, fixed order: the floor
+        color_jitter(x, dataclasses.replace(params, jitter_order=None))
+    with _BytesWritten() as sorted_way:
+        color_jitter(x, params)  # the default off the host
+    with _BytesWritten() as masked_way:
+        color_jitter(x, params, sorted_ops=False)
+    assert sorted_way.bytes <= once.bytes + 16 * batch_bytes  # plus 5 gathers and 4 concatenations (measured: 14)
+    assert masked_way.bytes > 3 * once.bytes

@@ -163,3 +163,19 @@ def test_cuda_fp16_matches_cpu_closely(tiny_sd_path, ddim_images):
     images = create_backend(tiny_config(tiny_sd_path, dtype="fp16"), device="cuda").generate(CAPTIONS, SEEDS)
     assert images.shape == ddim_images.shape
     assert np.abs(images.astype(int) - ddim_images).mean() < 4  # same CPU-generator noise, fp16 rounding only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_submit_three_batches_equals_generate_bitwise(tiny_sd_path):
+    """The finisher's own CUDA stream, event and pinned copy hand back exactly what generate() makes."""
+    backend = create_backend(tiny_config(tiny_sd_path, dtype="fp16"), device="cuda")
+    batches = [(CAPTIONS, SEEDS), (["a blue square"], [[31, 32, 33]]), (CAPTIONS[::-1], [[41, 42, 43], [51, 52, 53]])]
+    finished, failures = [], []
+    for captions, seeds in batches:  # three in flight back to back: decode k overlaps denoise k+1
+        backend.submit(captions, seeds, finished.append, failures.append)
+    backend.drain()
+    assert failures == [] and len(finished) == 3
+    for (captions, seeds), images in zip(batches, finished):
+        np.testing.assert_array_equal(images, backend.generate(captions, seeds))
+    backend.close()

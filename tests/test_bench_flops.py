@@ -49,3 +49,14 @@ def test_bad_recipe_is_named():
         generator_flops(height=100, width=64)
     with pytest.raises(ValueError, match="--peak-tflops"):
         run_flops(height=64, width=64, peak_tflops=0)
+
+
+def test_recipe_flops_through_the_bench_cli(tmp_path, capsys):
+    assert main(["flops", "--recipe", "lcm4", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "flops.json").read_text())["results"]
+    (row,) = results["recipes"]
+    assert row["recipe"] == "lcm4" and row["unet_passes_per_image"] == 4  # 4 steps, no guidance pass
+    assert 0 < row["fraction_of_paper"] < 1 / 10  # 4 passes against the paper's 100
+    assert "| lcm4 (sd15) | 4 |" in capsys.readouterr().out
+    assert main(["flops", "--recipe", "nope", "--output", str(tmp_path)]) == 2
+    assert "--recipe 'nope': unknown" in capsys.readouterr().err

@@ -90,3 +90,11 @@ def test_offline_quick(tmp_path):
     assert small["groups"] == 200 and large["groups"] == 2000
     assert large["index_bytes_per_group"] <= 24 and "us_per_group" in large and large["first_start_unindexed_s"] > 0
     assert r["groups_per_s_one_process"]["reader_local"] > 0 and r["groups_per_s_one_process"]["webdataset_local"] > 0
+
+
+def test_augment_quick(tmp_path, capsys):
+    assert main(["augment", "--quick", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "augment.json").read_text())["results"]
+    assert results["batch"] == 16 and results["images_per_s"] > 0 and results["goal_images_per_s"] == 30_000
+    assert main(["augment", "--batch", "0", "--output", str(tmp_path)]) == 2
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err

@@ -203,3 +203,49 @@ def test_finisher_hands_failures_to_the_failure_path_and_keeps_going():
     finisher.close()
     assert [str(exc) for exc in failed] == ["cannot decode negative latents"]
     assert len(done) == 1 and done[0].shape == (1, 2, 3) and (done[0] == 2).all()
+
+
+def test_out_of_memory_in_decode_halves_the_decode_slice_and_loses_nothing(paths, caplog):
+    """The finisher's decode runs out of memory above 2 images (raised by the VAE, as CUDA would):
+    the slice halves 8 -> 4 -> 2, the batch is finished, and later batches keep the smaller slice."""
+    backend = create_backend(recipe_config("paper", *paths))
+    captions, seeds = [*CAPTIONS, "a green tree"], [*SEEDS, [41, 42]]  # 8 images
+    backend.loop.decode_slice = 2
+    reference = backend.generate(captions, seeds)  # 8 images decoded 2 at a time, no fault
+    backend.loop.decode_slice = 8
+    vae = backend.pipe.vae
+    real_decode, calls = vae.decode, []
+
+    def decode_that_runs_out_above_two(latents, *args, **kwargs):
+        calls.append(latents.shape[0])
+        if latents.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_decode(latents, *args, **kwargs)
+
+    vae.decode = decode_that_runs_out_above_two
+    finished, failures = [], []
+    with caplog.at_level("WARNING"):
+        backend.submit(captions, seeds, finished.append, failures.append)
+        backend.submit(captions[:1], seeds[:1], finished.append, failures.append)
+        backend.drain()
+    assert failures == [] and len(finished) == 2
+    assert np.array_equal(finished[0], reference)
+    assert np.array_equal(finished[1], reference[:1])
+    assert calls == [8, 4, 2, 2, 2, 2, 2] and backend.loop.decode_slice == 2  # 8 -> 4 -> 2, 4 x 2, then 2
+    assert "decoding 2 at a time" in caplog.text
+    backend.close()
+
+
+def test_out_of_memory_decoding_one_image_fails_the_batch(paths):
+    backend = create_backend(recipe_config("paper", *paths))
+
+    def always_out_of_memory(latents, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    backend.pipe.vae.decode = always_out_of_memory
+    finished, failures = [], []
+    backend.submit(CAPTIONS[:1], SEEDS[:1], finished.append, failures.append)
+    backend.drain()
+    assert finished == [] and len(failures) == 1 and isinstance(failures[0], torch.cuda.OutOfMemoryError)
+    assert backend.loop.decode_slice == 1
+    backend.close()

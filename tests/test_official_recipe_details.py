@@ -297,5 +297,6 @@ def test_mlp_image_projection_runs_per_view_chunk():
     grouped = features.view(groups, views, -1)
     expected = torch.stack([model.image_projection(grouped[:, j]) for j in range(views)], dim=1).flatten(0, 1)
     out = model.embed_image(features, views)
-    assert out.shape == (12, 256) and torch.equal(out, expected)  # official ssl_emb_dim 256
+    assert out.shape == (12, 256)  # official ssl_emb_dim 256
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)  # one BatchNorm call per layer: rounding only
     assert not torch.allclose(out, model.image_projection(features))

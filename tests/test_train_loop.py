@@ -119,9 +119,12 @@ def test_sigterm_finishes_the_step_checkpoints_and_returns(shards, tmp_path):
         summary = train(cfg, source=SignalOnBatch(source, at=3))
     finally:
         source.close()
-    assert summary["stopped"] == "interrupted (SIGTERM)" and summary["interrupted"] and summary["steps"] == 3
+    # batch 3 is drawn ahead while step 2 runs: the run stops after the step during which the signal came
+    assert summary["stopped"] == "interrupted (SIGTERM)" and summary["interrupted"] and summary["steps"] in (2, 3)
     state = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
-    assert state["step"] == 3
+    assert state["step"] == summary["steps"]
+    # the batch drawn ahead but never trained on is not counted in the saved source state
+    assert state["source_state"]["counters"]["batches"] == summary["steps"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
 
@@ -137,6 +140,26 @@ def test_resume_paths(tmp_path):
     (tmp_path / "checkpoints" / ".last.tmp").mkdir()  # a torn write is never used
     assert find_checkpoint("auto", tmp_path) == prev
     assert find_checkpoint(str(tmp_path), tmp_path / "elsewhere") == prev  # a run directory as --resume
+
+
+def test_two_runs_in_one_process_at_two_precisions(shards, tmp_path):
+    """Accelerate keeps process-wide state: a second run at another precision must start from a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    first = train(tiny_config(shards, tmp_path / "no", run={"precision": "no"}, schedule={"steps": 2, "warmup_steps": 1}))
+    assert AcceleratorState().mixed_precision == "no"
+    second = train(tiny_config(shards, tmp_path / "bf16", run={"precision": "bf16"},
+                               schedule={"steps": 2, "warmup_steps": 1}))
+    assert first["steps"] == second["steps"] == 2
+    assert AcceleratorState().mixed_precision == "bf16"  # the second run really trained in bf16
+    assert all(math.isfinite(x) for x in first["losses"] + second["losses"])
+
+
+def test_collective_timeout_covers_the_first_fill():
+    from trainer.launch import MIN_COLLECTIVE_TIMEOUT_S, collective_timeout_s
+
+    assert collective_timeout_s(30, 60) == MIN_COLLECTIVE_TIMEOUT_S  # never below torch's NCCL default
+    assert collective_timeout_s(30, 1800) > 30 + 1800  # a long first fill raises it past the wait
 
 
 @pytest.mark.gpu

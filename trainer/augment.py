@@ -21,6 +21,7 @@ On CUDA the work runs in float16 (values in [0, 1]); on CPU in float32.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ class AugmentParams:
     hue: float ``[N]`` (0 = unchanged). gray: bool ``[N]``. blur_sigma: float ``[N]`` (0 = no blur).
     jitter_order: int64 ``[N, 4]``, a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)
     per sample, or None for that fixed order. down: int64 ``[N]``, index into ``down_res`` of the
-    sample's down-and-up resize, -1 = none; None = no sample.
+    sample's down-and-up resize, -1 = none; None = no sample. jitter_balanced: the first
+    ``jitter_balanced`` samples (a multiple of 24) hold every one of the 24 orders once per block of
+    24 (`balanced_orders`), so each op is at each position for exactly a quarter of them.
     """
 
     crop: torch.Tensor
@@ -55,9 +58,10 @@ class AugmentParams:
     blur_sigma: torch.Tensor
     jitter_order: torch.Tensor | None = None
     down: torch.Tensor | None = None
+    jitter_balanced: int = 0
 
     def to(self, device: torch.device | str) -> "AugmentParams":
-        return AugmentParams(**{k: None if v is None else v.to(device, non_blocking=True)
+        return AugmentParams(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                                 for k, v in self.__dict__.items()})
 
 
@@ -147,15 +151,56 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+#: the 24 orders of the four jitter ops, ``[24, 4]``
+JITTER_ORDERS = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.int64)
 
 
-def color_jitter(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+def balanced_orders(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Jitter orders ``[n, 4]``: each sample's order uniform over the 24, as torchvision draws it, but
+    stratified: every block of 24 samples holds each order once (in random order within the block).
+
+    So at every position each op is applied to exactly a quarter of the first ``24 * (n // 24)``
+    samples: :func:`color_jitter` runs each op once on those rows, with shapes fixed by ``n``.
+    """
+    blocks = -(-n // 24)
+    picks = torch.rand(blocks, 24, generator=generator, device=device).argsort(dim=1).flatten()[:n]
+    return JITTER_ORDERS.to(device)[picks]
+
+
+def _jitter_sorted(x: torch.Tensor, order: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Balanced rows (``order`` from :func:`balanced_orders`, ``x`` ``[M, 3, H, W]``, M a multiple of 24):
+    at each position, the rows sorted by the op they apply there, each op run once on its quarter.
+
+    Device-side sorts and gathers only (no host sync; every shape depends on M alone): per position one
+    gather into that position's sorted layout and four ops on contiguous quarters, then one gather back.
+    """
+    m = x.shape[0]
+    quarter = m // 4
+    rows = torch.arange(m, device=x.device)
+    where = rows  # where[i]: the original row now at position i of x
+    for k in range(4):
+        perm = order[:, k].argsort(stable=True)  # original rows, grouped by their op at position k
+        inverse = torch.empty_like(where).scatter_(0, where, rows)  # original row -> its position in x
+        x = x.index_select(0, inverse[perm])
+        where = perm
+        x = torch.cat([op(x[o * quarter:(o + 1) * quarter], factor[perm[o * quarter:(o + 1) * quarter]])
+                       for o, (op, factor) in enumerate(zip(_JITTER_OPS, factors))])
+    return x.index_select(0, torch.empty_like(where).scatter_(0, where, rows))
+
+
+def color_jitter(x: torch.Tensor, params: AugmentParams, sorted_ops: bool | None = None) -> torch.Tensor:
     """Brightness, contrast, saturation and hue with each sample's factors, in each sample's order.
 
     ``params.jitter_order`` ``[N, 4]`` gives the op at every position per sample (None = the fixed order
-    0..3). At position k every op runs on the whole batch with identity factors on the samples that
-    do not apply it there (brightness/contrast/saturation 1, hue 0), so there is no per-image loop.
-    x float ``[N, 3, H, W]`` in [0, 1]; computed in float32, returned in x's dtype.
+    0..3). x float ``[N, 3, H, W]`` in [0, 1]; computed in float32, returned in x's dtype. Three ways,
+    none with a per-image loop:
+
+    - on the host: each op on the rows that apply it at position k (index lists; reading them back
+      costs nothing there): one pass of work per op;
+    - off the host, on the ``params.jitter_balanced`` leading rows (``sorted_ops``, the default there):
+      :func:`_jitter_sorted`, one pass per op, no host sync, static shapes;
+    - off the host, on other rows (at most 23 of a batch): every op on all of them at each position,
+      identity factors where a sample does not apply it there, selected with masks.
     """
     factors = (params.brightness, params.contrast, params.saturation, params.hue)
     if params.jitter_order is None:
@@ -163,7 +208,15 @@ def color_jitter(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
             x = op(x, factor)
         return x
     dtype, x = x.dtype, x.float()  # float32: a half hue step before contrast amplifies its rounding
-    if x.device.type == "cpu":
+    sorted_ops = x.device.type != "cpu" if sorted_ops is None else sorted_ops
+    balanced = params.jitter_balanced if sorted_ops else 0
+    if balanced:
+        head = _jitter_sorted(x[:balanced], params.jitter_order[:balanced], tuple(f[:balanced] for f in factors))
+        if balanced == x.shape[0]:
+            return head.to(dtype)
+        tail = _jitter_masked(x[balanced:], params.jitter_order[balanced:], tuple(f[balanced:] for f in factors))
+        return torch.cat([head, tail]).to(dtype)
+    if x.device.type == "cpu" and not sorted_ops:
         # On the host, run each op only on the samples that apply it at position k (4 passes of work in
         # all, as for the fixed order); the index lists cost nothing to read back here.
         x = x.clone()
@@ -173,15 +226,19 @@ def color_jitter(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
                 if rows.numel():
                     x[rows] = op(x[rows], factor[rows])
         return x.to(dtype)
-    # On an accelerator, masks instead of index lists: no host sync; every op runs on the whole batch
-    # with identity factors on the samples that do not apply it at position k.
+    return _jitter_masked(x, params.jitter_order, factors).to(dtype)
+
+
+def _jitter_masked(x: torch.Tensor, order: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Masks instead of index lists: no host sync; every op runs on all rows at each position, with
+    identity factors (brightness/contrast/saturation 1, hue 0) on the rows that do not apply it there."""
     for k in range(4):
         for o, (op, factor) in enumerate(zip(_JITTER_OPS, factors)):
-            here = params.jitter_order[:, k] == o
+            here = order[:, k] == o
             identity = torch.zeros_like(factor) if o == 3 else torch.ones_like(factor)
             applied = op(x, torch.where(here, factor, identity))
             x = torch.where(here.view(-1, 1, 1, 1), applied, x)
-    return x.to(dtype)
+    return x
 
 
 def down_up_where(x: torch.Tensor, down: torch.Tensor, down_res: tuple[int, ...]) -> torch.Tensor:
@@ -268,6 +325,9 @@ class GPUAugment:
         flip_p: probabilities (default: 0.5 with ``strong``, 0 without: the official weak
         augmentation is RandomResizedCrop only); blur_sigma: sigma range.
         dtype: working dtype (default float16 on CUDA, float32 elsewhere); out_dtype: output dtype.
+        balanced_jitter: draw jitter orders stratified per 24 samples (`balanced_orders`), so the
+            colour jitter runs each op once (default: off the host only; on the host the orders are
+            drawn independently per sample, as torchvision does).
     """
 
     def __init__(self, size: int = 224, strong: bool = True, scale: tuple[float, float] = (0.08, 1.0),
@@ -277,7 +337,8 @@ class GPUAugment:
                  gray_p: float = 0.2, blur_p: float = 0.5,
                  blur_sigma: tuple[float, float] = BLUR_SIGMA_RANGE, flip_p: float | None = None,
                  down_res: tuple[int, ...] = (), down_prob: float = 0.05, crops_per_image: int = 1,
-                 dtype: torch.dtype | None = None, out_dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype | None = None, out_dtype: torch.dtype = torch.float32,
+                 balanced_jitter: bool | None = None) -> None:
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
@@ -297,6 +358,7 @@ class GPUAugment:
             raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
         self.crops_per_image = int(crops_per_image)
         self.dtype, self.out_dtype = dtype, out_dtype
+        self.balanced_jitter = balanced_jitter
         self._normalize_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def working_dtype(self, device: torch.device) -> torch.dtype:
@@ -317,6 +379,7 @@ class GPUAugment:
         u = torch.rand(n, 11, generator=generator, device=gen_device)
         flip = u[:, 0] < self.flip_p
         ones, zeros = torch.ones(n, device=gen_device), torch.zeros(n, device=gen_device)
+        balanced = 0  # leading samples with stratified jitter orders
         if self.strong:
             jit = u[:, 1] < self.jitter_p
             b, c, s, h = self.jitter
@@ -327,7 +390,10 @@ class GPUAugment:
             gray = u[:, 6] < self.gray_p
             lo, hi = self.blur_sigma
             blur_sigma = torch.where(u[:, 7] < self.blur_p, lo + (hi - lo) * u[:, 8], zeros)
-            order = torch.rand(n, 4, generator=generator, device=gen_device).argsort(dim=1)
+            if self._balanced_jitter(device):  # each order uniform per sample, stratified per 24 samples
+                order, balanced = balanced_orders(n, generator, gen_device), 24 * (n // 24)
+            else:
+                order = torch.rand(n, 4, generator=generator, device=gen_device).argsort(dim=1)
         else:
             brightness, contrast, saturation, hue = ones, ones, ones, zeros
             gray, blur_sigma = torch.zeros(n, dtype=torch.bool, device=gen_device), zeros
@@ -337,7 +403,10 @@ class GPUAugment:
             choice = (u[:, 10] * len(self.down_res)).long().clamp_(max=len(self.down_res) - 1)
             down = torch.where(u[:, 9] < self.down_prob, choice, torch.full_like(choice, -1))
         return AugmentParams(crop, flip, brightness, contrast, saturation, hue, gray, blur_sigma,
-                             order, down).to(device)
+                             order, down, balanced).to(device)
+
+    def _balanced_jitter(self, device: torch.device) -> bool:
+        return self.balanced_jitter if self.balanced_jitter is not None else device.type != "cpu"
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Augment with given parameters: uint8 ``[N, H, W, 3]`` -> ``out_dtype`` ``[N, 3, size, size]``.

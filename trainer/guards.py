@@ -110,7 +110,7 @@ def check_remote_data(url: str) -> None:
 class MemoryEstimate:
     params: int
     weights_gib: float  # weights + gradients + two AdamW moments (fp32)
-    activations_gib: float  # one local batch, kept for backward
+    activations_gib: float  # one local batch, kept for backward (2 bytes a float under bf16/fp16 autocast)
     batch_gib: float  # the uint8 batch and its float crops
 
     @property
@@ -128,7 +128,8 @@ def _size(gib: float) -> str:
 
 
 def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, world_size: int) -> MemoryEstimate:
-    """Rough peak memory of one process for ``model`` under ``cfg`` (fp32; autocast saves some)."""
+    """Rough peak memory of one process for ``model`` under ``cfg``: fp32 weights, gradients and AdamW
+    moments; activations in 2 bytes under bf16/fp16 autocast (``run.precision``), else 4."""
     params = sum(p.numel() for p in model.parameters())
     weights = params * 4 * 4
     images = cfg.images_per_step() // max(world_size, 1)
@@ -139,7 +140,8 @@ def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, world_size: int) -
     tokens = (crop // max(patch, 1)) ** 2 + 1
     width = int(getattr(backbone, "embed_dim", 384))
     depth = len(getattr(backbone, "blocks", [])) or 12
-    activations = images * tokens * width * depth * ACT_FLOATS_PER_TOKEN * 4
+    act_bytes = 2 if cfg.run.precision in ("bf16", "fp16") else 4
+    activations = images * tokens * width * depth * ACT_FLOATS_PER_TOKEN * act_bytes
     stored = cfg.data.image_size or crop
     batch = images * (stored * stored * 3 + crop * crop * 3 * 4)
     gib = float(1 << 30)

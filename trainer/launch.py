@@ -97,3 +97,34 @@ def backend_name() -> str:
     if dist.is_available() and dist.is_initialized():
         return str(dist.get_backend())
     return "single process"
+
+
+#: the floor of the collective timeout: torch's own NCCL default (10 minutes)
+MIN_COLLECTIVE_TIMEOUT_S = 600.0
+#: headroom on top of the longest wait a rank may spend outside collectives before its first step
+COLLECTIVE_TIMEOUT_MARGIN_S = 120.0
+
+
+def collective_timeout_s(connect_timeout: float, sample_timeout: float) -> float:
+    """Seconds a collective may wait for the slowest rank.
+
+    The first step waits until every rank has drawn its first batch: a rank served first sits in the
+    all-reduce while the others still connect (``connect_timeout``) and fill their buffers (up to
+    ``sample_timeout``; the paper batch needs thousands of images first). The process group's
+    timeout must cover that wait, else the NCCL watchdog kills the ranks that were served first.
+    """
+    return max(MIN_COLLECTIVE_TIMEOUT_S, float(connect_timeout) + float(sample_timeout) + COLLECTIVE_TIMEOUT_MARGIN_S)
+
+
+def fresh_accelerator_state() -> None:
+    """Forget Accelerate's process-wide state of an earlier ``Accelerator`` in this process.
+
+    ``Accelerator(mixed_precision=...)`` refuses a second precision once ``AcceleratorState`` exists
+    ("AcceleratorState has already been initialized"), so a second training in one process (a test
+    suite, a study that trains at two precisions) must start from a fresh state. The process-level
+    ``PartialState`` (device, process group) is kept: a multi-process launch keeps its group.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()

@@ -6,7 +6,13 @@ returns a summary dict. Each step:
 
     batch (uint8 [G, n, H, W, 3]) from the source -> device (non_blocking)
     -> method(model, batch, augment) -> (loss, metrics)   [under autocast]
-    -> backward -> non-finite check -> optional grad clip -> AdamW step
+    -> backward -> (check steps: non-finite check) -> optional grad clip -> AdamW step
+
+The next batch is drawn in a background thread while a step runs (``step_pipeline.Prefetcher``).
+Losses stay on the device and are read back only at check steps: log steps, checkpoint saves, the
+last step and a stop (``step_pipeline.LossLedger``; what that means for a non-finite loss is
+described there). A single process stops on SIGTERM/SIGINT after the current step; several
+processes agree on a stop at the next check step.
 
 Multi-process runs go through ``accelerate launch``: every process builds its own source and
 draws ``captions_per_step / num_processes`` groups per step; the contrastive loss gathers features
@@ -21,22 +27,32 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.sources.generator_watch import GeneratorsSilentError
 from trainer.config import ConfigError, TrainConfig, write_config
 from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
-from trainer.launch import accelerator_cpu_flag, backend_name, check_joined, check_single_launch, launch_env
+from trainer.launch import (
+    accelerator_cpu_flag,
+    backend_name,
+    check_joined,
+    check_single_launch,
+    collective_timeout_s,
+    fresh_accelerator_state,
+    launch_env,
+)
 from trainer.monitor import Monitor
 from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
+from trainer.step_pipeline import LossLedger, Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +111,13 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
     if d.source == "online":
         import trainer.sources.online  # noqa: F401  (registers "online")
 
+        training = estimate_memory(cfg, meta_model(cfg), world_size)  # the auto storage rule leaves it free
         return sources.build_source(
             "online", endpoints=d.generators, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
             device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
-            capacity_gib=r.capacity_gib, storage=r.storage, evict=r.evict, max_reuse=r.max_reuse,
-            min_fresh=r.min_fresh, hard_fraction=r.hard_fraction, cell_size=r.cell_size,
-            cell_words=r.cell_words, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
+            capacity_gib=r.capacity_gib, storage=r.storage, training_bytes=int(training.total_gib * 2**30),
+            evict=r.evict, max_reuse=r.max_reuse, min_fresh=r.min_fresh, hard_fraction=r.hard_fraction,
+            cell_size=r.cell_size, cell_words=r.cell_words, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
             sample_timeout=d.sample_timeout, generator_timeout=d.generator_timeout, seed=cfg.run.seed,
             curve_keys=d.curve_keys,
         )
@@ -199,9 +216,11 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     memory = estimate_memory(cfg, meta_model(cfg), env.world_size)  # before anything big is allocated
     on_cpu = accelerator_cpu_flag(cfg.run.cpu, env) or not torch.cuda.is_available()
     check_cpu_scale(cfg, memory, torch.device("cpu" if on_cpu else "cuda"), env.world_size, cfg.run.force)
+    fresh_accelerator_state()  # an earlier run in this process may have used another precision
+    group_timeout = timedelta(seconds=collective_timeout_s(cfg.data.connect_timeout, cfg.data.sample_timeout))
     accelerator = Accelerator(
         mixed_precision=cfg.run.precision, cpu=accelerator_cpu_flag(cfg.run.cpu, env), log_with=trackers or None,
-        project_dir=str(output),
+        project_dir=str(output), kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout)],
     )
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     check_joined(env, world_size, rank)
@@ -231,14 +250,14 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         f"{' images x '.join(map(str, cfg.views_in_loss()))} crops, {local_captions} captions per rank), {total_steps} steps, source "
         f"{source_name}, output {output}", echo=main)
     status.note(memory.line(), echo=main)
-    if cfg.run.compile:
-        model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.optim.weight_decay, cfg.optim.wd_embeddings), lr=schedule.peak_lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         fused=device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.run.compile:  # after the data-parallel wrapper, so that gradient all-reduce overlaps backward
+        model.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
     if isinstance(augment, torch.nn.Module):
         augment = augment.to(device)
 
@@ -273,14 +292,17 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
         live = TrainerMetrics(cfg.run.metrics_port)
         accelerator.print(f"metrics at {live.url}")
-    losses: list[float] = []
+    ledger = LossLedger(start_step)  # losses on the device, read back at check steps
+    losses = ledger.values
     lrs: list[float] = []
     step_seconds: list[float] = []
     stopped = "completed"
     step = start_step
 
     def checkpoint(last_loss: float | None) -> Path:
-        source_state = source.state_dict()
+        check_finite()  # never save weights that a non-finite step has touched
+        last_loss = ledger.last() if last_loss is None else last_loss
+        source_state = prefetch.state_dict()  # not counting the batch drawn ahead
         trainer_state = {
             "images_seen": images_seen, "config": cfg.to_dict(), "loss": last_loss, "lr": schedule(max(step - 1, 0)),
             "lr_schedule": schedule.to_dict(),
@@ -296,8 +318,15 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         return GeneratorsSilentError(f"{why}; stopped after step {step}, checkpoint {checkpoint(last_loss)} "
                                      "(--resume auto continues once generators serve again)")
 
+    def check_finite(bad: tuple[int, float] | None = None) -> None:
+        """Raise NonFiniteLossError at ``bad`` (step, loss), or at the first non-finite pending loss."""
+        bad = ledger.flush() if bad is None else bad
+        if bad is not None:
+            raise NonFiniteLossError(bad[0], bad[1], last_checkpoint)
+
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
     monitor = Monitor(cfg, unwrapped, accelerator, output, status, live)  # k-NN on probe folders (--monitor)
+    prefetch = Prefetcher(source, device, limit=total_steps - start_step)
     status.start(start_step)
     try:
         with _StopFlag() as stop:
@@ -311,24 +340,33 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                 # Online: every generator silent for --generator-timeout -> checkpoint, GeneratorsSilentError.
                 silent = silent_generators() if silent_generators is not None else None
                 try:
-                    batch = source.next_batch().to(device, non_blocking=True)
+                    batch = prefetch.next()  # drawn and copied while the previous step ran
                 except GeneratorsSilentError as exc:  # the buffer ran dry as well
-                    raise stopped_for_silence(str(exc), losses[-1] if losses else None) from None
+                    raise stopped_for_silence(str(exc), None) from None
                 with accelerator.autocast():
                     loss, metrics = method(model, batch, augment)
                 accelerator.backward(loss)
+                ledger.add(loss)
 
-                # Sync point: the loss value decides whether this step's update is applied at all.
-                loss_value = loss.item()
-                non_finite = not math.isfinite(loss_value)
+                # Check steps read the losses back (a host-device sync); other steps do not wait.
                 stop_now = stop.signal is not None
                 generators_silent = silent is not None
-                if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
-                    flags = torch.tensor([float(non_finite), float(stop_now), float(generators_silent)], device=device)
-                    flags = accelerator.reduce(flags, reduction="sum")
-                    non_finite, stop_now, generators_silent = (bool(f > 0) for f in flags.tolist())
-                if non_finite:
-                    raise NonFiniteLossError(step + 1, loss_value, last_checkpoint)
+                done = step + 1
+                check = (done % cfg.run.log_every == 0 or done == total_steps or done % cfg.run.save_every == 0
+                         or (world_size == 1 and (stop_now or generators_silent)))
+                if check:
+                    bad = ledger.flush()
+                    if world_size > 1:  # all processes must agree, or the others would hang in the next all-reduce
+                        flags = torch.tensor([float(bad is not None), float(stop_now), float(generators_silent)],
+                                             device=device)
+                        flags = accelerator.reduce(flags, reduction="sum")
+                        non_finite, stop_now, generators_silent = (bool(f > 0) for f in flags.tolist())
+                        if non_finite and bad is None:
+                            bad = (done, math.nan)  # another process's loss
+                    check_finite(bad)  # before this step's update
+                else:
+                    stop_now = generators_silent = False  # several processes: acted on at the next check step
+                loss_value = losses[-1] if check else loss.detach()  # a float at check steps, else a device scalar
 
                 grad_norm = None
                 if cfg.optim.grad_clip is not None:
@@ -339,7 +377,6 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
 
                 step += 1
                 images_seen += images_per_step
-                losses.append(loss_value)
                 lrs.append(lr)
                 step_seconds.append(time.perf_counter() - t0)
                 if main:
@@ -378,7 +415,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     break
         monitor.finish(step, images_seen, completed=stopped == "completed")
         if step > start_step or last_checkpoint is None:
-            last_checkpoint = checkpoint(losses[-1] if losses else None)
+            last_checkpoint = checkpoint(None)
         source_stats = source.stats()
         status.note(f"{stopped} at step {step}/{total_steps}; checkpoint {last_checkpoint}", echo=main)
         if main and losses:
@@ -388,6 +425,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                                 title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}",
                                 **monitor.curve_kwargs())
     finally:
+        prefetch.close()
         progress.close()
         if live is not None:
             live.close()

@@ -17,6 +17,7 @@ from torch import nn
 import trainer.small_cnn  # noqa: F401  (registers the "small_cnn" timm model)
 from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
 from trainer.text import TextConfig, TextTower, build_projection
+from trainer.view_norm import project_per_view
 
 #: norm layers whose parameters are never weight-decayed
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -44,15 +45,12 @@ def projection_head(in_dim: int, hidden: int = 4096, out: int = 256, layers: int
 
 
 def per_view_chunk(module: nn.Module, features: torch.Tensor, views: int) -> torch.Tensor:
-    """``module`` once per view chunk of group-major ``features [G * views, F]`` (the ``G`` rows at
-    index ``j`` of every group), so BatchNorm inside sees one chunk at a time -> ``[G * views, out]``."""
+    """``module`` on group-major ``features [G * views, F]`` with BatchNorm statistics per view chunk
+    (the ``G`` rows at index ``j`` of every group), as if it ran once per chunk -> ``[G * views, out]``;
+    computed in one (Sync)BatchNorm call per layer over the stacked views (`trainer.view_norm`)."""
     if views == 1:
         return module(features)
-    if features.shape[0] % views:
-        raise ValueError(f"{features.shape[0]} feature rows do not split into groups of {views} views")
-    grouped = features.view(-1, views, features.shape[-1])                  # [G, views, F]
-    chunks = [module(grouped[:, j]) for j in range(views)]                  # views x [G, out]
-    return torch.stack(chunks, dim=1).flatten(0, 1)                         # [G * views, out]
+    return project_per_view(module, features, views)
 
 
 class StableRepModel(nn.Module):
@@ -104,9 +102,10 @@ class StableRepModel(nn.Module):
         """Projection head on backbone features ``[N, F]`` -> ``[N, head_out]``.
 
         ``features`` are group-major: ``N = G x views`` rows, the ``views`` images of group 0 first.
-        With ``head_per_view`` (the official recipe) the head runs once per view chunk, i.e. on the
-        ``G`` rows at index ``j`` of every group, so its BatchNorm statistics are per chunk; else one
-        call over all ``N`` rows.
+        With ``head_per_view`` (the official recipe) the BatchNorm statistics are per view chunk, i.e.
+        over the ``G`` rows at index ``j`` of every group, as if the head ran once per chunk; they are
+        computed in one (Sync)BatchNorm call per layer (`trainer.view_norm`). Else one call over all
+        ``N`` rows.
         """
         if not self.head_per_view:
             return self.head(features)

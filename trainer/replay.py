@@ -2,8 +2,10 @@
 
 The online source receives groups on its network thread and calls :meth:`ReplayBuffer.add`; the
 training loop calls :meth:`ReplayBuffer.sample` for each step. Storage is allocated once:
-``[capacity, images_per_group, H, W, 3]`` uint8, in pinned host memory (when CUDA is available) or
-directly in GPU memory. A group's pixels are copied exactly once, from the received frame into its
+``[capacity, images_per_group, H, W, 3]`` uint8, in pinned host memory (when CUDA is available;
+page-locked exactly, `trainer.replay_storage`) or directly in GPU memory. On CUDA, slots are
+written on a copy stream of the storage's device, with that device current in the writing thread
+(a thread starts on device 0: without it every rank would open a context on GPU 0). A group's pixels are copied exactly once, from the received frame into its
 slot; a batch is gathered from storage with one ``index_select``.
 
 Policies:
@@ -36,6 +38,7 @@ from trainer.batch import Batch
 from trainer.caption_cells import caption_words
 from trainer.images import decode_image
 from trainer.replay_select import select_in_cells, select_uniform
+from trainer.replay_storage import allocate_storage
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
 
@@ -101,6 +104,8 @@ class ReplayBuffer:
         self.images_per_group = int(images_per_group)
         self.height, self.width = int(height), int(width)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # other threads must name it exactly
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.evict = evict
         self.max_reuse = max_reuse
         self.min_fresh = float(min_fresh)
@@ -111,7 +116,7 @@ class ReplayBuffer:
         self.pin_memory = bool(pin_memory and on_host)
         shape = (self.capacity, self.images_per_group, self.height, self.width, 3)
         #: uint8 ``[C, P, H, W, 3]``, allocated once; slots are overwritten in place.
-        self.storage = torch.empty(shape, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+        self.storage, self._pin_keeper = allocate_storage(shape, self.device, self.pin_memory)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # CUDA storage: per slot, an event recorded after the last gather that read it (queued on the
         # sampler's stream); the copy stream waits for it before overwriting the slot.
@@ -249,13 +254,14 @@ class ReplayBuffer:
         with warnings.catch_warnings():  # torch only reads the (possibly read-only) received frame
             warnings.simplefilter("ignore", UserWarning)
             source = torch.from_numpy(images)
-        # On a side stream, waited for before the slot becomes visible to samplers.
-        with torch.cuda.stream(self._copy_stream):
+        # On a side stream, waited for before the slot becomes visible to samplers. The writing thread
+        # (the client's I/O thread) makes the storage's device current first.
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             read_done = self._read_done[slot]
             if read_done is not None:  # an earlier batch's gather may still be queued on that slot
                 self._copy_stream.wait_event(read_done)
             target.copy_(source, non_blocking=True)
-        self._copy_stream.synchronize()
+            self._copy_stream.synchronize()
 
     def _claim_slot(self) -> int | None:
         """Return a free slot, evicting per policy; waits while all slots are busy; None once closed.

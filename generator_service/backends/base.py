@@ -23,6 +23,8 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    #: the backend wants every batch at the worker's full size (a compiled model: one shape)
+    static_batch: bool = False
 
     def __init__(self, config: "GeneratorConfig", device: str = "cpu") -> None:
         self.config = config

@@ -156,6 +156,7 @@ class DiffusersBackend(Backend):
                 raise ValueError(f"pipeline {type(pipe).__name__} of {config.model!r} does not take {required!r}: not a text-to-image pipeline")
         self.loop = SDLoop(pipe, config, self.torch_device) if supports_own_loop(pipe) else None
         self.finisher: Finisher | None = None
+        self.static_batch = bool(config.compile)  # compiled: every batch padded to one shape (worker.generate_task)
 
     def pipeline_kwargs(self, captions: list[str], seeds: list[list[int]]) -> dict:
         """The keyword arguments of the one pipeline call that generates every image of the batch."""

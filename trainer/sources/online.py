@@ -17,10 +17,11 @@ Buffer geometry:
 - capacity: ``capacity_groups``, or as many groups as fit in ``capacity_gib`` GiB, or by default
   ``max(8 * captions_per_rank, 64)`` groups.
 
-Storage rule (``storage="auto"``): the buffer lives in GPU memory when the training device is a
-CUDA device and the buffer takes at most a quarter of the GPU memory free at start (then a batch
-needs no host-to-device copy at all); otherwise in pinned host memory, from which batches are
-copied with ``non_blocking=True``. ``storage="gpu"`` / ``"host"`` force either.
+Storage rule (``storage="auto"``, `trainer.replay_storage`): the buffer lives in GPU memory when
+the training device is a CUDA device and the buffer fits beside the training step's estimated peak
+(``training_bytes``) with headroom (then a batch needs no host-to-device copy at all); otherwise in
+pinned host memory, from which batches are copied with ``non_blocking=True``. ``storage="gpu"`` /
+``"host"`` force either.
 """
 from __future__ import annotations
 
@@ -39,13 +40,13 @@ from protocol.errors import BadGroup, ProtocolError
 from trainer.batch import Batch
 from trainer.images import decode_image_of_size
 from trainer.replay import ReplayBuffer, ReplayBufferClosed
+from trainer.replay_storage import choose_storage_device
 from trainer.sources import register_source
 from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
 from trainer.sources.generator_watch import GeneratorsSilentError, GeneratorWatch
 
 log = logging.getLogger(__name__)
 
-GPU_STORAGE_FRACTION = 0.25  # auto storage: buffer on the GPU when it takes <= this share of free memory
 DEFAULT_CAPACITY_FACTOR = 8  # default capacity: this many batches' worth of groups
 # Repeated group ids beyond re-sends: warn once when at least this many and this share of arrivals repeat.
 REPEAT_WARNING_COUNT, REPEAT_WARNING_SHARE = 32, 0.25
@@ -55,18 +56,6 @@ UNSEEN_WARNING_COUNT, UNSEEN_WARNING_SHARE = 256, 0.5
 
 class GroupStreamError(RuntimeError):
     """A received group could not be stored (the source stops; the message names the group)."""
-
-
-def choose_storage_device(storage: str, device: torch.device, nbytes: int) -> torch.device:
-    """Apply the storage rule of the module docstring; returns the storage device."""
-    if storage == "host" or device.type != "cuda":
-        if storage == "gpu" and device.type != "cuda":
-            raise ValueError(f"replay storage 'gpu' needs a CUDA training device, got {device}")
-        return torch.device("cpu")
-    if storage == "gpu":
-        return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if nbytes <= GPU_STORAGE_FRACTION * free else torch.device("cpu")
 
 
 @register_source("online")
@@ -81,6 +70,8 @@ class OnlineSource:
         rank, world_size: this process's place among the trainer processes (sent in ``hello``).
         capacity_groups, capacity_gib: buffer capacity (at most one of them).
         storage: ``"auto"`` | ``"gpu"`` | ``"host"``.
+        training_bytes: the training step's estimated peak memory on ``device`` (the auto storage
+            rule leaves it free).
         evict, max_reuse, min_fresh, hard_fraction, cell_size, cell_words: replay policies (see ``trainer.replay``).
         image_size: buffer image side (``None``: from the generators).
         credits: groups in flight per endpoint.
@@ -107,6 +98,7 @@ class OnlineSource:
         capacity_groups: int | None = None,
         capacity_gib: float | None = None,
         storage: str = "auto",
+        training_bytes: int = 0,
         evict: str = "fifo",
         max_reuse: int | None = None,
         min_fresh: float = 0.0,
@@ -131,7 +123,8 @@ class OnlineSource:
         self.device = torch.device(device)
         self.sample_timeout = float(sample_timeout)
         self._buffer_args = dict(
-            capacity_groups=capacity_groups, capacity_gib=capacity_gib, storage=storage, evict=evict,
+            capacity_groups=capacity_groups, capacity_gib=capacity_gib, storage=storage,
+            training_bytes=int(training_bytes), evict=evict,
             max_reuse=max_reuse, min_fresh=min_fresh, hard_fraction=hard_fraction, cell_size=cell_size,
             cell_words=tuple(cell_words), seed=seed + 1000 * rank,
         )
@@ -214,7 +207,8 @@ class OnlineSource:
             raise ValueError(
                 f"replay capacity of {capacity} groups is smaller than the {self.captions_per_rank} captions of a batch"
             )
-        storage_device = choose_storage_device(args["storage"], self.device, capacity * per_group)
+        storage_device = choose_storage_device(args["storage"], self.device, capacity * per_group,
+                                               args["training_bytes"])
         try:
             self.replay = ReplayBuffer(
                 capacity, self._images_per_group, height, width, device=storage_device,
