@@ -16,30 +16,52 @@ from typing import Any
 EXIT_INTERRUPTED = 130
 
 
-class StopSignals:
-    """Inside ``with StopSignals() as stop``: SIGINT and SIGTERM raise ``KeyboardInterrupt``;
-    ``stop.name`` is the last signal's name ("SIGINT"), ``None`` before any."""
+class _SignalScope:
+    """Installs ``self._handle`` (each subclass says what a signal does) for SIGINT and SIGTERM inside
+    ``with`` (main thread only) and gives the previous handlers back on exit."""
 
     def __init__(self) -> None:
-        self.name: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum: int, frame) -> None:
-        self.name = signal.Signals(signum).name
-        raise KeyboardInterrupt
-
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+
+class StopSignals(_SignalScope):
+    """Inside ``with StopSignals() as stop``: SIGINT and SIGTERM raise ``KeyboardInterrupt``;
+    ``stop.name`` is the last signal's name ("SIGINT"), ``None`` before any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        self.name = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
     def describe(self, default: str = "SIGINT") -> str:
         return self.name or default
+
+
+class StopAfterStep(_SignalScope):
+    """The training loop's handler: the first SIGINT/SIGTERM is remembered in ``signal`` (the loop
+    finishes its step, checkpoints and stops); a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal: int | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
 
 
 class Progress:

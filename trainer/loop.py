@@ -25,7 +25,6 @@ import logging
 import math
 import signal
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +48,7 @@ from trainer.launch import (
     fresh_accelerator_state,
     launch_env,
 )
+from trainer.interrupts import StopAfterStep
 from trainer.monitor import Monitor
 from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
@@ -164,29 +164,6 @@ def _numbers(prefix: str, stats: dict) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = float(value)
     return out
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (only in the main thread)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ----- the loop ----------------------------------------------------------------------------------
@@ -329,7 +306,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     prefetch = Prefetcher(source, device, limit=total_steps - start_step)
     status.start(start_step)
     try:
-        with _StopFlag() as stop:
+        with StopAfterStep() as stop:
             monitor.start(step, images_seen)  # step 0: the random init (Ctrl-C during it stops after step 1)
             while step < total_steps:
                 t0 = time.perf_counter()
