@@ -203,3 +203,31 @@ def test_model_without_model_kwargs_drops_the_presets_and_trains(shards, tmp_pat
     assert cfg.model.model_kwargs == {"width": 8}
     cfg, _ = cli.parse_config([*argv, "--model", "vit_tiny_patch16_224"])
     assert cfg.model.model_kwargs["embed_dim"] == 96
+
+
+def _tars_without_manifest(shards: Path, out: Path) -> list[str]:
+    """``--data`` of the same 32 groups as plain WebDataset tars (another caption-id namespace, as
+    many samples)."""
+    out.mkdir()
+    for tar in shards.glob("shard-*.tar*"):
+        shutil.copy(tar, out / tar.name)
+    return ["--data", *sorted(str(tar) for tar in out.glob("shard-*.tar"))]
+
+
+@pytest.mark.parametrize("other, flags, field_name", [
+    ("more", [], "num_samples = 32"),
+    (None, ["tars"], "data_fingerprint = "),
+    (None, ["--seed", "7"], "seed = 0"),
+])
+def test_a_resume_on_other_data_or_seed_is_refused_naming_the_field(shards, run, tmp_path, capsys, other, flags,
+                                                                    field_name):
+    """Checked from the manifest and shard indexes before the model is built: exit 2, one line naming
+    the field of the saved data state, the run folder byte for byte as it was."""
+    data = write_shards(tmp_path / "more", num_captions=40, m=4, size=32, groups_per_shard=16) if other else shards
+    if flags == ["tars"]:
+        flags = _tars_without_manifest(shards, tmp_path / "tars")
+    before = hashes(run)
+    assert cli.main(tiny(data, run, 3, "--resume", "auto", *flags)) == 2
+    line = error_line(capsys)
+    assert f"its data state has {field_name}" in line and f"--resume {run / 'checkpoints' / 'last'}" in line, line
+    assert hashes(run) == before

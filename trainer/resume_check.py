@@ -15,6 +15,9 @@
   per step, draw per caption, stored image size, crops per image) or the schedule (peak lr, warmup,
   min lr); the message names the first difference, e.g. ``checkpoint has model.model_kwargs.depth =
   4, this config 2``;
+- an offline run's checkpoint read another data set: its saved source state records another sample
+  count, data fingerprint (the caption-id namespaces and size) or seed than ``--data`` / ``--seed``
+  give now (counted from manifests and shard indexes, no tar is read); the message names the field;
 - the new ``--steps`` ends before the checkpoint's step, or ``--resume-lr continue`` would
   extend a finished schedule (whose lr has decayed to min lr) at that lr.
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import STATE_FILE, find_checkpoint
+from trainer.checkpoint import STATE_FILE, find_checkpoint, load_source_state
 from trainer.config import ConfigError, TrainConfig, apply_overrides
 from trainer.schedule import LrSchedule
 
@@ -134,8 +137,41 @@ def check_run_start(cfg: TrainConfig) -> RunStart:
             settings = f" (--config {run_config})" if run_config.is_file() else ""
             raise ConfigError(f"--resume {checkpoint}: {difference}; resume with the checkpoint's settings{settings} "
                               "or train a new run (another --output)")
+    check_same_data(cfg, checkpoint)
     schedule, note = resumed_schedule(cfg, state, checkpoint, new_schedule)
     return RunStart(checkpoint, state, schedule, note)
+
+
+def check_same_data(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse (``ConfigError`` naming the field) an offline resume whose saved source state is of
+    another data set or seed than ``cfg`` gives; a state of another layout is left to the source."""
+    if cfg.data.source != "offline":
+        return
+    try:
+        saved = load_source_state(checkpoint, 0)
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    first = (saved.get("ranks") or [None])[0] if isinstance(saved, dict) else None
+    if not isinstance(first, dict) or not first.get("layout_independent"):
+        return
+    from trainer.sources.offline_index import data_identity  # the offline modules load only for offline runs
+
+    def refuse(field_name: str, new: Any) -> None:
+        raise ConfigError(f"--resume {checkpoint}: its data state has {field_name} = {first.get(field_name)!r}, "
+                          f"this run's data {new!r} (another data set or --seed); resume with the checkpoint's "
+                          "data and seed or train a new run (another --output)")
+
+    if first.get("seed") != cfg.run.seed:
+        refuse("seed", cfg.run.seed)
+    try:
+        current = data_identity(list(cfg.data.data), seed_dirs=list(cfg.data.folders) or None,
+                                index_cache=cfg.data.index_cache)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config field data.data = {cfg.data.data!r}: cannot count its caption groups to check "
+                          f"the resume: {exc}") from None
+    for field_name in ("num_samples", "data_fingerprint"):
+        if first.get(field_name) != current[field_name]:
+            refuse(field_name, current[field_name])
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

@@ -36,9 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.batch import Batch
 from trainer.sources import register_source
-from trainer.sources.caption_ids import text_digest
-from trainer.sources.offline_index import SampleIndex, build_index
-from trainer.sources.offline_layout import OfficialTable, Part, check_uniform, part_namespace, resolve_data
+from trainer.sources.offline_index import SampleIndex, build_index, data_fingerprint
+from trainer.sources.offline_layout import OfficialTable, Part, check_uniform, resolve_data
 from trainer.sources.offline_reader import WorkerItem, iterate_samples
 from trainer.sources.offline_stream import StreamBasis, epoch_order, merge_progress
 
@@ -116,8 +115,7 @@ class OfflineSource:
         self.index = build_index(self.parts, self.tables, index_cache)
         if self.index.num_samples == 0:
             raise ValueError(f"no readable caption group in {paths!r}")
-        namespaces = [part_namespace(p, self.tables) for p in self.parts]
-        self.fingerprint = text_digest(sorted(set(namespaces)) + [str(self.index.num_samples)])
+        self.fingerprint = data_fingerprint(self.parts, self.tables, self.index.num_samples)
         self.basis = StreamBasis(0, world_size=self.world_size)
         self.epoch = 0
         self._consumed = 0  # stream positions this rank has taken under ``basis`` (groups and skipped ones)

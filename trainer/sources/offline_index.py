@@ -33,12 +33,14 @@ import numpy as np
 
 from protocol import storage
 from protocol.shards import ShardIndex, ShardLayoutError, index_name, scan_ranges, split_member
+from trainer.sources.caption_ids import text_digest
 from trainer.sources.offline_layout import (
     OfficialTable,
     Part,
     RowsPart,
     TarPart,
     describe,
+    part_namespace,
     resolve_data,
 )
 
@@ -252,6 +254,20 @@ def count_groups(paths: str | Sequence[str], *, seed_dirs: Sequence[str] | None 
     no tar is scanned when the writer indexed it (or a scan cache exists)."""
     resolved = resolve_data(paths, seed_dirs=seed_dirs)
     return build_index(resolved.parts, resolved.tables, index_cache).count
+
+
+def data_fingerprint(parts: Sequence[Part], tables: Sequence[OfficialTable], num_samples: int) -> str:
+    """The identity of a data set as a resume state records it: its caption-id namespaces and size."""
+    return text_digest(sorted({part_namespace(p, tables) for p in parts}) + [str(num_samples)])
+
+
+def data_identity(paths: str | Sequence[str], *, seed_dirs: Sequence[str] | None = None,
+                  index_cache: str | None = None) -> dict[str, int | str]:
+    """``{"num_samples", "data_fingerprint"}`` of an offline data set, as the offline source's
+    ``state_dict()`` records them; from manifests and shard indexes (as :func:`count_groups`)."""
+    resolved = resolve_data(paths, seed_dirs=seed_dirs)
+    count = build_index(resolved.parts, resolved.tables, index_cache).num_samples
+    return {"num_samples": count, "data_fingerprint": data_fingerprint(resolved.parts, resolved.tables, count)}
 
 
 def read_tar_sample(path: str, start: int, end: int) -> tuple[str, dict[str, Callable[[], bytes]]]:
