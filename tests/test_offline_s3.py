@@ -20,6 +20,7 @@ from protocol.shards import MANIFEST_NAME, Manifest, ShardIndex
 from tests.s3_server import forget_s3_clients, s3_server
 from tests.test_offline_source import S, add_member, encode, read_groups, write_generator_dir
 from tests.train_helpers import free_port
+from trainer.config import build_config
 from trainer.sources.offline import OfflineSource
 from trainer.sources.offline_index import count_groups
 
@@ -93,6 +94,25 @@ def test_unindexed_tars_in_a_bucket_are_scanned_once(endpoint, tmp_path, caplog)
     forget_s3_clients()
     OfflineSource(url, captions_per_rank=6, draw_per_caption=1, num_workers=0, image_size=S)
     assert "wds/00000.tar.idx: cached for etag:" in caplog.text
+
+
+def test_an_epoch_of_a_bucket_is_counted_from_its_indexes(endpoint, tmp_path):
+    """A run given in epochs on s3:// data takes its length from the bucket: generator shards from
+    their sample indexes, plain tars from one scan whose cache lands beside them."""
+    write_generator_dir("s3://bucket/epochs/shards", shards=3, per_shard=5, m=2)
+    client = boto3.client("s3")
+    for s in range(2):
+        local = tmp_path / f"{s:05d}.tar"
+        with tarfile.open(local, "w") as archive:
+            for k in range(4 + s):
+                add_member(archive, f"{s:05d}{k:04d}.png", encode(50 + k))
+                add_member(archive, f"{s:05d}{k:04d}.txt", b"a photo")
+        client.upload_file(str(local), "plain", f"epochs/{s:05d}.tar")
+    for data, groups in ((["s3://bucket/epochs/shards"], 15), (["s3://plain/epochs/{00000..00001}.tar"], 9)):
+        cfg = build_config("cpu_small", overrides={"data": {"source": "offline", "data": data, "captions_per_step": 2},
+                                                   "schedule": {"steps": None, "epochs": 3.0, "warmup_steps": 0}})
+        assert cfg.epoch_captions() == groups and cfg.total_steps() == 3 * (groups // 2)
+    assert "epochs/00001.tar.idx" in keys("plain", "epochs/")
 
 
 def test_bad_urls_are_one_line_and_exit_2_before_any_model(endpoint, tmp_path, monkeypatch, capsys):

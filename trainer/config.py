@@ -255,7 +255,7 @@ class TrainConfig:
         from trainer.sources.dataset_size import count_offline_captions
 
         try:
-            return count_offline_captions(self.data.data, self.data.folders or None)
+            return count_offline_captions(self.data.data, self.data.folders or None, self.data.index_cache)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config field data.data = {self.data.data!r}: cannot count its caption groups "
                               f"for {what} in epochs: {exc}") from exc

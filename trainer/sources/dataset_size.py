@@ -2,48 +2,28 @@
 
 The official trainer's epoch is one pass of its DataLoader over the CSV (``len(dataset)`` captions,
 ``drop_last``), so an offline run given in epochs takes its length from the data, not from a
-nominal ``data.dataset_captions``. Counting stays cheap: generator shards are counted from their
-manifest, the official layout from its CSV rows, and only plain WebDataset tars (no manifest) are
-scanned, by their tar headers.
+nominal ``data.dataset_captions``. The count is the offline source's own sample count
+(:func:`trainer.sources.offline_index.count_groups`): CSV rows for the official layout, the sample
+indexes (``shard-N.tar.idx``) of generator shards, and for plain WebDataset tars without one a scan
+of their member headers, cached beside them (or in ``index_cache``); local paths and object-store
+URLs alike. A shard that a truncation damaged counts the groups it still holds, as an epoch reads.
 """
 from __future__ import annotations
 
-import tarfile
 from functools import lru_cache
 from typing import Sequence
 
-from protocol.shards import split_member
-from trainer.sources.offline_layout import RowsPart, resolve_data
-
-
-def count_tar_samples(path: str) -> int:
-    """Samples (runs of members sharing one WebDataset key) in the tar at ``path``; headers only."""
-    count, last_key = 0, None
-    with tarfile.open(path, mode="r|") as stream:
-        for member in stream:
-            parts = split_member(member.name) if member.isfile() else None
-            if parts is not None and parts[0] != last_key:
-                count, last_key = count + 1, parts[0]
-    return count
+from trainer.sources.offline_index import count_groups
 
 
 @lru_cache(maxsize=8)
-def _count(paths: tuple[str, ...], folders: tuple[str, ...] | None) -> int:
-    resolved = resolve_data(list(paths), seed_dirs=list(folders) if folders is not None else None)
-    total = 0
-    for part in resolved.parts:
-        if isinstance(part, RowsPart):
-            total += part.stop - part.start
-        elif part.expected_groups is not None:  # listed in a generator manifest
-            total += part.expected_groups
-        else:
-            total += count_tar_samples(part.path)
-    return total
+def _count(paths: tuple[str, ...], folders: tuple[str, ...] | None, index_cache: str | None) -> int:
+    return count_groups(list(paths), seed_dirs=list(folders) if folders is not None else None, index_cache=index_cache)
 
 
-def count_offline_captions(paths: Sequence[str], folders: Sequence[str] | None = None) -> int:
+def count_offline_captions(paths: Sequence[str], folders: Sequence[str] | None = None,
+                           index_cache: str | None = None) -> int:
     """Caption groups in the offline data ``paths`` (``--data``; ``folders``: the official layout's
-    image folders, ``--folders``): manifest counts for generator shards, CSV rows for the official
-    layout, samples for plain WebDataset tars. Raises ``FileNotFoundError`` / ``ValueError`` naming a
-    missing or malformed input, as the offline source would."""
-    return _count(tuple(str(p) for p in paths), tuple(folders) if folders else None)
+    image folders, ``--folders``; ``index_cache``: ``--index-cache``). Raises ``FileNotFoundError`` /
+    ``ValueError`` naming a missing or malformed input, as the offline source would."""
+    return _count(tuple(str(p) for p in paths), tuple(folders) if folders else None, index_cache)
