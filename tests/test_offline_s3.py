@@ -139,7 +139,7 @@ def test_bad_urls_are_one_line_and_exit_2_before_any_model(endpoint, tmp_path, m
         assert code == 2 and len(lines) == 1 and expected in lines[0] and url in lines[0], (name, lines)
         assert not (tmp_path / "run").exists()  # refused before anything was written
     forget_s3_clients()
-    (tmp_path / "c.txt").write_text("a red circle\n")
+    (tmp_path / "c.txt").write_text("a red triangle with stripes on a dark background\n")
     proc = subprocess.run([str(BIN / "stablerep-generator"), "--captions", str(tmp_path / "c.txt"), "--backend",
                            "procedural", "--gpus", "cpu:1", "--out", "nosuch://bucket/shards"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
