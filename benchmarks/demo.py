@@ -8,8 +8,10 @@ three (in benchmarks/, beside the study).
    seeds the training stream never uses.
 2. The procedural generator service starts as a subprocess serving protocol v1 on a free local port.
 3. The real training loop (``trainer.loop.train``, online source, StableRep loss, ``small_cnn`` at 64 px)
-   runs in this process; every ``--probe-every`` steps the exported backbone is snapshotted.
-4. Each snapshot (step 0 = the model's random init) gets the fast linear probe on the probe sets.
+   runs in this process; its monitor (trainer/monitor.py) scores the live backbone by weighted k-NN on
+   every probe set at step 0 and every ``--probe-every`` steps (``OUTPUT/monitor.jsonl``: the curve).
+4. The backbone at random init (step 0) and at the end get the fast linear probe on the probe sets
+   (the headline numbers).
 5. ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` summarize the run; the generator is always stopped.
 
 Ctrl-C / SIGTERM stop it where it is (exit 130, one line saying where) with a partial report marked
@@ -18,13 +20,13 @@ Ctrl-C / SIGTERM stop it where it is (exit 130, one line saying where) with a pa
 
 Flags of this demo (all others go to ``stablerep-train`` on top of the ``demo`` preset,
 trainer/presets/demo.yaml):
-``--steps N``, ``--quick``, ``--probe-every N``, ``--attributes shape,texture``, ``--captions N``,
+``--steps N``, ``--quick``, ``--probe-every N`` (the k-NN curve's cadence), ``--attributes shape,texture``,
+``--captions N``,
 ``--probe-train-per-class N``, ``--probe-val-per-class N``, ``--generator-workers N``, ``--seed S``,
 ``--probes-only``. Both kinds are checked before any work.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -86,7 +88,7 @@ def parse_demo_args(argv: list[str]) -> tuple[DemoPlan, list[str]]:
     parser.add_argument("--probes-only", action="store_true",
                         help="no training: probe the snapshots already in --output (after a stop; finished probes are kept)")
     parser.add_argument("--steps", type=int, help="optimizer steps")
-    parser.add_argument("--probe-every", type=int, help="steps between backbone snapshots that get probed")
+    parser.add_argument("--probe-every", type=int, help="steps between k-NN evaluations of the training backbone (the curve)")
     parser.add_argument("--attributes", help="comma-separated caption attributes to probe; the first is the headline")
     parser.add_argument("--captions", type=int, help="procedural captions to train on (576 distinct)")
     parser.add_argument("--probe-train-per-class", type=int)
@@ -243,49 +245,6 @@ class GeneratorProcess:
             self._log.close()
 
 
-class SnapshotSource:
-    """Wraps the training source; at each draw, copies a newly exported backbone to
-    ``snapshots/step-NNNNNN`` (N = the step of the checkpoint that exported it), so probes can run
-    after training on every snapshot. The trainer draws a batch ahead, in a thread, so the step is
-    read from the checkpoint, not counted here."""
-
-    def __init__(self, source: Any, output: Path, snapshot_dir: Path) -> None:
-        self.source, self.output, self.snapshot_dir = source, output, snapshot_dir
-        self._seen_mtime: int | None = None
-        self.snapshots: dict[int, Path] = {}
-
-    def capture(self) -> None:
-        weights = self.output / "backbone.safetensors"
-        if not weights.exists():
-            return
-        mtime = weights.stat().st_mtime_ns
-        if mtime == self._seen_mtime:
-            return
-        try:  # the checkpoint is complete before its backbone is exported
-            step = int(json.loads((self.output / "checkpoints" / "last" / "trainer_state.json").read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            return
-        if step not in self.snapshots:
-            self.snapshots[step] = copy_backbone(self.output, self.snapshot_dir / f"step-{step:06d}")
-        self._seen_mtime = mtime
-
-    def next_batch(self):
-        self.capture()
-        return self.source.next_batch()
-
-    def stats(self) -> dict[str, Any]:
-        return self.source.stats()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.source.load_state_dict(state)
-
-    def close(self) -> None:
-        self.source.close()
-
-
 def copy_backbone(src_dir: Path, dst_dir: Path) -> Path:
     dst_dir.mkdir(parents=True, exist_ok=True)
     for name in ("backbone.json", "backbone.safetensors"):
@@ -305,13 +264,17 @@ def export_initial_backbone(cfg, dst_dir: Path) -> Path:
     return dst_dir
 
 
-def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, output: Path):
-    """``demo`` preset < the user's trainer flags < what the demo must set (source, length, output)."""
+def _trainer_config(plan: DemoPlan, trainer_argv: list[str], endpoint: str, output: Path,
+                    probe_dirs: dict[str, Path] | None = None):
+    """``demo`` preset < the user's trainer flags < what the demo must set (source, length, output and,
+    given ``probe_dirs``, the monitor: k-NN on every probe set every ``probe_every`` steps)."""
     from trainer.config import ConfigError
 
     argv = ["--preset", DEMO_PRESET, *trainer_argv,
             "--source", "online", "--generators", endpoint, "--output", str(output), "--steps", str(plan.steps),
             "--save-every", str(plan.probe_every), "--seed", str(plan.seed)]
+    if probe_dirs:
+        argv += ["--monitor-dirs", *map(str, probe_dirs.values()), "--monitor-every", str(plan.probe_every)]
     if "--log-with" not in trainer_argv:
         argv.append("--log-with")  # no trackers unless asked for
     if not any(a == "--resume" or a.startswith("--resume=") for a in trainer_argv):
@@ -343,8 +306,8 @@ def run_demo(argv: list[str], output: str | None = None) -> int:
     return DemoRun(plan, trainer_argv, out).run()
 
 
-def _train(cfg, generator: GeneratorProcess, out: Path, snapshot_dir: Path, log):
-    """Build the online source, wrap it for snapshots and run ``trainer.loop.train``."""
+def _train(cfg, generator: GeneratorProcess, log) -> dict[str, Any]:
+    """Build the online source and run ``trainer.loop.train``; its summary."""
     import torch
 
     from trainer.loop import build_source, train
@@ -355,15 +318,14 @@ def _train(cfg, generator: GeneratorProcess, out: Path, snapshot_dir: Path, log)
         t0 = time.perf_counter()
         source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.captions_per_step)
         connect_seconds = time.perf_counter() - t0
-        wrapper = SnapshotSource(source, out, snapshot_dir)
         log(f"training {cfg.model.name} {cfg.model.model_kwargs} with {cfg.method.name} for {cfg.schedule.steps} "
             f"steps of {cfg.data.captions_per_step} captions x {cfg.data.draw_per_caption} images")
         t0 = time.perf_counter()
-        summary = train(cfg, source=wrapper)
+        summary = train(cfg, source=source)
         summary["_train_seconds"] = time.perf_counter() - t0
         summary["_connect_seconds"] = connect_seconds
         generator.check_alive()
-        return summary, wrapper
+        return summary
     except ConnectionError as exc:
         raise ConnectionError(f"{exc}; generator log:\n{generator.log_tail()}") from exc
     finally:

@@ -1,7 +1,8 @@
 """One run of ``stablerep-bench demo``, phase by phase, with honest stops.
 
 Phases: ``data`` (captions, probe sets) -> ``training`` (generator subprocess + trainer) ->
-``probes`` (a linear probe per snapshot and attribute) -> ``few-shot``. Whatever stops the run
+``probes`` (a linear probe per attribute of the backbone at random init and at the end; the k-NN
+curve in between is the trainer's monitor, ``OUTPUT/monitor.jsonl``) -> ``few-shot``. Whatever stops the run
 (SIGINT, SIGTERM, an error) leaves ``OUTPUT/report.json`` with what was finished, marked
 ``"interrupted": true`` and ``"stopped_at": {"phase", "detail", "signal"}``, prints one line saying
 where it stopped, and exits 130 (a signal) or 1 (an error). Finished probes live in
@@ -87,7 +88,7 @@ class DemoRun:
         log(f"wrote {plan.captions} captions and probe sets for {', '.join(plan.attributes)} under {data}")
 
         endpoint = free_tcp_endpoint()
-        cfg = _trainer_config(plan, self.trainer_argv, endpoint, out)
+        cfg = _trainer_config(plan, self.trainer_argv, endpoint, out, probe_dirs)
         snapshot_dir = out / SNAPSHOTS
         if snapshot_dir.exists():
             shutil.rmtree(snapshot_dir)
@@ -106,9 +107,8 @@ class DemoRun:
             self.generator = {"endpoint": endpoint, "log": str(out / "generator.log"), "command": generator.command,
                               "pid": generator.pid}
             self.progress.enter("training")
-            summary, wrapper = _train(cfg, generator, out, snapshot_dir, log)
+            summary = _train(cfg, generator, log)
         self.generator["exit_status"] = generator.returncode
-        snapshots.update(wrapper.snapshots)
         final_step = int(summary["steps"])
         snapshots[final_step] = copy_backbone(out, snapshot_dir / f"step-{final_step:06d}")
         self.timings["generator_connect_s"] = summary.pop("_connect_seconds")

@@ -35,8 +35,15 @@ def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
     assert report["train_images_per_s"] > 0
     assert report["loss_last_mean"] < report["loss_first_mean"]
     assert report["loss_first"] == report["losses"][0] and report["loss_last"] == report["losses"][-1]
-    # probes at init, mid-run and the end, on held-out images whose seeds training never used
-    assert [p["step"] for p in report["probes"]] == [0, 50, 100]
+    # linear probes at init and the end, on held-out images whose seeds training never used
+    assert [p["step"] for p in report["probes"]] == [0, 100]
+    # the curve: the trainer's monitor, k-NN at init and every probe_every steps, read from monitor.jsonl
+    knn = report["knn"]
+    assert knn["every"] == plan.probe_every and knn["failures"] == 0 and set(knn["per_attribute"]) == {"colour"}
+    monitored = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["probe"]) for r in monitored] == [(0, "probe_colour"), (50, "probe_colour"), (100, "probe_colour")]
+    assert knn["per_attribute"]["colour"]["steps"] == [0, 50, 100]
+    assert knn["per_attribute"]["colour"]["top1"] == [r["knn_top1"] for r in monitored]
     assert report["probe_attribute"] == "colour" and report["num_classes"] == 8
     assert set(report["per_attribute"]) == set(plan.attributes)  # every probed attribute is reported
     # a real learning signal: the trained backbone clearly beats the same architecture at init
@@ -89,12 +96,18 @@ def _probe_rows(out) -> int:
         return 0
 
 
+def _monitored_steps(out) -> list[int]:
+    try:
+        return [json.loads(line)["step"] for line in (out / "monitor.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
 def test_demo_stopped_in_training_then_in_probes_keeps_its_work_and_probes_only_finishes(tmp_path):
     out = tmp_path / "demo"
-    # 1. SIGINT while training (detected by the snapshot the demo copies after step 10)
+    # 1. SIGINT while training (detected by the monitor's k-NN line of step 10)
     demo = _start(["demo", "--quick", "--steps", "2000", "--probe-every", "5", "--no-progress", "--output", str(out)])
-    err = signal_when(demo, (out / "snapshots" / "step-000010" / "backbone.safetensors").is_file,
-                      "the snapshot after step 10", signal.SIGINT)
+    err = signal_when(demo, lambda: 10 in _monitored_steps(out), "the monitor's evaluation at step 10", signal.SIGINT)
     assert demo.returncode == 130, err
     report = json.loads((out / "report.json").read_text())
     steps = report["steps"]
@@ -105,7 +118,8 @@ def test_demo_stopped_in_training_then_in_probes_keeps_its_work_and_probes_only_
     assert line.startswith("stablerep-bench demo: interrupted by SIGINT in the training phase (step ")
     assert f"step {steps}/2000" in line and "--probes-only" in line and "Traceback" not in err
     snapshots = sorted(int(p.name.split("-")[1]) for p in (out / "snapshots").iterdir())
-    assert snapshots[0] == 0 and snapshots[-1] == steps and 10 in snapshots  # the stop's checkpoint is kept too
+    assert snapshots == [0, steps]  # the random init and the stop's checkpoint: what the linear probes score
+    assert report["knn"]["per_attribute"]["colour"]["steps"][:3] == [0, 5, 10]  # the curve up to the stop
 
     # 2. SIGTERM while probing those snapshots (after the first probe is saved)
     probes = _start(["demo", "--probes-only", "--output", str(out)])

@@ -1,4 +1,5 @@
-"""Plots of a run for humans: ``curve.png`` with the training loss and probe accuracy over steps."""
+"""Plots of a run for humans: ``curve.png`` with the training loss and probe accuracy over steps; the
+demo's ``report.json``."""
 from __future__ import annotations
 
 import json
@@ -108,6 +109,36 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def demo_knn_curves(output: Path, attributes: list[str], monitor: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``knn`` section of a demo report from the run's ``OUTPUT/monitor.jsonl`` (trainer/monitor.py;
+    the probe folder ``probe_<attribute>`` is the attribute's): ``{"file", "every", "k", "temperature",
+    "per_attribute": {attribute: {"steps", "top1", "num_classes", "chance"}}, "failures"}``; None without
+    the file (stopped before the monitor's first evaluation)."""
+    from trainer.monitor import MONITOR_FILE
+
+    path = output / MONITOR_FILE
+    if not path.is_file():
+        return None
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a stop
+    per_attribute = {}
+    for attribute in attributes:
+        scored = sorted((r for r in rows if r.get("probe") == f"probe_{attribute}" and "knn_top1" in r),
+                        key=lambda r: r["step"])
+        if scored:
+            per_attribute[attribute] = {"steps": [r["step"] for r in scored], "top1": [r["knn_top1"] for r in scored],
+                                        "num_classes": scored[-1]["num_classes"],
+                                        "chance": 100.0 / scored[-1]["num_classes"]}
+    monitor = monitor or {}
+    return {"file": str(path), "every": monitor.get("every"), "k": monitor.get("knn_k"),
+            "temperature": monitor.get("knn_temperature"), "per_attribute": per_attribute,
+            "failures": sum("error" in r for r in rows)}
+
+
 def write_demo_report(
     output: str | Path,
     *,
@@ -120,8 +151,9 @@ def write_demo_report(
 ) -> dict[str, Any]:
     """Write ``OUTPUT/report.json`` and ``OUTPUT/curve.png`` of a demo run; returns the report.
 
-    ``probes``: rows ``{"step", "attribute", "top1", "num_classes", ...}``; step 0 is the random init,
-    the largest step the trained backbone. The first attribute of ``plan["attributes"]`` is the headline.
+    ``probes``: linear-probe rows ``{"step", "attribute", "top1", "num_classes", ...}``; step 0 is the
+    random init, the largest step the trained backbone. The first attribute of ``plan["attributes"]`` is
+    the headline. The accuracy-vs-step curve is the monitor's k-NN (``knn``, :func:`demo_knn_curves`).
     ``stopped_at`` (``{"phase", "detail", "signal" or "error"}``): the run did not finish; the report
     is partial (``"interrupted": true``): ``summary`` may be empty (stopped before training ended) and
     attributes without a probe row are left out of ``per_attribute`` (their headline fields are None).
@@ -143,6 +175,7 @@ def write_demo_report(
             "top1": [r["top1"] for r in rows],
         }
     head = per_attribute.get(headline, {})
+    knn = demo_knn_curves(output, attributes, summary.get("monitor"))
     losses = [float(v) for v in summary.get("losses", [])]
     k = max(1, min(10, len(losses) // 5 or 1))
     stats = summary.get("source_stats") or {}
@@ -168,6 +201,7 @@ def write_demo_report(
         "loss_last_mean": _mean(losses[-k:]),
         "losses": losses,
         "probes": probes,
+        "knn": knn,  # the k-NN curve of the run's monitor (OUTPUT/monitor.jsonl); None before its first evaluation
         "timings": timings,
         "source_stats": stats,
         "plan": plan,
@@ -178,10 +212,14 @@ def write_demo_report(
         **extra,
     }
     stop_note = f" (stopped in {stopped_at['phase']}: {stopped_at['detail']})" if stopped_at else ""
+    curves = (knn or {}).get("per_attribute", {})
+    labels = {a: f"{a} ({r['num_classes']} classes)" for a, r in curves.items()}
     plot_training_curve(
         output / "curve.png", losses,
-        {f"{a} ({r['num_classes']} classes)": (r["steps"], r["top1"]) for a, r in per_attribute.items()},
-        chance_accuracy={f"{a} ({r['num_classes']} classes)": r["chance"] for a, r in per_attribute.items()},
+        {labels[a]: (r["steps"], r["top1"]) for a, r in curves.items()},
+        chance_accuracy={labels[a]: r["chance"] for a, r in curves.items()},
+        initial_accuracy={labels[a]: r["top1"][0] for a, r in curves.items() if r["steps"][0] == 0},
+        accuracy_title=f"k-NN (k={knn['k']}, T={knn['temperature']}) on held-out images" if knn else "k-NN",
         title=f"StableRep demo: {report['steps']} steps, {report['images_seen']} images, "
               f"{report['generated_groups']} generated groups{stop_note}",
         lrs=summary.get("lrs"),
