@@ -24,12 +24,17 @@ def split_features(
     batch_size: int = 256,
     workers: int = 0,
     cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> tuple[FeatureSet, FeatureSet]:
-    """Eval-view features of two ImageFolders; val's labels follow train's class order."""
+    """Eval-view features of two ImageFolders; val's labels follow train's class order.
+    ``progress`` (optional) learns which split is being embedded."""
+    progress = progress or Progress()
     train = ImageFolderDataset(train_dir, eval_transform(backbone))
     val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
-    return (extract_features(backbone, train, device, batch_size, workers, cache_dir),
-            extract_features(backbone, val, device, batch_size, workers, cache_dir))
+    progress.enter("features", f"{len(train)} training images")
+    train_feats = extract_features(backbone, train, device, batch_size, workers, cache_dir)
+    progress.enter("features", f"{len(val)} held-out images")
+    return train_feats, extract_features(backbone, val, device, batch_size, workers, cache_dir)
 
 
 def linear_probe(
@@ -64,13 +69,9 @@ def linear_probe(
 
         result = paper_linear_probe(backbone, train, val, config, device, log=log_epoch)
     else:
-        train = ImageFolderDataset(train_dir, eval_transform(backbone))
-        val = ImageFolderDataset(val_dir, eval_transform(backbone), classes=train.class_names)
         t0 = time.perf_counter()
-        progress.enter("features", f"{len(train)} training images")
-        train_feats = extract_features(backbone, train, device, batch_size, workers, cache_dir)
-        progress.enter("features", f"{len(val)} held-out images")
-        val_feats = extract_features(backbone, val, device, batch_size, workers, cache_dir)
+        train_feats, val_feats = split_features(backbone, train_dir, val_dir, device, batch_size, workers, cache_dir,
+                                                progress)
         extract_seconds = time.perf_counter() - t0
         progress.enter("probe", f"fast grid of {len(config.lrs) * len(config.weight_decays)} classifiers")
         result = fast_linear_probe(train_feats, val_feats, config, device)
