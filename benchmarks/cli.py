@@ -22,9 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 
-from .report import QUICK_NOTE, write_results
+from .results_writer import QUICK_NOTE, write_results
 
 
 def _protocol(args: argparse.Namespace) -> None:
@@ -200,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own flags and passes the rest to the trainer
-        from .demo import run_demo
+        from experiments.demo import run_demo
 
         return run_demo(argv[1:])
     if argv[:1] == ["study"]:  # so does the study
-        from .study import run_study
+        from experiments.study import run_study
 
         return run_study(argv[1:])
     args = build_parser().parse_args(argv)

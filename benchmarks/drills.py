@@ -147,7 +147,7 @@ def _wait_for_first_group(count: list[int], lock: threading.Lock, service: subpr
 
 def run_drills(attacks: tuple[str, ...] = ATTACKS, rate: float = 100.0, phase_s: float = 5.0, side: int = 64,
                log: Callable[[str], None] = print) -> dict[str, Any]:
-    from benchmarks.demo import free_tcp_endpoint
+    from experiments.demo import free_tcp_endpoint
     from generator_service.procedural import write_caption_file
     from protocol.client import GroupClient
 

@@ -135,7 +135,7 @@ def trainer_flops(model: str = "vit_base_patch16_224", img_size: int = 224, head
     """FLOPs per trained image: the StableRep model's forward and forward+backward on ``[2, 3, S, S]``."""
     import torch
 
-    from trainer.model import build_model
+    from trainer.models.stablerep_model import build_model
 
     batch = 2
     with torch.device("meta"):

@@ -105,7 +105,7 @@ def _best(repeats: int, fn) -> float:
 
 def time_startup(data: str, m: int, repeats: int) -> tuple[float, int, int]:
     """Best start-up seconds of the offline source on ``data``; groups and index bytes."""
-    from trainer.sources.offline import OfflineSource
+    from trainer.data.sources.offline import OfflineSource
 
     holder: dict[str, Any] = {}
 
@@ -119,7 +119,7 @@ def time_startup(data: str, m: int, repeats: int) -> tuple[float, int, int]:
 
 def rate_reader(data: str, m: int, groups: int) -> float:
     """Groups/s this reader delivers in one process (global shuffle, one ranged read per group)."""
-    from trainer.sources.offline import OfflineSource
+    from trainer.data.sources.offline import OfflineSource
 
     source = OfflineSource(data, captions_per_rank=50, draw_per_caption=m, num_workers=0, seed=1)
     source.next_batch()  # warm

@@ -111,8 +111,8 @@ def run_online_bench(
     from generator_service.procedural import sample_captions
     from generator_service.service import ServiceOptions
     from trainer.augment import GPUAugment
-    from trainer.methods import build_method
-    from trainer.sources.online import OnlineSource
+    from trainer.objectives.methods import build_method
+    from trainer.data.sources.online import OnlineSource
 
     if generators < 1:
         raise ValueError(f"--generators must be >= 1, got {generators}")
@@ -131,7 +131,7 @@ def run_online_bench(
         for index in range(generators):
             metrics = None
             if index == 0 and generator_metrics_port is not None:
-                from generator_service.metrics import GeneratorMetrics
+                from generator_service.live_metrics import GeneratorMetrics
 
                 metrics = GeneratorMetrics(generator_metrics_port, addr="127.0.0.1", every_s=0.2)
             # Generator i serves caption shard i/N (positions i, i+N, ...), as a cluster launch would.
@@ -144,7 +144,7 @@ def run_online_bench(
             services.append(_Generator(options, metrics).start())
         endpoints = [g.wait_started(start_timeout) for g in services]
         if metrics_port is not None:
-            from trainer.metrics import TrainerMetrics
+            from trainer.live_metrics import TrainerMetrics
 
             trainer_live = TrainerMetrics(metrics_port, addr="127.0.0.1")
 

@@ -30,10 +30,10 @@ from generator_service.backends.compile_support import compile_unavailable
 from protocol import Group
 from trainer.augment import GPUAugment, benchmark_augment
 from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
-from trainer.losses import MultiPosConLoss
-from trainer.methods import build_method
-from trainer.model import build_model
-from trainer.replay import ReplayBuffer
+from trainer.objectives.losses import MultiPosConLoss
+from trainer.objectives.methods import build_method
+from trainer.models.stablerep_model import build_model
+from trainer.data.replay import ReplayBuffer
 from trainer.step_pipeline import Prefetcher
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
@@ -203,7 +203,7 @@ def run_trainer_bench(
         feed: Any = _ReplayFeed(_prefilled_replay(max(4 * captions_per_step, 64), draw_per_caption, stored_size,
                                                   device), captions_per_step, draw_per_caption)
     else:
-        from trainer.sources.online import OnlineSource
+        from trainer.data.sources.online import OnlineSource
 
         feed = OnlineSource(endpoints, captions_per_step, draw_per_caption, device=device, image_size=stored_size,
                             connect_timeout=60, sample_timeout=600)

@@ -28,7 +28,7 @@ from generator_service.pool import PoolError, StopSignal, WorkerPool
 from generator_service.preflight import PreflightError, backend_name, check_captions, check_model
 from generator_service.recipes import RECIPE_NAMES
 from generator_service.shards import IMAGE_FORMATS, ShardError
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 from protocol.server import BindError, ServerFailed
 
 log = logging.getLogger("stablerep-generator")
@@ -221,7 +221,7 @@ def write_resolved_config(directory: str, args: argparse.Namespace, config: Gene
     run = {key: value for key, value in vars(args).items() if key not in ("config",)}
     run["shard"] = f"{args.shard[0]}/{args.shard[1]}"
     resolved = {"generator": config.to_dict(), "fingerprint": config.fingerprint(), "devices": devices, "run": run}
-    from protocol import storage
+    from infra import storage
 
     target = storage.join(directory, RESOLVED_CONFIG_NAME)
     if not storage.is_remote(directory):
@@ -381,7 +381,7 @@ def _run(argv: list[str]) -> int:
 
     metrics = None
     if args.metrics_port is not None:
-        from generator_service.metrics import GeneratorMetrics
+        from generator_service.live_metrics import GeneratorMetrics
 
         metrics = GeneratorMetrics(args.metrics_port)
         log.info("metrics at %s", metrics.url)
@@ -437,7 +437,7 @@ def _keys(argv: list[str]) -> int:
 
 def _probe_set(argv: list[str]) -> int:
     from generator_service.procedural.grammar import attributes
-    from generator_service.procedural.probe import write_probe_imagefolder
+    from generator_service.procedural.probe_set import write_probe_imagefolder
 
     parser = SuggestingParser(prog=f"{PROG} probe-set", description="Write a procedural ImageFolder (train/, val/) for linear probes.")
     parser.add_argument("--out", required=True, help="output directory")

@@ -29,7 +29,7 @@ import numpy as np
 
 from generator_service.config import GeneratorConfig
 from generator_service.devices import worker_device_env
-from generator_service.work import GroupSink, PoolError, PoolStats, StopSignal, WorkItem
+from generator_service.pool_types import GroupSink, PoolError, PoolStats, StopSignal, WorkItem
 from generator_service.worker import EncodedImages, WorkerSpec, worker_main
 from protocol import Group
 

@@ -34,7 +34,7 @@ from generator_service.online_state import OnlineState, RunIdentity
 from generator_service.pool import GroupSink, PoolStats, StopSignal, WorkerPool, WorkItem
 from generator_service.seeds import image_seed
 from generator_service.shards import ShardWriter
-from protocol import storage
+from infra import storage
 from generator_service.sinks import FanOutSink, PreviewSink, ServerSink, ShardSink
 
 log = logging.getLogger(__name__)

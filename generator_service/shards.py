@@ -7,7 +7,7 @@ A writer killed at any moment leaves complete, listed shards plus the open shard
 next ``open()`` turns the complete groups of that file into a listed shard (``shard_salvage``), so
 a rerun skips exactly the groups already on disk and an online archive keeps every group it served.
 
-The output may be an object-store URL (``s3://bucket/prefix``, any fsspec URL, :mod:`protocol.storage`):
+The output may be an object-store URL (``s3://bucket/prefix``, any fsspec URL, :mod:`infra.storage`):
 shards are then staged in a local temp folder and uploaded when complete, index first, then the
 shard (each one PUT, visible only when complete), then the manifest, which stays the commit point.
 A killed writer leaves at most an uploaded but unlisted shard, which the next run adopts (the groups
@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from generator_service.shard_salvage import SALVAGE_SUFFIX, salvage
-from protocol import GeneratorInfo, Group, storage
+from infra import storage
+from protocol import GeneratorInfo, Group
 from protocol.shards import (
     IMAGE_FORMATS,
     INDEX_TEMP_PATTERN,

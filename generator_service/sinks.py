@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from generator_service.shards import ShardWriter
-from generator_service.work import GroupSink
+from generator_service.pool_types import GroupSink
 from protocol import Group
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from generator_service.work import StopSignal
+from generator_service.pool_types import StopSignal
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from .codec import decode
 from .errors import ERROR_CODES, BadGroup, ProtocolError
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
-from .ratelog import RateLimitedLog
+from infra.ratelog import RateLimitedLog
 from .sockets import WakePipe, configure, monotonic, send
 
 log = logging.getLogger(__name__)

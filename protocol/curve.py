@@ -33,7 +33,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .ratelog import RateLimitedLog
+from infra.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from .errors import ProtocolError
 from .generator_info import GeneratorInfo
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
 from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
-from .ratelog import RateLimitedLog
+from infra.ratelog import RateLimitedLog
 from .routing_ids import GeneratedIds, seed_routing_ids
 from .server_state import ClientInfo, SentGroup, ServerStats, evictable
 from .sockets import WakePipe, configure, monotonic, send

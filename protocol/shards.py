@@ -208,7 +208,7 @@ class Manifest:
 
 
 def read_manifest(directory: str | Path, with_ids: bool = True) -> Manifest | None:
-    """The manifest of ``directory`` (a local path or a URL, :mod:`protocol.storage`), or ``None``
+    """The manifest of ``directory`` (a local path or a URL, :mod:`infra.storage`), or ``None``
     when it has none.
 
     Raises:
@@ -216,7 +216,7 @@ def read_manifest(directory: str | Path, with_ids: bool = True) -> Manifest | No
         storage.StorageError: the URL's scheme has no filesystem installed.
         Other exceptions of the filesystem (missing bucket, credentials, endpoint) pass through.
     """
-    from . import storage
+    from infra import storage
 
     where = storage.join(os.fspath(directory), MANIFEST_NAME)
     try:

@@ -14,7 +14,7 @@ from generator_service.config import GeneratorConfig
 from generator_service.procedural import all_captions, attributes, make_caption, parse_caption, sample_captions
 from generator_service.procedural.cli import main_captions
 from generator_service.procedural.grammar import COLOURS, write_caption_file
-from generator_service.procedural.probe import PROBE_SEED_OFFSET, write_probe_imagefolder
+from generator_service.procedural.probe_set import PROBE_SEED_OFFSET, write_probe_imagefolder
 from generator_service.seeds import image_seed
 
 CAPTION = "a red triangle with stripes on a dark background"
@@ -180,7 +180,7 @@ def test_probe_imagefolder(tmp_path):
     image, label = train[0]
     assert image.size == (32, 32) and train.classes[label] in attributes["shape"]
     # Disjoint from training seeds (< 2**63) and between splits; deterministic.
-    from generator_service.procedural.probe import probe_seed
+    from generator_service.procedural.probe_set import probe_seed
 
     train_seeds = {probe_seed(0, "train", c, i) for c in range(6) for i in range(3)}
     val_seeds = {probe_seed(0, "val", c, i) for c in range(6) for i in range(2)}

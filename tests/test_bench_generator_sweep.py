@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.cli import build_parser, main
 from benchmarks.generator_sweep import PATHS, QUICK
-from benchmarks.report import QUICK_NOTE
+from benchmarks.results_writer import QUICK_NOTE
 
 ROW_KEYS = {"steps", "size", *PATHS, "speedup", "speedup_backend", "detail"}
 

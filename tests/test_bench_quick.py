@@ -20,7 +20,7 @@ def test_buffer_rejects_draws_beyond_the_group():
 
 
 def test_quick_tables_say_they_test_the_code_path_not_the_speed(tmp_path, capsys):
-    from benchmarks.report import QUICK_NOTE
+    from benchmarks.results_writer import QUICK_NOTE
 
     assert main(["transport", "--quick", "--output", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith(QUICK_NOTE)
@@ -76,7 +76,7 @@ def test_all_quick_runs_the_quick_form_of_every_stage_all_runs(tmp_path):
 
 
 def test_bar_plots_use_a_log_axis_across_decades_and_say_so_for_tiny_values():
-    from benchmarks.report import bar_label, spans_decades
+    from benchmarks.results_writer import bar_label, spans_decades
 
     assert spans_decades([31.7, 179264.0]) and not spans_decades([31.7, 95.0]) and not spans_decades([0.0, 5.0])
     assert bar_label(1.22e-09, 0.4) == "~0" and bar_label(0.4, 0.4) == "0.4" and bar_label(0.0, 0.4) == "0"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.study import StudyArm, StudyPlan, parse_study_args, run_study
+from experiments.study import StudyArm, StudyPlan, parse_study_args, run_study
 from tests.polling import signal_when
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from generator_service.procedural.grammar import all_captions
-from trainer.caption_cells import caption_words, select_cells
+from trainer.data.caption_cells import caption_words, select_cells
 from protocol import Group
 from trainer.config import ConfigError, build_config
-from trainer.replay import ReplayBuffer
+from trainer.data.replay import ReplayBuffer
 
 
 def differing_positions(a: str, b: str) -> list[int]:

@@ -30,7 +30,7 @@ def _subcommands() -> dict[str, set[str]]:
 
 
 def test_every_named_program_is_a_console_script():
-    from benchmarks.study import StudyPlan
+    from experiments.study import StudyPlan
 
     scripts = _scripts()
     arms = {arm.name.rstrip("0123456789") for arm in StudyPlan().arms()}  # "stablerep-offline": a study arm

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.demo import DemoPlan, parse_demo_args, run_demo
+from experiments.demo import DemoPlan, parse_demo_args, run_demo
 from tests.polling import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
 
 
 def test_generator_process_is_always_stopped(tmp_path):
-    from benchmarks.demo import GeneratorProcess, free_tcp_endpoint, run_generator_cli
+    from experiments.demo import GeneratorProcess, free_tcp_endpoint, run_generator_cli
 
     captions = tmp_path / "captions.txt"
     run_generator_cli(["captions", "--n", "8", "--out", str(captions)])

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.losses import CLIPLoss, MultiPosConLoss
+from trainer.objectives.losses import CLIPLoss, MultiPosConLoss
 
 WORLD = 2
 

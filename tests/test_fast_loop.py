@@ -129,7 +129,7 @@ def test_tiny_vae_by_path_and_random(paths):
 
 
 def test_tiny_random_is_the_taesd_architecture():
-    from generator_service.backends.components import decoder_scale_factor, tiny_vae
+    from generator_service.backends.adapters import decoder_scale_factor, tiny_vae
 
     class Pipe:  # only what the check reads: SD's 8x latent factor
         vae_scale_factor = 8

@@ -15,7 +15,7 @@ from tests.polling import wait_for
 from tests.train_helpers import free_port, free_tcp_endpoint, scrape_metrics
 from trainer import cli
 from trainer.checkpoint import find_checkpoint
-from trainer.sources.generator_watch import GeneratorWatch
+from trainer.data.sources.generator_watch import GeneratorWatch
 
 REPO = Path(__file__).resolve().parents[1]
 

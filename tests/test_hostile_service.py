@@ -166,7 +166,7 @@ def test_a_welcome_the_trainer_cannot_use_ends_it_with_one_line(tmp_path, capsys
 def test_a_buffer_the_welcome_makes_too_large_is_refused_in_one_sentence():
     """Within the protocol's bounds (8192 px, 1024 images), a buffer sized from the welcome alone
     (no --image-size, default capacity) would take 13 TB: refused naming the sizes, no traceback."""
-    from trainer.sources.online import OnlineSource
+    from trainer.data.sources.online import OnlineSource
 
     with HostileService(welcome_header=_welcome(save_size=8192, images_per_group=1024)) as service:
         with pytest.raises(ValueError, match=r"replay buffer of 64 groups x 1024 images of 8192x8192 .* cannot be allocated"):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import distributed
-from trainer.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
+from trainer.objectives.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
 
 
 def reference_multipos(features: torch.Tensor, labels: list[int], temperature: float) -> torch.Tensor:

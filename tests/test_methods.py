@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer.augment import GPUAugment
-from trainer.batch import Batch
-from trainer.methods import METHODS, build_method, unwrap
-from trainer.model import build_model
-from trainer.text import TextConfig
+from trainer.data.batch import Batch
+from trainer.objectives.methods import METHODS, build_method, unwrap
+from trainer.models.stablerep_model import build_model
+from trainer.models.text_tower import TextConfig
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=24, embed_dim=16, tokenizer="bytes")

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generator_service.metrics import generator_samples
-from generator_service.work import PoolStats
-from protocol.metrics import MetricsServer, Sample
+from generator_service.live_metrics import generator_samples
+from generator_service.pool_types import PoolStats
+from infra.metrics_server import MetricsServer, Sample
 from protocol.server import ServerStats
-from trainer.metrics import trainer_samples
-from trainer.replay import ReplayBuffer
+from trainer.live_metrics import trainer_samples
+from trainer.data.replay import ReplayBuffer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

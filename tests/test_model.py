@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from trainer.model import build_model, load_backbone, projection_head
-from trainer.text import ByteTokenizer, HFTokenizer, TextConfig, TextTower, eot_positions
+from trainer.models.stablerep_model import build_model, load_backbone, projection_head
+from trainer.models.text_tower import ByteTokenizer, HFTokenizer, TextConfig, TextTower, eot_positions
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=12, embed_dim=16, tokenizer="bytes")

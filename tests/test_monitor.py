@@ -15,7 +15,7 @@ from tests.test_train_launch import REPO, env, launcher
 from tests.train_helpers import scrape_metrics, write_shards
 from trainer import cli
 from trainer.eval.cli import main as eval_main
-from trainer.metrics import TrainerMetrics
+from trainer.live_metrics import TrainerMetrics
 
 COLOURS = ("red", "blue", "green")
 

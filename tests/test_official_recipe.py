@@ -46,7 +46,7 @@ def test_bad_crops_per_image_is_named():
 
 # ----- 3. projection head per view chunk, SyncBatchNorm ---------------------------------------------------
 def _tiny_model(**kw):
-    from trainer.model import build_model
+    from trainer.models.stablerep_model import build_model
 
     return build_model("vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size": 8, "depth": 1},
                        head_hidden=16, head_out=8, **kw)
@@ -212,8 +212,8 @@ def test_crops_per_image_gives_every_image_several_views():
     import torch
 
     from trainer.augment import GPUAugment
-    from trainer.batch import Batch
-    from trainer.methods import build_method
+    from trainer.data.batch import Batch
+    from trainer.objectives.methods import build_method
 
     seen = {}
 
@@ -262,7 +262,7 @@ def _all_ids(source, batches):
 
 
 def test_two_csvs_get_distinct_caption_ids_and_resume_keeps_them(tmp_path):
-    from trainer.sources.offline import OfflineSource
+    from trainer.data.sources.offline import OfflineSource
 
     a = _official_csv(tmp_path / "a", ["a dog", "a cat", "a cow"])
     b = _official_csv(tmp_path / "b", ["a car", "a bus", "a van"])
@@ -286,7 +286,7 @@ def test_two_csvs_get_distinct_caption_ids_and_resume_keeps_them(tmp_path):
 def test_shard_sets_with_different_captions_get_distinct_ids(tmp_path):
     from generator_service.shards import ShardWriter
     from tests.train_helpers import generator_config, make_group, write_shards
-    from trainer.sources.offline import OfflineSource
+    from trainer.data.sources.offline import OfflineSource
 
     one = write_shards(tmp_path / "one", num_captions=4, m=2, size=8, groups_per_shard=4)
     single = OfflineSource([str(one)], captions_per_rank=4, draw_per_caption=1, num_workers=0)
@@ -301,7 +301,7 @@ def test_shard_sets_with_different_captions_get_distinct_ids(tmp_path):
 
 
 def test_online_ids_are_namespaced_by_generator_fingerprint():
-    from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
+    from trainer.data.sources.caption_ids import namespaced_caption_id, needs_namespacing
 
     assert not needs_namespacing(["fp-a", "fp-a"]) and needs_namespacing(["fp-a", "fp-b"])
     a = [namespaced_caption_id("generator:fp-a", i) for i in range(1000)]
@@ -312,7 +312,7 @@ def test_online_ids_are_namespaced_by_generator_fingerprint():
 
 # ----- 7. offline shuffle: global, per sample, every epoch; split like DistributedSampler --------------------
 def test_offline_shuffle_is_global_per_sample_and_resumes_exactly(tmp_path):
-    from trainer.sources.offline import OfflineSource
+    from trainer.data.sources.offline import OfflineSource
 
     csv_path = _official_csv(tmp_path / "big", [f"caption {i}" for i in range(1024)], side=4)
 
@@ -339,7 +339,7 @@ def test_offline_shuffle_is_global_per_sample_and_resumes_exactly(tmp_path):
 
 def test_fewer_shards_than_ranks_no_rank_starves(tmp_path):
     from tests.train_helpers import write_shards
-    from trainer.sources.offline import OfflineSource
+    from trainer.data.sources.offline import OfflineSource
 
     one_shard = write_shards(tmp_path / "one", num_captions=10, m=1, size=8, groups_per_shard=10)
     per_rank, epoch0 = [], []
@@ -387,7 +387,7 @@ def test_official_folder_list_with_any_names(tmp_path):
 
 # ----- 9. text tower: CLIP BPE tokenizer, 512 x 8 heads x 12 layers, linear or mlp projection -------------
 def test_default_text_tower_is_the_official_clip_one():
-    from trainer.text import TextConfig, TextTower
+    from trainer.models.text_tower import TextConfig, TextTower
 
     cfg = TextConfig()
     assert (cfg.width, cfg.heads, cfg.layers, cfg.context_length, cfg.tokenizer) == (512, 8, 12, 77, "clip")
@@ -402,7 +402,7 @@ def test_default_text_tower_is_the_official_clip_one():
 def test_mlp_projection_for_image_and_text():
     import torch
 
-    from trainer.text import TextConfig
+    from trainer.models.text_tower import TextConfig
 
     assert TextConfig().mlp_out == 256  # official: the mlp projection outputs ssl_emb_dim = 256
     text = {"width": 32, "heads": 2, "layers": 1, "embed_dim": 16, "context_length": 16, "projection": "mlp",

@@ -74,7 +74,7 @@ def test_explicit_contradicting_value_stays_with_a_warning_naming_the_official_o
 
 
 def test_method_classes_declare_the_official_views():
-    from trainer.methods import METHODS
+    from trainer.objectives.methods import METHODS
 
     assert (METHODS.get("simclr").official.draw_per_caption, METHODS.get("simclr").official.crops_per_image) == (1, 2)
     assert (METHODS.get("clip").official.draw_per_caption, METHODS.get("clip").official.crops_per_image) == (1, 1)
@@ -89,7 +89,7 @@ def test_images_per_step_is_what_the_method_feeds_its_loss(name, draw, crops):
     """The count the lr rule uses equals the images a training step really puts into the loss."""
     from tests.test_methods import caption_batch, tiny_model
     from trainer.augment import GPUAugment
-    from trainer.methods import build_method
+    from trainer.objectives.methods import build_method
 
     cfg = build_config(overrides={"method": {"name": name}, "data": {"captions_per_step": 4, "draw_per_caption": draw,
                        "generators": ["tcp://127.0.0.1:1"]}, "augment": {"crops_per_image": crops},
@@ -157,7 +157,7 @@ def test_offline_epoch_is_the_csv_length_over_the_step(tmp_path):
 
 def test_offline_epoch_counts_manifest_shards_and_plain_tars(tmp_path):
     from tests.train_helpers import write_shards
-    from trainer.sources.dataset_size import count_offline_captions
+    from trainer.data.sources.dataset_size import count_offline_captions
 
     shards = write_shards(tmp_path / "shards", num_captions=37, m=2, size=8, groups_per_shard=10)
     assert count_offline_captions([str(shards)]) == 37
@@ -250,7 +250,7 @@ def test_probe_features_are_fp32_on_cuda(tmp_path):
 
 # ----- text tower: OpenAI CLIP init (official StableRepMM / CLIP initialize_parameters) ----------------------
 def test_text_tower_init_is_openai_clips():
-    from trainer.text import TextConfig, TextTower
+    from trainer.models.text_tower import TextConfig, TextTower
 
     torch.manual_seed(0)
     width, layers = 128, 4
@@ -285,7 +285,7 @@ def test_text_tower_init_is_openai_clips():
 
 def test_mlp_image_projection_runs_per_view_chunk():
     """Official StableRep+ with vl_projection mlp: the image side runs the mlp on each view chunk."""
-    from trainer.model import build_model
+    from trainer.models.stablerep_model import build_model
 
     text = {"width": 32, "heads": 2, "layers": 1, "context_length": 16, "projection": "mlp", "mlp_hidden": 24,
             "tokenizer": "bytes"}

@@ -12,10 +12,10 @@ import pytest
 
 from protocol.shards import ShardIndex, ShardLayoutError, index_name
 from tests.test_offline_source import S, add_member, encode, read_groups, write_generator_dir
-from trainer.sources import offline_index
-from trainer.sources.offline import OfflineSource
-from trainer.sources.offline_index import build_index, cache_name, count_groups
-from trainer.sources.offline_layout import resolve_data
+from trainer.data.sources import offline_index
+from trainer.data.sources.offline import OfflineSource
+from trainer.data.sources.offline_index import build_index, cache_name, count_groups
+from trainer.data.sources.offline_layout import resolve_data
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_unindexed_tars_are_scanned_once_and_cached_beside(tmp_path, scans, capl
 
     # a rewritten tar (other mtime) makes its cache stale: refused with the file named, rebuilt
     os.utime(tmp_path / "00001.tar", ns=(1, 1))
-    with caplog.at_level(logging.WARNING, logger="trainer.sources.offline"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.sources.offline"):
         build_index(resolved.parts, resolved.tables)
     assert scans[2:] == [str(tmp_path / "00001.tar")]
     assert "00001.tar.idx: cached for mtime:" in caplog.text
@@ -84,7 +84,7 @@ def test_unindexed_tars_are_scanned_once_and_cached_beside(tmp_path, scans, capl
     bad = ShardIndex(10**9, np.array([[0, 10**9]], dtype=np.int64), cached.identity).to_bytes()
     (tmp_path / "00000.tar.idx").write_bytes(bad[:-3])
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trainer.sources.offline"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.sources.offline"):
         third = build_index(resolved.parts, resolved.tables)
     assert "00000.tar.idx: shard index holds" in caplog.text and len(scans) == 4
     assert np.array_equal(third.starts, first.starts)

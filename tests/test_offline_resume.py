@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from tests.test_offline_source import write_generator_dir
 from tests.train_helpers import free_port
 from trainer.checkpoint import load_source_state
-from trainer.sources.offline import OfflineSource
-from trainer.sources.offline_stream import StreamBasis, merge_progress
+from trainer.data.sources.offline import OfflineSource
+from trainer.data.sources.offline_stream import StreamBasis, merge_progress
 
 G = 3  # groups per rank per batch before the stop
 

@@ -21,8 +21,8 @@ from tests.s3_server import forget_s3_clients, s3_server
 from tests.test_offline_source import S, add_member, encode, read_groups, write_generator_dir
 from tests.train_helpers import free_port
 from trainer.config import build_config
-from trainer.sources.offline import OfflineSource
-from trainer.sources.offline_index import count_groups
+from trainer.data.sources.offline import OfflineSource
+from trainer.data.sources.offline_index import count_groups
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

@@ -16,10 +16,10 @@ from PIL import Image
 from generator_service.config import GeneratorConfig
 from generator_service.shards import ShardWriter
 from protocol import Group
-from trainer.sources import build_source
-from trainer.sources.caption_ids import namespaced_caption_id
-from trainer.sources.offline import OfflineSource
-from trainer.sources.offline_reader import key_caption_id
+from trainer.data.sources import build_source
+from trainer.data.sources.caption_ids import namespaced_caption_id
+from trainer.data.sources.offline import OfflineSource
+from trainer.data.sources.offline_reader import key_caption_id
 
 S = 8  # image side in these tests
 

@@ -6,8 +6,8 @@ import torch
 
 from tests.polling import wait_for
 from tests.train_helpers import SyntheticService, free_tcp_endpoint
-from trainer.sources import build_source
-from trainer.sources.online import OnlineSource, choose_storage_device
+from trainer.data.sources import build_source
+from trainer.data.sources.online import OnlineSource, choose_storage_device
 
 
 def test_batches_stream_from_the_service():
@@ -122,13 +122,13 @@ def test_a_group_that_does_not_fit_is_skipped_and_the_stream_goes_on():
 
 
 def test_warns_once_when_most_groups_are_evicted_unseen(caplog):
-    from trainer.sources.online import UNSEEN_WARNING_COUNT
+    from trainer.data.sources.online import UNSEEN_WARNING_COUNT
 
     with SyntheticService(num_captions=64, m=2, size=8) as service:
         source = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, capacity_groups=16,
                               connect_timeout=5, sample_timeout=20)
         try:
-            with caplog.at_level("WARNING", logger="trainer.sources.online"):
+            with caplog.at_level("WARNING", logger="trainer.data.sources.online"):
                 source.next_batch()  # then no draws while the service keeps streaming: evictions pile up
                 wait_for(lambda: source.stats()["evicted_unused"] >= UNSEEN_WARNING_COUNT + 64,
                          "evictions of never-drawn groups")

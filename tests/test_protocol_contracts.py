@@ -19,7 +19,7 @@ from protocol.shards import (
     split_member,
 )
 from tests.train_helpers import make_group
-from trainer.sources.offline_layout import resolve_data
+from trainer.data.sources.offline_layout import resolve_data
 
 INFO = GeneratorConfig(backend="procedural", images_per_group=4, save_size=16).welcome_info()
 

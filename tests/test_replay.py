@@ -9,7 +9,7 @@ import torch
 
 from protocol import Group
 from trainer import replay
-from trainer.replay import ReplayBuffer, ReplayBufferClosed
+from trainer.data.replay import ReplayBuffer, ReplayBufferClosed
 from tests.polling import wait_for
 
 H = W = 4

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from trainer.config import build_config
-from trainer.guards import estimate_memory
+from trainer.preflight import estimate_memory
 from trainer.loop import meta_model
-from trainer.replay import ReplayBuffer
-from trainer.replay_storage import GPU_HEADROOM_FRACTION, PinnedHostStorage, choose_storage_device, gpu_storage_fits
+from trainer.data.replay import ReplayBuffer
+from trainer.data.replay_storage import GPU_HEADROOM_FRACTION, PinnedHostStorage, choose_storage_device, gpu_storage_fits
 
 GIB = 1 << 30
 

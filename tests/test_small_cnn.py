@@ -4,7 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from trainer.model import build_model, load_backbone
+from trainer.models.stablerep_model import build_model, load_backbone
 
 
 def test_small_cnn_builds_trains_a_step_and_round_trips_through_export(tmp_path):

@@ -9,9 +9,9 @@ import torch
 
 from tests.polling import wait_for
 from tests.test_train_loop import shards, tiny_config  # noqa: F401  (module fixture)
-from trainer.batch import Batch
+from trainer.data.batch import Batch
 from trainer.loop import NonFiniteLossError, train
-from trainer.sources.generator_watch import GeneratorsSilentError
+from trainer.data.sources.generator_watch import GeneratorsSilentError
 from trainer.step_pipeline import LossLedger, Prefetcher
 
 

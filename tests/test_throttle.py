@@ -7,7 +7,7 @@ import time
 import pytest
 
 from generator_service.throttle import throttled
-from generator_service.work import StopSignal
+from generator_service.pool_types import StopSignal
 
 
 def test_items_follow_the_schedule():

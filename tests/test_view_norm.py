@@ -1,4 +1,4 @@
-"""Per-view BatchNorm in one call (trainer/view_norm.py) against the head run once per view chunk."""
+"""Per-view BatchNorm in one call (trainer/models/view_norm.py) against the head run once per view chunk."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.view_norm import per_view_batch_norm, project_per_view
+from trainer.models.view_norm import per_view_batch_norm, project_per_view
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding only: chunks are strided, the stacked batch is not
 

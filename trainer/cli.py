@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 from trainer.config import ConfigError, TrainConfig, available_presets, build_config
 from trainer.kwargs_arg import kwargs_token, merge_kwargs
 
@@ -212,7 +212,7 @@ def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     cfg = build_config(preset=ns.preset, config_file=ns.config, overrides=overrides, validate=False)
     _drop_other_models_kwargs(cfg, ns, overrides.get("model", {}))
     if not ns.print_config:
-        from trainer.guards import check_data_paths
+        from trainer.preflight import check_data_paths
 
         check_data_paths(cfg)  # the most fundamental error first: no data (before derived schedule checks)
         cfg.validate()
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.launch import LaunchError
     from trainer.loop import NonFiniteLossError, train
-    from trainer.sources.generator_watch import GeneratorsSilentError
-    from trainer.sources.online import GroupStreamError
+    from trainer.data.sources.generator_watch import GeneratorsSilentError
+    from trainer.data.sources.online import GroupStreamError
 
     try:
         summary = train(cfg)

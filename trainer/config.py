@@ -6,7 +6,7 @@ A higher layer replaces a lower layer's value, except for keyword maps (``model.
 ``method.kwargs``), whose keys merge into the lower layer's.
 Two values then follow the method and the augmentation chosen (``build_config``): a method whose
 official recipe fixes the images per caption or crops per image (SimCLR 1 and 2, CLIP 1 and 1; see
-``trainer.methods``) gets them unless a config file or a flag sets them (a preset does not count);
+``trainer.objectives.methods``) gets them unless a config file or a flag sets them (a preset does not count);
 and ``augment.scale_min`` from a layer below the one that chose strong / weak augmentation is
 dropped, so ``--weak-aug`` over the paper preset crops at the official 0.5-1.
 The resolved config is written to ``OUTPUT/config.yaml`` and can be fed back with ``--config``.
@@ -165,8 +165,8 @@ class RunConfig:
     progress: bool = True  # progress bar on the main process (plain status lines when False or not a terminal)
     status_every: float = 30.0  # seconds between plain status lines (stdout without a bar, and RUN/train.log)
     cpu: bool = False  # force CPU even when an accelerator is present
-    metrics_port: Optional[int] = None  # serve Prometheus metrics (trainer/metrics.py) on this port, main process
-    force: bool = False  # train paper-scale settings on a CPU anyway (trainer.guards)
+    metrics_port: Optional[int] = None  # serve Prometheus metrics (trainer/live_metrics.py) on this port, main process
+    force: bool = False  # train paper-scale settings on a CPU anyway (trainer.preflight)
 
 
 @dataclass
@@ -222,7 +222,7 @@ class TrainConfig:
         """(images per caption, crops per image) that reach the method's loss: the method's own
         ``views_in_loss`` of ``data.draw_per_caption`` and ``augment.crops_per_image`` (SimCLR: 1 image,
         >= 2 crops; CLIP: 1 and 1; StableRep: both as configured)."""
-        from trainer.methods import METHODS
+        from trainer.objectives.methods import METHODS
 
         return METHODS.get(self.method.name).views_in_loss(self.data.draw_per_caption, self.augment.crops_per_image)
 
@@ -244,7 +244,7 @@ class TrainConfig:
 
     def epoch_captions(self, what: str = "the run length") -> int:
         """Captions in one epoch: ``data.dataset_captions`` when set, else (offline source) the caption
-        groups counted in ``data.data`` (``trainer.sources.dataset_size``)."""
+        groups counted in ``data.data`` (``trainer.data.sources.dataset_size``)."""
         if self.data.dataset_captions is not None:
             return self.data.dataset_captions
         if self.data.source != "offline":
@@ -252,7 +252,7 @@ class TrainConfig:
         if not self.data.data:
             raise ConfigError(f"{what} needs the captions per epoch: give the offline data (--data) to count "
                               "them, or data.dataset_captions (--dataset-captions)")
-        from trainer.sources.dataset_size import count_offline_captions
+        from trainer.data.sources.dataset_size import count_offline_captions
 
         try:
             return count_offline_captions(self.data.data, self.data.folders or None, self.data.index_cache)

@@ -2,7 +2,7 @@
 
 A preset is not the user's choice: a value set only by the defaults or the preset gives way to
 - the official images per caption and crops per image of the chosen method (SimCLR 1 and 2, CLIP 1
-  and 1: ``trainer.methods``);
+  and 1: ``trainer.objectives.methods``);
 - the caption count of the offline data (``data.dataset_captions`` from a preset is the online
   source's nominal epoch);
 and ``augment.scale_min`` goes with the strong / weak choice made with it.
@@ -50,7 +50,7 @@ def resolve_method_views(cfg: TrainConfig, explicit: set[tuple[str, str]]) -> Tr
     (``METHODS[name].official``), unless the user set them in a config file or on the command line
     (``explicit``; defaults and presets are not explicit). An explicit value that differs from the
     official one stays, with a warning that names the official value."""
-    from trainer.methods import METHODS
+    from trainer.objectives.methods import METHODS
 
     try:
         official = METHODS.get(cfg.method.name).official

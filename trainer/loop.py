@@ -36,9 +36,9 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.sources.generator_watch import GeneratorsSilentError
+from trainer.data.sources.generator_watch import GeneratorsSilentError
 from trainer.config import ConfigError, TrainConfig, write_config
-from trainer.guards import check_cpu_scale, check_data_paths, estimate_memory
+from trainer.preflight import check_cpu_scale, check_data_paths, estimate_memory
 from trainer.launch import (
     accelerator_cpu_flag,
     backend_name,
@@ -75,8 +75,8 @@ class NonFiniteLossError(RuntimeError):
 def build_components(cfg: TrainConfig):
     """Model (unwrapped, on CPU), method and augmentation as the config names them."""
     from trainer.augment import GPUAugment
-    from trainer.methods import METHODS, build_method
-    from trainer.model import build_model
+    from trainer.objectives.methods import METHODS, build_method
+    from trainer.models.stablerep_model import build_model
 
     method_kwargs = dict(cfg.method.kwargs)
     if "temperature" in inspect.signature(METHODS.get(cfg.method.name)).parameters:  # clip has a learned scale
@@ -105,11 +105,11 @@ def meta_model(cfg: TrainConfig) -> torch.nn.Module:
 
 def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_size: int, local_captions: int):
     """The data source of this process (``data.source``) through the source registry."""
-    from trainer import sources
+    from trainer.data import sources
 
     d, r = cfg.data, cfg.replay
     if d.source == "online":
-        import trainer.sources.online  # noqa: F401  (registers "online")
+        import trainer.data.sources.online  # noqa: F401  (registers "online")
 
         training = estimate_memory(cfg, meta_model(cfg), world_size)  # the auto storage rule leaves it free
         return sources.build_source(
@@ -263,9 +263,9 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         accelerator.init_trackers("stablerep", config=_flat(cfg.resolved_dict()))
     progress = tqdm(total=total_steps, initial=start_step, disable=not bar, dynamic_ncols=True, desc="train")
 
-    live = None  # Prometheus endpoint (trainer/metrics.py), main process only
+    live = None  # Prometheus endpoint (trainer/live_metrics.py), main process only
     if cfg.run.metrics_port is not None and accelerator.is_main_process:
-        from trainer.metrics import TrainerMetrics
+        from trainer.live_metrics import TrainerMetrics
 
         live = TrainerMetrics(cfg.run.metrics_port)
         accelerator.print(f"metrics at {live.url}")
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
         source_stats = source.stats()
         status.note(f"{stopped} at step {step}/{total_steps}; checkpoint {last_checkpoint}", echo=main)
         if main and losses:
-            from trainer.report import plot_training_curve
+            from trainer.run_plots import plot_training_curve
 
             plot_training_curve(output / "curve.png", losses, lrs=lrs, first_step=start_step + 1,
                                 title=f"{cfg.method.name} {cfg.model.name}: steps {start_step + 1}-{step}",

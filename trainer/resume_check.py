@@ -154,7 +154,7 @@ def check_same_data(cfg: TrainConfig, checkpoint: Path) -> None:
     first = (saved.get("ranks") or [None])[0] if isinstance(saved, dict) else None
     if not isinstance(first, dict) or not first.get("layout_independent"):
         return
-    from trainer.sources.offline_index import data_identity  # the offline modules load only for offline runs
+    from trainer.data.sources.offline_index import data_identity  # the offline modules load only for offline runs
 
     def refuse(field_name: str, new: Any) -> None:
         raise ConfigError(f"--resume {checkpoint}: its data state has {field_name} = {first.get(field_name)!r}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from generator_service.backends.base import Backend
-from protocol.registry import Registry
+from infra.registry import Registry
 
 if TYPE_CHECKING:
     from generator_service.config import GeneratorConfig

@@ -40,7 +40,7 @@ import numpy as np
 from generator_service.backends import register_backend
 from generator_service.backends.base import Backend
 from generator_service.backends.compile_support import compile_unavailable
-from generator_service.backends.components import apply_lora, swap_vae
+from generator_service.backends.adapters import apply_lora, swap_vae
 from generator_service.backends.denoise import Finisher, SDLoop, supports_own_loop
 from generator_service.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
 from generator_service.config import RANDOM_MODELS

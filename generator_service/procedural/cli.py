@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from generator_service.procedural.grammar import TEMPLATE, write_caption_file
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 
 
 def build_parser(prog: str = "stablerep-generator captions") -> argparse.ArgumentParser:

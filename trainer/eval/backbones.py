@@ -26,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-import trainer.small_cnn  # noqa: F401  (registers "small_cnn", the demo's backbone, with timm)
+import trainer.models.small_cnn  # noqa: F401  (registers "small_cnn", the demo's backbone, with timm)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

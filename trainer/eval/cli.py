@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 from trainer.eval.backbones import BackboneSpecError, load_eval_backbone
 from trainer.eval.features import resolve_device
 from trainer.eval.fewshot import FewShotConfig

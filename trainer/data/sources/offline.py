@@ -1,13 +1,13 @@
 """Offline source: caption groups read from disk by DataLoader workers, as :class:`Batch`es.
 
-Layouts (see :mod:`trainer.sources.offline_layout`): generator shards (``DIR/manifest.json`` or
+Layouts (see :mod:`trainer.data.sources.offline_layout`): generator shards (``DIR/manifest.json`` or
 ``DIR/shard-{000000..000009}.tar``), plain image-text WebDataset shards, the official StableRep CSV +
 ``seed*/`` folders.
 
-Epochs: every group has a global number (:mod:`trainer.sources.offline_index`); each epoch permutes
+Epochs: every group has a global number (:mod:`trainer.data.sources.offline_index`); each epoch permutes
 all of them with ``(seed, epoch)`` (a global, sample-level shuffle, as the official
 DistributedSampler). The epochs form one stream of positions, split over ranks and DataLoader workers
-by :mod:`trainer.sources.offline_stream`: every rank gets the same number of groups per step, a batch
+by :mod:`trainer.data.sources.offline_stream`: every rank gets the same number of groups per step, a batch
 mixes groups from the whole data set, and a batch at an epoch boundary is completed from the next
 epoch (no group is dropped, none repeated within an epoch).
 
@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.batch import Batch
-from trainer.sources import register_source
-from trainer.sources.offline_index import SampleIndex, build_index, data_fingerprint
-from trainer.sources.offline_layout import OfficialTable, Part, check_uniform, resolve_data
-from trainer.sources.offline_reader import WorkerItem, iterate_samples
-from trainer.sources.offline_stream import StreamBasis, epoch_order, merge_progress
+from trainer.data.batch import Batch
+from trainer.data.sources import register_source
+from trainer.data.sources.offline_index import SampleIndex, build_index, data_fingerprint
+from trainer.data.sources.offline_layout import OfficialTable, Part, check_uniform, resolve_data
+from trainer.data.sources.offline_reader import WorkerItem, iterate_samples
+from trainer.data.sources.offline_stream import StreamBasis, epoch_order, merge_progress
 
-log = logging.getLogger("trainer.sources.offline")
+log = logging.getLogger("trainer.data.sources.offline")
 
 DEFAULT_IMAGE_SIZE = 256  # the paper stores its synthetic images at 256 px
 

@@ -38,13 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.demo import (
+from experiments.demo import (
     DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, check_attributes, export_initial_backbone, free_tcp_endpoint,
     run_generator_cli, write_probe_sets,
 )
-from benchmarks.demo_probes import probe_snapshots
+from experiments.demo_probes import probe_snapshots
 from benchmarks.trainer_flags import BadFlags, parse_trainer_config
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
 DEFAULT_OUTPUT = "runs/study"
@@ -375,7 +375,7 @@ def run_study(argv: list[str]) -> int:
     def log(msg: str) -> None:
         print(f"[study] {msg}", flush=True)
 
-    from benchmarks.report import machine_facts
+    from benchmarks.results_writer import machine_facts
 
     try:  # every flag is checked before any work: the trainer's too
         for arm in [StudyArm("init", "stablerep", "online"), *plan.arms()]:

@@ -143,7 +143,7 @@ def build_projection(in_dim: int, config: TextConfig) -> nn.Module:
         nn.init.normal_(layer.weight, std=in_dim ** -0.5)
         return layer
     if config.projection == "mlp":
-        from trainer.model import projection_head
+        from trainer.models.stablerep_model import projection_head
 
         return projection_head(in_dim, config.mlp_hidden, config.mlp_out, layers=3)
     raise ValueError(f"text projection must be 'linear' or 'mlp', got {config.projection!r}")

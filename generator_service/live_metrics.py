@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from protocol.metrics import MetricsServer, Sample
+from infra.metrics_server import MetricsServer, Sample
 
 P = "stablerep_generator_"
 

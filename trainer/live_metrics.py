@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.metrics import MetricsServer, Sample
+from infra.metrics_server import MetricsServer, Sample
 
 P = "stablerep_trainer_"
 # (source stats key, metric name, kind, help)

@@ -3,7 +3,7 @@
 The online source receives groups on its network thread and calls :meth:`ReplayBuffer.add`; the
 training loop calls :meth:`ReplayBuffer.sample` for each step. Storage is allocated once:
 ``[capacity, images_per_group, H, W, 3]`` uint8, in pinned host memory (when CUDA is available;
-page-locked exactly, `trainer.replay_storage`) or directly in GPU memory. On CUDA, slots are
+page-locked exactly, `trainer.data.replay_storage`) or directly in GPU memory. On CUDA, slots are
 written on a copy stream of the storage's device, with that device current in the writing thread
 (a thread starts on device 0: without it every rank would open a context on GPU 0). A group's pixels are copied exactly once, from the received frame into its
 slot; a batch is gathered from storage with one ``index_select``.
@@ -14,7 +14,7 @@ Policies:
   most often leaves first (ties: the oldest).
 - ``max_reuse``: a group drawn that many times is never drawn again and is the first to be evicted.
 - ``min_fresh``: at least ``ceil(min_fresh * G)`` groups of every batch were never drawn before.
-- ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.caption_cells`:
+- ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.data.caption_cells`:
   an anchor caption and up to ``cell_size - 1`` captions that differ from it in one word), the rest
   uniformly; a hard batch that cannot meet ``min_fresh`` is drawn uniformly instead.
 
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from protocol.errors import BadGroup
-from trainer.batch import Batch
-from trainer.caption_cells import caption_words
-from trainer.images import decode_image
-from trainer.replay_select import select_in_cells, select_uniform
-from trainer.replay_storage import allocate_storage
+from trainer.data.batch import Batch
+from trainer.data.caption_cells import caption_words
+from trainer.data.images import decode_image
+from trainer.data.replay_select import select_in_cells, select_uniform
+from trainer.data.replay_storage import allocate_storage
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
 
@@ -68,7 +68,7 @@ class ReplayBuffer:
         seed: seed of the sampling RNG.
         hard_fraction: fraction of batches made of caption cells (hard negatives), in [0, 1].
         cell_size: captions per cell (anchor included), >= 2.
-        cell_words: the words a cell may vary (`trainer.caption_cells.select_cells`); empty = any.
+        cell_words: the words a cell may vary (`trainer.data.caption_cells.select_cells`); empty = any.
         recent_ids: how many of the latest group ids are remembered (default ``max(4 * capacity,
             4096)``): a group whose id the buffer holds or has recently held is ignored (counted as
             ``repeats``), so the service's at-least-once delivery becomes exactly-once here.
@@ -374,7 +374,7 @@ class ReplayBuffer:
 
     def _select(self, G: int, n_fresh: int) -> np.ndarray | None:
         """``G`` eligible slots of distinct caption ids, ``n_fresh`` of them never drawn, in cells for a
-        ``hard_fraction`` of batches (`trainer.replay_select`); None if not possible yet."""
+        ``hard_fraction`` of batches (`trainer.data.replay_select`); None if not possible yet."""
         eligible = self._state == _READY
         if self.max_reuse is not None:
             eligible &= self._draws < self.max_reuse

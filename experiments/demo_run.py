@@ -20,11 +20,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from benchmarks.demo import (
+from experiments.demo import (
     GENERATOR_GROUPS_PER_S, PROG, SNAPSHOTS, DemoPlan, GeneratorProcess, _train, _trainer_config, copy_backbone,
     export_initial_backbone, free_tcp_endpoint, run_generator_cli, write_probe_sets,
 )
-from benchmarks.demo_probes import (
+from experiments.demo_probes import (
     FEWSHOT_MIN_PER_CLASS, find_snapshots, fewshot_endpoints, load_probe_rows, probe_snapshots, save_probe_rows,
 )
 from benchmarks.trainer_flags import BadFlags
@@ -142,7 +142,7 @@ class DemoRun:
         return EXIT_INTERRUPTED
 
     def _write_report(self, stopped_by: str | None = None, error: str | None = None) -> dict[str, Any]:
-        from trainer.report import write_demo_report
+        from trainer.run_plots import write_demo_report
 
         stopped_at = None
         if stopped_by is not None:

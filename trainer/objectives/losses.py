@@ -1,7 +1,7 @@
 """Contrastive losses: StableRep's multi-positive loss, StableRep+, SimCLR and CLIP.
 
 All losses run in float32 (autocast is switched off inside), L2-normalize their inputs, and gather
-the keys from every rank with :func:`trainer.distributed.gather_with_grad` when the world has more
+the keys from every rank with :func:`trainer.objectives.distributed.gather_with_grad` when the world has more
 than one rank. Each rank's loss is the mean over its *own* anchors against the *global* batch, so the
 mean of the per-rank losses (and, after data-parallel gradient averaging, the gradient) equals the
 single-process loss on the concatenated global batch. Every rank must hold the same number of rows.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import distributed
+from trainer.objectives import distributed
 
 _MASKED_LOGIT = -1e9  # added to self-similarity logits; finite so that 0 * log_softmax stays 0
 
@@ -148,7 +148,7 @@ class SimCLRLoss(MultiPosConLoss):
 def _logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
     """``exp(logit_scale)``; float32 (or float64) scalar. Not clamped here: as in the official recipe
     the parameter itself is clamped to ``[0, ln 100]`` after every optimizer step
-    (:meth:`trainer.model.StableRepModel.clamp_logit_scale_`), so its gradient never vanishes."""
+    (:meth:`trainer.models.stablerep_model.StableRepModel.clamp_logit_scale_`), so its gradient never vanishes."""
     return _full_precision(logit_scale).exp()
 
 

@@ -16,7 +16,7 @@ three (in benchmarks/, beside the study).
 
 Ctrl-C / SIGTERM stop it where it is (exit 130, one line saying where) with a partial report marked
 ``"interrupted": true``; finished probes are kept, and ``--probes-only`` probes what is left
-(benchmarks/demo_run.py). The phases themselves run in ``benchmarks.demo_run.DemoRun``.
+(experiments/demo_run.py). The phases themselves run in ``experiments.demo_run.DemoRun``.
 
 Flags of this demo (all others go to ``stablerep-train`` on top of the ``demo`` preset,
 trainer/presets/demo.yaml):
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.trainer_flags import BadFlags, parse_trainer_config
-from protocol.cli_parser import SuggestingParser
+from infra.cli_parser import SuggestingParser
 
 DEMO_PRESET = "demo"  # trainer/presets/demo.yaml: the demo's trainer settings (user flags override them)
 GENERATOR_NICENESS = 10
@@ -293,7 +293,7 @@ def run_demo(argv: list[str], output: str | None = None) -> int:
     plan, trainer_argv = parse_demo_args(list(argv))
     out = Path(output or plan.output or DEFAULT_OUTPUT)
     if plan.probes_only:
-        from benchmarks.demo_run import run_probes_only
+        from experiments.demo_run import run_probes_only
 
         return run_probes_only(plan, trainer_argv, out)
     try:  # every flag is checked before any work: the trainer's too
@@ -301,7 +301,7 @@ def run_demo(argv: list[str], output: str | None = None) -> int:
     except BadFlags as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    from benchmarks.demo_run import DemoRun
+    from experiments.demo_run import DemoRun
 
     return DemoRun(plan, trainer_argv, out).run()
 

@@ -3,7 +3,7 @@
 Storage rule (``storage="auto"``): the buffer lives in GPU memory when it fits beside training:
 the memory this process can use (free memory plus what its allocator already holds) minus the
 training step's own peak (``training_bytes``: weights, gradients, AdamW moments and activations,
-from :func:`trainer.guards.estimate_memory` on a meta-device model) minus a headroom of
+from :func:`trainer.preflight.estimate_memory` on a meta-device model) minus a headroom of
 ``GPU_HEADROOM_FRACTION`` of the card (CUDA context, NCCL buffers, compile workspaces,
 fragmentation). Otherwise it lives in pinned host memory. The decision is taken when the buffer is
 allocated, which can be before the optimizer state and activations exist: hence the estimate.

@@ -17,7 +17,7 @@ Buffer geometry:
 - capacity: ``capacity_groups``, or as many groups as fit in ``capacity_gib`` GiB, or by default
   ``max(8 * captions_per_rank, 64)`` groups.
 
-Storage rule (``storage="auto"``, `trainer.replay_storage`): the buffer lives in GPU memory when
+Storage rule (``storage="auto"``, `trainer.data.replay_storage`): the buffer lives in GPU memory when
 the training device is a CUDA device and the buffer fits beside the training step's estimated peak
 (``training_bytes``) with headroom (then a batch needs no host-to-device copy at all); otherwise in
 pinned host memory, from which batches are copied with ``non_blocking=True``. ``storage="gpu"`` /
@@ -37,13 +37,13 @@ import torch.nn.functional as F
 
 from protocol.client import GroupClient
 from protocol.errors import BadGroup, ProtocolError
-from trainer.batch import Batch
-from trainer.images import decode_image_of_size
-from trainer.replay import ReplayBuffer, ReplayBufferClosed
-from trainer.replay_storage import choose_storage_device
-from trainer.sources import register_source
-from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
-from trainer.sources.generator_watch import GeneratorsSilentError, GeneratorWatch
+from trainer.data.batch import Batch
+from trainer.data.images import decode_image_of_size
+from trainer.data.replay import ReplayBuffer, ReplayBufferClosed
+from trainer.data.replay_storage import choose_storage_device
+from trainer.data.sources import register_source
+from trainer.data.sources.caption_ids import namespaced_caption_id, needs_namespacing
+from trainer.data.sources.generator_watch import GeneratorsSilentError, GeneratorWatch
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class OnlineSource:
         storage: ``"auto"`` | ``"gpu"`` | ``"host"``.
         training_bytes: the training step's estimated peak memory on ``device`` (the auto storage
             rule leaves it free).
-        evict, max_reuse, min_fresh, hard_fraction, cell_size, cell_words: replay policies (see ``trainer.replay``).
+        evict, max_reuse, min_fresh, hard_fraction, cell_size, cell_words: replay policies (see ``trainer.data.replay``).
         image_size: buffer image side (``None``: from the generators).
         credits: groups in flight per endpoint.
         connect_timeout: seconds to wait for every generator's ``welcome``.

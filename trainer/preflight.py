@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from protocol import storage
+from infra import storage
 from trainer.config import ConfigError, TrainConfig
 
 #: floats per (token x width x block) kept for backward in a pre-norm ViT block (attention + MLP)
@@ -70,7 +70,7 @@ def _check_offline_data(cfg: TrainConfig) -> None:
             f"config field data.data = {cfg.data.data!r}: empty, no shard files in it (write shards with "
             "`stablerep-generator --captions FILE --out DIR`)"
         )
-    from trainer.sources.offline_layout import check_uniform, manifest_inputs
+    from trainer.data.sources.offline_layout import check_uniform, manifest_inputs
 
     try:
         inputs = manifest_inputs(cfg.data.data)

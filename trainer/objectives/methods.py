@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from protocol.registry import Registry
+from infra.registry import Registry
 from trainer.augment import GPUAugment
-from trainer.batch import Batch
-from trainer.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
+from trainer.data.batch import Batch
+from trainer.objectives.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
 
 METHODS: Registry[type] = Registry("method")
 

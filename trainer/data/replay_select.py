@@ -2,7 +2,7 @@
 
 Pure functions over the buffer's per-slot arrays (the buffer holds its lock while calling them):
 ``candidates`` are eligible slot indices in random order, ``caption_ids`` and ``draws`` are the
-per-slot ``[C]`` arrays, ``words`` the per-slot `trainer.caption_cells.caption_words` of each
+per-slot ``[C]`` arrays, ``words`` the per-slot `trainer.data.caption_cells.caption_words` of each
 caption. Every batch holds ``G`` slots of distinct caption ids, at least ``n_fresh`` of them never
 drawn before, or the selector returns None.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.caption_cells import select_cells_of_words
+from trainer.data.caption_cells import select_cells_of_words
 
 
 def one_per_caption(slots: np.ndarray, caption_ids: np.ndarray) -> np.ndarray:

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import trainer.small_cnn  # noqa: F401  (registers the "small_cnn" timm model)
-from trainer.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
-from trainer.text import TextConfig, TextTower, build_projection
-from trainer.view_norm import project_per_view
+import trainer.models.small_cnn  # noqa: F401  (registers the "small_cnn" timm model)
+from trainer.objectives.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
+from trainer.models.text_tower import TextConfig, TextTower, build_projection
+from trainer.models.view_norm import project_per_view
 
 #: norm layers whose parameters are never weight-decayed
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -47,7 +47,7 @@ def projection_head(in_dim: int, hidden: int = 4096, out: int = 256, layers: int
 def per_view_chunk(module: nn.Module, features: torch.Tensor, views: int) -> torch.Tensor:
     """``module`` on group-major ``features [G * views, F]`` with BatchNorm statistics per view chunk
     (the ``G`` rows at index ``j`` of every group), as if it ran once per chunk -> ``[G * views, out]``;
-    computed in one (Sync)BatchNorm call per layer over the stacked views (`trainer.view_norm`)."""
+    computed in one (Sync)BatchNorm call per layer over the stacked views (`trainer.models.view_norm`)."""
     if views == 1:
         return module(features)
     return project_per_view(module, features, views)
@@ -104,7 +104,7 @@ class StableRepModel(nn.Module):
         ``features`` are group-major: ``N = G x views`` rows, the ``views`` images of group 0 first.
         With ``head_per_view`` (the official recipe) the BatchNorm statistics are per view chunk, i.e.
         over the ``G`` rows at index ``j`` of every group, as if the head ran once per chunk; they are
-        computed in one (Sync)BatchNorm call per layer (`trainer.view_norm`). Else one call over all
+        computed in one (Sync)BatchNorm call per layer (`trainer.models.view_norm`). Else one call over all
         ``N`` rows.
         """
         if not self.head_per_view:

@@ -3,7 +3,7 @@
 The official trainer's epoch is one pass of its DataLoader over the CSV (``len(dataset)`` captions,
 ``drop_last``), so an offline run given in epochs takes its length from the data, not from a
 nominal ``data.dataset_captions``. The count is the offline source's own sample count
-(:func:`trainer.sources.offline_index.count_groups`): CSV rows for the official layout, the sample
+(:func:`trainer.data.sources.offline_index.count_groups`): CSV rows for the official layout, the sample
 indexes (``shard-N.tar.idx``) of generator shards, and for plain WebDataset tars without one a scan
 of their member headers, cached beside them (or in ``index_cache``); local paths and object-store
 URLs alike. A shard that a truncation damaged counts the groups it still holds, as an epoch reads.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Sequence
 
-from trainer.sources.offline_index import count_groups
+from trainer.data.sources.offline_index import count_groups
 
 
 @lru_cache(maxsize=8)

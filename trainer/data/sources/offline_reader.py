@@ -10,7 +10,7 @@ the first dot of its base name, extension = the rest):
   same on every rank and every run;
 - official layout row ``i``: ``seed*/<path>`` images, caption id ``i``.
 
-With several inputs of different content, ids are namespaced per input (:mod:`trainer.sources.caption_ids`).
+With several inputs of different content, ids are namespaced per input (:mod:`trainer.data.sources.caption_ids`).
 
 Only the ``n`` images a batch needs are decoded, chosen without replacement; a group with fewer than
 ``n`` images is refused (:class:`ShortGroup`: it would pair an image with itself as a positive), as the
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS
-from protocol import storage
-from protocol.storage import StorageError
-from trainer.images import decode_image
-from trainer.sources.caption_ids import namespaced_caption_id, needs_namespacing
-from trainer.sources.offline_index import SampleIndex, parse_sample, read_tar_sample
-from trainer.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe, part_namespace
+from infra import storage
+from infra.storage import StorageError
+from trainer.data.images import decode_image
+from trainer.data.sources.caption_ids import namespaced_caption_id, needs_namespacing
+from trainer.data.sources.offline_index import SampleIndex, parse_sample, read_tar_sample
+from trainer.data.sources.offline_layout import OfficialTable, Part, RowsPart, TarPart, describe, part_namespace
 
-log = logging.getLogger("trainer.sources.offline")
+log = logging.getLogger("trainer.data.sources.offline")
 
 _SINGLE_IMAGE = IMAGE_EXTENSIONS
 
@@ -104,7 +104,7 @@ def decode_sample(sample: RawSample, n: int, image_size: int, rng: np.random.Gen
     """Turn a raw sample into ``n`` decoded images of one caption (see the module docstring).
 
     ``namespace``: when set, the caption id becomes ``namespaced_caption_id(namespace, local id)`` (runs
-    with several inputs, see :mod:`trainer.sources.caption_ids`)."""
+    with several inputs, see :mod:`trainer.data.sources.caption_ids`)."""
     files = sample.files
     group_images = sorted(
         ((int(m.group(1)), ext) for ext in files if (m := GROUP_IMAGE_PATTERN.match(ext))), key=lambda item: item[0]

@@ -1,4 +1,4 @@
-"""Data sources: swappable producers of :class:`trainer.batch.Batch`, behind a small registry.
+"""Data sources: swappable producers of :class:`trainer.data.batch.Batch`, behind a small registry.
 
 A source has ``next_batch() -> Batch``, ``stats() -> dict``, ``state_dict()``, ``load_state_dict()``
 and ``close()``. Sources register themselves by name::
@@ -8,16 +8,16 @@ and ``close()``. Sources register themselves by name::
 
     source = build_source("offline", data="shards/", captions_per_rank=64, draw_per_caption=6)
 
-``build_source`` imports the source's module on first use (``protocol.registry.Registry``).
+``build_source`` imports the source's module on first use (``infra.registry.Registry``).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from protocol.registry import Registry
+from infra.registry import Registry
 
 SOURCES: Registry[Callable[..., Any]] = Registry(
-    "source", lazy={"online": "trainer.sources.online", "offline": "trainer.sources.offline"}
+    "source", lazy={"online": "trainer.data.sources.online", "offline": "trainer.data.sources.offline"}
 )
 register_source = SOURCES.register
 

@@ -23,11 +23,11 @@ from typing import Sequence, Union
 
 import braceexpand
 
-from protocol import storage
+from infra import storage
 from protocol.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from protocol.shards import MANIFEST_NAME, ShardLayoutError, read_manifest
 from trainer.config import ConfigError
-from trainer.sources.caption_ids import file_digest, text_digest
+from trainer.data.sources.caption_ids import file_digest, text_digest
 
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS)
 
@@ -38,7 +38,7 @@ class TarPart:
 
     path: str
     expected_groups: int | None = None
-    namespace: str = ""  # caption-id namespace of the input (trainer.sources.caption_ids)
+    namespace: str = ""  # caption-id namespace of the input (trainer.data.sources.caption_ids)
 
 
 @dataclass(frozen=True)

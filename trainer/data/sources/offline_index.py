@@ -14,7 +14,7 @@ The index of all samples is held as two flat arrays (int64 start, uint32 length:
 per process, :attr:`SampleIndex.nbytes`). A DataLoader worker reads sample ``g`` with one ranged
 read (a ``pread`` locally, one ranged GET from an object store) and parses it as a small tar
 (:func:`read_tar_sample`), so any permutation of all samples can be read: the epoch shuffle is global,
-at sample level (``trainer.sources.offline``).
+at sample level (``trainer.data.sources.offline``).
 
 Damage is found here, once: shards that cannot be read, truncated shards (their intact samples stay)
 and groups a manifest lists but a shard lost are counted in :attr:`SampleIndex.problems`.
@@ -31,10 +31,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from protocol import storage
+from infra import storage
 from protocol.shards import ShardIndex, ShardLayoutError, index_name, scan_ranges, split_member
-from trainer.sources.caption_ids import text_digest
-from trainer.sources.offline_layout import (
+from trainer.data.sources.caption_ids import text_digest
+from trainer.data.sources.offline_layout import (
     OfficialTable,
     Part,
     RowsPart,
@@ -44,7 +44,7 @@ from trainer.sources.offline_layout import (
     resolve_data,
 )
 
-log = logging.getLogger("trainer.sources.offline")
+log = logging.getLogger("trainer.data.sources.offline")
 
 MAX_SAMPLE_BYTES = 2**32 - 1  # lengths are stored as uint32
 
