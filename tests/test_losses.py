@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed
+from trainer.objectives import distributed
 from trainer.objectives.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from generator_service.config import GeneratorConfig
 from generator_service.shards import ShardWriter
-from protocol import storage
+from infra import storage
 from protocol.shards import MANIFEST_NAME, Manifest, ShardIndex
 from tests.s3_server import forget_s3_clients, s3_server
 from tests.test_offline_source import S, add_member, encode, read_groups, write_generator_dir

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protocol import Group
-from trainer import replay
+from trainer.data import replay
 from trainer.data.replay import ReplayBuffer, ReplayBufferClosed
 from tests.polling import wait_for
 
