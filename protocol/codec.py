@@ -13,25 +13,14 @@ import numpy as np
 
 from .bounds import check_structure, clip, short
 from .errors import ProtocolError
-from .generator_info import GeneratorInfo
 from .limits import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from .messages import MESSAGE_TYPES, OPTIONAL, SCHEMA, Group, Message, validate_header
+from .messages import MESSAGE_TYPES, SCHEMAS, Group, Message, validate_header
 
 Frame = bytes | bytearray | memoryview
 
 
 def _header_of(msg: Message) -> dict[str, Any]:
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
-    if isinstance(msg, Group):
-        header.update(msg.header_fields())
-    else:
-        for name in SCHEMA[msg.TYPE]:
-            value = getattr(msg, name)
-            header[name] = value.to_wire() if isinstance(value, GeneratorInfo) else value
-        for name in OPTIONAL.get(msg.TYPE, {}):
-            if getattr(msg, name):
-                header[name] = getattr(msg, name)
-    return header
+    return {"v": PROTOCOL_VERSION, "type": msg.TYPE, **SCHEMAS[msg.TYPE].header_of(msg)}
 
 
 def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Frame]:
@@ -185,28 +174,15 @@ def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES, max_header
 def _message(header: dict[str, Any], payload: list[memoryview]) -> Message:
     """The typed message of a checked header and its payload frames."""
     msg_type = header["type"]
+    fields = SCHEMAS[msg_type].fields_of(header)
     if msg_type != "group":
         if payload:
             raise ProtocolError("bad_message", f"{msg_type} carries no payload frames, got {len(payload)}")
-        cls = MESSAGE_TYPES[msg_type]
-        fields = {name: header[name] for name in SCHEMA[msg_type]}
-        fields.update({name: header[name] for name in OPTIONAL.get(msg_type, {}) if name in header})
-        return cls(**fields)
+        return MESSAGE_TYPES[msg_type](**fields)
     _check_group_payload(header, payload)
-    shape = tuple(header["shape"])
-    common = dict(
-        group_id=header["group_id"],
-        caption_id=header["caption_id"],
-        caption=header["caption"],
-        seeds=list(header["seeds"]),
-        encoding=header["encoding"],
-        shape=shape,
-        generator=header["generator"],
-        gen_seconds=header["gen_seconds"],
-    )
     if header["encoding"] == "raw":
-        images = np.frombuffer(payload[0], dtype=np.uint8).reshape(shape)
+        images = np.frombuffer(payload[0], dtype=np.uint8).reshape(tuple(header["shape"]))
         if images.flags.writeable:
             images.flags.writeable = False
-        return Group(images=images, **common)
-    return Group(encoded=[bytes(p) for p in payload], **common)
+        return Group(images=images, **fields)
+    return Group(encoded=[bytes(p) for p in payload], **fields)

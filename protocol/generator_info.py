@@ -8,13 +8,20 @@ Fields with no meaning for a backend carry its "not applicable" values (e.g. ``s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import functools
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ProtocolError
 from .limits import MAX_IMAGE_SIDE, MAX_IMAGES_PER_GROUP, MAX_INFO_EXTRA_FIELDS, MAX_STRING_FIELD
 
 _INFO_SCALARS = (str, int, float, bool)
+
+
+def _bounds(low: int, high: int | None = None) -> Any:
+    """A numeric field of at least ``low`` (and at most ``high``); strings need 1..MAX_STRING_FIELD characters."""
+    return field(metadata={"min": low, "max": high})
 
 
 @dataclass(frozen=True)
@@ -37,17 +44,22 @@ class GeneratorInfo:
     backend: str
     model: str
     scheduler: str
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    save_size: int
-    images_per_group: int
+    steps: int = _bounds(0)
+    guidance: float = _bounds(0)
+    height: int = _bounds(1, MAX_IMAGE_SIDE)
+    width: int = _bounds(1, MAX_IMAGE_SIDE)
+    save_size: int = _bounds(1, MAX_IMAGE_SIDE)
+    images_per_group: int = _bounds(1, MAX_IMAGES_PER_GROUP)
     fingerprint: str
     extra: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_generator_info(self.to_wire())
+
+    @staticmethod
+    def check_wire(data: Any, where: str = "welcome.generator") -> None:
+        """Raise ``ProtocolError("bad_message")`` naming ``where`` and the field unless ``data`` is a valid map."""
+        check_generator_info(data, where)
 
     def to_wire(self) -> dict[str, Any]:
         """The map sent in ``welcome`` (``extra`` omitted when empty)."""
@@ -66,19 +78,33 @@ class GeneratorInfo:
         return cls(**kwargs)
 
 
-_FIELD_RULES: dict[str, tuple[type | tuple[type, ...], int | None]] = {
-    # name: (accepted python types, minimum for numbers / None for strings)
-    "backend": (str, None),
-    "model": (str, None),
-    "scheduler": (str, None),
-    "steps": (int, 0),
-    "guidance": ((int, float), 0),
-    "height": (int, 1),
-    "width": (int, 1),
-    "save_size": (int, 1),
-    "images_per_group": (int, 1),
-    "fingerprint": (str, None),
-}
+@dataclass(frozen=True)
+class _FieldRule:
+    """What a required field of the description accepts, read from its annotation and metadata."""
+
+    name: str
+    kinds: type | tuple[type, ...]  # accepted python types (a bool never counts as a number)
+    minimum: int | None  # numbers: lowest value; None for strings (1..MAX_STRING_FIELD characters)
+    maximum: int | None
+
+
+@functools.cache
+def _field_rules() -> tuple[_FieldRule, ...]:
+    """The rules of ``GeneratorInfo``'s required fields, in declaration order, from their annotations
+    and ``_bounds`` metadata."""
+    hints = typing.get_type_hints(GeneratorInfo)
+    rules = []
+    for f in fields(GeneratorInfo):
+        if f.default is not MISSING:  # extra: checked on its own (_check_extra)
+            continue
+        if hints[f.name] is str:
+            rules.append(_FieldRule(f.name, str, None, None))
+        elif hints[f.name] in (int, float):
+            kinds = int if hints[f.name] is int else (int, float)
+            rules.append(_FieldRule(f.name, kinds, f.metadata["min"], f.metadata["max"]))
+        else:
+            raise TypeError(f"GeneratorInfo.{f.name}: no wire rule for {hints[f.name]!r}")
+    return tuple(rules)
 
 
 def _short(value: Any) -> str:
@@ -92,25 +118,28 @@ def check_generator_info(data: Any, where: str = "welcome.generator") -> None:
     """Raise ``ProtocolError("bad_message")`` unless ``data`` is a valid generator map."""
     if not isinstance(data, dict):
         raise ProtocolError("bad_message", f"{where} must be a map, got {type(data).__name__}")
-    for name, (kinds, minimum) in _FIELD_RULES.items():
-        if name not in data:
-            raise ProtocolError("bad_message", f"{where} is missing field {name!r}")
-        value = data[name]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise ProtocolError("bad_message", f"{where}.{name} = {_short(value)}: wrong type")
-        if minimum is None:
+    rules = _field_rules()
+    for rule in rules:
+        if rule.name not in data:
+            raise ProtocolError("bad_message", f"{where} is missing field {rule.name!r}")
+        value = data[rule.name]
+        if isinstance(value, bool) or not isinstance(value, rule.kinds):
+            raise ProtocolError("bad_message", f"{where}.{rule.name} = {_short(value)}: wrong type")
+        if rule.minimum is None:
             if not value or len(value) > MAX_STRING_FIELD:
-                raise ProtocolError("bad_message", f"{where}.{name} = {_short(value)}: must be 1..{MAX_STRING_FIELD} characters")
-        elif value < minimum:
-            raise ProtocolError("bad_message", f"{where}.{name} = {_short(value)}: must be >= {minimum}")
-    if data["images_per_group"] > MAX_IMAGES_PER_GROUP:
-        raise ProtocolError(
-            "bad_message", f"{where}.images_per_group = {data['images_per_group']}: must be <= {MAX_IMAGES_PER_GROUP}"
-        )
-    for name in ("height", "width", "save_size"):
-        if data[name] > MAX_IMAGE_SIDE:
-            raise ProtocolError("bad_message", f"{where}.{name} = {data[name]}: must be <= {MAX_IMAGE_SIDE}")
-    extra = data.get("extra")
+                raise ProtocolError(
+                    "bad_message", f"{where}.{rule.name} = {_short(value)}: must be 1..{MAX_STRING_FIELD} characters"
+                )
+        elif value < rule.minimum:
+            raise ProtocolError("bad_message", f"{where}.{rule.name} = {_short(value)}: must be >= {rule.minimum}")
+    for rule in rules:
+        if rule.maximum is not None and data[rule.name] > rule.maximum:
+            raise ProtocolError("bad_message", f"{where}.{rule.name} = {data[rule.name]}: must be <= {rule.maximum}")
+    _check_extra(data.get("extra"), where)
+
+
+def _check_extra(extra: Any, where: str) -> None:
+    """``extra``, when present: a map of at most MAX_INFO_EXTRA_FIELDS flat scalars."""
     if extra is None:
         return
     if not isinstance(extra, dict) or len(extra) > MAX_INFO_EXTRA_FIELDS:
