@@ -1,8 +1,8 @@
-"""The service's per-client bookkeeping: acknowledgement and the choice of a session to evict."""
+"""The service's per-client bookkeeping: acknowledgement, admission, credit and the choice of a session to evict."""
 from __future__ import annotations
 
 from protocol.routing_ids import counter_of
-from protocol.server_state import ClientInfo, SentGroup, evictable
+from protocol.server_state import ClientInfo, ClientTable, SentGroup, evictable
 
 
 def _client(unacked: list[str] = (), settled_at: float = 0.0, credits: int = 0, groups_sent: int = 0) -> ClientInfo:
@@ -51,6 +51,32 @@ def test_evictable_takes_the_longest_settled_session_and_never_one_that_streams(
     assert evictable(clients) == b"\0done1"
     del clients[b"\0done1"]
     assert evictable(clients) is None
+
+
+def test_the_table_admits_up_to_max_clients_evicting_an_idle_session_never_a_streaming_one():
+    table = ClientTable(max_queue=4, max_credit=8, max_clients=2, max_client_bytes=100)
+    assert table.admit(b"\0a", "a", 0, 1, now=1.0) and table.admit(b"\0b", "b", 0, 1, now=2.0)
+    table.clients[b"\0a"].unacked.append(SentGroup("g1", [b"x"], 1))  # a streams; b only said hello
+    assert table.admit(b"\0c", "c", 0, 1, now=3.0)
+    assert list(table.clients) == [b"\0a", b"\0c"] and list(table.rr) == [b"\0a", b"\0c"]
+    assert table.stats.evicted_clients == 1
+    table.clients[b"\0c"].unacked.append(SentGroup("g2", [b"y"], 1))
+    assert not table.admit(b"\0d", "d", 0, 1, now=4.0)
+    assert table.stats.refused_clients == 1 and b"\0d" not in table.clients
+
+
+def test_the_table_clamps_credit_and_requeues_what_a_leaving_client_did_not_acknowledge():
+    table = ClientTable(max_queue=4, max_credit=3, max_clients=2, max_client_bytes=100)
+    table.admit(b"\0a", "a", 0, 1, now=0.0)
+    client = table.clients[b"\0a"]
+    for group_id in ("g1", "g2"):
+        client.unacked.append(SentGroup(group_id, [group_id.encode()], 2))
+        client.unacked_bytes += 2
+    assert table.grant(client, 5, ack="g1", now=1.0) == 2  # g1 acknowledged: g2 plus 2 credits = max_credit
+    assert client.credits == 2 and table.stats.credit_clamped == 1 and table.stats.acked == 1
+    table.drop(b"\0a", "left")
+    assert [group_id for group_id, _ in table.queue] == ["g2"] and table.stats.requeued == 1
+    assert table.stats.left_clients == 1 and not table.clients and not table.rr
 
 
 def test_counter_of_reads_only_the_generated_shape():
