@@ -1,6 +1,9 @@
-"""Wire protocol v1 between the generator service and the trainer (ZeroMQ + MessagePack).
+"""Wire protocol v1 between the generator service and the trainer (ZeroMQ + MessagePack), and the
+shard layout both sides read (``protocol.shards``).
 
-This package imports neither the trainer nor the generator service.
+This package holds the wire and shard formats only and imports neither the trainer nor the
+generator service. The shared helpers that are not wire format (the name registry, the metrics
+server, the rate-limited log, the CLI parser, storage) live in ``infra``.
 """
 from .codec import decode, decode_header, encode
 from .errors import ERROR_CODES, ProtocolError
