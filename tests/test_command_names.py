@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [*REPO.glob("*.md"), *REPO.glob("docs/**/*.md"), *REPO.glob("benchmarks/*.md"),
-           *(p for d in ("protocol", "generator_service", "trainer", "benchmarks") for p in (REPO / d).rglob("*.py"))]
+           *(p for d in ("protocol", "infra", "generator_service", "trainer", "experiments", "benchmarks") for p in (REPO / d).rglob("*.py"))]
 PROGRAM = re.compile(r"(?<![\w/.-])(stablerep-[a-z]+)\b(?!-)")
 SUBCOMMAND = re.compile(r"(?<![\w/.-])(stablerep-(?:bench|generator|eval)) ([a-z][a-z-]*)\b")
 

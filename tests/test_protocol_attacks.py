@@ -4,7 +4,7 @@ Each attack runs while a real ``GroupClient`` streams from the same ``GroupServe
 count groups (never time them): the good client gets what the bounds promise, the service stays
 up (``check()``), a fresh client still gets ``welcome``, and what a peer may hold stays within
 ``max_credit`` / ``max_client_bytes`` / ``max_clients``. Groups/s before, during and after each
-attack are measured by ``benchmarks/drills.py`` (README "Failure and security behaviour").
+attack are measured by ``benchmarks/drills.py`` (docs/failure-and-security.md, "Drills").
 """
 from __future__ import annotations
 

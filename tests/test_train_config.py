@@ -120,7 +120,7 @@ def test_demo_preset_holds_the_demo_trainer_settings():
     cfg, _ = cli.parse_config(["--preset", "demo", *GEN])
     assert (cfg.model.name, cfg.model.model_kwargs) == ("small_cnn", {})
     assert (cfg.data.captions_per_step, cfg.data.draw_per_caption, cfg.model.img_size) == (16, 4, 64)
-    # caption cells that differ only in shape or texture, and the weak augmentation (README, "Quick start")
+    # caption cells that differ only in shape or texture, and the weak augmentation (docs/recipe.md, "The demo preset")
     assert cfg.replay.hard_fraction == 1.0 and set(cfg.replay.cell_words) >= {"circle", "stripes"}
     assert cfg.augment.strong is False
 
