@@ -23,6 +23,7 @@ BACKENDS: Registry[BackendFactory] = Registry(
         "procedural": "generator_service.backends.procedural",
         "diffusers": "generator_service.backends.diffusers_backend",
     },
+    group="stablerep.generator_backends",
 )
 register_backend = BACKENDS.register
 

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from infra.registry import Registry
 
 SOURCES: Registry[Callable[..., Any]] = Registry(
-    "source", lazy={"online": "trainer.data.sources.online", "offline": "trainer.data.sources.offline"}
+    "source", lazy={"online": "trainer.data.sources.online", "offline": "trainer.data.sources.offline"},
+    group="stablerep.sources",
 )
 register_source = SOURCES.register
 
