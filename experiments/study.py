@@ -49,7 +49,6 @@ from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
 DEFAULT_OUTPUT = "runs/study"
 PROG = "stablerep-bench study"
-ONE_IMAGE_METHODS = ("simclr", "clip")  # methods that use only the first image of each group
 
 
 @dataclass(frozen=True)
@@ -153,8 +152,11 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
 
 def _geometry(method: str) -> tuple[int, int]:
     """(captions per step, images per caption) of an arm: the demo preset's 16 x 4, or 64 x 1 for
-    methods that use one image per caption (the same 64 images per step)."""
-    return (64, 1) if method in ONE_IMAGE_METHODS else (16, 4)
+    methods that use one image per caption (the same 64 images per step; the method's own facts,
+    ``MethodFacts.one_image_per_caption``, say which)."""
+    from trainer.objectives.methods import METHODS
+
+    return (64, 1) if METHODS.get(method).one_image_per_caption() else (16, 4)
 
 
 def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, source_flags: list[str],

@@ -44,6 +44,16 @@ def test_registry_lists_methods_and_refuses_unknown():
         build_method("stablerep", temprature=0.1)
 
 
+@pytest.mark.parametrize("name", ["stablerep", "stablerep+", "simclr", "clip"])
+def test_method_facts_agree_with_the_method(name):
+    """``takes_temperature`` says what the constructor takes; ``one_image_per_caption`` what reaches the loss."""
+    import inspect
+
+    cls = METHODS.get(name)
+    assert cls.takes_temperature == ("temperature" in inspect.signature(cls).parameters)
+    assert cls.one_image_per_caption() == (name in ("simclr", "clip"))
+
+
 @pytest.mark.parametrize("name", ["stablerep", "simclr", "clip", "stablerep+"])
 def test_method_learns_fixed_batch(name):
     method = build_method(name)

@@ -20,7 +20,6 @@ across processes.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import signal
@@ -79,7 +78,7 @@ def build_components(cfg: TrainConfig):
     from trainer.models.stablerep_model import build_model
 
     method_kwargs = dict(cfg.method.kwargs)
-    if "temperature" in inspect.signature(METHODS.get(cfg.method.name)).parameters:  # clip has a learned scale
+    if METHODS.get(cfg.method.name).takes_temperature:  # clip has a learned scale
         method_kwargs.setdefault("temperature", cfg.method.temperature)
     method = build_method(cfg.method.name, **method_kwargs)
     m = cfg.model

@@ -9,8 +9,13 @@ False (clip) means the projection head is unused, so build with ``head_layers=0`
 unused parameters).
 
 Every method class declares the official recipe's facts about it (:class:`MethodFacts`): ``official``
-(images per caption and crops per image that the official recipe fixes for it, e.g. SimCLR 1 and 2)
-and ``views_in_loss`` (the counts that really reach its loss, which the lr rule uses).
+(images per caption and crops per image that the official recipe fixes for it, e.g. SimCLR 1 and 2),
+``views_in_loss`` (the counts that really reach its loss, which the lr rule uses) and ``takes_temperature``
+(whether it is built with ``method.temperature``; CLIP learns its logit scale).
+
+Methods are found by name in :data:`METHODS`: the ones below, and those installed packages declare in
+the entry-point group ``stablerep.methods`` (``infra.registry``); a plugin's method subclasses
+:class:`MethodFacts` like the ones here.
 
 Labels come from ``batch.caption_ids`` on every call (globally unique per caption), never from the
 batch size: the images of one caption are positives of each other.
@@ -28,7 +33,7 @@ from trainer.augment import GPUAugment
 from trainer.data.batch import Batch
 from trainer.objectives.losses import CLIPLoss, MultiPosConLoss, SimCLRLoss, StableRepPlusLoss
 
-METHODS: Registry[type] = Registry("method")
+METHODS: Registry[type] = Registry("method", group="stablerep.methods")
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -54,6 +59,7 @@ class MethodFacts:
     crop of them, no value fixed by the official recipe)."""
 
     official = OfficialViews()
+    takes_temperature = True  # built with temperature=method.temperature (unless method.kwargs sets it)
 
     @staticmethod
     def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
@@ -61,6 +67,12 @@ class MethodFacts:
         ``draw_per_caption`` images of each caption and the augmentation asks for ``crops_per_image``.
         The lr rule and ``images_per_step`` use these counts."""
         return int(draw_per_caption), max(1, int(crops_per_image))
+
+    @classmethod
+    def one_image_per_caption(cls) -> bool:
+        """True when the loss takes one image of each caption however many are drawn (SimCLR, CLIP)."""
+        return all(cls.views_in_loss(drawn, 1)[0] == 1 for drawn in (2, 6))
+
 
 
 def build_method(name: str, **cfg):
@@ -158,6 +170,7 @@ class SimCLRMethod(MethodFacts):
 class CLIPMethod(MethodFacts):
     """The first image of each group and its caption; image-text contrastive loss only."""
 
+    takes_temperature = False  # a learned logit scale instead
     needs_text = True
     needs_head = False
     official = OfficialViews(draw_per_caption=1, crops_per_image=1)  # official --n_img 1, one crop
