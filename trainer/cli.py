@@ -28,8 +28,10 @@ from typing import Any, Sequence
 import yaml
 
 from infra.cli_parser import SuggestingParser
-from trainer.config import ConfigError, TrainConfig, available_presets, build_config
+from infra.registry import PluginError
+from trainer.config import ConfigError, TrainConfig, available_presets, build_config, method_names
 from trainer.kwargs_arg import kwargs_token, merge_kwargs
+from trainer.trackers import TRACKERS
 
 S = argparse.SUPPRESS
 #: exit status of a run stopped because no generator delivered for --generator-timeout seconds
@@ -53,7 +55,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("model", ("--head-all-views",), "model.head_per_view", dict(action="store_const", const=False, help="one projection head call over all images")),
     ("model", ("--no-sync-bn",), "model.sync_bn", dict(action="store_const", const=False, help="per-process BatchNorm")),
     ("model", ("--text-kwargs",), "model.text", dict(nargs="+", type=kwargs_token, metavar="KEY=VALUE", help="text tower size for clip / stablerep+, e.g. layers=4 width=256")),
-    ("method", ("--method",), "method.name", dict(choices=["stablerep", "stablerep+", "simclr", "clip"], help="training objective: stablerep (multi-positive), stablerep+ (with image-text terms), simclr, clip")),
+    ("method", ("--method",), "method.name", dict(choices=method_names, help="training objective: stablerep (multi-positive), stablerep+ (with image-text terms), simclr, clip, or one an installed plugin adds (entry-point group stablerep.methods)")),
     ("method", ("--temperature",), "method.temperature", dict(type=float, help="contrastive temperature T")),
     ("method", ("--method-kwargs",), "method.kwargs", dict(nargs="+", type=kwargs_token, metavar="KEY=VALUE", help="extra build_method arguments")),
     ("augmentation", ("--weak-aug",), "augment.strong", dict(action="store_const", const=False, help="the official weak augmentation: RandomResizedCrop (scale 0.5-1 unless --scale-min) only, no flip")),
@@ -119,7 +121,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
         "this flag or --resume an --output holding a run is refused"))),
     ("run", ("--compile",), "run.compile", dict(action="store_const", const=True, help="torch.compile the model")),
     ("run", ("--log-every",), "run.log_every", dict(type=int, metavar="STEPS", help="steps between tracker (tensorboard / wandb) logs")),
-    ("run", ("--log-with",), "run.log_with", dict(nargs="*", choices=["tensorboard", "wandb"], help="trackers; give the flag alone for none")),
+    ("run", ("--log-with",), "run.log_with", dict(nargs="*", choices=TRACKERS, help="trackers; give the flag alone for none")),
     ("run", ("--no-progress",), "run.progress", dict(action="store_const", const=False, help="no progress bar: plain status lines on stdout instead (also when stdout is not a terminal)")),
     ("run", ("--status-every",), "run.status_every", dict(type=float, metavar="SECONDS", help="seconds between plain status lines (stdout without a bar, and always RUN/train.log)")),
     ("run", ("--cpu",), "run.cpu", dict(action="store_const", const=True, help="train on the CPU even with a GPU present")),
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         kwargs = dict(kwargs)
+        if callable(kwargs.get("choices")):  # a registry's names, read when the parser is built
+            kwargs["choices"] = kwargs["choices"]()
         if kwargs.get("action") != "store_const" and "choices" not in kwargs:
             kwargs.setdefault("metavar", flags[0].lstrip("-").upper().replace("-", "_"))
         if kwargs.get("action") != "store_const":
@@ -250,17 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     warn_deprecated_flags(argv)
     try:
         cfg, ns = parse_config(argv)
-    except ConfigError as exc:
+    except (ConfigError, PluginError) as exc:  # PluginError: an installed method that does not import
         print(f"stablerep-train: error: {exc}", file=sys.stderr)
         return 2
     if ns.print_config:  # also for a config still missing its data (e.g. a preset without --generators)
         try:
             cfg.validate()
-        except ConfigError as exc:
+        except (ConfigError, PluginError) as exc:
             print(f"stablerep-train: note: not runnable as is: {exc}", file=sys.stderr)
         try:
             print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False), end="")
-        except (ConfigError, ValueError, ZeroDivisionError) as exc:
+        except (ConfigError, ValueError, ZeroDivisionError, PluginError) as exc:
             print(f"stablerep-train: error: {exc}", file=sys.stderr)
             return 2
         return 0

@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import yaml
 
+from trainer.trackers import TRACKERS
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 RESOLVED_KEY = "resolved"  # informational section of a written config.yaml, ignored on load
 
@@ -42,6 +44,13 @@ class ConfigError(ValueError):
 
 def _choices(*values: str) -> dict:
     return {"choices": values}
+
+
+def method_names() -> list[str]:
+    """The methods ``method.name`` may name: the method registry's (in-tree and installed plugins)."""
+    from trainer.objectives.methods import METHODS
+
+    return METHODS.names()
 
 
 @dataclass
@@ -63,7 +72,7 @@ class ModelConfig:
 class MethodConfig:
     """Which objective trains the model; ``kwargs`` go to ``build_method`` unchanged."""
 
-    name: str = field(default="stablerep", metadata=_choices("stablerep", "stablerep+", "simclr", "clip"))
+    name: str = field(default="stablerep", metadata={"choices": method_names})  # names read on validation
     temperature: float = 0.1
     kwargs: dict = field(default_factory=dict)
 
@@ -161,7 +170,7 @@ class RunConfig:
     overwrite: bool = False  # replace the run already in OUTPUT (its run files are deleted first)
     compile: bool = False  # torch.compile the model
     log_every: int = 10
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # names in trainer.trackers.TRACKERS
     progress: bool = True  # progress bar on the main process (plain status lines when False or not a terminal)
     status_every: float = 30.0  # seconds between plain status lines (stdout without a bar, and RUN/train.log)
     cpu: bool = False  # force CPU even when an accelerator is present
@@ -312,6 +321,8 @@ class TrainConfig:
             for f in dataclasses.fields(sub):
                 value = getattr(sub, f.name)
                 choices = f.metadata.get("choices")
+                if callable(choices):  # a registry's names, read when needed
+                    choices = choices()
                 if choices is not None and value not in choices:
                     _fail(f"{group.name}.{f.name}", value, f"must be one of {', '.join(choices)}")
         d, r, o, s, run = self.data, self.replay, self.optim, self.schedule, self.run
@@ -392,8 +403,8 @@ class TrainConfig:
             _fail("run.metrics_port", run.metrics_port, "must be a port number 0..65535")
         _positive("run.status_every", run.status_every)
         for name in run.log_with:
-            if name not in ("tensorboard", "wandb"):
-                _fail("run.log_with", name, "must be tensorboard or wandb")
+            if name not in TRACKERS:
+                _fail("run.log_with", name, f"must be one of {', '.join(TRACKERS)}")
         if not run.output:
             _fail("run.output", run.output, "must be a directory path")
         for name in ("every", "knn_k", "knn_temperature", "batch_size"):

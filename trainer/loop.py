@@ -51,6 +51,7 @@ from trainer.interrupts import StopAfterStep
 from trainer.monitor import Monitor
 from trainer.resume_check import check_run_start, clear_run, load_error_line
 from trainer.status import StatusLog
+from trainer.trackers import available_trackers
 from trainer.step_pipeline import LossLedger, Prefetcher
 
 log = logging.getLogger(__name__)
@@ -127,19 +128,6 @@ def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_siz
     )
 
 
-def _trackers(cfg: TrainConfig) -> list[str]:
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    chosen = []
-    for name in cfg.run.log_with:
-        if available.get(name):
-            chosen.append(name)
-        else:
-            log.warning("logging to %s was asked for but it is not installed; skipped", name)
-    return chosen
-
-
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested config -> flat {"group.field": scalar} (trackers take scalars only)."""
     out: dict[str, Any] = {}
@@ -186,7 +174,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     cfg.validate()
     start = check_run_start(cfg)  # OUTPUT free (or --resume / --overwrite) and the checkpoint fits: nothing written yet
     output = Path(cfg.run.output)
-    trackers = _trackers(cfg)
+    trackers = available_trackers(cfg.run.log_with)
     env = launch_env()
     check_single_launch(env)
     memory = estimate_memory(cfg, meta_model(cfg), env.world_size)  # before anything big is allocated
