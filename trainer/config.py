@@ -14,6 +14,8 @@ The resolved config is written to ``OUTPUT/config.yaml`` and can be fed back wit
 YAML files are nested maps whose top-level keys are the groups below (``model``, ``method``,
 ``augment``, ``data``, ``replay``, ``optim``, ``schedule``, ``run``, ``monitor``); an unknown key, a wrong
 type or an out-of-range value is an error that names the file, the field and the value.
+The ``augment``, ``data`` and ``replay`` groups are defined beside the parts that read them
+(``trainer/augment_config.py``, ``trainer/data/config.py``) and check their own fields.
 """
 from __future__ import annotations
 
