@@ -18,8 +18,10 @@ Buffer geometry:
   default ``max(8 * captions_per_rank, 64)`` groups.
 
 The source reads the ``data`` and ``replay`` config groups whole (`trainer.data.config`); the buffer
-takes the ``replay`` group as its policy. Storage rule (``replay.storage="auto"``, `trainer.data.replay_storage`): the buffer lives in GPU memory when
-the training device is a CUDA device and the buffer fits beside the training step's estimated peak
+takes the ``replay`` group as its policy.
+
+Storage rule (``replay.storage="auto"``, `trainer.data.replay_storage`): the buffer lives in GPU memory
+when the training device is a CUDA device and the buffer fits beside the training step's estimated peak
 (``training_bytes``) with headroom (then a batch needs no host-to-device copy at all); otherwise in
 pinned host memory, from which batches are copied with ``non_blocking=True``. ``storage="gpu"`` /
 ``"host"`` force either.
