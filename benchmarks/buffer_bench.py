@@ -26,6 +26,7 @@ from benchmarks.trainer_bench import (
     _time_steps,
 )
 from trainer.augment import GPUAugment
+from trainer.augment_config import AugmentConfig
 from trainer.kwargs_arg import add_kwargs_argument, merge_kwargs
 
 
@@ -41,7 +42,7 @@ def run_buffer_bench(model: str = "vit_base_patch16_224", img_size: int = 224, m
     images = captions_per_step * draw_per_caption
     groups = buffer_groups or max(4 * captions_per_step, 64)
     replay = _prefilled_replay(groups, images_per_group, stored_size, device_t)
-    augment = GPUAugment(size=img_size, strong=True)
+    augment = GPUAugment.from_config(AugmentConfig(strong=True), img_size=img_size)
     if isinstance(augment, torch.nn.Module):
         augment = augment.to(device_t)
     try:

@@ -111,7 +111,9 @@ def run_online_bench(
     from generator_service.procedural import sample_captions
     from generator_service.service import ServiceOptions
     from trainer.augment import GPUAugment
+    from trainer.augment_config import AugmentConfig
     from trainer.objectives.methods import build_method
+    from trainer.data.config import DataConfig, ReplayConfig
     from trainer.data.sources.online import OnlineSource
 
     if generators < 1:
@@ -151,10 +153,11 @@ def run_online_bench(
         net, optimizer = _model_and_optimizer(model, img_size, dict(model_kwargs or {}), head, device_t,
                                               compile_model=False)
         method = build_method("stablerep", temperature=0.1)
-        augment = GPUAugment(size=img_size, strong=True)
-        source = OnlineSource(endpoints, captions_per_step, draw_per_caption, device=device_t,
-                              capacity_groups=capacity_groups, max_reuse=max_reuse, image_size=image_size,
-                              credits=credits, connect_timeout=start_timeout, sample_timeout=600)
+        augment = GPUAugment.from_config(AugmentConfig(strong=True), img_size=img_size)
+        data = DataConfig(generators=list(endpoints), draw_per_caption=draw_per_caption, image_size=image_size,
+                          credits=credits, connect_timeout=start_timeout, sample_timeout=600)
+        replay = ReplayConfig(capacity_groups=capacity_groups, max_reuse=max_reuse)
+        source = OnlineSource(data, replay, captions_per_rank=captions_per_step, device=device_t)
         images_per_step = captions_per_step * draw_per_caption
         lr = optimizer.param_groups[0]["lr"]
 

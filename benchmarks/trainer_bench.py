@@ -203,10 +203,12 @@ def run_trainer_bench(
         feed: Any = _ReplayFeed(_prefilled_replay(max(4 * captions_per_step, 64), draw_per_caption, stored_size,
                                                   device), captions_per_step, draw_per_caption)
     else:
+        from trainer.data.config import DataConfig
         from trainer.data.sources.online import OnlineSource
 
-        feed = OnlineSource(endpoints, captions_per_step, draw_per_caption, device=device, image_size=stored_size,
-                            connect_timeout=60, sample_timeout=600)
+        feed = OnlineSource(DataConfig(generators=list(endpoints), draw_per_caption=draw_per_caption,
+                                       image_size=stored_size, connect_timeout=60, sample_timeout=600),
+                            captions_per_rank=captions_per_step, device=device)
     prefetch = Prefetcher(feed, device, limit=warmup + steps)  # nothing drawn past the last timed step
 
     def close() -> None:

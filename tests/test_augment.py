@@ -267,3 +267,15 @@ def test_jitter_off_the_host_moves_each_op_once_not_four_times():
         color_jitter(x, params, sorted_ops=False)
     assert sorted_way.bytes <= once.bytes + 16 * batch_bytes  # plus 5 gathers and 4 concatenations (measured: 14)
     assert masked_way.bytes > 3 * once.bytes
+
+
+def test_from_config_builds_what_the_augment_group_describes():
+    from trainer.augment_config import AugmentConfig
+
+    weak = GPUAugment.from_config(AugmentConfig(strong=False, crops_per_image=2, down_res=[64, 128]), img_size=24)
+    assert (weak.size, weak.strong, weak.scale, weak.flip_p) == (24, False, (0.5, 1.0), 0.0)  # the official weak recipe
+    assert (weak.crops_per_image, weak.down_res, weak.down_prob) == (2, (64, 128), 0.05)
+    strong = GPUAugment.from_config(AugmentConfig(size=16, scale_min=0.2, blur_p=0.25, downsample=32), img_size=24,
+                                    dtype=torch.float32)
+    assert (strong.size, strong.scale, strong.flip_p, strong.blur_p, strong.downsample) == (16, (0.2, 1.0), 0.5, 0.25, 32)
+    assert strong.dtype == torch.float32

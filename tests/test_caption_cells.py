@@ -6,6 +6,7 @@ from generator_service.procedural.grammar import all_captions
 from trainer.data.caption_cells import caption_words, select_cells
 from protocol import Group
 from trainer.config import ConfigError, build_config
+from trainer.data.config import ReplayConfig
 from trainer.data.replay import ReplayBuffer
 
 
@@ -61,7 +62,8 @@ def test_captions_without_neighbours_give_no_cells():
 
 
 def _buffer_of_procedural_groups(hard_fraction: float, n: int = 200, cell_words=()) -> ReplayBuffer:
-    buffer = ReplayBuffer(n, 2, 4, 4, hard_fraction=hard_fraction, cell_size=6, seed=1, cell_words=cell_words)
+    buffer = ReplayBuffer(n, 2, 4, 4, policy=ReplayConfig(hard_fraction=hard_fraction, cell_size=6, cell_words=cell_words),
+                          seed=1)
     for caption_id, caption in enumerate(all_captions()[:: 576 // n][:n]):
         images = np.full((2, 4, 4, 3), caption_id % 256, dtype=np.uint8)
         buffer.add(Group(group_id=f"g{caption_id}", caption_id=caption_id, caption=caption,

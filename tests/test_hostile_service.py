@@ -20,6 +20,7 @@ from PIL import Image
 from protocol import Credit, Error, Group, Hello, Welcome, decode, encode
 from tests.train_helpers import generator_info
 from trainer import cli
+from trainer.data.config import DataConfig
 
 M, SIDE = 4, 32
 INFO = generator_info(M, SIDE)
@@ -170,4 +171,5 @@ def test_a_buffer_the_welcome_makes_too_large_is_refused_in_one_sentence():
 
     with HostileService(welcome_header=_welcome(save_size=8192, images_per_group=1024)) as service:
         with pytest.raises(ValueError, match=r"replay buffer of 64 groups x 1024 images of 8192x8192 .* cannot be allocated"):
-            OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=4, connect_timeout=30)
+            OnlineSource(DataConfig(generators=[service.endpoint], draw_per_caption=4, connect_timeout=30),
+                         captions_per_rank=4)

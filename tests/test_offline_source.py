@@ -235,6 +235,36 @@ def test_registry_builds_the_offline_source(tmp_path):
         build_source("nope")
 
 
+def test_the_config_picks_the_source_through_the_registry(tmp_path):
+    from trainer.config import ConfigError, TrainConfig
+    from trainer.data.config import DataConfig, ReplayConfig
+    from trainer.data.sources import SOURCES, SourceContext, register_source, source_from_config
+
+    write_generator_dir(tmp_path / "out", shards=1, per_shard=4, m=2)
+    data = DataConfig(source="offline", data=[str(tmp_path / "out")], draw_per_caption=2, num_workers=0)
+    source = source_from_config(data, ReplayConfig(), SourceContext(captions_per_rank=3, seed=1))
+    assert isinstance(source, OfflineSource) and source.next_batch().images.shape == (3, 2, S, S, 3)
+
+    @register_source("every-group-once")
+    class EveryGroupOnce(OfflineSource):  # a source of its own name, built from the same groups
+        @classmethod
+        def from_config(cls, data, replay, context):
+            return cls(data.data, captions_per_rank=context.captions_per_rank, draw_per_caption=1,
+                       num_workers=0, shuffle=False)
+
+    cfg = TrainConfig()
+    cfg.data.source, cfg.schedule.steps = "every-group-once", 1
+    try:
+        assert cfg.validate().data.source == "every-group-once"
+        built = source_from_config(DataConfig(source="every-group-once", data=[str(tmp_path / "out")]),
+                                   ReplayConfig(), SourceContext(captions_per_rank=4))
+        assert isinstance(built, EveryGroupOnce) and built.next_batch().images.shape == (4, 1, S, S, 3)
+    finally:
+        SOURCES.unregister("every-group-once")
+    with pytest.raises(ConfigError, match="data.source = 'every-group-once': must be one of offline, online"):
+        cfg.validate()
+
+
 def test_short_groups_and_mixed_inputs_are_refused_at_start(tmp_path):
     write_generator_dir(tmp_path / "two", shards=1, per_shard=3, m=2)
     write_generator_dir(tmp_path / "three", shards=1, per_shard=3, m=3)

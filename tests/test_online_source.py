@@ -7,13 +7,15 @@ import torch
 from tests.polling import wait_for
 from tests.train_helpers import SyntheticService, free_tcp_endpoint
 from trainer.data.sources import build_source
+from trainer.data.config import DataConfig, ReplayConfig
 from trainer.data.sources.online import OnlineSource, choose_storage_device
 
 
 def test_batches_stream_from_the_service():
     with SyntheticService(num_captions=40, m=4, size=24) as service:
-        source = build_source("online", endpoints=[service.endpoint], captions_per_rank=8, draw_per_caption=3,
-                              capacity_groups=32, connect_timeout=5, sample_timeout=20)
+        source = build_source("online", DataConfig(generators=[service.endpoint],
+                                                   draw_per_caption=3, connect_timeout=5, sample_timeout=20),
+                              ReplayConfig(capacity_groups=32), captions_per_rank=8)
         try:
             assert isinstance(source, OnlineSource)
             for _ in range(3):
@@ -37,16 +39,18 @@ def test_batches_stream_from_the_service():
 def test_buffer_sized_from_the_welcome_and_resized_by_flag():
     # the generator description's save_size and images_per_group size the buffer before any group
     with SyntheticService(num_captions=20, m=4, size=20) as service:
-        source = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=5,
-                              sample_timeout=20)
+        source = OnlineSource(DataConfig(generators=[service.endpoint],
+                                         draw_per_caption=2, connect_timeout=5, sample_timeout=20),
+                              captions_per_rank=4)
         try:
             assert source.replay is not None
             assert (source.replay.height, source.replay.width, source.replay.images_per_group) == (20, 20, 4)
             assert source.next_batch().images.shape == (4, 2, 20, 20, 3)
         finally:
             source.close()
-        resized = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, image_size=12,
-                               capacity_gib=4 * 12 * 12 * 3 * 10 / 2**30, connect_timeout=5, sample_timeout=20)
+        resized = OnlineSource(DataConfig(generators=[service.endpoint],
+                                          draw_per_caption=2, image_size=12, connect_timeout=5, sample_timeout=20),
+                               ReplayConfig(capacity_gib=4 * 12 * 12 * 3 * 10 / 2**30), captions_per_rank=4)
         try:
             assert resized.next_batch().images.shape == (4, 2, 12, 12, 3)
             stats = resized.stats()
@@ -57,13 +61,15 @@ def test_buffer_sized_from_the_welcome_and_resized_by_flag():
 
 def test_state_dict_restores_replay_counters():
     with SyntheticService(num_captions=20, m=3, size=16) as service:
-        first = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=5)
+        first = OnlineSource(DataConfig(generators=[service.endpoint], draw_per_caption=2, connect_timeout=5),
+                             captions_per_rank=4)
         try:
             first.next_batch(), first.next_batch()
             state = first.state_dict()
         finally:
             first.close()
-        second = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=5)
+        second = OnlineSource(DataConfig(generators=[service.endpoint], draw_per_caption=2, connect_timeout=5),
+                              captions_per_rank=4)
         try:
             second.load_state_dict(state)
             second.next_batch()
@@ -75,13 +81,14 @@ def test_state_dict_restores_replay_counters():
 def test_unreachable_generator_names_the_endpoint():
     endpoint = free_tcp_endpoint()
     with pytest.raises(ConnectionError, match=endpoint.replace(".", r"\.")):
-        OnlineSource([endpoint], captions_per_rank=4, draw_per_caption=2, connect_timeout=0.5)
+        OnlineSource(DataConfig(generators=[endpoint], draw_per_caption=2, connect_timeout=0.5), captions_per_rank=4)
 
 
 def test_too_few_images_per_group_is_refused():
     with SyntheticService(num_captions=8, m=2, size=16) as service:
         with pytest.raises(ValueError, match=r"serves 2 images per group, fewer than draw_per_caption=6"):
-            OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=6, connect_timeout=5)
+            OnlineSource(DataConfig(generators=[service.endpoint], draw_per_caption=6, connect_timeout=5),
+                         captions_per_rank=4)
 
 
 def test_storage_rule():
@@ -107,8 +114,9 @@ def test_a_group_that_does_not_fit_is_skipped_and_the_stream_goes_on():
 
     # the welcome promises 4 images per group; the first group carries 2, the others 4
     with GroupServer("tcp://127.0.0.1:*", "liar", generator_info(4, 16), heartbeat_ms=200) as server:
-        source = OnlineSource([server.endpoint], captions_per_rank=2, draw_per_caption=2, connect_timeout=5,
-                              sample_timeout=30, credits=1)
+        source = OnlineSource(DataConfig(generators=[server.endpoint],
+                                         draw_per_caption=2, connect_timeout=5, sample_timeout=30, credits=1),
+                              captions_per_rank=2)
         try:
             server.put(make_group(7, 2, 16), timeout=5)
             for caption_id in range(2):
@@ -125,8 +133,9 @@ def test_warns_once_when_most_groups_are_evicted_unseen(caplog):
     from trainer.data.sources.online import UNSEEN_WARNING_COUNT
 
     with SyntheticService(num_captions=64, m=2, size=8) as service:
-        source = OnlineSource([service.endpoint], captions_per_rank=4, draw_per_caption=2, capacity_groups=16,
-                              connect_timeout=5, sample_timeout=20)
+        source = OnlineSource(DataConfig(generators=[service.endpoint],
+                                         draw_per_caption=2, connect_timeout=5, sample_timeout=20),
+                              ReplayConfig(capacity_groups=16), captions_per_rank=4)
         try:
             with caplog.at_level("WARNING", logger="trainer.data.sources.online"):
                 source.next_batch()  # then no draws while the service keeps streaming: evictions pile up

@@ -9,6 +9,7 @@ import torch
 
 from protocol import Group
 from trainer.data import replay
+from trainer.data.config import ReplayConfig
 from trainer.data.replay import ReplayBuffer, ReplayBufferClosed
 from tests.polling import wait_for
 
@@ -29,7 +30,7 @@ def held_ids(buffer: ReplayBuffer) -> list[str]:
 
 
 def test_fifo_evicts_oldest_and_pixels_follow_their_group():
-    buffer = ReplayBuffer(3, P, H, W, evict="fifo")
+    buffer = ReplayBuffer(3, P, H, W, policy=ReplayConfig(evict="fifo"))
     for cid in range(5):
         buffer.add(make_group(cid))
     assert held_ids(buffer) == ["g2", "g3", "g4"]
@@ -44,7 +45,7 @@ def test_fifo_evicts_oldest_and_pixels_follow_their_group():
 
 
 def test_most_used_evicts_highest_draw_count_ties_oldest():
-    buffer = ReplayBuffer(3, P, H, W, evict="most-used", seed=3)
+    buffer = ReplayBuffer(3, P, H, W, policy=ReplayConfig(evict="most-used"), seed=3)
     for cid in range(3):
         buffer.add(make_group(cid))
     first = set(buffer.sample(2, 1).caption_ids.tolist())  # two groups drawn once
@@ -57,14 +58,38 @@ def test_most_used_evicts_highest_draw_count_ties_oldest():
     assert f"g{expected_victim}" not in held_ids(buffer)
     assert len(held_ids(buffer)) == 3
     # Ties (all never drawn): the oldest goes.
-    fresh = ReplayBuffer(2, P, H, W, evict="most-used")
+    fresh = ReplayBuffer(2, P, H, W, policy=ReplayConfig(evict="most-used"))
     for cid in range(3):
         fresh.add(make_group(cid))
     assert held_ids(fresh) == ["g1", "g2"]
 
 
+def test_a_registered_eviction_policy_is_used_by_the_buffer_and_allowed_by_the_config():
+    from trainer.config import ConfigError, TrainConfig
+    from trainer.data.replay_evict import EVICTION_POLICIES
+
+    @EVICTION_POLICIES.register("newest")
+    def evict_newest(order: np.ndarray, draws: np.ndarray) -> int:
+        return int(np.argmax(order))
+
+    try:
+        buffer = ReplayBuffer(3, P, H, W, policy=ReplayConfig(evict="newest"))
+        for cid in range(5):
+            buffer.add(make_group(cid))
+        assert held_ids(buffer) == ["g0", "g1", "g4"]  # g2, then g3, left as the newest held
+        cfg = TrainConfig()
+        cfg.data.generators, cfg.schedule.steps, cfg.replay.evict = ["tcp://127.0.0.1:5555"], 1, "newest"
+        assert cfg.validate().replay.evict == "newest"
+    finally:
+        EVICTION_POLICIES.unregister("newest")
+    with pytest.raises(ConfigError, match="replay.evict = 'newest': must be one of fifo, most-used"):
+        cfg.validate()
+    with pytest.raises(ValueError, match="unknown eviction policy 'newest'; choose one of: fifo, most-used"):
+        ReplayBuffer(3, P, H, W, policy=ReplayConfig(evict="newest"))
+
+
 def test_max_reuse_is_never_exceeded_and_spent_groups_go_first():
-    buffer = ReplayBuffer(4, P, H, W, max_reuse=2, seed=1)
+    buffer = ReplayBuffer(4, P, H, W, policy=ReplayConfig(max_reuse=2), seed=1)
     for cid in range(4):
         buffer.add(make_group(cid))
     for _ in range(4):  # 4 groups x 2 uses = 4 batches of 2
@@ -76,7 +101,7 @@ def test_max_reuse_is_never_exceeded_and_spent_groups_go_first():
 
     # Spent groups are evicted before older unspent ones, even under fifo.
     for seed in range(20):
-        buffer = ReplayBuffer(3, P, H, W, max_reuse=1, evict="fifo", seed=seed)
+        buffer = ReplayBuffer(3, P, H, W, policy=ReplayConfig(max_reuse=1, evict="fifo"), seed=seed)
         for cid in range(3):
             buffer.add(make_group(cid))
         buffer.sample(2, 1)
@@ -90,7 +115,7 @@ def test_max_reuse_is_never_exceeded_and_spent_groups_go_first():
 
 
 def test_min_fresh_respected_over_many_batches():
-    buffer = ReplayBuffer(16, P, H, W, min_fresh=0.5, seed=7)
+    buffer = ReplayBuffer(16, P, H, W, policy=ReplayConfig(min_fresh=0.5), seed=7)
     drawn_before: set[int] = set()
     next_id = 0
     for _ in range(60):
@@ -168,7 +193,7 @@ def test_timeout_and_close_errors():
 def test_stats_match_hand_computed_values(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(replay, "_clock", lambda: now[0])
-    buffer = ReplayBuffer(2, P, H, W, evict="fifo")
+    buffer = ReplayBuffer(2, P, H, W, policy=ReplayConfig(evict="fifo"))
     buffer.add(make_group(0))  # t=0
     now[0] = 1.0
     buffer.add(make_group(1))  # t=1

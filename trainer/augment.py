@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.augment_config import AugmentConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
@@ -360,6 +362,15 @@ class GPUAugment:
         self.dtype, self.out_dtype = dtype, out_dtype
         self.balanced_jitter = balanced_jitter
         self._normalize_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, augment: AugmentConfig, *, img_size: int, **kwargs) -> "GPUAugment":
+        """The augmentation the ``augment`` config group describes, with crops of ``augment.size`` or,
+        when unset, ``img_size`` (the model's input side) pixels; ``kwargs`` (``dtype``,
+        ``balanced_jitter``, ...) go to the constructor."""
+        return cls(size=augment.size or img_size, strong=augment.strong, scale=(augment.crop_scale_min(), 1.0),
+                   downsample=augment.downsample, down_res=tuple(augment.down_res), down_prob=augment.down_prob,
+                   crops_per_image=augment.crops_per_image, blur_p=augment.blur_p, **kwargs)
 
     def working_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype is not None:

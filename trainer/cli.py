@@ -30,6 +30,9 @@ import yaml
 from infra.cli_parser import SuggestingParser
 from infra.registry import PluginError
 from trainer.config import ConfigError, TrainConfig, available_presets, build_config, method_names
+from trainer.data.config import REPLAY_STORAGE
+from trainer.data.replay_evict import EVICTION_POLICIES
+from trainer.data.sources import SOURCES
 from trainer.kwargs_arg import kwargs_token, merge_kwargs
 from trainer.trackers import TRACKERS
 
@@ -66,7 +69,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("augmentation", ("--down-res",), "augment.down_res", dict(nargs="+", type=int, metavar="SIDE", help="official random down-and-up resize to one of these sides (e.g. 64 128)")),
     ("augmentation", ("--down-prob", "--downsample-prob"), "augment.down_prob", dict(type=float, help="probability per image of the down-and-up resize (official 0.05)")),
     ("augmentation", ("--crops-per-image", "--num-crop"), "augment.crops_per_image", dict(type=int, help="augmented crops of every drawn image (official num_crop)")),
-    ("data", ("--source",), "data.source", dict(choices=["online", "offline"], help="online: groups streamed from generator services; offline: shards on disk")),
+    ("data", ("--source",), "data.source", dict(choices=SOURCES.names(), help="online: groups streamed from generator services; offline: shards on disk")),
     ("data", ("--generators",), "data.generators", dict(nargs="+", metavar="ENDPOINT", help="online: generator endpoints tcp://HOST:PORT")),
     ("data", ("--data",), "data.data", dict(nargs="+", metavar="DIR", help="offline: shard directories or URLs (s3://bucket/shards, gs://, hf://, https://)")),
     ("data", ("--folders", "--folder-list"), "data.folders", dict(nargs="+", metavar="DIR", help="offline official layout: the image folders of the CSV, any names (official --folder_list; default seed*/ beside the CSV)")),
@@ -84,8 +87,8 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("data", ("--dataset-captions",), "data.dataset_captions", dict(type=int, help="captions per epoch (for --epochs)")),
     ("replay", ("--replay-capacity",), "replay.capacity_groups", dict(type=int, metavar="GROUPS", help="buffer slots (default: 8 batches' worth)")),
     ("replay", ("--replay-gib",), "replay.capacity_gib", dict(type=float, metavar="GIB", help="buffer size in GiB instead of groups")),
-    ("replay", ("--replay-storage",), "replay.storage", dict(choices=["auto", "gpu", "host"], help="auto: GPU memory when the buffer takes <= 1/4 of the free GPU memory, else pinned host memory")),
-    ("replay", ("--replay-evict",), "replay.evict", dict(choices=["fifo", "most-used"], help="which group leaves a full buffer first")),
+    ("replay", ("--replay-storage",), "replay.storage", dict(choices=REPLAY_STORAGE, help="auto: GPU memory when the buffer fits beside the training step's estimated peak with headroom, else pinned host memory")),
+    ("replay", ("--replay-evict",), "replay.evict", dict(choices=EVICTION_POLICIES.names(), help="which group leaves a full buffer first")),
     ("replay", ("--max-reuse",), "replay.max_reuse", dict(type=int, help="draws after which a group retires")),
     ("replay", ("--min-fresh",), "replay.min_fresh", dict(type=float, help="fraction of never-drawn groups per batch")),
     ("replay", ("--hard-negatives",), "replay.hard_fraction", dict(type=float, metavar="FRACTION", help="fraction of batches made of caption cells: an anchor caption and captions differing from it in one word (default 0)")),

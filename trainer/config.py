@@ -14,6 +14,8 @@ The resolved config is written to ``OUTPUT/config.yaml`` and can be fed back wit
 YAML files are nested maps whose top-level keys are the groups below (``model``, ``method``,
 ``augment``, ``data``, ``replay``, ``optim``, ``schedule``, ``run``, ``monitor``); an unknown key, a wrong
 type or an out-of-range value is an error that names the file, the field and the value.
+The ``augment``, ``data`` and ``replay`` groups are defined beside the parts that read them
+(``trainer/augment_config.py``, ``trainer/data/config.py``) and check their own fields.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from typing import Any, Optional
 
 import yaml
 
+from trainer.augment_config import AugmentConfig
+from trainer.config_checks import ConfigError, choices as _choices, fail as _fail, field_choices, positive as _positive
+from trainer.data.config import DataConfig, ReplayConfig
 from trainer.trackers import TRACKERS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -36,14 +41,6 @@ RESOLVED_KEY = "resolved"  # informational section of a written config.yaml, ign
 
 #: (group, old field name) -> the field's name now; old names in YAML files still load, with a warning.
 DEPRECATED_FIELDS = {("data", "batch_captions"): "captions_per_step", ("data", "images_per_caption"): "draw_per_caption"}
-
-
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or out of range; the message names it."""
-
-
-def _choices(*values: str) -> dict:
-    return {"choices": values}
 
 
 def method_names() -> list[str]:
@@ -75,58 +72,6 @@ class MethodConfig:
     name: str = field(default="stablerep", metadata={"choices": method_names})  # names read on validation
     temperature: float = 0.1
     kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class AugmentConfig:
-    """GPU augmentation applied to every image of a batch (``trainer.augment.GPUAugment``)."""
-
-    size: Optional[int] = None  # output crop side S; None = model.img_size
-    strong: bool = True  # the paper's strong augmentation; False = the official weak one (crop only, no flip)
-    scale_min: Optional[float] = None  # RandomResizedCrop scale (scale_min, 1); None = 0.08 strong, 0.5 weak;
-    # a value from a layer below the one that chose strong/weak is dropped (build_config)
-    downsample: Optional[int] = None  # shrink every image to this side before augmenting (None = as stored)
-    down_res: list[int] = field(default_factory=list)  # official random down-and-up resize sides ([] = off)
-    down_prob: float = 0.05  # probability per image of that resize (official downsample_prob)
-    crops_per_image: int = 1  # augmented crops of every drawn image (official num_crop; SimCLR: 2)
-    blur_p: float = 0.5  # probability of the strong recipe's Gaussian blur
-
-
-@dataclass
-class DataConfig:
-    """Where caption groups come from and how many a step takes."""
-
-    source: str = field(default="online", metadata=_choices("online", "offline"))
-    generators: list[str] = field(default_factory=list)  # online: tcp:// endpoints
-    data: list[str] = field(default_factory=list)  # offline: shard directories / files
-    folders: list[str] = field(default_factory=list)  # offline official layout: image folders, any names ([] = seed*/)
-    captions_per_step: int = 1376  # global caption groups per step, split evenly over processes
-    draw_per_caption: int = 6  # n_img images drawn from each group
-    image_size: Optional[int] = None  # stored image side (online buffer / offline decode); None = the generator's save size
-    connect_timeout: float = 30.0  # seconds to wait for a generator's welcome
-    sample_timeout: float = 600.0  # seconds a step may wait for enough groups before failing
-    generator_timeout: float = 600.0  # online: no new group from any generator this long -> checkpoint, exit 3
-    curve_keys: Optional[str] = None  # online: CurveZMQ key directory (stablerep-generator keys DIR)
-    credits: int = 8  # groups in flight per generator endpoint
-    num_workers: int = 2  # offline: decoding workers
-    index_cache: Optional[str] = None  # offline: folder or URL for the scan caches of unindexed tars (default: beside them)
-    allow_mixed: bool = False  # offline: accept inputs of different image sizes or images per group
-    dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps (offline: None = count the data)
-
-
-@dataclass
-class ReplayConfig:
-    """Online replay buffer: capacity, storage and sampling policy."""
-
-    capacity_groups: Optional[int] = None  # exclusive with capacity_gib
-    capacity_gib: Optional[float] = None
-    storage: str = field(default="auto", metadata=_choices("auto", "gpu", "host"))
-    evict: str = field(default="fifo", metadata=_choices("fifo", "most-used"))
-    max_reuse: Optional[int] = None  # a group is retired after this many draws (None = no limit)
-    min_fresh: float = 0.0  # minimum fraction of never-drawn groups per batch, in [0, 1]
-    hard_fraction: float = 0.0  # fraction of batches built of caption cells (hard negatives), in [0, 1]
-    cell_size: int = 6  # captions per cell: an anchor and captions differing from it in one word
-    cell_words: list[str] = field(default_factory=list)  # the words a cell may vary ([] = any word)
 
 
 @dataclass
@@ -208,24 +153,12 @@ class TrainConfig:
         return self.augment.size or self.model.img_size
 
     def crop_scale_min(self) -> float:
-        """Lower RandomResizedCrop scale: ``augment.scale_min``, else 0.08 (strong) / 0.5 (official weak)."""
-        if self.augment.scale_min is not None:
-            return self.augment.scale_min
-        return 0.08 if self.augment.strong else 0.5
+        """Lower RandomResizedCrop scale (``AugmentConfig.crop_scale_min``)."""
+        return self.augment.crop_scale_min()
 
     def augment_summary(self) -> dict:
         """The augmentation as it will run (for ``--print-config``)."""
-        a = self.augment
-        out = {"crop": f"RandomResizedCrop({self.crop_size()}, scale=({self.crop_scale_min():g}, 1))",
-               "flip_p": 0.5 if a.strong else 0.0, "crops_per_image": a.crops_per_image}
-        if a.strong:
-            out["color"] = ("ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, random order per image; grayscale p=0.2; "
-                            "blur sigma U(0.1, 2) p=0.5")
-        if a.downsample is not None:
-            out["downsample"] = f"every image to {a.downsample} px"
-        if a.down_res:
-            out["down_up"] = f"p={a.down_prob:g} per image, shorter side to one of {a.down_res} and back"
-        return out
+        return self.augment.summary(self.crop_size())
 
     def views_in_loss(self) -> tuple[int, int]:
         """(images per caption, crops per image) that reach the method's loss: the method's own
@@ -320,58 +253,16 @@ class TrainConfig:
             sub = getattr(self, group.name)
             for f in dataclasses.fields(sub):
                 value = getattr(sub, f.name)
-                choices = f.metadata.get("choices")
-                if callable(choices):  # a registry's names, read when needed
-                    choices = choices()
+                choices = field_choices(f.metadata)
                 if choices is not None and value not in choices:
                     _fail(f"{group.name}.{f.name}", value, f"must be one of {', '.join(choices)}")
-        d, r, o, s, run = self.data, self.replay, self.optim, self.schedule, self.run
+        o, s, run = self.optim, self.schedule, self.run
         for name in ("img_size", "head_hidden", "head_out", "head_layers"):
             _positive(f"model.{name}", getattr(self.model, name))
         _positive("method.temperature", self.method.temperature)
-        _positive("augment.size", self.augment.size, optional=True)
-        if self.augment.size is not None and self.augment.size != self.model.img_size:
-            _fail("augment.size", self.augment.size, f"differs from model.img_size = {self.model.img_size}")
-        if self.augment.scale_min is not None and not 0 < self.augment.scale_min <= 1:
-            _fail("augment.scale_min", self.augment.scale_min, "must be in (0, 1]")
-        if not 0.0 <= self.augment.blur_p <= 1.0:
-            _fail("augment.blur_p", self.augment.blur_p, "must be in [0, 1]")
-        _positive("augment.downsample", self.augment.downsample, optional=True)
-        _positive("augment.crops_per_image", self.augment.crops_per_image)
-        _positive("augment.down_res", self.augment.down_res, each=True)
-        if not 0.0 <= self.augment.down_prob <= 1.0:
-            _fail("augment.down_prob", self.augment.down_prob, "must be in [0, 1]")
-        _positive("data.captions_per_step", d.captions_per_step)
-        _positive("data.draw_per_caption", d.draw_per_caption)
-        _positive("data.image_size", d.image_size, optional=True)
-        _positive("data.connect_timeout", d.connect_timeout)
-        _positive("data.sample_timeout", d.sample_timeout)
-        _positive("data.generator_timeout", d.generator_timeout)
-        _positive("data.credits", d.credits)
-        _positive("data.dataset_captions", d.dataset_captions, optional=True)
-        if d.num_workers < 0:
-            _fail("data.num_workers", d.num_workers, "must be >= 0")
-        if d.source == "online" and not d.generators:
-            _fail("data.generators", d.generators, "the online source needs at least one endpoint (--generators)")
-        for endpoint in d.generators:
-            if "://" not in endpoint:
-                _fail("data.generators", endpoint, "an endpoint looks like tcp://HOST:PORT")
-        if d.source == "offline" and not d.data:
-            _fail("data.data", d.data, "the offline source needs at least one shard directory (--data)")
-        if r.capacity_groups is not None and r.capacity_gib is not None:
-            _fail("replay.capacity_gib", r.capacity_gib, "give replay.capacity_groups or replay.capacity_gib, not both")
-        _positive("replay.capacity_groups", r.capacity_groups, optional=True)
-        _positive("replay.capacity_gib", r.capacity_gib, optional=True)
-        _positive("replay.max_reuse", r.max_reuse, optional=True)
-        if not 0.0 <= r.min_fresh <= 1.0:
-            _fail("replay.min_fresh", r.min_fresh, "must be in [0, 1]")
-        if not 0.0 <= r.hard_fraction <= 1.0:
-            _fail("replay.hard_fraction", r.hard_fraction, "must be in [0, 1]")
-        if r.cell_size < 2:
-            _fail("replay.cell_size", r.cell_size, "a cell holds an anchor and at least one neighbour (>= 2)")
-        for word in r.cell_words:
-            if not isinstance(word, str) or not word.strip() or len(word.split()) != 1:
-                _fail("replay.cell_words", word, "every entry must be one word")
+        self.augment.validate(self.model.img_size)
+        self.data.validate()
+        self.replay.validate()
         _positive("optim.base_lr", o.base_lr)
         _positive("optim.lr", o.lr, optional=True)
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -410,20 +301,6 @@ class TrainConfig:
         for name in ("every", "knn_k", "knn_temperature", "batch_size"):
             _positive(f"monitor.{name}", getattr(self.monitor, name))
         return self
-
-
-def _fail(name: str, value: Any, why: str) -> typing.NoReturn:
-    raise ConfigError(f"config field {name} = {value!r}: {why}")
-
-
-def _positive(name: str, value: Any, optional: bool = False, each: bool = False) -> None:
-    if value is None:
-        if not optional:
-            _fail(name, value, "must be set")
-        return
-    for v in value if each else [value]:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            _fail(name, value, "must be a finite number > 0")
 
 
 # ----- loading and merging --------------------------------------------------------------------------

@@ -54,28 +54,16 @@ __all__ = ["NonFiniteLossError", "build_components", "build_source", "meta_model
 
 
 def build_source(cfg: TrainConfig, *, device: torch.device, rank: int, world_size: int, local_captions: int):
-    """The data source of this process (``data.source``) through the source registry."""
-    from trainer.data import sources
+    """The data source of this process: the source registered as ``data.source``, built from the
+    ``data`` and ``replay`` config groups (``trainer.data.sources.source_from_config``)."""
+    from trainer.data.sources import SourceContext, source_from_config
 
-    d, r = cfg.data, cfg.replay
-    if d.source == "online":
-        import trainer.data.sources.online  # noqa: F401  (registers "online")
+    def training_bytes() -> int:  # asked by a source that places memory beside training (the online buffer)
+        return int(estimate_memory(cfg, meta_model(cfg), world_size).total_gib * 2**30)
 
-        training = estimate_memory(cfg, meta_model(cfg), world_size)  # the auto storage rule leaves it free
-        return sources.build_source(
-            "online", endpoints=d.generators, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
-            device=device, rank=rank, world_size=world_size, capacity_groups=r.capacity_groups,
-            capacity_gib=r.capacity_gib, storage=r.storage, training_bytes=int(training.total_gib * 2**30),
-            evict=r.evict, max_reuse=r.max_reuse, min_fresh=r.min_fresh, hard_fraction=r.hard_fraction,
-            cell_size=r.cell_size, cell_words=r.cell_words, image_size=d.image_size, credits=d.credits, connect_timeout=d.connect_timeout,
-            sample_timeout=d.sample_timeout, generator_timeout=d.generator_timeout, seed=cfg.run.seed,
-            curve_keys=d.curve_keys,
-        )
-    return sources.build_source(
-        "offline", paths=d.data, captions_per_rank=local_captions, draw_per_caption=d.draw_per_caption,
-        image_size=d.image_size, rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.run.seed,
-        seed_dirs=list(d.folders) or None, index_cache=d.index_cache, allow_mixed=d.allow_mixed,
-    )
+    context = SourceContext(captions_per_rank=local_captions, rank=rank, world_size=world_size, seed=cfg.run.seed,
+                            device=device, training_bytes=training_bytes)
+    return source_from_config(cfg.data, cfg.replay, context)
 
 
 def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:

@@ -51,11 +51,7 @@ def build_components(cfg: TrainConfig):
         head_layers=m.head_layers if method.needs_head else 0,  # clip uses no SSL head: DDP needs every param used
         sync_bn=m.sync_bn, text=dict(m.text) if method.needs_text else None, head_per_view=m.head_per_view,
     )
-    augment = GPUAugment(
-        size=cfg.crop_size(), strong=cfg.augment.strong, scale=(cfg.crop_scale_min(), 1.0),
-        downsample=cfg.augment.downsample, down_res=tuple(cfg.augment.down_res), down_prob=cfg.augment.down_prob,
-        crops_per_image=cfg.augment.crops_per_image, blur_p=cfg.augment.blur_p,
-    )
+    augment = GPUAugment.from_config(cfg.augment, img_size=m.img_size)
     return model, method, augment
 
 

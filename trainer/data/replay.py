@@ -8,10 +8,11 @@ written on a copy stream of the storage's device, with that device current in th
 (a thread starts on device 0: without it every rank would open a context on GPU 0). A group's pixels are copied exactly once, from the received frame into its
 slot; a batch is gathered from storage with one ``index_select``.
 
-Policies:
+Policies (the ``replay`` config group, `trainer.data.config.ReplayConfig`, read here and nowhere else):
 
-- ``evict="fifo"``: when full, the oldest group leaves first. ``evict="most-used"``: the group drawn
-  most often leaves first (ties: the oldest).
+- ``evict``: which group leaves a full buffer first, one of the policies registered in
+  `trainer.data.replay_evict` (``"fifo"``: the oldest; ``"most-used"``: the one drawn most often,
+  ties: the oldest).
 - ``max_reuse``: a group drawn that many times is never drawn again and is the first to be evicted.
 - ``min_fresh``: at least ``ceil(min_fresh * G)`` groups of every batch were never drawn before.
 - ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.data.caption_cells`:
@@ -36,13 +37,13 @@ import torch
 from protocol.errors import BadGroup
 from trainer.data.batch import Batch
 from trainer.data.caption_cells import caption_words
+from trainer.data.config import ReplayConfig
 from trainer.data.images import decode_image
+from trainer.data.replay_evict import EVICTION_POLICIES
 from trainer.data.replay_select import select_in_cells, select_uniform
 from trainer.data.replay_storage import allocate_storage
 
 # Received frames are read-only numpy views; torch only reads them (``slot.copy_(src)``).
-
-EVICTION_POLICIES = ("fifo", "most-used")
 
 _clock = time.monotonic  # module attribute so tests can drive time
 
@@ -62,13 +63,14 @@ class ReplayBuffer:
         height, width: image size; every added group must match it.
         device: where storage lives (``"cpu"`` or a CUDA device).
         pin_memory: pin host storage; ``None`` pins when the storage is on the host and CUDA is available.
-        evict: ``"fifo"`` or ``"most-used"``.
-        max_reuse: draws after which a group is retired (``None``: unlimited).
-        min_fresh: fraction of each batch's groups that must never have been drawn before.
+        policy: the sampling and eviction policy (the ``replay`` config group; its capacity and
+            storage fields are not read here): ``evict`` (a name in ``EVICTION_POLICIES``),
+            ``max_reuse`` (draws after which a group is retired; ``None``: unlimited), ``min_fresh``
+            (fraction of each batch's groups never drawn before), ``hard_fraction`` (fraction of
+            batches made of caption cells, hard negatives), ``cell_size`` (captions per cell, anchor
+            included) and ``cell_words`` (the words a cell may vary, `trainer.data.caption_cells`;
+            empty = any). Default: ``ReplayConfig()``.
         seed: seed of the sampling RNG.
-        hard_fraction: fraction of batches made of caption cells (hard negatives), in [0, 1].
-        cell_size: captions per cell (anchor included), >= 2.
-        cell_words: the words a cell may vary (`trainer.data.caption_cells.select_cells`); empty = any.
         recent_ids: how many of the latest group ids are remembered (default ``max(4 * capacity,
             4096)``): a group whose id the buffer holds or has recently held is ignored (counted as
             ``repeats``), so the service's at-least-once delivery becomes exactly-once here.
@@ -82,13 +84,8 @@ class ReplayBuffer:
         width: int,
         device: str | torch.device = "cpu",
         pin_memory: bool | None = None,
-        evict: str = "fifo",
-        max_reuse: int | None = None,
-        min_fresh: float = 0.0,
+        policy: ReplayConfig | None = None,
         seed: int = 0,
-        hard_fraction: float = 0.0,
-        cell_size: int = 6,
-        cell_words: list[str] | tuple[str, ...] = (),
         recent_ids: int | None = None,
     ) -> None:
         if capacity_groups < 1 or images_per_group < 1 or height < 1 or width < 1:
@@ -96,19 +93,20 @@ class ReplayBuffer:
                 f"ReplayBuffer needs positive sizes, got capacity_groups={capacity_groups}, "
                 f"images_per_group={images_per_group}, height={height}, width={width}"
             )
-        # The policies (evict in EVICTION_POLICIES, max_reuse >= 1, min_fresh and hard_fraction in
-        # [0, 1], cell_size >= 2) are checked once, where the run's config is validated (trainer.config).
-        self.hard_fraction, self.cell_size = float(hard_fraction), int(cell_size)
-        self.cell_words = frozenset(w.lower() for w in cell_words)
+        # The policy's ranges (max_reuse >= 1, min_fresh and hard_fraction in [0, 1], cell_size >= 2) are
+        # checked once, where the run's config is validated (ReplayConfig.validate).
+        self.policy = policy if policy is not None else ReplayConfig()
+        self._evict = EVICTION_POLICIES.get(self.policy.evict)  # an unknown name fails here, naming the choices
+        self.hard_fraction, self.cell_size = float(self.policy.hard_fraction), int(self.policy.cell_size)
+        self.cell_words = frozenset(w.lower() for w in self.policy.cell_words)
         self.capacity = int(capacity_groups)
         self.images_per_group = int(images_per_group)
         self.height, self.width = int(height), int(width)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # other threads must name it exactly
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.evict = evict
-        self.max_reuse = max_reuse
-        self.min_fresh = float(min_fresh)
+        self.max_reuse = self.policy.max_reuse
+        self.min_fresh = float(self.policy.min_fresh)
         self._waiting = 0  # samplers blocked in sample() right now
         on_host = self.device.type == "cpu"
         if pin_memory is None:
@@ -286,11 +284,7 @@ class ReplayBuffer:
             if spent.any():
                 candidates, order = candidates[spent], order[spent]
                 return int(candidates[np.argmin(order)])
-        if self.evict == "fifo":
-            return int(candidates[np.argmin(order)])
-        draws = self._draws[candidates]
-        # most-used: highest draw count first, ties broken by age (lexsort: last key is primary).
-        return int(candidates[np.lexsort((order, -draws))[0]])
+        return int(candidates[self._evict(order, self._draws[candidates])])
 
     def _retire(self, slot: int) -> None:
         draws = int(self._draws[slot])

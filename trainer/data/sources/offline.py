@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.batch import Batch
-from trainer.data.sources import register_source
+from trainer.data.config import DataConfig, ReplayConfig
+from trainer.data.sources import SourceContext, register_source
 from trainer.data.sources.offline_index import SampleIndex, build_index, data_fingerprint
 from trainer.data.sources.offline_layout import OfficialTable, Part, check_uniform, resolve_data
 from trainer.data.sources.offline_reader import WorkerItem, iterate_samples
@@ -128,6 +129,14 @@ class OfflineSource:
         problems = self.index.problems
         self._counters["skipped_corrupt"] = problems["lost_groups"] + problems["unreadable_shards"]
         self._counters["corrupt_shards"] = problems["damaged_shards"] + problems["unreadable_shards"]
+
+    @classmethod
+    def from_config(cls, data: DataConfig, replay: ReplayConfig, context: SourceContext) -> "OfflineSource":
+        """The source a training process draws from (``data.source = "offline"``); ``replay`` is not read."""
+        return cls(data.data, captions_per_rank=context.captions_per_rank, draw_per_caption=data.draw_per_caption,
+                   image_size=data.image_size, rank=context.rank, world_size=context.world_size,
+                   num_workers=data.num_workers, seed=context.seed, seed_dirs=list(data.folders) or None,
+                   index_cache=data.index_cache, allow_mixed=data.allow_mixed)
 
     # ------------------------------------------------------------------ iteration
     def _start_epoch(self) -> None:

@@ -9,16 +9,19 @@ eligible groups is reported as stall time.
 
 Buffer geometry:
 
-- image side: ``image_size`` when given (groups of another size are resized on arrival, with
+- image side: ``data.image_size`` when given (groups of another size are resized on arrival, with
   antialiasing), else the largest ``save_size`` of the generators' descriptions
   (``protocol.GeneratorInfo`` in ``welcome``);
 - images per group: the smallest ``images_per_group`` the generators announce (extra images of a
-  group are dropped); it must be at least ``draw_per_caption``;
-- capacity: ``capacity_groups``, or as many groups as fit in ``capacity_gib`` GiB, or by default
-  ``max(8 * captions_per_rank, 64)`` groups.
+  group are dropped); it must be at least ``data.draw_per_caption``;
+- capacity: ``replay.capacity_groups``, or as many groups as fit in ``replay.capacity_gib`` GiB, or by
+  default ``max(8 * captions_per_rank, 64)`` groups.
 
-Storage rule (``storage="auto"``, `trainer.data.replay_storage`): the buffer lives in GPU memory when
-the training device is a CUDA device and the buffer fits beside the training step's estimated peak
+The source reads the ``data`` and ``replay`` config groups whole (`trainer.data.config`); the buffer
+takes the ``replay`` group as its policy.
+
+Storage rule (``replay.storage="auto"``, `trainer.data.replay_storage`): the buffer lives in GPU memory
+when the training device is a CUDA device and the buffer fits beside the training step's estimated peak
 (``training_bytes``) with headroom (then a batch needs no host-to-device copy at all); otherwise in
 pinned host memory, from which batches are copied with ``non_blocking=True``. ``storage="gpu"`` /
 ``"host"`` force either.
@@ -29,7 +32,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,10 +41,11 @@ import torch.nn.functional as F
 from protocol.client import GroupClient
 from protocol.errors import BadGroup, ProtocolError
 from trainer.data.batch import Batch
+from trainer.data.config import DataConfig, ReplayConfig
 from trainer.data.images import decode_image_of_size
 from trainer.data.replay import ReplayBuffer, ReplayBufferClosed
 from trainer.data.replay_storage import choose_storage_device
-from trainer.data.sources import register_source
+from trainer.data.sources import SourceContext, register_source
 from trainer.data.sources.caption_ids import namespaced_caption_id, needs_namespacing
 from trainer.data.sources.generator_watch import GeneratorsSilentError, GeneratorWatch
 
@@ -63,24 +67,23 @@ class OnlineSource:
     """Batches of caption groups from live generator services.
 
     Args:
-        endpoints: generator endpoints, e.g. ``["tcp://127.0.0.1:5555"]``.
+        data: the ``data`` config group; read here: ``generators`` (endpoints, e.g.
+            ``["tcp://127.0.0.1:5555"]``), ``draw_per_caption`` (``n``), ``image_size`` (buffer image
+            side; ``None``: from the generators), ``credits`` (groups in flight per endpoint),
+            ``connect_timeout`` (seconds to wait for every generator's ``welcome``), ``sample_timeout``
+            (seconds ``next_batch`` waits for enough groups before failing), ``generator_timeout``
+            (seconds without a new group from any endpoint before the run counts as stalled:
+            ``silent_generators``; ``next_batch`` raises ``GeneratorsSilentError``) and ``curve_keys``
+            (a CurveZMQ key directory, ``protocol.curve``, for services run with ``--curve-keys``).
+        replay: the ``replay`` config group: capacity (``capacity_groups`` or ``capacity_gib``),
+            ``storage`` (``"auto"`` | ``"gpu"`` | ``"host"``) and the buffer's policy
+            (`trainer.data.replay`). Default: ``ReplayConfig()``.
         captions_per_rank: caption groups per batch on this process (``G``).
-        draw_per_caption: images drawn per group (``n``).
         device: the training device (decides where the buffer may live).
         rank, world_size: this process's place among the trainer processes (sent in ``hello``).
-        capacity_groups, capacity_gib: buffer capacity (at most one of them).
-        storage: ``"auto"`` | ``"gpu"`` | ``"host"``.
+        seed: sampling seed (offset by rank).
         training_bytes: the training step's estimated peak memory on ``device`` (the auto storage
             rule leaves it free).
-        evict, max_reuse, min_fresh, hard_fraction, cell_size, cell_words: replay policies (see ``trainer.data.replay``).
-        image_size: buffer image side (``None``: from the generators).
-        credits: groups in flight per endpoint.
-        connect_timeout: seconds to wait for every generator's ``welcome``.
-        sample_timeout: seconds ``next_batch`` waits for enough groups before failing.
-        generator_timeout: seconds without a new group from any endpoint before the run counts as
-            stalled (``silent_generators``; ``next_batch`` raises ``GeneratorsSilentError``).
-        seed: sampling seed (offset by rank).
-        curve_keys: a CurveZMQ key directory (``protocol.curve``) for services run with ``--curve-keys``.
 
     Raises:
         ConnectionError: a generator did not answer within ``connect_timeout`` (names the endpoint).
@@ -88,47 +91,27 @@ class OnlineSource:
 
     def __init__(
         self,
-        endpoints: Sequence[str],
-        captions_per_rank: int,
-        draw_per_caption: int = 6,
+        data: DataConfig,
+        replay: ReplayConfig | None = None,
         *,
+        captions_per_rank: int,
         device: str | torch.device = "cpu",
         rank: int = 0,
         world_size: int = 1,
-        capacity_groups: int | None = None,
-        capacity_gib: float | None = None,
-        storage: str = "auto",
-        training_bytes: int = 0,
-        evict: str = "fifo",
-        max_reuse: int | None = None,
-        min_fresh: float = 0.0,
-        hard_fraction: float = 0.0,
-        cell_size: int = 6,
-        cell_words: list[str] | tuple[str, ...] = (),
-        image_size: int | None = None,
-        credits: int = 8,
-        connect_timeout: float = 30.0,
-        sample_timeout: float = 600.0,
-        generator_timeout: float = 600.0,
         seed: int = 0,
+        training_bytes: int = 0,
         client_name: str = "stablerep-train",
-        curve_keys: str | None = None,
     ) -> None:
-        if isinstance(endpoints, str):
-            endpoints = [endpoints]
         # Endpoints present, capacity given one way at most: checked once, with the run's config.
-        self.endpoints = list(endpoints)
+        self.endpoints = [data.generators] if isinstance(data.generators, str) else list(data.generators)
+        self.replay_config = replay if replay is not None else ReplayConfig()
         self.captions_per_rank = int(captions_per_rank)
-        self.draw_per_caption = int(draw_per_caption)
+        self.draw_per_caption = int(data.draw_per_caption)
         self.device = torch.device(device)
-        self.sample_timeout = float(sample_timeout)
-        self._buffer_args = dict(
-            capacity_groups=capacity_groups, capacity_gib=capacity_gib, storage=storage,
-            training_bytes=int(training_bytes), evict=evict,
-            max_reuse=max_reuse, min_fresh=min_fresh, hard_fraction=hard_fraction, cell_size=cell_size,
-            cell_words=tuple(cell_words), seed=seed + 1000 * rank,
-        )
-        self._image_size = image_size
+        self.sample_timeout = float(data.sample_timeout)
+        self._training_bytes = int(training_bytes)
+        self._seed = seed + 1000 * rank
+        self._image_size = data.image_size
         self._images_per_group: int | None = None
         self.replay: ReplayBuffer | None = None
         self._ready = threading.Event()
@@ -141,25 +124,32 @@ class OnlineSource:
         self._added_since_check = 0
         self._started_at = time.monotonic()
         curve = None
-        if curve_keys:
+        if data.curve_keys:
             from protocol.curve import CurveClient
 
-            curve = CurveClient(curve_keys)
+            curve = CurveClient(data.curve_keys)
         self.client = GroupClient(
             self.endpoints, self._on_group, client_name=client_name, rank=rank, world_size=world_size,
-            credits=credits, connect_timeout=connect_timeout, curve=curve,
+            credits=data.credits, connect_timeout=data.connect_timeout, curve=curve,
         )
-        self.watch = GeneratorWatch(generator_timeout, self.client.last_groups)
+        self.watch = GeneratorWatch(data.generator_timeout, self.client.last_groups)
         try:
             self.client.start()
         except ConnectionError as exc:
             raise ConnectionError(
                 f"online source: no generator reachable at {', '.join(self.endpoints)} within "
-                f"{connect_timeout:g} s ({exc})"
+                f"{data.connect_timeout:g} s ({exc})"
             ) from exc
         except ProtocolError as exc:  # a welcome this trainer cannot use (wrong version, bad fields)
             raise ConnectionError(f"online source: {exc.message}") from None
         self._configure_from_welcomes()
+
+    @classmethod
+    def from_config(cls, data: DataConfig, replay: ReplayConfig, context: SourceContext) -> "OnlineSource":
+        """The source a training process draws from (``data.source = "online"``)."""
+        return cls(data, replay, captions_per_rank=context.captions_per_rank, device=context.device,
+                   rank=context.rank, world_size=context.world_size, seed=context.seed,
+                   training_bytes=context.training_bytes_estimate())
 
     # ----- buffer setup ---------------------------------------------------------------------
     def _configure_from_welcomes(self) -> None:
@@ -192,29 +182,23 @@ class OnlineSource:
     def _allocate(self, height: int, width: int) -> None:
         """Create the replay buffer (lock held)."""
         per_group = self._images_per_group * height * width * 3
-        args = self._buffer_args
-        if args["capacity_groups"] is not None:
-            capacity = int(args["capacity_groups"])
-        elif args["capacity_gib"] is not None:
-            capacity = ReplayBuffer.capacity_for_bytes(
-                int(args["capacity_gib"] * 2**30), self._images_per_group, height, width
-            )
+        r = self.replay_config
+        if r.capacity_groups is not None:
+            capacity = int(r.capacity_groups)
+        elif r.capacity_gib is not None:
+            capacity = ReplayBuffer.capacity_for_bytes(int(r.capacity_gib * 2**30), self._images_per_group, height, width)
             if capacity < 1:
-                raise ValueError(f"--replay-gib {args['capacity_gib']} holds no group of {per_group} bytes")
+                raise ValueError(f"--replay-gib {r.capacity_gib} holds no group of {per_group} bytes")
         else:
             capacity = max(DEFAULT_CAPACITY_FACTOR * self.captions_per_rank, 64)
         if capacity < self.captions_per_rank:
             raise ValueError(
                 f"replay capacity of {capacity} groups is smaller than the {self.captions_per_rank} captions of a batch"
             )
-        storage_device = choose_storage_device(args["storage"], self.device, capacity * per_group,
-                                               args["training_bytes"])
+        storage_device = choose_storage_device(r.storage, self.device, capacity * per_group, self._training_bytes)
         try:
-            self.replay = ReplayBuffer(
-                capacity, self._images_per_group, height, width, device=storage_device,
-                evict=args["evict"], max_reuse=args["max_reuse"], min_fresh=args["min_fresh"], seed=args["seed"],
-                hard_fraction=args["hard_fraction"], cell_size=args["cell_size"], cell_words=args["cell_words"],
-            )
+            self.replay = ReplayBuffer(capacity, self._images_per_group, height, width, device=storage_device,
+                                       policy=r, seed=self._seed)
         except (RuntimeError, MemoryError) as exc:  # sizes come from the generators' welcome
             raise ValueError(
                 f"replay buffer of {capacity} groups x {self._images_per_group} images of {height}x{width} "
