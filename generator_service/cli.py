@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from generator_service.backends import backend_facts
 from generator_service.config import GeneratorConfig
 from generator_service.devices import DeviceSpecError, parse_devices, visible_cuda_count
 from generator_service.pool import PoolError, StopSignal, WorkerPool
@@ -38,16 +39,14 @@ SUBCOMMANDS = ("captions", "probe-set", "keys")
 RESOLVED_CONFIG_NAME = "config.yaml"
 #: exit status after SIGINT / SIGTERM (128 + SIGINT); the work done so far is flushed first
 EXIT_INTERRUPTED = 130
-#: default --max-groups-per-s of the procedural backend serving online: it renders thousands of groups/s,
-#: a CPU trainer draws tens to a hundred, and the surplus is evicted unseen while taking the trainer's cores
-PROCEDURAL_ONLINE_GROUPS_PER_S = 50.0
 
 
 def online_throttle(backend: str, serving_only: bool, given: float | None) -> float | None:
-    """The effective --max-groups-per-s: ``given`` (0 = none), else the procedural online default."""
+    """The effective --max-groups-per-s: ``given`` (0 = none), else the backend's own online default
+    (``BackendFacts.online_groups_per_s``) when it only serves online."""
     if given is not None:
         return given if given != 0 else None
-    return PROCEDURAL_ONLINE_GROUPS_PER_S if backend == "procedural" and serving_only else None
+    return backend_facts(backend).online_groups_per_s if serving_only else None
 
 
 class CliError(ValueError):
@@ -133,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-groups", type=int, help="stop after this many groups")
     group.add_argument("--max-groups-per-s", type=float,
                        help="throttle: hand out at most this many groups per second (simulates a slower device; "
-                            f"0: none; default: none, but {PROCEDURAL_ONLINE_GROUPS_PER_S:g} for the procedural "
-                            "backend serving online, about what a CPU trainer draws)")
+                            "0: none; default: none, but the backend's own rate when it only serves online: "
+                            f"{backend_facts('procedural').online_groups_per_s:g} for procedural, about what a CPU "
+                            "trainer draws)")
     group.add_argument("--preview", help="write a labelled grid of the first groups to this .png")
     group.add_argument("--preview-groups", type=int, default=8, help="rows of the preview grid (default 8)")
     group.add_argument("--drain-timeout", type=float, default=300.0, help="seconds a stop waits for in-flight groups")
@@ -354,8 +354,8 @@ def _run(argv: list[str]) -> int:
         curve_keys=args.curve_keys,
     )
     if options.max_groups_per_s is not None and args.max_groups_per_s is None:
-        log.info("procedural backend online: at most %g groups/s by default, about what a CPU trainer draws "
-                 "(--max-groups-per-s R changes it, 0 removes it)", options.max_groups_per_s)
+        log.info("%s backend online: at most %g groups/s by default, about what a CPU trainer draws "
+                 "(--max-groups-per-s R changes it, 0 removes it)", config.backend, options.max_groups_per_s)
     if args.bind and not is_loopback(args.bind) and not args.curve_keys:
         print(f"{PROG}: warning: serving {args.bind} without --curve-keys: anyone who can reach this address can "
               "connect, read every group and use this service's capacity (make keys with "

@@ -1,25 +1,30 @@
 """The generator configuration: one frozen, JSON-round-trippable dataclass.
 
 Defaults depend on the backend. A field left as ``None`` takes its backend's default when the
-config is built (see `BACKEND_DEFAULTS`):
+config is built; each backend declares its defaults, the fields that change its pixels and the
+fields that do not apply to it in its `BackendFacts` (``generator_service.backends.facts``), read
+here through the registry (`generator_service.backends.backend_facts`). The built-in ones:
 
 - ``diffusers`` reproduces the StableRep paper: Stable Diffusion v1.5, DDIM, 50 steps, eta 0,
   classifier-free guidance 2.0, 512x512 generation, images saved at 256, 10 images per caption, fp16.
 - ``procedural`` (the embedded default, CPU only, no weights) renders 64x64 images saved at 64,
   10 per caption; when only ``save_size`` is given, height and width follow it (and the reverse
-  for a square height x width), so images are rendered at the size they are saved. The diffusion settings (scheduler, steps, guidance, eta, dtype, attention,
-  compile) do not apply to it; they are set to "not applicable" values ("none", 0, 0.0, "fp32",
-  "sdpa", False); a warning names any such field that was set to a value other than None, that
-  "not applicable" value or the diffusers default.
+  for a square height x width), so images are rendered at the size they are saved. The diffusion
+  settings (scheduler, steps, guidance, eta, dtype, attention, compile) do not apply to it; they
+  are set to "not applicable" values ("none", 0, 0.0, "fp32", "sdpa", False); a warning names any
+  such field that was set to a value other than None, that "not applicable" value or the paper's.
+
+A backend name the registry does not know, or a backend registered without facts, is an error
+naming it.
 
 The fingerprint is a short hash of the fields that change pixels plus the model's identity; it
 travels with every group so that images from different generators are never mixed unknowingly.
 Random-weight models ("random:sd15") are marked in the fingerprint (suffix "-random-sd15").
 
-Recipes (`generator_service.recipes`): ``recipe`` names a set of sampler defaults of the diffusers
-backend ("paper", the default, is the paper's settings). Precedence for every field: the value
-given explicitly, then the recipe's, then the backend's default. ``lora`` (an adapter folder,
-file or hub id, or "none") is loaded and fused at ``lora_scale``; ``vae`` is "default" (the
+Recipes (`generator_service.recipes`): ``recipe`` names a set of sampler defaults of backends that
+use recipes (diffusers; "paper", its default, is the paper's settings). Precedence for every field:
+the value given explicitly, then the recipe's, then the backend's default. ``lora`` (an adapter
+folder, file or hub id, or "none") is loaded and fused at ``lora_scale``; ``vae`` is "default" (the
 pipeline's own) or "tiny:PATH_OR_ID" / "tiny:random" (diffusers ``AutoencoderTiny``, TAESD).
 """
 
@@ -34,79 +39,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from generator_service.backends import backend_facts
+from generator_service.backends.facts import DEFAULT_VAE, NO_LORA, BackendFacts
 from generator_service.recipes import PAPER_RECIPE, RECIPE_NAMES, recipe_settings
-from generator_service.schedulers import SCHEDULER_NAMES
 from protocol import GeneratorInfo
 
-PROCEDURAL_MODEL = "procedural-v1"
-SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_MODEL_PREFIX = "random:"
 RANDOM_MODELS = ("random:sd15",)
 
 DTYPES = ("fp16", "bf16", "fp32")
-NO_LORA = "none"
-DEFAULT_VAE = "default"
 TINY_VAE_PREFIX = "tiny:"
 TINY_VAE_RANDOM = "tiny:random"
 ATTENTIONS = ("sdpa", "xformers")
 
-BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "diffusers": {
-        "model": SD15_HUB_ID,
-        "scheduler": "ddim",
-        "steps": 50,
-        "guidance": 2.0,
-        "eta": 0.0,
-        "height": 512,
-        "width": 512,
-        "save_size": 256,
-        "images_per_group": 10,
-        "dtype": "fp16",
-        "recipe": PAPER_RECIPE,
-        "lora": NO_LORA,
-        "lora_scale": 1.0,
-        "vae": DEFAULT_VAE,
-    },
-    "procedural": {
-        "model": PROCEDURAL_MODEL,
-        "scheduler": "none",
-        "steps": 0,
-        "guidance": 0.0,
-        "eta": 0.0,
-        "height": 64,
-        "width": 64,
-        "save_size": 64,
-        "images_per_group": 10,
-        "dtype": "fp32",
-        "recipe": "none",
-        "lora": NO_LORA,
-        "lora_scale": 1.0,
-        "vae": DEFAULT_VAE,
-    },
-}
-
-# Fields that do not apply to the procedural renderer, with their "not applicable" values.
-_PROCEDURAL_NOT_APPLICABLE: dict[str, Any] = {
-    "scheduler": "none",
-    "steps": 0,
-    "guidance": 0.0,
-    "eta": 0.0,
-    "dtype": "fp32",
-    "attention": "sdpa",
-    "compile": False,
-    "recipe": "none",
-    "lora": NO_LORA,
-    "lora_scale": 1.0,
-    "vae": DEFAULT_VAE,
-}
-
-# Fields that change the pixels, per backend (the model's identity is hashed separately; recipe,
-# adapter and decoder are hashed only when they differ from the paper's, so older fingerprints hold).
-_PIXEL_FIELDS: dict[str, tuple[str, ...]] = {
-    "procedural": ("backend", "height", "width", "save_size"),
-    "diffusers": ("backend", "scheduler", "steps", "guidance", "eta", "height", "width", "save_size", "dtype"),
-}
-_ALL_PIXEL_FIELDS = _PIXEL_FIELDS["diffusers"]
+__all__ = ["ATTENTIONS", "DEFAULT_VAE", "DTYPES", "NO_LORA", "RANDOM_MODELS", "TINY_VAE_PREFIX", "TINY_VAE_RANDOM",
+           "GeneratorConfig", "model_identity"]
 
 
 @dataclass(frozen=True)
@@ -137,16 +84,18 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"GeneratorConfig.backend must be a non-empty string, got {self.backend!r}")
-        defaults = BACKEND_DEFAULTS.get(self.backend, BACKEND_DEFAULTS["diffusers"])
-        if self.backend == "procedural":
-            for name, value in _PROCEDURAL_NOT_APPLICABLE.items():
-                current = getattr(self, name)
-                if current is not None and current != value and current != BACKEND_DEFAULTS["diffusers"].get(name):
-                    warnings.warn(
-                        f"GeneratorConfig.{name}={current!r} does not apply to the procedural backend; ignored",
-                        stacklevel=3,
-                    )
-                object.__setattr__(self, name, value)
+        facts = _checked_facts(self.backend)
+        own_defaults = facts.defaults()
+        for name in facts.ignored_fields:
+            value = own_defaults.get(name, _FIELD_DEFAULTS[name])
+            current = getattr(self, name)
+            if current is not None and current != value and current != facts.quiet_values.get(name):
+                warnings.warn(
+                    f"GeneratorConfig.{name}={current!r} does not apply to the {self.backend} backend; ignored",
+                    stacklevel=3,
+                )
+            object.__setattr__(self, name, value)
+        if facts.sizes_follow_save_size:
             # Rendering directly at the save size is cheapest: sizes left unset follow the one given.
             if self.save_size is not None:
                 for name in ("height", "width"):
@@ -154,21 +103,21 @@ class GeneratorConfig:
                         object.__setattr__(self, name, self.save_size)
             elif self.height is not None and self.height == self.width:
                 object.__setattr__(self, "save_size", self.height)
-        if self.backend != "procedural":
+        if facts.uses_recipes:
             if self.recipe is None:
-                object.__setattr__(self, "recipe", PAPER_RECIPE)
+                object.__setattr__(self, "recipe", facts.recipe)
             if self.recipe not in RECIPE_NAMES:
                 raise ValueError(f"GeneratorConfig.recipe={self.recipe!r}: unknown recipe; known: {', '.join(RECIPE_NAMES)}")
             for name, value in recipe_settings(self.recipe).items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        for name, value in defaults.items():
+        for name, value in own_defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        self._validate()
+        self._validate(facts)
 
     # ------------------------------------------------------------------ validation
-    def _validate(self) -> None:
+    def _validate(self, facts: BackendFacts) -> None:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"GeneratorConfig.{name}={getattr(self, name)!r}: {why}")
 
@@ -191,23 +140,23 @@ class GeneratorConfig:
             fail("model", "must be a non-empty string (a path, a hub id or 'random:sd15')")
         if self.model.startswith(RANDOM_MODEL_PREFIX) and self.model not in RANDOM_MODELS:
             fail("model", f"unknown random-weight model; known: {', '.join(RANDOM_MODELS)}")
-        if self.backend == "procedural" and self.model != PROCEDURAL_MODEL:
-            fail("model", f"the procedural backend only knows model {PROCEDURAL_MODEL!r}")
-        check_int("steps", 0 if self.backend == "procedural" else 1)
+        if facts.models is not None and self.model not in facts.models:
+            known = ", ".join(repr(model) for model in facts.models)
+            fail("model", f"the {self.backend} backend only knows model{'s' if len(facts.models) > 1 else ''} {known}")
+        check_int("steps", facts.min_steps)
         check_float("guidance", 0.0)
         check_float("eta", 0.0, 1.0)
         check_int("height", 8)
         check_int("width", 8)
         check_int("save_size", 8)
         check_int("images_per_group", 1)
-        if self.backend == "diffusers":
-            if self.scheduler not in SCHEDULER_NAMES:
-                fail("scheduler", f"unknown scheduler; known: {', '.join(SCHEDULER_NAMES)}")
-            for name in ("height", "width"):
-                if getattr(self, name) % 8:
-                    fail(name, "must be a multiple of 8 for diffusion models")
-        elif not isinstance(self.scheduler, str):
+        if facts.schedulers is not None and self.scheduler not in facts.schedulers:
+            fail("scheduler", f"unknown scheduler; known: {', '.join(facts.schedulers)}")
+        if not isinstance(self.scheduler, str):
             fail("scheduler", "must be a string")
+        for name in ("height", "width"):
+            if getattr(self, name) % facts.size_multiple:
+                fail(name, f"must be a multiple of {facts.size_multiple} for the {self.backend} backend")
         if self.dtype not in DTYPES:
             fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if self.attention not in ATTENTIONS:
@@ -263,10 +212,10 @@ class GeneratorConfig:
         cached = self.__dict__.get("_fingerprint")
         if cached is not None:
             return cached
-        names = _PIXEL_FIELDS.get(self.backend, _ALL_PIXEL_FIELDS)
-        payload = {name: getattr(self, name) for name in names}
+        facts = backend_facts(self.backend)
+        payload = {name: getattr(self, name) for name in facts.pixel_fields}
         payload["model"] = model_identity(self.model)
-        if self.backend != "procedural":
+        if facts.uses_recipes:
             if self.recipe != PAPER_RECIPE:
                 payload["recipe"] = self.recipe
             if self.lora != NO_LORA:
@@ -298,9 +247,25 @@ class GeneratorConfig:
 
     def _recipe_extra(self) -> dict[str, Any] | None:
         """``GeneratorInfo.extra``: recipe, adapter and decoder, when any differs from the paper's."""
-        if self.backend == "procedural" or (self.recipe, self.lora, self.vae) == (PAPER_RECIPE, NO_LORA, DEFAULT_VAE):
+        if not backend_facts(self.backend).uses_recipes or (self.recipe, self.lora, self.vae) == (
+            PAPER_RECIPE, NO_LORA, DEFAULT_VAE
+        ):
             return None
         return {"recipe": self.recipe, "lora": self.lora, "lora_scale": self.lora_scale, "vae": self.vae}
+
+
+#: the class defaults of the fields a backend may ignore without giving a default (attention, compile)
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(GeneratorConfig)}
+
+
+def _checked_facts(backend: str) -> BackendFacts:
+    """``backend_facts(backend)``, its field names checked against `GeneratorConfig` (an error names the backend)."""
+    facts = backend_facts(backend)
+    unknown = sorted(set(facts.pixel_fields + facts.ignored_fields) - set(_FIELD_DEFAULTS))
+    if unknown:
+        raise ValueError(f"generator backend {backend!r}: its BackendFacts name unknown GeneratorConfig field(s): "
+                         f"{', '.join(unknown)}")
+    return facts
 
 
 _HEAD_TAIL_BYTES = 1 << 20

@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from generator_service.backends import BACKENDS
+from generator_service.backends import BACKENDS, backend_facts
 from generator_service.config import RANDOM_MODELS, GeneratorConfig
 
 
@@ -21,18 +21,18 @@ class PreflightError(ValueError):
 def backend_name(text: str) -> str:
     """argparse ``type`` of ``--backend``: a registered backend name."""
     if text not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {', '.join(sorted(BACKENDS))}")
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {', '.join(BACKENDS.names())}")
     return text
 
 
 def check_model(config: GeneratorConfig) -> None:
-    """Raise :class:`PreflightError` when ``config.model`` of the diffusers backend cannot be loaded.
+    """Raise :class:`PreflightError` when ``config.model`` of a diffusers-pipeline backend cannot be loaded.
 
     Random-weight models always load. A local folder needs a ``model_index.json``. A hub id
     (``organization/name``) must be in the local Hugging Face cache when ``HF_HUB_OFFLINE`` is set;
     otherwise the workers fetch it.
     """
-    if config.backend != "diffusers" or config.model in RANDOM_MODELS:
+    if not backend_facts(config.backend).loads_diffusers_pipeline or config.model in RANDOM_MODELS:
         return
     model = str(config.model)
     path = Path(os.path.expanduser(model))
@@ -57,10 +57,11 @@ CAPTION_SHOWN = 80
 def check_captions(config: GeneratorConfig, captions) -> None:
     """Raise :class:`PreflightError` naming the first caption (by line) the backend cannot draw.
 
-    Only the procedural backend has a grammar (``generator_service.procedural.grammar``); any text
-    suits diffusers. ``captions``: a ``generator_service.captions.CaptionSet``.
+    Only a backend whose facts say ``caption_grammar`` (procedural) has a grammar
+    (``generator_service.procedural.grammar``); any text suits the others. ``captions``: a
+    ``generator_service.captions.CaptionSet``.
     """
-    if config.backend != "procedural":
+    if not backend_facts(config.backend).caption_grammar:
         return
     from generator_service.procedural.grammar import TEMPLATE, make_caption, parse_caption
 

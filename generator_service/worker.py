@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from generator_service.backends import backend_facts, create_backend
 from generator_service.config import GeneratorConfig
 
 log = logging.getLogger(__name__)
@@ -235,14 +236,11 @@ def _quiet_loading_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-#: backends that compute on the host whatever device they are given: their workers open no CUDA context
-HOST_ONLY_BACKENDS = frozenset({"procedural"})
-
-
 def _setup_device(spec: WorkerSpec) -> None:
+    """Bind the worker to its device (a host-only backend's worker opens no CUDA context) and its CPU threads."""
     import torch
 
-    if spec.device.startswith("cuda") and spec.config.backend not in HOST_ONLY_BACKENDS:
+    if spec.device.startswith("cuda") and not backend_facts(spec.config.backend).host_only:
         torch.cuda.set_device(torch.device(spec.device))
     torch.set_num_threads(max(1, spec.num_threads))  # the host's cores, shared among the workers
 
@@ -259,10 +257,8 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
     try:
         started = time.perf_counter()
         _setup_device(spec)
-        if spec.config.backend == "diffusers":
+        if backend_facts(spec.config.backend).loads_diffusers_pipeline:
             _quiet_loading_bars()
-        from generator_service.backends import create_backend
-
         backend = create_backend(spec.config, device=spec.device)
         outbox.put(("ready", os.getpid(), time.perf_counter() - started))
         during_startup = False

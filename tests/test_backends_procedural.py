@@ -9,6 +9,7 @@ import pytest
 
 from generator_service.backends import BACKENDS, create_backend, register_backend
 from generator_service.backends.base import Backend
+from generator_service.backends.facts import BackendFacts
 from generator_service.captions import load_captions
 from generator_service.config import GeneratorConfig
 from generator_service.procedural import all_captions, attributes, make_caption, parse_caption, sample_captions
@@ -136,6 +137,8 @@ def test_unknown_backend_and_custom_registration():
 
     @register_backend("solid-test")
     class Solid(Backend):
+        facts = BackendFacts(model="solid-v1", height=16, width=16, save_size=16)
+
         def _generate(self, captions, seeds):
             return np.full((len(captions), len(seeds[0]), self.config.save_size, self.config.save_size, 3), 7, np.uint8)
 

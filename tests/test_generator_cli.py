@@ -305,7 +305,8 @@ def test_a_service_with_groups_and_no_client_says_it_waits_for_one(tmp_path, cap
 
 
 def test_the_procedural_backend_serving_online_is_throttled_by_default():
-    from generator_service.cli import PROCEDURAL_ONLINE_GROUPS_PER_S, online_throttle
+    from generator_service.backends.procedural import PROCEDURAL_ONLINE_GROUPS_PER_S
+    from generator_service.cli import online_throttle
 
     assert online_throttle("procedural", serving_only=True, given=None) == PROCEDURAL_ONLINE_GROUPS_PER_S
     assert online_throttle("procedural", serving_only=True, given=0) is None  # 0 lifts it

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+from generator_service.backends.facts import BackendFacts
 
 if TYPE_CHECKING:
     from generator_service.config import GeneratorConfig
@@ -23,6 +25,9 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    #: what the backend is, readable without building it (config defaults, fingerprint fields, needs);
+    #: every registered backend sets its own (`generator_service.backends.facts`)
+    facts: ClassVar[BackendFacts | None] = None
     #: the backend wants every batch at the worker's full size (a compiled model: one shape)
     static_batch: bool = False
 

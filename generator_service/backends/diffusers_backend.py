@@ -23,6 +23,10 @@ seeded ``seeds[i][j]`` (diffusers draws one latent per generator when given a li
 prompt-major, image-minor that ``num_images_per_prompt`` produces). A CPU generator makes the
 initial noise the same on every device. All B*m images run in one pipeline call.
 
+Its facts (`DiffusersBackend.facts`) reproduce the StableRep paper: Stable Diffusion v1.5, DDIM, 50
+steps, eta 0, classifier-free guidance 2.0, 512x512 generation, images saved at 256, 10 images per
+caption, fp16; recipes, adapters and decoders apply (`generator_service.recipes`).
+
 The decoded images are resized to ``save_size`` on the device (antialiased bicubic) and converted
 to uint8 there; only uint8 ``[B, m, S, S, 3]`` leaves the device.
 """
@@ -39,12 +43,15 @@ import numpy as np
 
 from generator_service.backends import register_backend
 from generator_service.backends.base import Backend
+from generator_service.backends.facts import BackendFacts
 from generator_service.backends.compile_support import compile_unavailable
 from generator_service.backends.adapters import apply_lora, swap_vae
 from generator_service.backends.denoise import Finisher, SDLoop, supports_own_loop
-from generator_service.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULERS
 from generator_service.config import RANDOM_MODELS
+from generator_service.recipes import PAPER_RECIPE
+from generator_service.schedulers import DEFAULT_SCHEDULER_NAME, SCHEDULER_NAMES, SCHEDULERS
 
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -118,6 +125,24 @@ def _denoiser(pipe):
 @register_backend("diffusers")
 class DiffusersBackend(Backend):
     name = "diffusers"
+    facts = BackendFacts(
+        model=SD15_HUB_ID,
+        height=512,
+        width=512,
+        save_size=256,
+        scheduler="ddim",
+        steps=50,
+        guidance=2.0,
+        eta=0.0,
+        dtype="fp16",
+        recipe=PAPER_RECIPE,
+        pixel_fields=("backend", "scheduler", "steps", "guidance", "eta", "height", "width", "save_size", "dtype"),
+        schedulers=SCHEDULER_NAMES,
+        min_steps=1,
+        size_multiple=8,
+        uses_recipes=True,
+        loads_diffusers_pipeline=True,
+    )
 
     def __init__(self, config, device: str = "cpu") -> None:
         if config.backend != "diffusers":
