@@ -266,7 +266,7 @@ def test_max_groups_stops_after_that_many(capsys, captions_file, tmp_path):
 
 
 def test_old_count_flags_are_deprecated_aliases(capsys, tmp_path):
-    from generator_service.cli import parse_args
+    from generator_service.cli_arguments import parse_args
 
     args = parse_args(["--captions", "c.txt", "--batch-captions", "3", "--images-per-caption", "5"])
     assert (args.worker_batch, args.images_per_group) == (3, 5)
@@ -306,7 +306,7 @@ def test_a_service_with_groups_and_no_client_says_it_waits_for_one(tmp_path, cap
 
 def test_the_procedural_backend_serving_online_is_throttled_by_default():
     from generator_service.backends.procedural import PROCEDURAL_ONLINE_GROUPS_PER_S
-    from generator_service.cli import online_throttle
+    from generator_service.cli_run import online_throttle
 
     assert online_throttle("procedural", serving_only=True, given=None) == PROCEDURAL_ONLINE_GROUPS_PER_S
     assert online_throttle("procedural", serving_only=True, given=0) is None  # 0 lifts it

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from generator_service.cli import build_parser, generator_config
+from generator_service.cli_arguments import build_parser, generator_config
 from generator_service.config import GeneratorConfig
 from generator_service.recipes import LCM_LORA_SD15, RECIPES, SD_TURBO, TAESD
 
@@ -55,7 +55,7 @@ def test_explicit_fields_override_the_recipe():
 
 
 def test_recipe_from_yaml_config(tmp_path):
-    from generator_service.cli import parse_args
+    from generator_service.cli_arguments import parse_args
 
     path = tmp_path / "gen.yaml"
     path.write_text("backend: diffusers\nrecipe: dpm20\nguidance: 1.5\n")
