@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from generator_service.backends import create_backend
-from generator_service.backends.diffusers_backend import to_uint8_hwc
+from generator_service.backends.uint8_images import to_uint8_hwc
 from generator_service.config import GeneratorConfig
 from generator_service.recipes import RECIPE_NAMES
 

@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from generator_service.backends.uint8_images import to_uint8_hwc
+
 log = logging.getLogger(__name__)
 
 #: images per VAE decode call (SD v1.5 at 512 px in fp16: about 4 GiB of activations)
@@ -126,8 +128,6 @@ class SDLoop:
 
     def _decode_slice(self, latents):
         """uint8 [k, S, S, 3] for latents [k, C, h, w]; a compiled decoder always sees ``decode_slice`` rows."""
-        from generator_service.backends.diffusers_backend import to_uint8_hwc
-
         vae, k = self.pipe.vae, latents.shape[0]
         if self.config.compile and k < self.decode_slice:  # pad with copies of the last row: one static shape
             latents = self.torch.cat([latents, latents[-1:].expand(self.decode_slice - k, *latents.shape[1:])])

@@ -44,6 +44,7 @@ import numpy as np
 from generator_service.backends import register_backend
 from generator_service.backends.base import Backend
 from generator_service.backends.facts import BackendFacts
+from generator_service.backends.uint8_images import to_uint8_hwc
 from generator_service.backends.compile_support import compile_unavailable
 from generator_service.backends.adapters import apply_lora, swap_vae
 from generator_service.backends.denoise import Finisher, SDLoop, supports_own_loop
@@ -235,18 +236,3 @@ class DiffusersBackend(Backend):
         if self.torch_device.type == "cuda":
             self.torch.cuda.empty_cache()
 
-
-def to_uint8_hwc(images, size: int, device):
-    """Pipeline output (float [N, 3, H, W] in [0, 1], or numpy/PIL) -> uint8 [N, size, size, 3] on ``device``."""
-    import torch
-    import torch.nn.functional as F
-
-    if isinstance(images, list):
-        images = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
-    images = images.float()
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    images = torch.nan_to_num(images, nan=0.0).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).contiguous()
