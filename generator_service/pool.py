@@ -30,7 +30,19 @@ import numpy as np
 from generator_service.config import GeneratorConfig
 from generator_service.devices import worker_device_env
 from generator_service.pool_types import GroupSink, PoolError, PoolStats, StopSignal, WorkItem
-from generator_service.worker import EncodedImages, WorkerSpec, worker_main
+from generator_service.worker import WorkerSpec, worker_main
+from generator_service.worker_messages import (
+    BatchLimit,
+    EncodedImages,
+    Finish,
+    FromWorker,
+    Groups,
+    Ready,
+    Task,
+    TaskDone,
+    TaskItem,
+    WorkerFailed,
+)
 from protocol import Group
 
 __all__ = ["GroupSink", "PoolError", "PoolStats", "StopSignal", "WorkItem", "WorkerPool"]
@@ -209,43 +221,46 @@ class WorkerPool:
         except (EOFError, OSError):
             pass  # the worker is gone; a torn last message is discarded with it
 
-    def _handle(self, worker: WorkerState, message: tuple) -> None:
-        kind = message[0]
-        if kind == "groups":
-            _, task_id, results = message
-            for group_id, images, seconds in results:
-                item = worker.in_flight.pop(group_id, None)
-                if item is None:
-                    self.duplicates_dropped += 1
-                    log.warning("dropping result for %s from worker %d: not in flight there", group_id, worker.index)
-                    continue
-                group = self._make_group(item, images, seconds)
-                self._undelivered.append(group)
-                worker.groups += 1
-                worker.images += group.num_images
-                worker.gen_seconds += float(seconds)
-                worker.consecutive_failures = 0
-        elif kind == "task_done":
-            worker.open_tasks.pop(message[1], None)
-        elif kind == "ready":
-            _, worker.pid, worker.load_seconds = message
-            worker.ready = True
-            log.info("worker %d on %s ready (backend built in %.1fs)", worker.index, worker.device, worker.load_seconds)
-        elif kind == "batch_limit":
-            worker.batch_limit = int(message[1])
-            log.warning("worker %d on %s now runs %d captions per batch", worker.index, worker.device, worker.batch_limit)
-        elif kind == "error":
-            _, worker.last_error, worker.startup_error, failed = message
-            for group_id in failed:
-                self._failures[group_id] = self._failures.get(group_id, 0) + 1
-                item = worker.in_flight.get(group_id)
-                if item is not None and self._failures[group_id] >= self.max_item_failures:
-                    raise PoolError(
-                        f"caption {item.caption_id} ({item.caption!r}) failed to generate "
-                        f"{self._failures[group_id]} times; last error:\n{worker.last_error}"
-                    )
-        else:
-            log.error("unknown message %r from worker %d", kind, worker.index)
+    def _handle(self, worker: WorkerState, message: FromWorker) -> None:
+        match message:
+            case Groups(groups=results):
+                for group_id, images, seconds in results:
+                    item = worker.in_flight.pop(group_id, None)
+                    if item is None:
+                        self.duplicates_dropped += 1
+                        log.warning("dropping result for %s from worker %d: not in flight there", group_id, worker.index)
+                        continue
+                    group = self._make_group(item, images, seconds)
+                    self._undelivered.append(group)
+                    worker.groups += 1
+                    worker.images += group.num_images
+                    worker.gen_seconds += float(seconds)
+                    worker.consecutive_failures = 0
+            case TaskDone(task_id=task_id):
+                worker.open_tasks.pop(task_id, None)
+            case Ready(pid=pid, load_seconds=load_seconds):
+                worker.pid, worker.load_seconds = pid, load_seconds
+                worker.ready = True
+                log.info("worker %d on %s ready (backend built in %.1fs)", worker.index, worker.device, load_seconds)
+            case BatchLimit(captions=captions):
+                worker.batch_limit = int(captions)
+                log.warning("worker %d on %s now runs %d captions per batch", worker.index, worker.device, captions)
+            case WorkerFailed():
+                worker.last_error, worker.startup_error = message.traceback, message.during_startup
+                self._count_failures(worker, message.group_ids)
+            case _:
+                log.error("unknown message %s from worker %d", type(message).__name__, worker.index)
+
+    def _count_failures(self, worker: WorkerState, group_ids: list[str]) -> None:
+        """A batch failed on ``worker``: a group that failed ``max_item_failures`` times ends the run."""
+        for group_id in group_ids:
+            self._failures[group_id] = self._failures.get(group_id, 0) + 1
+            item = worker.in_flight.get(group_id)
+            if item is not None and self._failures[group_id] >= self.max_item_failures:
+                raise PoolError(
+                    f"caption {item.caption_id} ({item.caption!r}) failed to generate "
+                    f"{self._failures[group_id]} times; last error:\n{worker.last_error}"
+                )
 
     def _make_group(self, item: WorkItem, images: np.ndarray | EncodedImages, seconds: float) -> Group:
         if isinstance(images, EncodedImages):
@@ -298,7 +313,7 @@ class WorkerPool:
                 worker.in_flight[item.group_id] = item
             worker.open_tasks[task_id] = len(items)
             try:
-                worker.task_conn.send((task_id, [(i.group_id, i.caption, i.seeds) for i in items]))
+                worker.task_conn.send(Task(task_id, [TaskItem(i.group_id, i.caption, i.seeds) for i in items]))
             except OSError:
                 pass  # it died: its sentinel fires next and the items are re-queued
 
@@ -428,7 +443,7 @@ class WorkerPool:
                 worker.process.kill()
             elif worker.alive:
                 try:
-                    worker.task_conn.send(None)
+                    worker.task_conn.send(Finish())
                 except OSError:
                     pass
         deadline = time.monotonic() + 10.0

@@ -1,16 +1,9 @@
 """One generator worker process: owns a device and a backend, turns tasks into caption groups.
 
-Protocol with the supervisor (``generator_service.pool``), over two one-way pipes:
-
-- supervisor -> worker (``task_conn``): ``(task_id, [(group_id, caption, seeds), ...])`` or ``None``
-  (finish and exit).
-- worker -> supervisor (``result_conn``):
-  ``("ready", pid, load_seconds)`` once the backend is built;
-  ``("groups", task_id, [(group_id, images, gen_seconds), ...])`` per batch, ``images`` being uint8
-  ``[m, S, S, 3]`` or, when the spec asks for an image codec, ``EncodedImages``;
-  ``("task_done", task_id)``; ``("batch_limit", n)`` after an out-of-memory halving;
-  ``("error", traceback_text, during_startup, failed_group_ids)`` just before the process exits
-  with status 1 (``failed_group_ids``: the batch that raised, empty when none).
+Messages with the supervisor (``generator_service.pool``) go over two one-way pipes, one class per
+kind (`generator_service.worker_messages`): `Task` / `Finish` in; `Ready`, `Groups` (images uint8
+``[m, S, S, 3]`` or, when the spec asks for an image codec, `EncodedImages`), `TaskDone`,
+`BatchLimit` and `WorkerFailed` out.
 
 Results leave through an ``Outbox`` thread, so encoding and the pipe overlap the next batch.
 Batches go to the backend with ``submit``: a backend that overlaps (diffusers) denoises the next
@@ -28,18 +21,26 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 
 from generator_service.backends import backend_facts, create_backend
 from generator_service.config import GeneratorConfig
+from generator_service.worker_messages import (
+    BatchLimit,
+    EncodedImages,
+    Finish,
+    FromWorker,
+    GeneratedGroup,
+    Groups,
+    Ready,
+    TaskDone,
+    TaskItem,
+    WorkerFailed,
+)
 
 log = logging.getLogger(__name__)
-
-#: What a task carries per caption: (group_id, caption, seeds).
-TaskItem = tuple[str, str, list[int]]
-
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -57,14 +58,6 @@ class WorkerSpec:
     num_threads: int = 1
     log_level: int = logging.INFO
     image_codec: tuple[str, int] | None = None  # (format, quality): send encoded images (offline-only runs)
-
-
-class EncodedImages(NamedTuple):
-    """A group's images encoded in the worker: ``data`` holds m png/jpeg/webp files of shape [m, H, W, 3]."""
-
-    encoding: str
-    data: list[bytes]
-    shape: tuple[int, int, int, int]
 
 
 class Outbox:
@@ -85,7 +78,7 @@ class Outbox:
         self.thread = threading.Thread(target=self._run, name="worker-outbox", daemon=True)
         self.thread.start()
 
-    def put(self, message: tuple) -> None:
+    def put(self, message: FromWorker) -> None:
         while True:
             if self.error is not None:
                 raise RuntimeError(f"worker outbox thread failed: {type(self.error).__name__}: {self.error}") from self.error
@@ -118,8 +111,9 @@ class Outbox:
             message = self.queue.get()
             if message is None:
                 return
-            if message[0] == "groups" and self.image_codec is not None:
-                message = ("groups", message[1], [(g, self._encode(images), s) for g, images, s in message[2]])
+            if isinstance(message, Groups) and self.image_codec is not None:
+                message = Groups(message.task_id, [GeneratedGroup(g.group_id, self._encode(g.images), g.gen_seconds)
+                                                   for g in message.groups])
             try:
                 self.conn.send(message)
             except (OSError, ValueError):
@@ -152,14 +146,14 @@ def generate_task(
     backend: Any,
     items: list[TaskItem],
     batch_limit: int,
-    emit: Callable[[list[tuple[str, np.ndarray, float]]], None],
+    emit: Callable[[list[GeneratedGroup]], None],
     on_batch_limit: Callable[[int], None] = lambda n: None,
     on_task_done: Callable[[], None] = lambda: None,
     on_failed: Callable[[GenerationFailed], None] | None = None,
 ) -> int:
     """Submit ``items`` to ``backend`` (a `Backend`, or a bare ``generate`` function) in batches of at most ``batch_limit`` captions.
 
-    Each finished batch goes to ``emit`` as ``[(group_id, images [m, S, S, 3], gen_seconds)]``
+    Each finished batch goes to ``emit`` as ``[GeneratedGroup(group_id, images [m, S, S, 3], gen_seconds)]``
     (``gen_seconds``: the batch's wall time from submission to finish, per group), and after the
     task's last batch ``on_task_done()`` is called; with an overlapping backend both happen in its
     finisher thread, in order, while the caller goes on. A batch that fails while finishing goes to
@@ -188,7 +182,7 @@ def generate_task(
 
         def done(images, chunk=chunk, started=started, last=last) -> None:
             seconds_each = (time.perf_counter() - started) / len(chunk)
-            emit([(group_id, images[i], seconds_each) for i, (group_id, _, _) in enumerate(chunk)])
+            emit([GeneratedGroup(group_id, images[i], seconds_each) for i, (group_id, _, _) in enumerate(chunk)])
             if last:
                 on_task_done()
 
@@ -260,7 +254,7 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
         if backend_facts(spec.config.backend).loads_diffusers_pipeline:
             _quiet_loading_bars()
         backend = create_backend(spec.config, device=spec.device)
-        outbox.put(("ready", os.getpid(), time.perf_counter() - started))
+        outbox.put(Ready(os.getpid(), time.perf_counter() - started))
         during_startup = False
         batch_limit = spec.worker_batch
         while True:
@@ -268,16 +262,15 @@ def worker_main(spec: WorkerSpec, task_conn: Any, result_conn: Any) -> None:
                 task = task_conn.recv()
             except (EOFError, OSError):  # the supervisor is gone
                 break
-            if task is None:
+            if isinstance(task, Finish):
                 break
-            task_id, items = task
             batch_limit = generate_task(
                 backend,
-                items,
+                task.items,
                 batch_limit,
-                emit=lambda groups, task_id=task_id: outbox.put(("groups", task_id, groups)),
-                on_batch_limit=lambda n: outbox.put(("batch_limit", n)),
-                on_task_done=lambda task_id=task_id: outbox.put(("task_done", task_id)),
+                emit=lambda groups, task_id=task.task_id: outbox.put(Groups(task_id, groups)),
+                on_batch_limit=lambda n: outbox.put(BatchLimit(n)),
+                on_task_done=lambda task_id=task.task_id: outbox.put(TaskDone(task_id)),
                 on_failed=lambda failure: _fail(spec, outbox, failure, during_startup=False),
             )
         backend.drain()
@@ -296,9 +289,9 @@ def _fail(spec: WorkerSpec, outbox: Outbox, exc: BaseException, during_startup: 
     failed = exc.group_ids if isinstance(exc, GenerationFailed) else []
     try:
         if outbox.error is not None:  # the outbox thread is gone: report on the pipe directly
-            outbox.conn.send(("error", text, during_startup, failed))
+            outbox.conn.send(WorkerFailed(text, during_startup, failed))
         else:
-            outbox.put(("error", text, during_startup, failed))
+            outbox.put(WorkerFailed(text, during_startup, failed))
             outbox.close(timeout=10.0)
     except (BrokenPipeError, RuntimeError, OSError):
         pass
