@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from generator_service.backends import BACKENDS
 from generator_service.backends.compile_support import compile_unavailable
 from generator_service.config import GeneratorConfig
 from generator_service.pool import WorkerPool
 from generator_service.procedural import sample_captions
+from generator_service.recipes import RECIPE_NAMES
 from generator_service.seeds import image_seed
 from generator_service.service import work_items
 from protocol import Group
@@ -256,8 +258,8 @@ def format_table(result: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stablerep-bench generator`` flags."""
     parser.add_argument("--model", help="diffusers model path or hub id, or random:sd15 (default on GPU)")
-    parser.add_argument("--backend", choices=["diffusers", "procedural"], help="generator backend (default: the recipe's)")
-    parser.add_argument("--recipe", help="paper | dpm20 | lcm4 | turbo | turbo-tiny (both paths run it; flags override)")
+    parser.add_argument("--backend", choices=BACKENDS.names(), help="generator backend (default: the recipe's)")
+    parser.add_argument("--recipe", help=f"{' | '.join(RECIPE_NAMES)} (both paths run it; flags override)")
     parser.add_argument("--lora", help="LoRA adapter (or 'none'), fused in both paths")
     parser.add_argument("--lora-scale", type=float, help="LoRA scale when fused")
     parser.add_argument("--vae", help="default | tiny:PATH_OR_ID | tiny:random, in both paths")

@@ -110,7 +110,7 @@ def swap_scheduler(pipe, name: str) -> None:
     if name == DEFAULT_SCHEDULER_NAME:
         return
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join([DEFAULT_SCHEDULER_NAME, *SCHEDULERS])}")
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULER_NAMES)}")
     import diffusers
 
     class_name, overrides = SCHEDULERS[name]
