@@ -210,7 +210,6 @@ def run_service(
     """
     config = options.config
     fingerprint = config.fingerprint()
-    m = config.images_per_group
     stop = stop or StopSignal()
     writer: ShardWriter | None = None
     server = None
@@ -221,59 +220,15 @@ def run_service(
     skip: set[str] = set()
     state: OnlineState | None = None
     try:
-        if options.state_dir:
-            state = OnlineState(options.state_dir, RunIdentity(
-                fingerprint=fingerprint, seed=options.seed, images_per_group=m,
-                captions_digest=captions_digest(options.captions), caption_count=len(options.captions),
-            )).open()
-            if state.restarts:
-                log.info("online state %s: restart %d, continuing at position %d (epoch %d)", state.path,
-                         state.restarts, state.start_position, state.start_position // max(1, len(options.captions)))
-        elif options.epochs is None:
-            log.warning("no --state DIR (or --archive DIR): a restart of this service serves the same group ids and "
-                        "seeds again from epoch 0, and a trainer that saw them drops them as repeats")
+        state = _open_state(options, fingerprint)
         if options.shard_dir:
-            writer = ShardWriter(
-                options.shard_dir,
-                config,
-                shard_size=options.shard_size,
-                image_format=options.image_format,
-                quality=options.quality,
-                run={
-                    "seed": options.seed,
-                    "images_per_group": m,
-                    "caption_shard": list(options.captions.shard),
-                    "captions_digest": captions_digest(options.captions),
-                },
-            ).open()
+            writer = _open_writer(options)
             skip = set(writer.done_group_ids)
             sinks.append(ShardSink(writer))
         if options.bind:
-            from protocol.server import GroupServer
-
-            curve = None
-            if options.curve_keys:
-                from protocol.curve import CurveServer
-
-                curve = CurveServer(options.curve_keys)
-            server = GroupServer(
-                options.bind, service_id(options.announce_host), config.welcome_info(), heartbeat_ms=options.heartbeat_ms,
-                max_queue=options.queue, max_credit=options.max_credit, max_clients=options.max_clients,
-                max_client_bytes=int(options.max_client_mib * 2**20), curve=curve,
-            ).start()
+            server = _start_server(options)
             sinks.append(ServerSink(server))
-        items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip,
-                                               positions=state.positions() if state is not None else None)
-        remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id, 0, options.seed) not in skip)
-        skipped = len(options.captions) - remaining
-        todo = remaining if options.epochs is not None else None
-        if options.max_groups is not None:
-            items = itertools.islice(items, options.max_groups)
-            todo = options.max_groups if todo is None else min(todo, options.max_groups)
-        if options.max_groups_per_s is not None:
-            from generator_service.throttle import throttled
-
-            items = throttled(items, options.max_groups_per_s, stop)
+        items, todo, skipped = _work_plan(options, fingerprint, skip, state, stop)
         if skipped:
             log.info("%d group(s) already in %s are skipped", skipped, options.shard_dir)
         if on_start is not None:
@@ -319,6 +274,76 @@ def run_service(
             writer.close()
         if server is not None:
             server.close()
+
+
+def _open_state(options: ServiceOptions, fingerprint: str) -> OnlineState | None:
+    """The online position file of an endless run with a state folder (None without one)."""
+    if not options.state_dir:
+        if options.epochs is None:
+            log.warning("no --state DIR (or --archive DIR): a restart of this service serves the same group ids and "
+                        "seeds again from epoch 0, and a trainer that saw them drops them as repeats")
+        return None
+    state = OnlineState(options.state_dir, RunIdentity(
+        fingerprint=fingerprint, seed=options.seed, images_per_group=options.config.images_per_group,
+        captions_digest=captions_digest(options.captions), caption_count=len(options.captions),
+    )).open()
+    if state.restarts:
+        log.info("online state %s: restart %d, continuing at position %d (epoch %d)", state.path,
+                 state.restarts, state.start_position, state.start_position // max(1, len(options.captions)))
+    return state
+
+
+def _open_writer(options: ServiceOptions) -> ShardWriter:
+    """The shard writer of ``options.shard_dir``, opened (it knows the groups already written)."""
+    return ShardWriter(
+        options.shard_dir,
+        options.config,
+        shard_size=options.shard_size,
+        image_format=options.image_format,
+        quality=options.quality,
+        run={
+            "seed": options.seed,
+            "images_per_group": options.config.images_per_group,
+            "caption_shard": list(options.captions.shard),
+            "captions_digest": captions_digest(options.captions),
+        },
+    ).open()
+
+
+def _start_server(options: ServiceOptions):
+    """The protocol v1 server bound at ``options.bind`` (CurveZMQ with ``options.curve_keys``), started."""
+    from protocol.server import GroupServer
+
+    curve = None
+    if options.curve_keys:
+        from protocol.curve import CurveServer
+
+        curve = CurveServer(options.curve_keys)
+    return GroupServer(
+        options.bind, service_id(options.announce_host), options.config.welcome_info(),
+        heartbeat_ms=options.heartbeat_ms, max_queue=options.queue, max_credit=options.max_credit,
+        max_clients=options.max_clients, max_client_bytes=int(options.max_client_mib * 2**20), curve=curve,
+    ).start()
+
+
+def _work_plan(options: ServiceOptions, fingerprint: str, skip: set[str], state: OnlineState | None,
+               stop: StopSignal) -> tuple[Iterator[WorkItem], int | None, int]:
+    """``(items, todo, skipped)``: the work items (capped and throttled as ``options`` say), how many
+    groups that is when known, and how many of the first pass are already done (in ``skip``)."""
+    m = options.config.images_per_group
+    items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip,
+                                           positions=state.positions() if state is not None else None)
+    remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id, 0, options.seed) not in skip)
+    skipped = len(options.captions) - remaining
+    todo = remaining if options.epochs is not None else None
+    if options.max_groups is not None:
+        items = itertools.islice(items, options.max_groups)
+        todo = options.max_groups if todo is None else min(todo, options.max_groups)
+    if options.max_groups_per_s is not None:
+        from generator_service.throttle import throttled
+
+        items = throttled(items, options.max_groups_per_s, stop)
+    return items, todo, skipped
 
 
 class ClientWaitNotice:
