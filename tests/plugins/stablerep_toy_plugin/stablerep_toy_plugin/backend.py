@@ -2,6 +2,7 @@
 
 Image ``j`` of a caption: that caption's stripes (colours from a hash of the caption) plus noise from
 ``seeds[j]``; the red channel of the top-left pixel is always 7 so that its images can be told apart.
+Its facts: no weights, no sampler, host only; only the sizes change its pixels.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import zlib
 import numpy as np
 
 from generator_service.backends.base import Backend
+from generator_service.backends.facts import BackendFacts
 
 MARK = 7  # red value of pixel (0, 0) of every image
 
 
 class ToyStripesBackend(Backend):
     name = "toy-stripes"
+    facts = BackendFacts(model="toy-stripes-v1", height=64, width=64, save_size=64, host_only=True)
 
     def _generate(self, captions: list[str], seeds: list[list[int]]) -> np.ndarray:
         """uint8 [B, m, S, S, 3]."""
