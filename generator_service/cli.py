@@ -23,6 +23,7 @@ from generator_service.devices import DeviceSpecError
 from generator_service.pool import PoolError
 from generator_service.preflight import PreflightError
 from generator_service.shards import ShardError
+from infra.registry import PluginError
 from protocol.server import BindError, ServerFailed
 
 SUBCOMMANDS = ("captions", "probe-set", "keys")
@@ -31,7 +32,8 @@ SUBCOMMANDS = ("captions", "probe-set", "keys")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``stablerep-generator``; returns the exit status.
 
-    0 completed, 1 failed run, 2 bad input (found before any worker starts), 130 stopped by
+    0 completed, 1 failed run, 2 bad input (found before any worker starts; a backend plugin that
+    fails to import included), 130 stopped by
     SIGINT/SIGTERM (shards are flushed and the manifest written first).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CliError, PreflightError, DeviceSpecError, ShardError, FileNotFoundError, ValueError) as exc:
+    except (CliError, PreflightError, DeviceSpecError, ShardError, FileNotFoundError, ValueError, PluginError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except BindError as exc:  # e.g. the port is taken: found before any worker starts
