@@ -15,7 +15,7 @@ name itself is a config field and part of the fingerprint (`config.GeneratorConf
 Every recipe generates at 512 x 512, the resolution these weights were trained at; the images
 are saved at the config's ``save_size`` (256 by default) as in the paper. Recipes that name
 adapters or models from the hub need them downloaded once (or ``--lora none`` / ``--model`` /
-``--vae default`` to override); FLOPs per image of each recipe: ``README.md``.
+``--vae default`` to override); FLOPs per image of each recipe: ``docs/fast-generation.md``.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ resume: --resume auto continues OUTPUT's run; --steps may change: the lr goes on
   checkpoint left it (new cosine to --min-lr), or --resume-lr replan follows the new length's schedule
 
 multi-process: torchrun --nproc_per_node N -m trainer.cli ... (add --cpu without GPUs), or
-  accelerate launch --multi_gpu --num_processes N -m trainer.cli ...; see README "Workflows"
+  accelerate launch --multi_gpu --num_processes N -m trainer.cli ...; see docs/workflows.md
 """
 
 
