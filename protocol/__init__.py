@@ -9,10 +9,10 @@ from .codec import decode, decode_header, encode
 from .errors import ERROR_CODES, ProtocolError
 from .generator_info import GeneratorInfo
 from .limits import ENCODINGS, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from .messages import MESSAGE_TYPES, Bye, Credit, Error, Group, Heartbeat, Hello, Message, Welcome
+from .messages import MESSAGE_TYPES, Bye, Credit, Error, Feedback, Group, Heartbeat, Hello, Message, Welcome
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_HEADER_BYTES", "ENCODINGS", "ERROR_CODES",
-    "ProtocolError", "GeneratorInfo", "Hello", "Welcome", "Credit", "Group", "Heartbeat", "Error", "Bye",
+    "ProtocolError", "GeneratorInfo", "Hello", "Welcome", "Credit", "Group", "Heartbeat", "Error", "Bye", "Feedback",
     "Message", "MESSAGE_TYPES", "encode", "decode", "decode_header",
 ]

@@ -16,6 +16,12 @@ no service can stop the stream with bad groups. A ``welcome`` that cannot be use
 with a ``ProtocolError`` naming the endpoint. An exception while handling one message is counted
 and logged (rate-limited); if the I/O thread dies anyway, ``failed`` says why and ``check()`` raises
 ``ClientFailed``.
+
+``send_feedback(caption_ids, scores)`` tells every service how much the trainer needs more of some
+captions (``protocol.feedback``); the I/O thread sends the newest report (an unsent one is replaced).
+A service that refuses the type (``error`` ``bad_message`` naming it unknown, or ``too_large`` for
+a header over an older service's 4 KiB: services that predate feedback) gets no more of it, and
+the client says so once per service; serving goes on.
 """
 from __future__ import annotations
 
@@ -31,8 +37,9 @@ import zmq
 from .bounds import clip
 from .codec import decode
 from .errors import ERROR_CODES, BadGroup, ProtocolError
+from .feedback import feedback_message, refuses_feedback
 from .limits import DEAD_AFTER_HEARTBEATS, MAX_MESSAGE_BYTES
-from .messages import Bye, Credit, Error, Group, Heartbeat, Hello, Welcome
+from .messages import Bye, Credit, Error, Feedback, Group, Heartbeat, Hello, Welcome
 from infra.ratelog import RateLimitedLog
 from .sockets import WakePipe, configure, monotonic, send
 
@@ -55,6 +62,9 @@ class ClientStats:
     reconnects: int = 0
     errors_from_service: int = 0
     bad_groups: int = 0  # groups refused (by the codec or by on_group's BadGroup): answered with error, credit given back
+    feedback_sent: int = 0  # feedback messages sent, over all services
+    feedback_replaced: int = 0  # reports replaced by a newer one before the I/O thread sent them
+    feedback_refused: int = 0  # services that refused the feedback type: none is sent to them any more
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -71,6 +81,8 @@ class _Endpoint:
     credits: int = 0  # this endpoint's credit window (ours, clamped to its welcome.max_credit)
     last_group: float | None = None  # time.time() of the last group from this endpoint
     last_group_id: str = ""  # the last group handled in this session: the ack of the next credit
+    feedback_sent: int = 0  # feedback messages sent to this service (over reconnects)
+    feedback_refused: bool = False  # the service refused the feedback type: send it none (over reconnects)
 
     @property
     def heartbeat_s(self) -> float:
@@ -126,6 +138,7 @@ class GroupClient:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._endpoints: dict[str, _Endpoint] = {}
+        self._feedback: Feedback | None = None  # the newest report not yet sent
         self._faults = RateLimitedLog(log, "group client: refused service input", 10.0)
 
     @property
@@ -174,10 +187,25 @@ class GroupClient:
             stats = dataclasses.replace(self._stats)
             stats.endpoints = {
                 url: {"welcomed": ep.welcome is not None, "credits_outstanding": ep.outstanding, "groups": ep.groups,
-                      "last_group": ep.last_group}
+                      "last_group": ep.last_group, "feedback_sent": ep.feedback_sent, "feedback_refused": ep.feedback_refused}
                 for url, ep in self._endpoints.items()
             }
         return stats
+
+    def send_feedback(self, caption_ids: Sequence[Any], scores: Sequence[Any]) -> bool:
+        """Tell the services how much more of each caption the trainer needs (``scores[i]`` >= 0 for
+        ``caption_ids[i]``; higher: more). Sent by the I/O thread soon, replacing a report it has not
+        sent yet. Returns False (nothing sent) once every service refused the type. Raises
+        ``ValueError`` for a report no service would accept (see ``feedback_message``)."""
+        msg = feedback_message(caption_ids, scores)
+        with self._lock:
+            if self._endpoints and all(ep.feedback_refused for ep in self._endpoints.values()):
+                return False
+            if self._feedback is not None:
+                self._stats.feedback_replaced += 1
+            self._feedback = msg
+        self._wake.wake()
+        return True
 
     def close(self) -> None:
         """Say bye, close the sockets, then the context (if it is ours). Idempotent."""
@@ -237,6 +265,7 @@ class GroupClient:
                         self._handshake_done.set()
                         return
                     self._keepalive(endpoint, poller)
+                self._send_feedback()
                 self._faults.flush()
         except BaseException as exc:  # never die silently: start() or the next stats() reader sees it
             log.exception("group client I/O thread failed")
@@ -325,6 +354,10 @@ class GroupClient:
                 self._fatal = ProtocolError("version", f"service {endpoint.url} refused our version: {msg.message}")
             elif endpoint.welcome is None and msg.code == "busy":
                 self._fatal = ConnectionRefusedError(f"service {endpoint.url} refused us: {clip(msg.message)}")
+            elif endpoint.feedback_sent and (refuses_feedback(msg.code, msg.message) or msg.code == "too_large"):
+                self._feedback_refused(endpoint, msg)
+            elif msg.code == "bad_message" and msg.message.startswith(f"{Feedback.TYPE}."):
+                pass  # one report refused (a service with other bounds): the session goes on
             elif msg.code in ("credit_limit", "too_large", "busy"):
                 pass  # the service clamped a grant or refused one message: the session goes on
             elif endpoint.welcome is not None and monotonic() - endpoint.hello_sent > endpoint.heartbeat_s:
@@ -337,6 +370,29 @@ class GroupClient:
             with self._lock:
                 self._stats.bad_messages += 1
             self._send(endpoint, Error("bad_message", f"type {msg.TYPE!r} is not sent by services"))
+
+    def _send_feedback(self) -> None:
+        """Send the newest report to every welcomed service that has not refused the type."""
+        with self._lock:
+            msg, self._feedback = self._feedback, None
+        if msg is None:
+            return
+        for endpoint in self._endpoints.values():
+            if endpoint.welcome is not None and not endpoint.feedback_refused:
+                self._send(endpoint, msg)
+                with self._lock:
+                    endpoint.feedback_sent += 1
+                    self._stats.feedback_sent += 1
+
+    def _feedback_refused(self, endpoint: _Endpoint, msg: Error) -> None:
+        """The service takes no feedback (it predates the type): stop sending it any, and say so once."""
+        with self._lock:
+            if endpoint.feedback_refused:
+                return
+            endpoint.feedback_refused = True
+            self._stats.feedback_refused += 1
+        log.warning("generator service %s takes no feedback (it refused the type: [%s] %s); sending it none from now "
+                    "on, its groups keep coming", endpoint.url, clip(msg.code, 40), clip(msg.message, 120))
 
     def _refused_group(self, endpoint: _Endpoint) -> None:
         """A ``group`` the codec refused still used one of our credits: give it back. It is
@@ -372,6 +428,7 @@ class GroupClient:
         fresh = self._open(endpoint.url)
         fresh.groups = endpoint.groups
         fresh.last_group = endpoint.last_group
+        fresh.feedback_sent, fresh.feedback_refused = endpoint.feedback_sent, endpoint.feedback_refused
         with self._lock:
             self._endpoints[endpoint.url] = fresh
             self._stats.reconnects += 1

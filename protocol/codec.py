@@ -6,7 +6,7 @@ buffer) and come back as read-only views over the received frame.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -103,17 +103,44 @@ def _buffer(frame: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+def unknown_type_message(msg_type: Any, known: Any = None) -> str:
+    """The ``bad_message`` text of a header whose ``type`` is unknown (``known``: the types this
+    peer reads; default every type of ``MESSAGE_TYPES``). Peers tell a refused type by it."""
+    expected = sorted(MESSAGE_TYPES if known is None else known)
+    return f"header.type = {short(msg_type)} is unknown; expected one of {expected}"
+
+
+def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES,
+                  larger_headers: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Unpack and check frame 0: a MessagePack map with ``v`` (the int 1) and a known ``type``.
 
     The unpacked value's depth and size are bounded (``protocol.bounds``) before any field is
     looked at, so every later check and error message works on a small, shallow value.
+    ``larger_headers`` (type -> bytes) lets the header of those types be larger than
+    ``max_header_bytes``; any other header over it is refused (``too_large``) once unpacked, before
+    its values are walked.
     """
     view = _buffer(frame)
-    if view.nbytes > max_header_bytes:
-        raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {max_header_bytes}")
+    limit = max([max_header_bytes, *(larger_headers or {}).values()])
+    if view.nbytes > limit:
+        raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {limit}")
     try:
-        header = msgpack.unpackb(
+        header = _unpack(view)
+    except ProtocolError:
+        if view.nbytes > max_header_bytes:  # not a header of a type allowed more: refused as too large
+            raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {max_header_bytes}") from None
+        raise
+    if view.nbytes > max_header_bytes:
+        msg_type = header.get("type") if isinstance(header, dict) else None
+        if not isinstance(msg_type, str) or view.nbytes > (larger_headers or {}).get(msg_type, max_header_bytes):
+            raise ProtocolError("too_large", f"header frame is {view.nbytes} bytes, limit {max_header_bytes}")
+    return _checked_header(header)
+
+
+def _unpack(view: memoryview) -> Any:
+    """The unpacked header frame, its sizes bounded; ``bad_message`` if it is not MessagePack."""
+    try:
+        return msgpack.unpackb(
             view,
             raw=False,
             strict_map_key=True,
@@ -127,6 +154,10 @@ def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[
         raise ProtocolError(
             "bad_message", f"header is not a valid MessagePack map: {type(exc).__name__}: {clip(str(exc), 120)}"
         ) from None
+
+
+def _checked_header(header: Any) -> dict[str, Any]:
+    """``header`` once its structure, version, type and fields are checked."""
     check_structure(header)
     if not isinstance(header, dict):
         raise ProtocolError("bad_message", f"header must be a MessagePack map, got {type(header).__name__}")
@@ -141,9 +172,7 @@ def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[
         raise ProtocolError("bad_message", "header is missing field 'type'")
     msg_type = header["type"]
     if not isinstance(msg_type, str) or msg_type not in MESSAGE_TYPES:
-        raise ProtocolError(
-            "bad_message", f"header.type = {short(msg_type)} is unknown; expected one of {sorted(MESSAGE_TYPES)}"
-        )
+        raise ProtocolError("bad_message", unknown_type_message(msg_type))
     try:
         validate_header(header)
     except ProtocolError as exc:
@@ -152,17 +181,19 @@ def decode_header(frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[
     return header
 
 
-def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES, max_header_bytes: int = MAX_HEADER_BYTES) -> Message:
+def decode(frames: Sequence[Any], max_bytes: int = MAX_MESSAGE_BYTES, max_header_bytes: int = MAX_HEADER_BYTES,
+           larger_headers: Mapping[str, int] | None = None) -> Message:
     """Turn received frames (bytes, memoryviews or ``zmq.Frame``s) back into a typed message.
 
-    ``max_header_bytes`` lets a service refuse large headers from trainers (theirs are tiny),
-    which bounds the cost of decoding one message. Raises only ``ProtocolError``. A raw group's ``images`` is a read-only numpy view over the
+    ``max_header_bytes`` lets a service refuse large headers from trainers (theirs are tiny but for
+    ``feedback``, allowed more through ``larger_headers``, as in ``decode_header``), which bounds
+    the cost of decoding one message. Raises only ``ProtocolError``. A raw group's ``images`` is a read-only numpy view over the
     payload frame (no copy).
     """
     if not isinstance(frames, (list, tuple)) or len(frames) == 0:
         raise ProtocolError("bad_message", "a message needs at least one frame (the header)")
     views = [_buffer(f) for f in frames]
-    header = decode_header(views[0], max_header_bytes)  # bounded by max_header_bytes
+    header = decode_header(views[0], max_header_bytes, larger_headers)  # bounded by the header limits
     try:
         _check_sizes(views, max_bytes)
         return _message(header, views[1:])

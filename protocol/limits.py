@@ -21,6 +21,13 @@ MAX_IMAGE_SIDE = 8192
 #: Longest ``group_id`` (and so ``ack``); ids double as shard keys and log quotes.
 MAX_GROUP_ID_CHARS = 256
 
+#: Most entries (caption id and score pairs) one ``feedback`` may carry.
+MAX_FEEDBACK_ENTRIES = 1024
+
+#: Largest ``feedback`` header a service reads: 1024 ids and 1024 float64 scores take at most
+#: 1024 * (9 + 9) bytes in MessagePack, plus the keys. Every other trainer header is far smaller.
+MAX_FEEDBACK_HEADER_BYTES = 20 * 1024
+
 #: ``caption_id`` is an int64 everywhere it is stored: [0, 2**63).
 MAX_CAPTION_ID = 2**63 - 1
 

@@ -5,6 +5,7 @@ and the codec read the schema derived from the class, so a field is defined once
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,7 +13,8 @@ import numpy as np
 
 from .errors import ProtocolError
 from .generator_info import GeneratorInfo
-from .limits import ENCODINGS, MAX_CAPTION_ID, MAX_CREDIT, MAX_GROUP_ID_CHARS, MAX_IMAGE_SIDE, MAX_IMAGES_PER_GROUP
+from .limits import (ENCODINGS, MAX_CAPTION_ID, MAX_CREDIT, MAX_FEEDBACK_ENTRIES, MAX_GROUP_ID_CHARS, MAX_IMAGE_SIDE,
+                     MAX_IMAGES_PER_GROUP)
 from .schema import Schema, at_least, is_int, length_within, one_of, schema_of, wire, within
 
 #: The rule of an ``ack`` (credit, bye): the id of a group received.
@@ -41,6 +43,23 @@ def _seeds_rule(seeds: list[Any], header: dict[str, Any]) -> str | None:
         return f"must hold one seed per image (m = {m}), got {len(seeds)}"
     if not all(is_int(s) and 0 <= s < 2**64 for s in seeds):
         return "must be ints in [0, 2**64)"
+    return None
+
+
+def _caption_ids_rule(caption_ids: list[Any], header: dict[str, Any]) -> str | None:
+    if not 1 <= len(caption_ids) <= MAX_FEEDBACK_ENTRIES:
+        return f"must hold 1..{MAX_FEEDBACK_ENTRIES} caption ids, got {len(caption_ids)}"
+    if not all(is_int(c) and 0 <= c <= MAX_CAPTION_ID for c in caption_ids):
+        return "must be ints in [0, 2**63)"
+    return None
+
+
+def _scores_rule(scores: list[Any], header: dict[str, Any]) -> str | None:
+    count = len(header["caption_ids"])
+    if len(scores) != count:
+        return f"must hold one score per caption id ({count}), got {len(scores)}"
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in scores):
+        return "must be finite numbers >= 0"
     return None
 
 
@@ -106,6 +125,26 @@ class Bye:
 
 
 @dataclass
+class Feedback:
+    """trainer -> service: how much the trainer needs more groups of some captions.
+
+    ``scores[i]`` (finite, >= 0; higher: needs more) belongs to ``caption_ids[i]``; at most
+    ``MAX_FEEDBACK_ENTRIES`` pairs. Only a welcomed client sends it; a service merges the scores of
+    all its clients and may steer which captions it generates next. A service that takes no
+    feedback (an older v1 service) answers ``error`` ``bad_message`` naming the type as unknown
+    (``protocol.feedback.refuses_feedback``).
+    """
+
+    TYPE: ClassVar[str] = "feedback"
+    caption_ids: list[int] = wire(rule=_caption_ids_rule)
+    scores: list[float] = wire(rule=_scores_rule, after=("caption_ids",))
+
+    def __post_init__(self) -> None:
+        self.caption_ids = list(self.caption_ids)
+        self.scores = list(self.scores)
+
+
+@dataclass
 class Error:
     """both directions: the peer's last message was refused (``code`` as in ``ProtocolError``)."""
 
@@ -163,10 +202,10 @@ class Group:
 
 
 MESSAGE_TYPES: dict[str, type] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Credit, Group, Heartbeat, Error, Bye)
+    cls.TYPE: cls for cls in (Hello, Welcome, Credit, Group, Heartbeat, Error, Bye, Feedback)
 }
 
-Message = Hello | Welcome | Credit | Group | Heartbeat | Error | Bye
+Message = Hello | Welcome | Credit | Group | Heartbeat | Error | Bye | Feedback
 
 #: Each type's header schema, derived from its class.
 SCHEMAS: dict[str, Schema] = {msg_type: schema_of(cls) for msg_type, cls in MESSAGE_TYPES.items()}

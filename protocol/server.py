@@ -24,7 +24,11 @@ credit, round-robin among such clients. Flow control cannot be gamed:
   acknowledge those groups); the ROUTER's id counter starts at a secret value, since libzmq
   aborts the process when it reaches an id a connected peer chose;
 - every loop turn receives at most ``recv_batch`` messages (or ``slice_s`` seconds' worth), then
-  sends, then heartbeats; trainer headers over ``max_client_header_bytes`` are refused unread.
+  sends, then heartbeats; trainer headers over ``max_client_header_bytes`` are refused unread
+  (but for a ``feedback`` header, which may be up to ``MAX_FEEDBACK_HEADER_BYTES``, checked once unpacked);
+- ``feedback`` is merged into ``feedback`` (a ``protocol.feedback.FeedbackBoard``) at most
+  ``feedback_burst`` at once and one per heartbeat interval per client; more is dropped and
+  counted. A server without a board refuses the type as a service that predates it does.
 
 An exception while handling one message is counted and logged (rate-limited) and the loop goes
 on. Should the I/O thread die anyway, ``failed`` says why and ``put`` raises ``ServerFailed``.
@@ -45,6 +49,7 @@ from infra.ratelog import RateLimitedLog
 
 from .bounds import clip
 from .codec import encode
+from .feedback import DEFAULT_FEEDBACK_BURST, FeedbackBoard
 from .generator_info import GeneratorInfo
 from .limits import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
 from .messages import Group, Welcome
@@ -88,6 +93,8 @@ class GroupServer:
             per-peer ZeroMQ send queue (``send_hwm`` messages of the generator's group size).
         recv_batch, slice_s: most messages / seconds of receiving per loop turn.
         curve: optional ``protocol.curve.CurveServer`` (keys and ZAP authenticator) to require.
+        feedback: where clients' ``feedback`` is merged; None: the type is refused (``bad_message``).
+        feedback_burst: feedback messages a client may send at once; then one per heartbeat interval.
     """
 
     def __init__(
@@ -107,9 +114,12 @@ class GroupServer:
         max_client_header_bytes: int = MAX_CLIENT_HEADER_BYTES,
         log_interval_s: float = 10.0,
         curve: Any = None,
+        feedback: FeedbackBoard | None = None,
+        feedback_burst: int = DEFAULT_FEEDBACK_BURST,
     ) -> None:
         for name, value in (("max_queue", max_queue), ("max_credit", max_credit), ("max_clients", max_clients),
-                            ("max_client_bytes", max_client_bytes), ("recv_batch", recv_batch)):
+                            ("max_client_bytes", max_client_bytes), ("recv_batch", recv_batch),
+                            ("feedback_burst", feedback_burst)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.bind = bind
@@ -131,6 +141,8 @@ class GroupServer:
         #: ZeroMQ's per-peer send queue, in messages: what a client that stops reading can pin.
         self.send_hwm = max(4, min(self.max_credit + 16, self.max_client_bytes // group_bytes))
         self.curve = curve
+        self.feedback = feedback
+        self.feedback_burst = int(feedback_burst)
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._table = ClientTable(self.max_queue, self.max_credit, self.max_clients, self.max_client_bytes)
@@ -266,7 +278,8 @@ class GroupServer:
         self._ready.set()
         sessions = SessionHandler(self._table, self._dispatcher, self._faults,
                                   Welcome(self.service_id, self.generator_info, self.heartbeat_ms, self.max_credit),
-                                  generated_ids, self.max_message_bytes, self.max_client_header_bytes)
+                                  generated_ids, self.max_message_bytes, self.max_client_header_bytes,
+                                  self.feedback, self.feedback_burst)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(self._wake.read_fd, zmq.POLLIN)

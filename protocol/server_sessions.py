@@ -8,6 +8,9 @@
   outstanding (answered with ``error`` code ``credit_limit`` when clamped).
 - ``bye`` acknowledges up to its ``ack`` and ends the session; ``heartbeat`` is counted;
   ``error`` is counted and logged.
+- ``feedback`` (a welcomed client only) is merged into the service's ``FeedbackBoard`` within the
+  client's ``FeedbackAllowance``; what comes faster is dropped and counted, not answered. Without a
+  board the type is refused as unknown, word for word as a service that predates it.
 
 Every refusal is counted and noted in the rate-limited fault log.
 """
@@ -22,7 +25,9 @@ from infra.ratelog import RateLimitedLog
 from .bounds import clip
 from .codec import decode
 from .errors import ProtocolError
-from .messages import Bye, Credit, Error, Heartbeat, Hello, Welcome
+from .feedback import FeedbackAllowance, FeedbackBoard, refusal_of_feedback_type
+from .limits import MAX_FEEDBACK_HEADER_BYTES
+from .messages import Bye, Credit, Error, Feedback, Heartbeat, Hello, Welcome
 from .routing_ids import GeneratedIds
 from .server_dispatch import Dispatcher
 from .server_state import ClientTable
@@ -38,11 +43,15 @@ class SessionHandler:
         faults: the rate-limited log of refused client input.
         welcome: the answer to an admitted ``hello``.
         generated_ids: tells a routing id the ROUTER generated from one a peer chose.
-        max_message_bytes, max_client_header_bytes: limits of a trainer's message and its header.
+        max_message_bytes, max_client_header_bytes: limits of a trainer's message and its header
+            (a ``feedback`` header may be up to ``MAX_FEEDBACK_HEADER_BYTES``).
+        feedback: where ``feedback`` is merged; None: the type is refused as unknown.
+        feedback_burst: feedback messages a client may send at once; then one per heartbeat interval.
     """
 
     def __init__(self, table: ClientTable, dispatcher: Dispatcher, faults: RateLimitedLog, welcome: Welcome,
-                 generated_ids: GeneratedIds, max_message_bytes: int, max_client_header_bytes: int) -> None:
+                 generated_ids: GeneratedIds, max_message_bytes: int, max_client_header_bytes: int,
+                 feedback: FeedbackBoard | None = None, feedback_burst: int = 1) -> None:
         self.table = table
         self.dispatcher = dispatcher
         self.faults = faults
@@ -50,6 +59,9 @@ class SessionHandler:
         self.generated_ids = generated_ids
         self.max_message_bytes = max_message_bytes
         self.max_client_header_bytes = max_client_header_bytes
+        self.feedback = feedback
+        self.feedback_burst = feedback_burst
+        self.larger_headers = {Feedback.TYPE: MAX_FEEDBACK_HEADER_BYTES} if feedback is not None else None
 
     def refuse(self, socket: zmq.Socket, identity: bytes, code: str, message: str, kind: str = "bad_message") -> None:
         """Count and note a refused message and answer it with ``error`` ``code``."""
@@ -63,7 +75,8 @@ class SessionHandler:
         table = self.table
         now = monotonic()
         try:
-            msg = decode(body, max_bytes=self.max_message_bytes, max_header_bytes=self.max_client_header_bytes)
+            msg = decode(body, max_bytes=self.max_message_bytes, max_header_bytes=self.max_client_header_bytes,
+                         larger_headers=self.larger_headers)
         except ProtocolError as exc:
             self.refuse(socket, identity, exc.code, exc.message)
             return
@@ -94,6 +107,8 @@ class SessionHandler:
             else:
                 with table.cond:
                     table.stats.heartbeats_received += 1
+        elif isinstance(msg, Feedback):
+            self._feedback(socket, identity, client, msg, now)
         elif isinstance(msg, Error):
             with table.cond:
                 table.stats.client_errors += 1
@@ -115,3 +130,24 @@ class SessionHandler:
             self.dispatcher.send(socket, identity, Error("busy", f"this service already serves max_clients = {max_clients} clients"))
             return
         self.dispatcher.send(socket, identity, self.welcome)
+
+    def _feedback(self, socket: zmq.Socket, identity: bytes, client: Any, msg: Feedback, now: float) -> None:
+        if self.feedback is None:
+            self.refuse(socket, identity, "bad_message", refusal_of_feedback_type())
+            return
+        if client is None:
+            self.refuse(socket, identity, "bad_message", "feedback from a client that sent no hello")
+            return
+        table = self.table
+        with table.cond:
+            if client.feedback_allowance is None:
+                interval_s = self.dispatcher.heartbeat_ms / 1000.0
+                client.feedback_allowance = FeedbackAllowance(self.feedback_burst, interval_s, now)
+            if not client.feedback_allowance.take(now):
+                table.stats.feedback_rate_limited += 1
+                return
+        unknown = self.feedback.merge(msg.caption_ids, msg.scores)
+        with table.cond:
+            table.stats.feedback_merged += 1
+            table.stats.feedback_entries += len(msg.caption_ids) - unknown
+            table.stats.feedback_unknown_ids += unknown

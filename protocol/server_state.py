@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bounds import clip
+from .feedback import FeedbackAllowance
 
 #: The service logs under one name, whichever of its modules speaks.
 log = logging.getLogger("protocol.server")
@@ -40,6 +41,8 @@ class ClientInfo:
     unreachable: int = 0
     #: since when it holds no unacknowledged group (its hello, or the ack that emptied ``unacked``)
     settled_at: float = 0.0
+    #: its pace of ``feedback`` (set by the session handler on the first one)
+    feedback_allowance: FeedbackAllowance | None = None
 
     @property
     def streaming(self) -> bool:
@@ -100,6 +103,10 @@ class ServerStats:
     put_wait_seconds: float = 0.0
     heartbeats_received: int = 0
     auth_refused: int = 0  # CURVE handshakes refused (client key not authorized); 0 without CURVE
+    feedback_merged: int = 0  # feedback messages folded into the caption scores
+    feedback_entries: int = 0  # (caption id, score) pairs of those, served ids only
+    feedback_unknown_ids: int = 0  # pairs naming a caption this service does not serve: ignored
+    feedback_rate_limited: int = 0  # feedback messages over a client's allowance: dropped, not answered
     failed: str | None = None
 
 

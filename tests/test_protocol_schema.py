@@ -16,6 +16,7 @@ V1_HEADERS = {
     "heartbeat": ({}, {}),
     "error": ({"code": "str", "message": "str"}, {}),
     "bye": ({}, {"ack": "str"}),
+    "feedback": ({"caption_ids": "list", "scores": "list"}, {}),
 }
 
 
