@@ -108,7 +108,7 @@ class CaptionPolicy:
         """Restore a ``state_dict`` before handing out ``position`` (which may be past the state's own
         position: positions leased before a ``kill -9``). Scores are kept whatever the saved policy."""
         self.scores[:] = np.nan
-        self.update({int(c): float(s) for c, s in state.get("scores", [])})
+        self.update(dict(_pairs(state, "scores", float)))
 
     def _scores_changed(self) -> None:
         pass
@@ -177,12 +177,14 @@ class HardPolicy(CaptionPolicy):
 
     def load_state_dict(self, state: Mapping[str, Any], position: int) -> None:
         super().load_state_dict(state, position)
-        saved_at = int(state.get("position", 0))
+        saved_at = state.get("position", 0)
+        if isinstance(saved_at, bool) or not isinstance(saved_at, int) or not 0 <= saved_at <= position:
+            raise ValueError(f"policy state field 'position' must be an int in [0, {position}], got {str(saved_at)[:40]}")
         if state.get("policy") != self.name:
             self.follow_uniform(position)
             return
         self.counts[:] = 0
-        for caption_id, count in state.get("counts", []):
+        for caption_id, count in _pairs(state, "counts", int):
             index = self.index_of.get(int(caption_id))
             if index is not None:
                 self.counts[index] = int(count)
@@ -191,3 +193,18 @@ class HardPolicy(CaptionPolicy):
 
     def _scores_changed(self) -> None:
         self._cumulative = None
+
+
+def _pairs(state: Mapping[str, Any], key: str, kind: type) -> list[tuple[int, Any]]:
+    """``state[key]``, a list of ``[caption_id, value]`` pairs (value an int, or a number >= 0 for
+    ``kind`` float), as tuples; ``ValueError`` naming the field otherwise."""
+    pairs = state.get(key, [])
+    number = (int, float) if kind is float else (int,)
+
+    def good(pair: Any) -> bool:
+        return (isinstance(pair, list) and len(pair) == 2 and all(not isinstance(v, bool) for v in pair)
+                and isinstance(pair[0], int) and isinstance(pair[1], number) and pair[1] >= 0)
+
+    if not isinstance(pairs, list) or not all(good(pair) for pair in pairs):
+        raise ValueError(f"policy state field {key!r} must be a list of [caption_id, {key[:-1]} >= 0] pairs")
+    return [(int(c), kind(v)) for c, v in pairs]

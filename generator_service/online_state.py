@@ -12,6 +12,11 @@ position (nor a group it archived); at most ``lease`` positions plus the groups 
 crash are skipped, and those captions come again, with fresh seeds, in the next epoch. A clean stop
 writes the exact next position.
 
+A run whose caption policy keeps state (``generator_service.caption_policy``: its scores, and which
+epoch each caption is at) gives ``policy_state``; every write stores ``policy_state(next position
+handed out)`` beside the lease, and ``save()`` writes it between leases (new scores). A restart
+reads it back as ``saved_policy``; the policy jumps its epochs past the leased positions.
+
 The file also records what the positions mean (generator fingerprint, base seed, images per group,
 caption set digest): a restart with other settings is refused with the field that differs.
 """
@@ -22,7 +27,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 STATE_FILE = "online_state.json"
 STATE_VERSION = 1
@@ -51,9 +56,12 @@ class OnlineState:
         directory: where the file lives (created if needed).
         identity: the run's settings; checked against an existing file.
         lease: positions reserved per write.
+        policy_state: ``position -> dict`` (JSON-ready), the caption policy's state when ``position``
+            is the next handed out; stored with every write. None: nothing stored.
     """
 
-    def __init__(self, directory: str | os.PathLike, identity: RunIdentity, lease: int = DEFAULT_LEASE) -> None:
+    def __init__(self, directory: str | os.PathLike, identity: RunIdentity, lease: int = DEFAULT_LEASE,
+                 policy_state: Callable[[int], dict[str, Any]] | None = None) -> None:
         if lease < 1:
             raise ValueError(f"lease must be >= 1, got {lease}")
         self.path = Path(directory) / STATE_FILE
@@ -61,6 +69,9 @@ class OnlineState:
         self.lease = int(lease)
         self.restarts = 0
         self.start_position = 0
+        self.policy_state = policy_state
+        #: the policy state the file held when opened (None: none stored, e.g. a run before policies)
+        self.saved_policy: dict[str, Any] | None = None
         self._leased = 0
         self._handed_out = 0
 
@@ -71,6 +82,7 @@ class OnlineState:
             data = self._read()
             self.start_position = data["next_position"]
             self.restarts = data["restarts"] + 1
+            self.saved_policy = data.get("policy")
         self._leased = self._handed_out = self.start_position
         self._write(self.start_position)
         return self
@@ -90,6 +102,10 @@ class OnlineState:
             self._handed_out = position + 1
             yield position
             position += 1
+
+    def save(self) -> None:
+        """Write the policy state now (the lease unchanged): new scores survive a ``kill -9``."""
+        self._write(self._leased)
 
     def close(self) -> None:
         """A clean stop: the file says exactly where the run stopped."""
@@ -120,15 +136,19 @@ class OnlineState:
                 raise OnlineStateError(
                     f"{where}: this state belongs to another run: {name} was {stored.get(name)!r}, now {value!r} "
                     "(use another --state directory, or move the file away to start again from epoch 0)")
+        if not isinstance(data.get("policy", {}), dict):
+            raise OnlineStateError(f"{where}: field 'policy' must be an object, got {str(data.get('policy'))[:80]}")
         return data
 
     def _write(self, next_position: int) -> None:
-        payload = {"version": STATE_VERSION, "next_position": int(next_position), "restarts": self.restarts,
-                   "run": asdict(self.identity)}
+        payload: dict[str, Any] = {"version": STATE_VERSION, "next_position": int(next_position),
+                                   "restarts": self.restarts, "run": asdict(self.identity)}
+        if self.policy_state is not None:
+            payload["policy"] = self.policy_state(self._handed_out)
         fd, tmp = tempfile.mkstemp(prefix=".online_state.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(payload, handle, indent=1)
+                json.dump(payload, handle, indent=None if "policy" in payload else 1)  # a policy's lists: one line
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)

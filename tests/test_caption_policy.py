@@ -14,6 +14,7 @@ from generator_service.caption_policy import (
     CaptionPolicyConfig,
     build_policy,
 )
+from generator_service.online_state import OnlineState, RunIdentity
 
 CAPTION_IDS = [100 + 3 * i for i in range(20)]  # ids are not positions
 HARD = CaptionPolicyConfig("hard")
@@ -126,3 +127,35 @@ def test_a_switch_between_policies_keeps_scores_and_never_repeats_an_epoch():
     back = build_policy(CaptionPolicyConfig(), CAPTION_IDS)
     with pytest.raises(ValueError, match=r"this run drew captions with the 'hard' policy.*--caption-policy hard"):
         back.load_state_dict(_through_json(hard.state_dict(300)), 300)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"policy": "hard", "position": 5, "scores": [[1, "x"]]}, r"'scores' must be a list of \[caption_id, score >= 0\]"),
+    ({"policy": "hard", "position": 5, "counts": {"1": 2}}, r"'counts' must be a list of \[caption_id, count >= 0\]"),
+    ({"policy": "hard", "position": 50}, r"'position' must be an int in \[0, 10\], got 50"),
+])
+def test_a_damaged_state_is_refused_naming_the_field(state, message):
+    with pytest.raises(ValueError, match=message):
+        build_policy(HARD, CAPTION_IDS).load_state_dict(state, 10)
+
+
+def test_the_online_state_file_keeps_the_policy_across_a_restart_without_close(tmp_path):
+    """The lease file stores the policy's state at every write and on ``save()``; reopened without a
+    clean ``close()`` (as after kill -9), it gives the scores back, and the restored epochs jump
+    past every position leased."""
+    identity = RunIdentity(fingerprint="f" * 16, seed=1, images_per_group=2, captions_digest="d" * 16,
+                           caption_count=len(CAPTION_IDS))
+    policy = _marked(build_policy(HARD, CAPTION_IDS, seed=1), CAPTION_IDS[0])
+    state = OnlineState(tmp_path, identity, lease=8, policy_state=policy.state_dict).open()
+    positions = state.positions()
+    served = [policy.draw(next(positions)) for _ in range(13)]
+    policy.update({CAPTION_IDS[1]: 50.0})
+    state.save()  # new scores reach the file between leases
+    served += [policy.draw(next(positions)) for _ in range(2)]
+    again = OnlineState(tmp_path, identity, lease=8).open()  # no close(): the process was killed
+    assert again.start_position == 16 and again.saved_policy["policy"] == "hard"
+    restored = build_policy(HARD, CAPTION_IDS, seed=1)
+    restored.load_state_dict(again.saved_policy, again.start_position)
+    assert restored.scored() == policy.scored()
+    after = [restored.draw(p) for p in range(16, 200)]
+    assert len(set(served + after)) == len(served) + len(after)
