@@ -17,7 +17,9 @@ Names (all ``stablerep_generator_*``; labels ``worker``, ``device`` where per wo
 - ``refused_clients_total``, ``auth_refused_total``: hellos refused (``busy``, bad hello), CURVE keys refused;
 - ``evicted_clients_total``: sessions that did not stream (the one that held no unacknowledged group longest)
   dropped to make room for a new client at ``--max-clients``;
-- ``put_wait_seconds_total``: seconds the supervisor waited to queue a group.
+- ``put_wait_seconds_total``: seconds the supervisor waited to queue a group;
+- ``feedback_merged_total``, ``feedback_rate_limited_total``, ``feedback_unknown_ids_total``: trainer
+  feedback merged into the caption scores; dropped as over a client's pace; ids not served, ignored.
 """
 from __future__ import annotations
 
@@ -72,6 +74,12 @@ def generator_samples(pool_stats: Any, server_stats: Any | None) -> list[Sample]
                    server_stats.auth_refused),
             Sample(P + "put_wait_seconds_total", "counter", "seconds the supervisor waited to queue a group",
                    server_stats.put_wait_seconds),
+            Sample(P + "feedback_merged_total", "counter", "trainer feedback messages merged into the caption scores",
+                   server_stats.feedback_merged),
+            Sample(P + "feedback_rate_limited_total", "counter", "trainer feedback dropped: over the client's pace",
+                   server_stats.feedback_rate_limited),
+            Sample(P + "feedback_unknown_ids_total", "counter", "feedback entries naming a caption not served: ignored",
+                   server_stats.feedback_unknown_ids),
         ]
     return out
 
