@@ -1,9 +1,10 @@
 """The loop between trainers and the caption policy of an endless online run.
 
 The server merges the trainers' ``feedback`` (``protocol.feedback.FeedbackBoard``); before each
-draw, ``CaptionSteering`` hands what changed to the policy, and at most every ``save_every_s``
-seconds of new scores it has the run's state file (``OnlineState.save``) store the policy, so a
-restart (even after ``kill -9``) keeps the scores. Drawing happens on the thread that hands out work.
+draw and on every tick of the run, ``CaptionSteering`` hands what changed to the policy, and on a
+tick at most ``save_every_s`` seconds after new scores it has the run's state file
+(``OnlineState.save``) store the policy, so a restart (even after ``kill -9``) keeps the scores.
+Draws and ticks happen on the one thread that hands out work.
 """
 from __future__ import annotations
 
@@ -54,17 +55,24 @@ class CaptionSteering:
         if self.board is not None:
             self.board.restore(self.policy.scored())
 
+    def tick(self) -> None:
+        """Take new scores and write them when due (the run calls it on the thread that draws, also
+        while no work is handed out: scores reach the state file while the queue is full)."""
+        self._take()
+        if self._unsaved and self.state is not None and self.clock() - self._saved_at >= self.save_every_s:
+            # Every position handed out was drawn: the stored epochs count them all.
+            self.state.save()
+            self._unsaved = False
+            self._saved_at = self.clock()
+
     def draw(self, position: int) -> tuple[int, int]:
         """``(index, epoch)`` of the caption handed out at ``position``, the latest scores taken first."""
+        self._take()
+        return self.policy.draw(position)
+
+    def _take(self) -> None:
         if self.board is not None:
             changed = self.board.take()
             if changed:
                 self.scores_taken += self.policy.update(changed)
                 self._unsaved = True
-        drawn = self.policy.draw(position)
-        # After the draw: the state file says position + 1 is next, and the epochs count this draw.
-        if self._unsaved and self.state is not None and self.clock() - self._saved_at >= self.save_every_s:
-            self.state.save()
-            self._unsaved = False
-            self._saved_at = self.clock()
-        return drawn

@@ -32,6 +32,7 @@ def test_feedback_reaches_the_policy_and_the_state_file_and_a_restart_restores_b
     drawn = [steering.draw(next(positions))]
     steering.board.merge([12, 13, 99], [5.0, 1.0, 3.0])
     drawn += [steering.draw(next(positions)) for _ in range(6)]
+    steering.tick()
     assert steering.policy.scored() == {12: 5.0, 13: 1.0} and steering.scores_taken == 2
     saved = json.loads((tmp_path / STATE_FILE).read_text())["policy"]
     assert saved["scores"] == [[12, 5.0], [13, 1.0]] and saved["policy"] == "hard"
@@ -47,6 +48,7 @@ def test_scores_wait_for_the_save_interval(tmp_path):
     positions = state.positions()
     steering.board.merge([12], [5.0])
     steering.draw(next(positions))
+    steering.tick()
     assert json.loads((tmp_path / STATE_FILE).read_text())["policy"]["scores"] == []
     state.close()
     assert json.loads((tmp_path / STATE_FILE).read_text())["policy"]["scores"] == [[12, 5.0]]
@@ -58,3 +60,11 @@ def test_a_state_of_the_hard_policy_is_refused_by_the_uniform_walk_naming_the_fi
     state.close()
     with pytest.raises(OnlineStateError, match=r"online_state.json: this run drew captions with the 'hard' policy"):
         _steering(tmp_path, name="uniform")
+
+
+def test_a_tick_without_draws_takes_and_saves_new_scores(tmp_path):
+    """While the queue is full nothing is drawn; the run's ticks still bring the scores to the file."""
+    steering, state = _steering(tmp_path)
+    steering.board.merge([20], [2.5])
+    steering.tick()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["policy"]["scores"] == [[20, 2.5]]
