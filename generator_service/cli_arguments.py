@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from generator_service.backends import BACKENDS, backend_facts
+from generator_service.caption_policy import CAPTION_POLICIES, DEFAULT_HARD_ALPHA, DEFAULT_HARD_FLOOR
 from generator_service.config import ATTENTIONS, DTYPES, RANDOM_MODELS, GeneratorConfig
 from generator_service.preflight import backend_name
 from generator_service.recipes import RECIPE_NAMES
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="endless online run: keep the position in DIR/online_state.json so that a restart (even "
                             "after kill -9) serves new groups, never the same ids and seeds again (default: the "
                             "--archive directory)")
+    group.add_argument("--caption-policy", default="uniform", choices=CAPTION_POLICIES.names(),
+                       help="endless online run: which caption comes next: uniform (each in turn, epoch after epoch) "
+                            "or hard (more of the captions trainers' feedback scores higher) (default: %(default)s)")
+    group.add_argument("--hard-floor", type=float, default=DEFAULT_HARD_FLOOR,
+                       help="hard: a caption weighs (floor + score / median score) ** alpha (default: %(default)s)")
+    group.add_argument("--hard-alpha", type=float, default=DEFAULT_HARD_ALPHA,
+                       help="hard: the exponent alpha of that weight (default: %(default)s)")
     group.add_argument("--status-every", type=float, default=5.0, help="seconds between online status lines")
     group.add_argument("--metrics-port", type=int,
                        help="serve Prometheus metrics (stablerep_generator_*) on this port (0: any free port)")

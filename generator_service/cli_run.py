@@ -61,6 +61,7 @@ def write_resolved_config(directory: str, args: argparse.Namespace, config: Gene
 
 def service_options(args: argparse.Namespace):
     """The checked `ServiceOptions` of ``args``: every input problem raises here, before any worker starts."""
+    from generator_service.caption_policy import CaptionPolicyConfig
     from generator_service.captions import load_captions
     from generator_service.service import ServiceOptions
 
@@ -100,6 +101,7 @@ def service_options(args: argparse.Namespace):
         announce_host=args.announce_host,
         state=args.state,
         curve_keys=args.curve_keys,
+        caption_policy=CaptionPolicyConfig(args.caption_policy, args.hard_floor, args.hard_alpha),
     )
 
 

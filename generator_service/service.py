@@ -10,6 +10,10 @@ Modes (``ServiceOptions``):
   and epoch 0 equals the offline pass. ``archive`` also writes every served group to shards.
   ``state`` (default: the archive directory) keeps the run's position on disk
   (``generator_service.online_state``), so a restart serves new groups instead of epoch 0 again.
+  ``caption_policy`` picks the caption of each position (``generator_service.caption_policy``:
+  ``uniform``, the walk above, or ``hard``, steered by the trainers' ``feedback``); the server
+  merges the feedback, ``CaptionSteering`` feeds it to the policy, and the state file keeps the
+  policy and its scores. An epoch of a caption counts its groups handed out, whichever the policy.
 - ``bind`` and ``out`` together: one pass, each group both served and written.
 
 Group ids are ``{fingerprint[:8]}-{caption_id:09d}`` (epoch 0) and ``...-e{epoch}`` after, with
@@ -25,9 +29,11 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from generator_service.caption_policy import CaptionPolicyConfig, build_policy
+from generator_service.caption_steering import CaptionSteering
 from generator_service.captions import CaptionSet
 from generator_service.config import GeneratorConfig
 from generator_service.online_state import OnlineState, RunIdentity
@@ -36,6 +42,7 @@ from generator_service.seeds import image_seed
 from generator_service.shards import ShardWriter
 from infra import storage
 from generator_service.sinks import FanOutSink, PreviewSink, ServerSink, ShardSink
+from protocol.feedback import FeedbackBoard
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +70,14 @@ def work_items(
     epochs: int | None = 1,
     skip_group_ids: set[str] | frozenset[str] = frozenset(),
     positions: Iterable[int] | None = None,
+    draw: Callable[[int], tuple[int, int]] | None = None,
 ) -> Iterator[WorkItem]:
     """Work items over ``captions`` for ``epochs`` passes (``None``: endless), skipping done groups.
 
     ``positions`` (endless runs only) gives the places in the sequence "epoch 0 of every caption,
     epoch 1, ..." to visit instead of ``0, 1, 2, ...``: position ``p`` is caption ``p % N`` of epoch
-    ``p // N`` (``generator_service.online_state`` hands them out so that a restart goes on).
+    ``p // N`` (``generator_service.online_state`` hands them out so that a restart goes on), unless
+    ``draw(p) -> (index, epoch)`` (a caption policy, endless runs) says which caption and epoch it is.
     """
     if positions is not None and epochs is not None:
         raise ValueError("positions apply to endless runs (epochs=None)")
@@ -78,7 +87,10 @@ def work_items(
     if positions is None:
         positions = itertools.count() if epochs is None else range(epochs * count)
     for position in positions:
-        epoch, index = divmod(position, count)
+        if draw is not None:
+            index, epoch = draw(position)
+        else:
+            epoch, index = divmod(position, count)
         caption_id, caption = captions[index]
         group_id = group_id_for(fingerprint, caption_id, epoch, base_seed)
         if group_id not in skip_group_ids:
@@ -116,6 +128,7 @@ class ServiceOptions:
     announce_host: bool = False
     curve_keys: str | None = None  # require CurveZMQ with this key directory (protocol.curve)
     state: str | None = None  # endless online runs: keep the position here (default: the --archive directory)
+    caption_policy: CaptionPolicyConfig = field(default_factory=CaptionPolicyConfig)  # endless online runs
 
     def __post_init__(self) -> None:
         if self.state and not (self.bind and not self.out):
@@ -132,6 +145,9 @@ class ServiceOptions:
         if self.archive and storage.is_remote(self.archive) and not self.state and self.epochs is None:
             raise ValueError(f"--archive {self.archive}: an endless online run keeps its position in a local folder; "
                              "give --state DIR too")
+        if self.caption_policy.name != "uniform" and self.epochs is not None:
+            raise ValueError(f"--caption-policy {self.caption_policy.name} applies to endless online runs (--bind "
+                             "without --out); one pass over the captions walks them in order")
         if self.max_groups is not None and self.max_groups < 1:
             raise ValueError(f"--max-groups must be >= 1, got {self.max_groups}")
         if self.queue < 1:
@@ -219,16 +235,17 @@ def run_service(
         sinks.append(preview)
     skip: set[str] = set()
     state: OnlineState | None = None
+    steering = _steering(options)
     try:
-        state = _open_state(options, fingerprint)
+        state = _open_state(options, fingerprint, steering)
         if options.shard_dir:
             writer = _open_writer(options)
             skip = set(writer.done_group_ids)
             sinks.append(ShardSink(writer))
         if options.bind:
-            server = _start_server(options)
+            server = _start_server(options, steering.board if steering is not None else None)
             sinks.append(ServerSink(server))
-        items, todo, skipped = _work_plan(options, fingerprint, skip, state, stop)
+        items, todo, skipped = _work_plan(options, fingerprint, skip, state, stop, steering)
         if skipped:
             log.info("%d group(s) already in %s are skipped", skipped, options.shard_dir)
         if on_start is not None:
@@ -251,6 +268,8 @@ def run_service(
             if server is not None:
                 server.check()  # the I/O thread died: stop the run, exit non-zero
                 waiting.check()
+            if steering is not None:
+                steering.tick()
             if on_tick is not None:
                 on_tick(p, server)
 
@@ -276,8 +295,18 @@ def run_service(
             server.close()
 
 
-def _open_state(options: ServiceOptions, fingerprint: str) -> OnlineState | None:
-    """The online position file of an endless run with a state folder (None without one)."""
+def _steering(options: ServiceOptions) -> CaptionSteering | None:
+    """The caption policy of an endless online run, with the board the server merges feedback into
+    (None for a pass over the captions). Its state file is set by ``_open_state``."""
+    if options.epochs is not None:
+        return None
+    policy = build_policy(options.caption_policy, options.captions.caption_ids, options.seed)
+    return CaptionSteering(policy, FeedbackBoard(frozenset(options.captions.caption_ids)))
+
+
+def _open_state(options: ServiceOptions, fingerprint: str, steering: CaptionSteering | None = None) -> OnlineState | None:
+    """The online position file of an endless run with a state folder (None without one); it keeps
+    ``steering``'s policy, restored from it."""
     if not options.state_dir:
         if options.epochs is None:
             log.warning("no --state DIR (or --archive DIR): a restart of this service serves the same group ids and "
@@ -286,7 +315,12 @@ def _open_state(options: ServiceOptions, fingerprint: str) -> OnlineState | None
     state = OnlineState(options.state_dir, RunIdentity(
         fingerprint=fingerprint, seed=options.seed, images_per_group=options.config.images_per_group,
         captions_digest=captions_digest(options.captions), caption_count=len(options.captions),
-    )).open()
+    ), policy_state=steering.policy.state_dict if steering is not None else None)
+    if steering is not None:
+        steering.state = state
+    state.open()
+    if steering is not None:
+        steering.restore()
     if state.restarts:
         log.info("online state %s: restart %d, continuing at position %d (epoch %d)", state.path,
                  state.restarts, state.start_position, state.start_position // max(1, len(options.captions)))
@@ -310,8 +344,9 @@ def _open_writer(options: ServiceOptions) -> ShardWriter:
     ).open()
 
 
-def _start_server(options: ServiceOptions):
-    """The protocol v1 server bound at ``options.bind`` (CurveZMQ with ``options.curve_keys``), started."""
+def _start_server(options: ServiceOptions, feedback: FeedbackBoard | None = None):
+    """The protocol v1 server bound at ``options.bind`` (CurveZMQ with ``options.curve_keys``), started;
+    trainers' ``feedback`` is merged into ``feedback`` (None: refused, as by a service without it)."""
     from protocol.server import GroupServer
 
     curve = None
@@ -323,16 +358,18 @@ def _start_server(options: ServiceOptions):
         options.bind, service_id(options.announce_host), options.config.welcome_info(),
         heartbeat_ms=options.heartbeat_ms, max_queue=options.queue, max_credit=options.max_credit,
         max_clients=options.max_clients, max_client_bytes=int(options.max_client_mib * 2**20), curve=curve,
+        feedback=feedback,
     ).start()
 
 
 def _work_plan(options: ServiceOptions, fingerprint: str, skip: set[str], state: OnlineState | None,
-               stop: StopSignal) -> tuple[Iterator[WorkItem], int | None, int]:
+               stop: StopSignal, steering: CaptionSteering | None = None) -> tuple[Iterator[WorkItem], int | None, int]:
     """``(items, todo, skipped)``: the work items (capped and throttled as ``options`` say), how many
     groups that is when known, and how many of the first pass are already done (in ``skip``)."""
     m = options.config.images_per_group
     items: Iterator[WorkItem] = work_items(options.captions, fingerprint, options.seed, m, options.epochs, skip,
-                                           positions=state.positions() if state is not None else None)
+                                           positions=state.positions() if state is not None else None,
+                                           draw=steering.draw if steering is not None else None)
     remaining = sum(1 for caption_id, _ in options.captions if group_id_for(fingerprint, caption_id, 0, options.seed) not in skip)
     skipped = len(options.captions) - remaining
     todo = remaining if options.epochs is not None else None
@@ -417,4 +454,7 @@ def _server_summary(server: Any) -> dict[str, Any]:
         "handler_errors": stats.handler_errors,
         "put_wait_seconds": round(stats.put_wait_seconds, 3),
         "auth_refused": stats.auth_refused,
+        "feedback_merged": stats.feedback_merged,
+        "feedback_rate_limited": stats.feedback_rate_limited,
+        "feedback_unknown_ids": stats.feedback_unknown_ids,
     }
