@@ -21,7 +21,7 @@ def _steering(directory, name="hard", save_every_s=0.0):
     policy = build_policy(CaptionPolicyConfig(name), CAPTION_IDS)
     board = FeedbackBoard(set(CAPTION_IDS))
     state = OnlineState(directory, IDENTITY, lease=4, policy_state=policy.state_dict).open()
-    steering = CaptionSteering(policy, board, state, save_every_s=save_every_s)
+    steering = CaptionSteering(policy, board, state, save_every_s=save_every_s, take_every_s=0.0)
     steering.restore()
     return steering, state
 
@@ -68,3 +68,21 @@ def test_a_tick_without_draws_takes_and_saves_new_scores(tmp_path):
     steering.board.merge([20], [2.5])
     steering.tick()
     assert json.loads((tmp_path / STATE_FILE).read_text())["policy"]["scores"] == [[20, 2.5]]
+
+
+def test_new_scores_are_taken_at_most_once_per_take_interval(tmp_path):
+    """Each take costs the hard policy a pass over its captions: a flood of feedback cannot make every
+    draw pay it. Ticks of a made-up clock, no waiting."""
+    now = [0.0]
+    policy = build_policy(HARD, CAPTION_IDS)
+    steering = CaptionSteering(policy, FeedbackBoard(set(CAPTION_IDS)), take_every_s=1.0, clock=lambda: now[0])
+    steering.board.merge([11], [1.0])
+    steering.draw(0)
+    steering.board.merge([12], [2.0])
+    steering.draw(1)
+    now[0] = 0.5
+    steering.tick()
+    assert policy.scored() == {11: 1.0}
+    now[0] = 1.0
+    steering.tick()
+    assert policy.scored() == {11: 1.0, 12: 2.0}
