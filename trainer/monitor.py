@@ -9,7 +9,8 @@ classified by weighted k-NN against the train images (``trainer/eval/knn.py``, t
 (one short grid, selected on a held-out part of train) on the same features.
 
 The probe images are decoded once per run, resized and centre-cropped to the model's input as
-``stablerep-eval`` does, and kept as uint8; an undecodable image is skipped and counted. The global
+``stablerep-eval`` does, and kept as uint8 (``trainer/eval/decoded.py``); each evaluation normalizes
+them in batches on the device (inference mode, channels-last). An undecodable image is skipped and counted. The global
 RNG state is saved and restored around an evaluation, so a run with a monitor trains exactly as the
 same run without one.
 
@@ -34,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision import transforms
 
 from trainer.eval.backbones import IMAGENET_MEAN, IMAGENET_STD, EvalBackbone
-from trainer.eval.features import FeatureSet, eval_transform, extract_features, make_loader
-from trainer.eval.imagefolder import ImageFolderDataset
+from trainer.eval.decoded import DecodedSplit, decode_split, embed_split
+from trainer.eval.features import FeatureSet
 from trainer.eval.knn import KnnConfig, knn_eval
 from trainer.eval.linear import FastProbeConfig, fast_linear_probe
 
@@ -47,47 +47,6 @@ log = logging.getLogger(__name__)
 MONITOR_FILE = "monitor.jsonl"
 #: the quick linear probe of ``--monitor-linear``: one weight decay, three lrs, 50 epochs, holdout selection
 QUICK_LINEAR = FastProbeConfig(lrs=(0.01, 0.1, 1.0), weight_decays=(0.0,), epochs=50)
-
-
-@dataclass
-class DecodedSplit(torch.utils.data.Dataset):
-    """One split of a probe, decoded once: ``images`` uint8 ``[N, 3, S, S]`` (resized and centre-cropped as
-    ``stablerep-eval``'s eval view), ``labels`` int64 ``[N]``. Items are ``(image, label, index)`` with
-    ``image`` float ``[3, S, S]`` normalized, so :func:`extract_features` reads it like an ImageFolder."""
-
-    root: Path
-    class_names: list[str]
-    images: torch.Tensor
-    labels: torch.Tensor
-    paths: list[str]
-    skipped: list[str]
-    normalize: transforms.Normalize
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.normalize(self.images[index].float().div(255)), int(self.labels[index]), index
-
-    def path(self, index: int) -> str:
-        return self.paths[index]
-
-
-def decode_split(root: Path, backbone: EvalBackbone, classes: list[str] | None = None) -> DecodedSplit:
-    """Decode every image under ``root`` (an ImageFolder) once into a :class:`DecodedSplit`."""
-    view = eval_transform(backbone).transforms  # [Resize, CenterCrop, ToTensor, Normalize]
-    folder = ImageFolderDataset(root, transforms.Compose([*view[:2], transforms.PILToTensor()]), classes=classes)
-    images, labels, paths, skipped = [], [], [], []
-    for batch in make_loader(folder, batch_size=256, workers=0):
-        skipped.extend(folder.path(i) for i in batch.skipped)
-        if batch.labels.numel():
-            images.append(batch.images)
-            labels.append(batch.labels)
-            paths.extend(folder.path(int(i)) for i in batch.indices)
-    if not images:
-        raise ValueError(f"no decodable image in {root} ({len(skipped)} unreadable files)")
-    return DecodedSplit(Path(root), list(folder.class_names), torch.cat(images), torch.cat(labels), paths, skipped,
-                        view[3])
 
 
 @dataclass
@@ -211,8 +170,8 @@ class Monitor:
         row: dict[str, Any] = {"step": step, "probe": probe.name}
         try:
             train, val = probe.decoded(self.backbone)
-            train_feats = extract_features(self.backbone, train, device, self.cfg.batch_size)
-            val_feats = extract_features(self.backbone, val, device, self.cfg.batch_size)
+            train_feats = embed_split(self.backbone, train, device, self.cfg.batch_size)
+            val_feats = embed_split(self.backbone, val, device, self.cfg.batch_size)
             row["knn_top1"] = knn_eval(train_feats, val_feats, self.knn, device)["top1"]
             if self.cfg.linear:
                 row["linear_top1"] = self._linear_top1(train_feats, val_feats, device)
