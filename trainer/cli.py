@@ -135,6 +135,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("monitor", ("--knn-k",), "monitor.knn_k", dict(type=int, help="k-NN neighbours per query")),
     ("monitor", ("--knn-temperature",), "monitor.knn_temperature", dict(type=float, help="k-NN vote weight exp(cosine / T)")),
     ("monitor", ("--monitor-linear",), "monitor.linear", dict(action="store_const", const=True, help="also a quick linear probe on the monitor's features")),
+    ("monitor", ("--monitor-max-images",), "monitor.max_images", dict(type=int, metavar="IMAGES", help="images per probe split the monitor scores: a class-balanced subset drawn once per run (the same at every evaluation); 0 = every image (what `stablerep-eval knn` scores)")),
     ("monitor", ("--monitor-batch-size",), "monitor.batch_size", dict(type=int, metavar="IMAGES", help="images per monitor feature-extraction batch")),
     ("run", ("--force",), "run.force", dict(action="store_const", const=True, help="train paper-scale settings on a CPU anyway (normally refused)")),
 ]

@@ -133,6 +133,7 @@ class MonitorConfig:
     knn_temperature: float = 0.07  # vote weight exp(cosine / T) (DINO)
     linear: bool = False  # also a quick linear probe on the same features
     batch_size: int = 256  # images per feature-extraction batch
+    max_images: int = 512  # per probe split: a fixed class-balanced subset, drawn once per run (0 = every image)
 
 
 @dataclass
@@ -300,6 +301,9 @@ class TrainConfig:
             _fail("run.output", run.output, "must be a directory path")
         for name in ("every", "knn_k", "knn_temperature", "batch_size"):
             _positive(f"monitor.{name}", getattr(self.monitor, name))
+        max_images = self.monitor.max_images
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
+            _fail("monitor.max_images", max_images, "must be an integer >= 0 (0 = every image)")
         return self
 
 

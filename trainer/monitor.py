@@ -2,7 +2,7 @@
 
 ``stablerep-train --monitor DIR [DIR ...] --monitor-every STEPS``: at step 0 (the random init), every
 ``STEPS`` steps and at the last step of a completed run, the backbone (the one training, frozen for
-the evaluation: eval mode, ``no_grad``, its train mode restored afterwards) embeds the ``train/`` and
+the evaluation: eval mode, inference mode, its train mode restored afterwards) embeds the ``train/`` and
 ``val/`` images of every probe folder in batches on the training device, and each val image is
 classified by weighted k-NN against the train images (``trainer/eval/knn.py``, the scorer of
 ``stablerep-eval knn``). ``--monitor-linear`` adds the quick linear probe of ``stablerep-eval linear``
@@ -10,17 +10,26 @@ classified by weighted k-NN against the train images (``trainer/eval/knn.py``, t
 
 The probe images are decoded once per run, resized and centre-cropped to the model's input as
 ``stablerep-eval`` does, and kept as uint8 (``trainer/eval/decoded.py``); each evaluation normalizes
-them in batches on the device (inference mode, channels-last). An undecodable image is skipped and counted. The global
-RNG state is saved and restored around an evaluation, so a run with a monitor trains exactly as the
-same run without one.
+them in batches on the device (inference mode, channels-last). An undecodable image is skipped and
+counted. The global RNG state is saved and restored around an evaluation, so a run with a monitor
+trains exactly as the same run without one.
+
+``--monitor-max-images N`` (default 512): each split of each probe is a class-balanced subset of at most
+``N`` images (``N // classes`` per class, at least one), drawn once per run with a fixed seed, so every
+evaluation, and every run on the same folders, scores the same images; their files are listed in
+``OUTPUT/monitor_images.json``. ``0`` scores every image, as ``stablerep-eval knn`` does. The default
+keeps the monitor of the demo's probe sets within 5% of its training time at every 250 steps
+(benchmarks/RESULTS.md, "The k-NN monitor: its cost"; ``stablerep-bench monitor``).
 
 Results: one line per probe and evaluation in ``OUTPUT/monitor.jsonl``
-(``{"step", "probe", "knn_top1", "linear_top1"?, "images_seen", "seconds", ...}``; a failed evaluation
+(``{"step", "probe", "knn_top1", "linear_top1"?, "images_seen", "seconds", "train_images", "train_files",
+...}``: ``train_images`` scored of the split's ``train_files``; a failed evaluation
 is a line with ``"error"`` instead of the accuracies: a warning, and training goes on), a line in the
 status output and ``train.log`` (``monitor step 250: knn colour 87.5 | knn shape 40.2 (3.1 s)``),
 tracker scalars ``monitor/<probe>/knn_top1``, the Prometheus gauge
 ``stablerep_trainer_knn_top1{probe="<probe>"}``, a second panel of ``curve.png`` and the ``monitor``
-entry of the run's summary.
+entry of the run's summary (with ``timeline``: each evaluation's seconds, its decoding seconds and
+the training wall seconds since the evaluation before it).
 
 With several processes, rank 0 evaluates while the other ranks wait at a barrier (the probe sets of
 a monitor are small next to training; see benchmarks/RESULTS.md for the measured cost).
@@ -45,6 +54,8 @@ from trainer.eval.linear import FastProbeConfig, fast_linear_probe
 log = logging.getLogger(__name__)
 
 MONITOR_FILE = "monitor.jsonl"
+#: with ``--monitor-max-images``: the files of each probe's subset, written when they are first decoded
+MONITOR_IMAGES = "monitor_images.json"
 #: the quick linear probe of ``--monitor-linear``: one weight decay, three lrs, 50 epochs, holdout selection
 QUICK_LINEAR = FastProbeConfig(lrs=(0.01, 0.1, 1.0), weight_decays=(0.0,), epochs=50)
 
@@ -56,16 +67,27 @@ class Probe:
     root: Path
     train: DecodedSplit | None = None
     val: DecodedSplit | None = None
+    decode_seconds: float = 0.0
 
     @property
     def name(self) -> str:
         return self.root.name
 
-    def decoded(self, backbone: EvalBackbone) -> tuple[DecodedSplit, DecodedSplit]:
+    def decoded(self, backbone: EvalBackbone, max_images: int = 0) -> tuple[DecodedSplit, DecodedSplit]:
+        """The splits, decoded at the first call (``max_images > 0``: each a class-balanced subset)."""
         if self.train is None or self.val is None:
-            self.train = decode_split(self.root / "train", backbone)
-            self.val = decode_split(self.root / "val", backbone, classes=self.train.class_names)
+            start = time.perf_counter()
+            self.train = decode_split(self.root / "train", backbone, max_images=max_images)
+            self.val = decode_split(self.root / "val", backbone, classes=self.train.class_names,
+                                    max_images=max_images)
+            self.decode_seconds = time.perf_counter() - start
         return self.train, self.val
+
+    def images(self) -> dict[str, Any]:
+        """The files the evaluations score (undecodable ones included), per split."""
+        return {"root": str(self.root),
+                **{name: sorted(split.paths + split.skipped) for name, split in (("train", self.train),
+                                                                                ("val", self.val)) if split}}
 
 
 class Monitor:
@@ -82,6 +104,8 @@ class Monitor:
         self.probes = [Probe(Path(d)) for d in self.cfg.dirs]
         self.records: list[dict[str, Any]] = []
         self.failures, self.seconds = 0, 0.0
+        self.timeline: list[dict[str, Any]] = []  # per evaluation: seconds, decode and training seconds before it
+        self._last_end: float | None = None
         self.first_step, self.last_evaluated = 0, -1  # of this process's session: the same on every rank
         self.backbone = EvalBackbone(
             model=model.backbone, name=cfg.model.name, model_kwargs=dict(cfg.model.model_kwargs),
@@ -97,6 +121,7 @@ class Monitor:
         self.first_step = step
         if self.main:
             self._keep_records_up_to(step)
+            self._last_end = time.perf_counter() if step > 0 else None
         if step == 0:
             self._evaluate(step, images_seen)
 
@@ -137,17 +162,26 @@ class Monitor:
             if "knn_top1" in record:
                 last[record["probe"]] = {k: record[k] for k in ("step", "knn_top1", "linear_top1") if k in record}
         return {"file": str(self.path), "every": self.cfg.every, "knn_k": self.knn.k,
-                "knn_temperature": self.knn.temperature, "evaluations": len({r["step"] for r in self.records}),
-                "failures": self.failures, "seconds": self.seconds, "last": last}
+                "knn_temperature": self.knn.temperature, "max_images": self.cfg.max_images,
+                "evaluations": len({r["step"] for r in self.records}), "failures": self.failures,
+                "seconds": self.seconds, "timeline": self.timeline, "last": last}
 
     # ----- evaluation -------------------------------------------------------------------------
     def _evaluate(self, step: int, images_seen: int) -> None:
         self.last_evaluated = step
         if self.main:
             start = time.perf_counter()
+            undecoded = [p for p in self.probes if p.train is None]
             rows = self._evaluate_all(step, images_seen)
-            seconds = time.perf_counter() - start
+            end = time.perf_counter()
+            seconds = end - start
             self.seconds += seconds
+            self.timeline.append({"step": step, "seconds": seconds,
+                                  "decode_seconds": sum(p.decode_seconds for p in undecoded),
+                                  "train_seconds": None if self._last_end is None else start - self._last_end})
+            self._last_end = end
+            if self.cfg.max_images and any(p.train is not None for p in undecoded):
+                self._write_images()
             self._publish(step, rows, seconds)
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
@@ -169,14 +203,15 @@ class Monitor:
         start = time.perf_counter()
         row: dict[str, Any] = {"step": step, "probe": probe.name}
         try:
-            train, val = probe.decoded(self.backbone)
+            train, val = probe.decoded(self.backbone, self.cfg.max_images)
             train_feats = embed_split(self.backbone, train, device, self.cfg.batch_size)
             val_feats = embed_split(self.backbone, val, device, self.cfg.batch_size)
             row["knn_top1"] = knn_eval(train_feats, val_feats, self.knn, device)["top1"]
             if self.cfg.linear:
                 row["linear_top1"] = self._linear_top1(train_feats, val_feats, device)
             row.update(num_classes=len(train.class_names), train_images=len(train), val_images=len(val),
-                       skipped_images=len(train.skipped) + len(val.skipped))
+                       skipped_images=len(train.skipped) + len(val.skipped), train_files=train.files,
+                       val_files=val.files)
         except Exception as err:  # noqa: BLE001 - a failed evaluation must not end the run
             self.failures += 1
             row["error"] = f"{type(err).__name__}: {err}"
@@ -210,6 +245,13 @@ class Monitor:
         self.accelerator.log(scalars, step=step)
         if self.live is not None:
             self.live.set_monitor(rows, self.failures)
+
+    def _write_images(self) -> None:
+        path = self.path.with_name(MONITOR_IMAGES)
+        tmp = path.with_name(f".{MONITOR_IMAGES}.tmp")
+        tmp.write_text(json.dumps({p.name: p.images() for p in self.probes if p.train is not None}, indent=1),
+                       encoding="utf-8")
+        tmp.replace(path)
 
     def _keep_records_up_to(self, step: int) -> None:
         """A fresh run starts an empty ``monitor.jsonl``; a resumed one keeps the lines up to its step."""

@@ -16,14 +16,15 @@ from torchvision import transforms
 
 from trainer.eval.backbones import EvalBackbone
 from trainer.eval.features import FeatureSet, eval_transform, make_loader
-from trainer.eval.imagefolder import ImageFolderDataset
+from trainer.eval.imagefolder import ImageFolderDataset, balanced_subset
 
 
 @dataclass
 class DecodedSplit:
     """One split of a probe, decoded once: ``images`` uint8 ``[N, 3, S, S]`` (resized and centre-cropped
     as ``stablerep-eval``'s eval view), ``labels`` int64 ``[N]``, ``paths`` the ``N`` files,
-    ``skipped`` the files that could not be decoded, ``files`` the image files of the folder."""
+    ``skipped`` the files that could not be decoded, ``files`` the image files of the folder (more than
+    ``N + len(skipped)`` when a subset was drawn)."""
 
     root: Path
     class_names: list[str]
@@ -37,10 +38,14 @@ class DecodedSplit:
         return len(self.labels)
 
 
-def decode_split(root: Path, backbone: EvalBackbone, classes: list[str] | None = None) -> DecodedSplit:
-    """Decode every image under ``root`` (an ImageFolder) once into a :class:`DecodedSplit`."""
+def decode_split(root: Path, backbone: EvalBackbone, classes: list[str] | None = None,
+                 max_images: int = 0) -> DecodedSplit:
+    """Decode the images under ``root`` (an ImageFolder) once into a :class:`DecodedSplit`: all of them,
+    or with ``max_images > 0`` the class-balanced subset :func:`balanced_subset` draws (seed 0)."""
     view = eval_transform(backbone).transforms  # [Resize, CenterCrop, ToTensor, Normalize]
     folder = ImageFolderDataset(root, transforms.Compose([*view[:2], transforms.PILToTensor()]), classes=classes)
+    files = len(folder)
+    folder.samples = balanced_subset(folder.samples, max_images)
     images, labels, paths, skipped = [], [], [], []
     for batch in make_loader(folder, batch_size=256, workers=0):
         skipped.extend(folder.path(i) for i in batch.skipped)
@@ -51,7 +56,7 @@ def decode_split(root: Path, backbone: EvalBackbone, classes: list[str] | None =
     if not images:
         raise ValueError(f"no decodable image in {root} ({len(skipped)} unreadable files)")
     return DecodedSplit(Path(root), list(folder.class_names), torch.cat(images), torch.cat(labels), paths, skipped,
-                        len(folder))
+                        files)
 
 
 def embed_split(backbone: EvalBackbone, split: DecodedSplit, device: torch.device, batch_size: int = 256) -> FeatureSet:

@@ -6,6 +6,7 @@ an image that cannot be decoded is skipped and counted (``skipped`` lists the pa
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,6 +62,25 @@ def scan_image_folder(
             )
         samples.extend((p, index[name]) for p in files)
     return list(classes), samples
+
+
+def balanced_subset(samples: Sequence[tuple[Path, int]], max_images: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """A class-balanced subset of ``samples`` of at most ``max_images`` (at least one per class).
+
+    Every class keeps ``max(1, max_images // classes)`` of its samples (all of them when it has fewer),
+    drawn by a generator seeded with ``seed`` and the class label: the same folder gives the same
+    subset in every call and every run. The order of ``samples`` is kept. ``max_images <= 0``: all.
+    """
+    by_class: dict[int, list[int]] = {}
+    for position, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(position)
+    if max_images <= 0 or len(samples) <= max_images:
+        return list(samples)
+    quota = max(1, max_images // len(by_class))
+    kept: list[int] = []
+    for label, positions in by_class.items():
+        kept.extend(positions if len(positions) <= quota else random.Random(f"{seed}:{label}").sample(positions, quota))
+    return [samples[i] for i in sorted(kept)]
 
 
 @dataclass
