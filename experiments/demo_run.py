@@ -94,13 +94,7 @@ class DemoRun:
             shutil.rmtree(snapshot_dir)
         self.progress.enter("training", "step 0 (building the model)")
         snapshots = {0: export_initial_backbone(cfg, snapshot_dir / "step-000000")}
-        command = ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
-                   "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
-                   "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
-                   "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress",
-                   # The procedural renderer outruns a CPU trainer many times over; unthrottled it takes a
-                   # core the trainer needs and most of its groups are evicted unseen.
-                   "--max-groups-per-s", str(GENERATOR_GROUPS_PER_S)]
+        command = generator_args(plan, cfg, captions, endpoint)
         log(f"starting the procedural generator service at {endpoint}")
         self.progress.enter("training", "connecting to the generator")
         with GeneratorProcess(command, log_path=out / "generator.log") as generator:
@@ -153,6 +147,17 @@ class DemoRun:
         return write_demo_report(self.out, plan=asdict(self.plan), summary=self.summary or {}, probes=self.probes,
                                  timings=self.timings, fewshot=self.fewshot, generator=self.generator,
                                  stopped_at=stopped_at)
+
+
+def generator_args(plan: DemoPlan, cfg, captions: Path, endpoint: str) -> list[str]:
+    """``stablerep-generator serve`` flags of the demo: procedural, throttled, bound to ``endpoint``."""
+    return ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
+            "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
+            "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
+            "--drain-timeout", "5", "--log-level", "WARNING", "--no-progress",
+            # The procedural renderer outruns a CPU trainer many times over; unthrottled it takes a
+            # core the trainer needs and most of its groups are evicted unseen.
+            "--max-groups-per-s", str(GENERATOR_GROUPS_PER_S)]
 
 
 def run_probes_only(plan: DemoPlan, trainer_argv: list[str], out: Path) -> int:
