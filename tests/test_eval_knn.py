@@ -92,3 +92,20 @@ def test_eval_knn_cli_bad_input_exits_2(colour_split, tmp_path, capsys):
     code = eval_main(["knn", "--checkpoint", "timm:small_cnn", "--train", str(colour_split / "train"),
                       "--val", str(colour_split / "val"), "--knn-k", "0", "--workers", "0"])
     assert code == 2 and "k-NN k" in capsys.readouterr().err
+
+
+def test_balanced_subset_keeps_the_same_share_of_every_class_and_is_the_same_in_every_call(tmp_path):
+    from pathlib import Path
+
+    from trainer.eval.imagefolder import balanced_subset
+
+    samples = [(Path(f"c{label}/{i:03d}.png"), label) for label, count in ((0, 40), (1, 25), (2, 3)) for i in range(count)]
+    subset = balanced_subset(samples, max_images=30)
+    counts = {label: sum(1 for _, lab in subset if lab == label) for label in (0, 1, 2)}
+    assert counts == {0: 10, 1: 10, 2: 3}  # 30 // 3 per class; a class with fewer keeps all of its own
+    assert subset == balanced_subset(list(samples), max_images=30)  # drawn by a fixed seed: the same every time
+    assert subset == sorted(subset, key=samples.index)  # in the order of the folder
+    assert subset[:10] != samples[:10]  # drawn, not the first files of each class
+    assert balanced_subset(samples, max_images=30, seed=1) != subset
+    assert balanced_subset(samples, max_images=0) == samples == balanced_subset(samples, max_images=len(samples))
+    assert len(balanced_subset(samples, max_images=2)) == 3  # at least one image per class

@@ -121,6 +121,42 @@ def test_eval_knn_on_the_exported_backbone_agrees_with_the_monitors_last_evaluat
         assert 50 < last["knn_top1"] < 100
 
 
+def test_max_images_scores_the_same_class_balanced_subset_at_every_evaluation_and_in_every_run(
+        shards, probes, tmp_path):
+    """``--monitor-max-images 10`` on a probe of 2 classes x 13-17 images per split: 5 per class, the same
+    files at every step and in a second run, and ``stablerep-eval knn`` on exactly those files agrees with
+    the monitor's last evaluation. (The probes of the other tests are below the default of 512 per split:
+    they are scored whole.)"""
+    mixed = probes[2]
+    listed = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        assert cli.main(args(shards, out, 2, "--monitor", str(mixed), "--monitor-every", "1",
+                             "--monitor-max-images", "10")) == 0
+        rows = records(out)
+        assert [r["step"] for r in rows] == [0, 1, 2]
+        for row in rows:
+            assert (row["train_images"], row["val_images"], row["train_files"], row["val_files"]) == (10, 10, 30, 30)
+        summary = json.loads((out / "train_summary.json").read_text())["monitor"]
+        assert summary["max_images"] == 10 and [t["step"] for t in summary["timeline"]] == [0, 1, 2]
+        listed.append(json.loads((out / "monitor_images.json").read_text())["mixed"])
+    assert listed[0] == listed[1]  # the same subset in every run on the same folder
+    for split in ("train", "val"):
+        assert sorted(Path(p).parent.name for p in listed[0][split]) == ["a"] * 5 + ["b"] * 5
+
+    subset = tmp_path / "subset"  # the monitor's images as folders, scored by the standalone evaluation
+    for split in ("train", "val"):
+        for path in map(Path, listed[0][split]):
+            (subset / split / path.parent.name).mkdir(parents=True, exist_ok=True)
+            (subset / split / path.parent.name / path.name).write_bytes(path.read_bytes())
+    result = tmp_path / "knn.json"
+    assert eval_main(["knn", "--checkpoint", str(tmp_path / "second"), "--train", str(subset / "train"),
+                      "--val", str(subset / "val"), "--workers", "0", "--device", "cpu", "--output", str(result)]) == 0
+    standalone = json.loads(result.read_text())
+    assert standalone["train_images"] == 10 and standalone["val_images"] == 10
+    assert abs(standalone["top1"] - rows[-1]["knn_top1"]) <= 0.5
+
+
 def test_the_monitor_leaves_training_unchanged(shards, probes, tmp_path):
     """Same seed with and without the monitor: the same losses step by step (RNG and BatchNorm train mode
     restored after every evaluation of the small CNN, whose backbone has BatchNorm)."""
@@ -190,7 +226,8 @@ def test_bad_probe_folders_exit_2_before_training_naming_the_folder(case, messag
 
 def test_bad_monitor_settings_exit_2(shards, probes, tmp_path, capsys):
     colours = probes[0]
-    for flag, value in (("--monitor-every", "0"), ("--knn-k", "0"), ("--knn-temperature", "-1")):
+    for flag, value in (("--monitor-every", "0"), ("--knn-k", "0"), ("--knn-temperature", "-1"),
+                        ("--monitor-max-images", "-1")):
         code = cli.main(args(shards, tmp_path / "run", 2, "--monitor", str(colours), flag, value))
         assert code == 2 and f"monitor.{flag.lstrip('-').replace('-', '_').removeprefix('monitor_')}" in capsys.readouterr().err
 
