@@ -105,8 +105,8 @@ def monitored_run(plan, base: Path, max_images: int, trainer_argv: list[str] = (
         summary = _train(cfg, generator, lambda msg: print(f"[monitor bench] {msg}", flush=True))
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
-    return {"max_images": max_images, "output": str(out), "wall_s": wall, "train_images_per_s":
-            summary.get("train_images_per_s"), **costs(summary["monitor"]["timeline"], plan.probe_every),
+    return {"max_images": max_images, "output": str(out), "wall_s": wall,
+            "train_images_per_s": summary["images_per_s"], **costs(summary["monitor"]["timeline"], plan.probe_every),
             "images_per_evaluation": sum(r.get("train_images", 0) + r.get("val_images", 0)
                                          for r in rows if r["step"] == 0),
             "knn_top1_last": {r["probe"]: r.get("knn_top1") for r in rows if r["step"] == plan.steps}}

@@ -98,3 +98,17 @@ def test_augment_quick(tmp_path, capsys):
     assert results["batch"] == 16 and results["images_per_s"] > 0 and results["goal_images_per_s"] == 30_000
     assert main(["augment", "--batch", "0", "--output", str(tmp_path)]) == 2
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_monitor_quick_times_evaluations_against_training_in_one_run(tmp_path):
+    assert main(["monitor", "--quick", "--max-images", "8", "0", "--output", str(tmp_path)]) == 0
+    r = _results(tmp_path, "monitor")
+    assert r["steps"] == 4 and r["every"] == 2 and [run["max_images"] for run in r["runs"]] == [8, 0]
+    subset, whole = r["runs"]
+    assert subset["images_per_evaluation"] == 16 and whole["images_per_evaluation"] == 8 * 8 + 8 * 4  # 8 colours
+    for run in r["runs"]:
+        assert run["first_eval_s"] >= run["decode_s"] > 0 and len(run["eval_s_each"]) == 2
+        assert run["eval_share"] == pytest.approx(run["eval_s"] / run["train_s_per_interval"])
+        assert set(run["demo_share"]) == {"250", "500", "1000"}
+        assert set(run["knn_top1_last"]) == {"probe_colour"}
+    assert (tmp_path / "monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

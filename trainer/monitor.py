@@ -249,6 +249,7 @@ class Monitor:
     def _write_images(self) -> None:
         path = self.path.with_name(MONITOR_IMAGES)
         tmp = path.with_name(f".{MONITOR_IMAGES}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({p.name: p.images() for p in self.probes if p.train is not None}, indent=1),
                        encoding="utf-8")
         tmp.replace(path)
