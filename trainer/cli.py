@@ -131,7 +131,7 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("run", ("--metrics-port",), "run.metrics_port",
      dict(type=int, metavar="PORT", help="serve Prometheus metrics (stablerep_trainer_*) on this port (0: any)")),
     ("monitor", ("--monitor", "--monitor-dirs"), "monitor.dirs", dict(nargs="+", metavar="DIR", help="probe ImageFolders with train/ and val/ (as `stablerep-generator probe-set` writes): weighted k-NN of the backbone on each, to OUTPUT/monitor.jsonl (under torchrun / accelerate launch write --monitor-dirs: their parsers read --monitor as their --monitor-interval)")),
-    ("monitor", ("--monitor-every",), "monitor.every", dict(type=int, metavar="STEPS", help="steps between monitor evaluations (also at step 0 and the last step)")),
+    ("monitor", ("--monitor-every",), "monitor.every", dict(type=int, metavar="STEPS", help="steps between monitor evaluations (also at step 0 and the last step); the default keeps the monitor of the demo's probe sets at the default --monitor-max-images under 5%% of the training time (benchmarks/RESULTS.md)")),
     ("monitor", ("--knn-k",), "monitor.knn_k", dict(type=int, help="k-NN neighbours per query")),
     ("monitor", ("--knn-temperature",), "monitor.knn_temperature", dict(type=float, help="k-NN vote weight exp(cosine / T)")),
     ("monitor", ("--monitor-linear",), "monitor.linear", dict(action="store_const", const=True, help="also a quick linear probe on the monitor's features")),
