@@ -154,8 +154,14 @@ class Monitor:
         if not curves:
             return {}
         return {"probe_curves": curves, "chance_accuracy": chance, "initial_accuracy": initial,
-                "accuracy_title": f"k-NN (k={self.knn.k}, T={self.knn.temperature:g}) on held-out images",
+                "accuracy_title": f"k-NN (k={self.knn.k}, T={self.knn.temperature:g}) on held-out images"
+                                  + (f" (subsets of {self.cfg.max_images} per split)" if self._subsampled() else ""),
                 "legend_title": "probe folder"}
+
+    def _subsampled(self) -> bool:
+        """Whether some split scored fewer of its files than it has (a ``--monitor-max-images`` subset)."""
+        return any(split.files > len(split) + len(split.skipped)
+                   for probe in self.probes for split in (probe.train, probe.val) if split is not None)
 
     def summary(self) -> dict[str, Any] | None:
         if not self.enabled:
