@@ -150,7 +150,7 @@ class DemoRun:
 
 
 def generator_args(plan: DemoPlan, cfg, captions: Path, endpoint: str) -> list[str]:
-    """``stablerep-generator serve`` flags of the demo: procedural, throttled, bound to ``endpoint``."""
+    """The generator service flags of the demo (``stablerep-generator ARGS``): procedural, throttled, bound to ``endpoint``."""
     return ["--captions", str(captions), "--backend", "procedural", "--gpus", f"cpu:{plan.generator_workers}",
             "--bind", endpoint, "--seed", str(plan.seed), "--save-size", str(cfg.data.image_size or 64),
             "--images-per-group", str(max(cfg.data.draw_per_caption, 4)),
