@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tarfile
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -159,7 +160,7 @@ class WorkerItem:
 def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequence[OfficialTable],
                fetched: bytes | BaseException | None = None) -> RawSample:
     """Global sample ``g`` as a :class:`RawSample` (one ``pread`` for a tar sample, or its bytes
-    ``fetched`` already, see :func:`fetch_remote`)."""
+    ``fetched`` already, see :class:`PlanFetcher`)."""
     p, k = index.locate(g)
     part = parts[p]
     if isinstance(part, RowsPart):
@@ -177,25 +178,46 @@ def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequen
     return RawSample(key, files)
 
 
-#: Remote samples a worker fetches at once (one ranged GET each, concurrently): an object store's
-#: latency is paid once per chunk, not once per group.
+#: Remote samples a worker keeps fetching ahead of its decoding, in plan order (one ranged GET each,
+#: concurrently): an object store's round trip overlaps the other GETs and the decoding, and a worker
+#: holds at most this many fetched groups. 1 = one GET at a time, when the sample is decoded.
 FETCH_AHEAD = 32
 
 
-def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Part]) -> dict[int, bytes | BaseException]:
-    """The bytes of the tar samples among ``samples`` that live in an object store, fetched concurrently."""
-    wanted = []
-    for g in samples:
-        part = parts[index.locate(g)[0]]
-        if isinstance(part, TarPart) and storage.is_remote(part.path):
-            wanted.append((g, part.path, *index.byte_range(g)))
-    if not wanted:
-        return {}
-    try:
-        found = storage.read_ranges([(path, start, end) for _, path, start, end in wanted])
-    except Exception as exc:  # noqa: BLE001 - the store failed as a whole: every sample of the chunk reports it
-        return {g: exc for g, *_ in wanted}
-    return {g: data for (g, *_), data in zip(wanted, found)}
+class PlanFetcher:
+    """Ranged GETs of the remote tar samples of one worker's plan, started up to ``ahead`` positions
+    before the decoding reaches them and collected in plan order (:meth:`take`)."""
+
+    def __init__(self, order: Sequence[int], index: SampleIndex, parts: Sequence[Part], remote: Sequence[bool],
+                 ahead: int) -> None:
+        self.order, self.index, self.parts, self.remote = order, index, parts, remote
+        self.ahead = max(1, int(ahead))
+        self.fetcher = storage.RangeFetcher(threads=self.ahead)
+        self.started: dict[int, Future] = {}  # plan position -> its GET
+        self.next_position = 0  # first plan position not looked at yet
+
+    def take(self, position: int) -> bytes | BaseException | None:
+        """The bytes of the sample at plan ``position`` (its exception if the GET failed), or ``None``
+        for a local sample; starts the GETs of the positions up to ``position + ahead - 1``."""
+        last = min(position + self.ahead, len(self.order))
+        while self.next_position < last:
+            g = self.order[self.next_position]
+            p = self.index.locate(g)[0]
+            if self.remote[p]:
+                start, end = self.index.byte_range(g)
+                self.started[self.next_position] = self.fetcher.submit(self.parts[p].path, int(start), int(end))
+            self.next_position += 1
+        future = self.started.pop(position, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - deleted or unreadable: the sample is counted and skipped
+            return exc
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.started.clear()
 
 
 def iterate_samples(
@@ -209,21 +231,36 @@ def iterate_samples(
     seed: int,
     n: int,
     image_size: int,
+    fetch_ahead: int | None = None,
 ) -> Iterator[WorkerItem]:
     """Decode the global samples ``samples`` in order, one :class:`WorkerItem` each (a skipped sample
-    is logged and sent as ``group=None``, so the main process counts every position it was given)."""
+    is logged and sent as ``group=None``, so the main process counts every position it was given).
+
+    Samples in an object store are fetched ``fetch_ahead`` positions ahead (:class:`PlanFetcher`;
+    ``None``: :data:`FETCH_AHEAD`); local ones are read with one ``pread`` when decoded."""
     namespaced = needs_namespacing(part_namespace(p, tables) for p in parts)
-    warned_short = False
     order = samples.tolist()
-    fetched: dict[int, bytes | BaseException] = {}
+    remote = [isinstance(p, TarPart) and storage.is_remote(p.path) for p in parts]  # per part: in an object store
+    ahead = FETCH_AHEAD if fetch_ahead is None else fetch_ahead
+    fetcher = PlanFetcher(order, index, parts, remote, ahead) if any(remote) else None
+    try:
+        yield from _decode_in_order(order, index, parts, tables, fetcher, worker=worker, epoch=epoch, seed=seed,
+                                    n=n, image_size=image_size, namespaced=namespaced)
+    finally:
+        if fetcher is not None:
+            fetcher.close()
+
+
+def _decode_in_order(order: list[int], index: SampleIndex, parts: Sequence[Part], tables: Sequence[OfficialTable],
+                     fetcher: PlanFetcher | None, *, worker: int, epoch: int, seed: int, n: int, image_size: int,
+                     namespaced: bool) -> Iterator[WorkerItem]:
+    warned_short = False
     for i, g in enumerate(order):
-        if i % FETCH_AHEAD == 0:
-            fetched = fetch_remote(order[i : i + FETCH_AHEAD], index, parts)
         part = parts[index.locate(g)[0]]
         rng = np.random.default_rng([seed, epoch, g, 1])
         try:
             try:
-                sample = raw_sample(g, index, parts, tables, fetched.pop(g, None))
+                sample = raw_sample(g, index, parts, tables, fetcher.take(i) if fetcher is not None else None)
             except (OSError, tarfile.TarError, StorageError) as exc:
                 raise CorruptSample(f"sample {g}: {type(exc).__name__}: {exc}") from exc
             group = decode_sample(sample, n, image_size, rng, part_namespace(part, tables) if namespaced else None)
