@@ -12,23 +12,29 @@ Measures, on shard sets written here (tiny images, so disk and time stay small):
 - **read rate**: groups/s read and decoded by one process (what one DataLoader worker does), from
   local disk and, when moto is installed, from a local S3 server (moto on 127.0.0.1), by this reader
   (global shuffle, one ranged read per group) and by plain ``webdataset`` reading the same shards in
-  order (its usual use; S3 through an fsspec opener).
+  order (its usual use; S3 through an fsspec opener). The S3 server runs in its own process, as a
+  store does; the reader is timed at each ``--fetch-ahead`` (ranged GETs a worker keeps in flight).
 """
 from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from protocol.shards import Manifest, ShardIndex, ShardRecord, index_name, shard_name, write_manifest
+from trainer.data.sources import offline_reader
+from trainer.data.sources.offline_reader import FETCH_AHEAD
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per point, best kept (default: %(default)s)")
     parser.add_argument("--scan", action="store_true", help="also time the first start on tars without indexes")
     parser.add_argument("--no-s3", action="store_true", help="skip the local S3 server measurements")
+    parser.add_argument("--fetch-ahead", default=str(FETCH_AHEAD),
+                        help="ranged GETs in flight per worker for the S3 reader, comma-separated (default: %(default)s)")
     parser.add_argument("--workdir", help="where the shard sets go (default: a temp folder, deleted after)")
     parser.add_argument("--quick", action="store_true", help="sizes 200,2000, 200 groups read (tests the code path)")
 
@@ -160,42 +168,77 @@ def _use_fsspec_in_webdataset() -> None:
     gopen_schemes["s3"] = open_fsspec
 
 
-def _s3_rates(local: Path, m: int, groups: int, shards: int) -> dict[str, float]:
-    """Upload ``local`` to a moto server on 127.0.0.1 and measure both readers from it."""
-    import socket
+def rate_reader_ahead(data: str, m: int, groups: int, ahead: int) -> float:
+    """:func:`rate_reader` with ``ahead`` ranged GETs in flight (the reader runs in this process)."""
+    saved = offline_reader.FETCH_AHEAD
+    offline_reader.FETCH_AHEAD = ahead
+    try:
+        return rate_reader(data, m, groups)
+    finally:
+        offline_reader.FETCH_AHEAD = saved
 
-    import boto3
-    from moto.server import ThreadedMotoServer
 
+@contextmanager
+def s3_server_process() -> Iterator[str]:
+    """moto's S3 server in its own process on a free port of 127.0.0.1; yields the endpoint URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="bench")
-        for entry in sorted(local.iterdir()):
-            client.upload_file(str(entry), "bench", f"shards/{entry.name}")
-        _use_fsspec_in_webdataset()
-        return {"reader_s3": rate_reader("s3://bench/shards", m, groups),
-                "webdataset_s3": rate_webdataset([f"s3://bench/shards/{shard_name(k)}" for k in range(shards)], groups)}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], repeats: int) -> dict[str, float]:
+    """Upload ``local`` to a moto server on 127.0.0.1 and measure both readers from it (best of
+    ``repeats`` interleaved runs)."""
+    import boto3
+
+    rates: dict[str, float] = {}
+    with s3_server_process() as endpoint:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            client = boto3.client("s3")
+            client.create_bucket(Bucket="bench")
+            for entry in sorted(local.iterdir()):
+                client.upload_file(str(entry), "bench", f"shards/{entry.name}")
+            _use_fsspec_in_webdataset()
+            urls = [f"s3://bench/shards/{shard_name(k)}" for k in range(shards)]
+            for _ in range(repeats):
+                for ahead in aheads:
+                    name = "reader_s3" if ahead == aheads[0] else f"reader_s3_ahead{ahead}"
+                    rates[name] = max(rates.get(name, 0.0), rate_reader_ahead("s3://bench/shards", m, groups, ahead))
+                rates["webdataset_s3"] = max(rates.get("webdataset_s3", 0.0), rate_webdataset(urls, groups))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return rates
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     sizes = [200, 2000] if args.quick else [int(s) for s in str(args.sizes).split(",")]
+    aheads = [int(a) for a in str(args.fetch_ahead).split(",")]
+    if min(aheads) < 1:
+        raise ValueError(f"--fetch-ahead must be >= 1, got {args.fetch_ahead}")
     read_groups = 200 if args.quick else args.read_groups
     m, size, shard_size = args.images_per_group, args.image_size, args.shard_size
     if args.quick:
@@ -244,7 +287,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
             except ImportError:
                 results["s3_skipped"] = "moto or s3fs not installed (pip install 'stablerep[s3]' 'moto[server]')"
             else:
-                rates.update(_s3_rates(read_set, m, read_groups, shards))
+                rates.update(_s3_rates(read_set, m, read_groups, shards, aheads, args.repeats))
         results["groups_per_s_one_process"] = rates
     finally:
         if not args.workdir:
@@ -258,7 +301,8 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
                      f"{p['index_bytes_per_group']:>14.1f} {p.get('first_start_unindexed_s', float('nan')):>22.2f} "
                      f"{'images' if p['image_data'] else 'index only'}")
     lines.append(f"groups/s read and decoded by one process ({read_groups} groups of the {sizes[0]}-group set, "
-                 f"best of {args.repeats} interleaved runs locally, one run from S3):")
+                 f"best of {args.repeats} interleaved runs; S3: moto in its own process on 127.0.0.1, "
+                 f"reader_s3 at --fetch-ahead {aheads[0]}):")
     lines += [f"  {name:<18} {value:>10.0f}" for name, value in rates.items()]
     if args.quick:
         lines.append("(--quick: tests the code path; the numbers say nothing about speed)")
