@@ -185,7 +185,7 @@ def info_identity(info: dict[str, Any]) -> tuple[int, str]:
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return size, f"etag:{str(etag).strip(chr(34))}"
-    mtime = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or ""
+    mtime = info.get("LastModified") or info.get("Last-Modified") or info.get("mtime") or info.get("last_modified") or ""
     return size, f"mtime:{mtime}"
 
 
@@ -227,7 +227,10 @@ def exists(target: str) -> bool:
 
 
 def list_names(directory: str) -> dict[str, tuple[int, str]]:
-    """``{file name: (size, identity)}`` of the files directly in ``directory`` ({} when missing)."""
+    """``{file name: (size, identity)}`` of the files directly in ``directory`` ({} when missing).
+
+    One LIST for an object store; a store whose listing has no sizes (an HTTP folder page) is also
+    asked for each file's size (one HEAD per file)."""
     path = local_path(directory)
     if path is not None:
         if not os.path.isdir(path):
@@ -243,7 +246,10 @@ def list_names(directory: str) -> dict[str, tuple[int, str]]:
         entries = fs.ls(inner, detail=True, refresh=True)
     except FileNotFoundError:
         return {}
-    return {posixpath.basename(e["name"].rstrip("/")): info_identity(e) for e in entries if e.get("type") != "directory"}
+    files = [e for e in entries if e.get("type") != "directory"]
+    # an HTTP folder page lists names without sizes: each such file is asked for its own (one HEAD)
+    return {posixpath.basename(e["name"].rstrip("/")): info_identity(e if e.get("size") is not None else fs.info(e["name"]))
+            for e in files}
 
 
 def remove(target: str) -> None:
