@@ -103,3 +103,22 @@ def test_a_shard_deleted_while_fetching_ahead_is_counted_and_skipped(shards: Pat
     assert len(set(epoch_0)) == len(epoch_0) and intact <= set(epoch_0)
     assert sorted(cid for e, cid in read if e == 1) == sorted(intact)
     assert remote.stats()["skipped_corrupt"] >= (SHARDS * PER_SHARD - len(epoch_0)) + PER_SHARD
+
+
+def test_a_store_without_async_reads_fetches_ahead_on_threads(tmp_path):
+    """fsspec's in-memory filesystem has no async API: its GETs run on the fetcher's threads."""
+    fsspec = pytest.importorskip("fsspec")
+    local_dir = tmp_path / "shards"
+    write_generator_dir(local_dir, shards=SHARDS, per_shard=PER_SHARD, m=M)
+    store = fsspec.filesystem("memory")
+    assert not store.async_impl
+    for entry in sorted(local_dir.iterdir()):
+        store.pipe_file(f"/fetch-ahead/shards/{entry.name}", entry.read_bytes())
+    try:
+        local = OfflineSource(str(local_dir), captions_per_rank=4, draw_per_caption=2, num_workers=0)
+        remote = OfflineSource("memory://fetch-ahead/shards", captions_per_rank=4, draw_per_caption=2, num_workers=0)
+        expected = plan_items(local, fetch_ahead=1)[1]
+        for ahead in (1, 4):
+            assert plan_items(remote, fetch_ahead=ahead)[1] == expected, ahead
+    finally:
+        store.rm("/fetch-ahead", recursive=True)
