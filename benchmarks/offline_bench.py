@@ -13,7 +13,9 @@ Measures, on shard sets written here (tiny images, so disk and time stay small):
   local disk and, when moto is installed, from a local S3 server (moto on 127.0.0.1), by this reader
   (global shuffle, one ranged read per group) and by plain ``webdataset`` reading the same shards in
   order (its usual use; S3 through an fsspec opener). The S3 server runs in its own process, as a
-  store does; the reader is timed at each ``--fetch-ahead`` (ranged GETs a worker keeps in flight).
+  store does; the reader is timed at each ``--fetch-ahead`` (ranged GETs a worker keeps in flight),
+  and ``store_gets_s3`` is the ranged GETs/s the server answers without any decoding (the ceiling
+  of a reader with one GET per group).
 """
 from __future__ import annotations
 
@@ -202,6 +204,25 @@ def s3_server_process() -> Iterator[str]:
         server.wait(timeout=30)
 
 
+def rate_store_gets(url: str, groups: int, ahead: int) -> float:
+    """Ranged GETs/s the store answers for the samples of the tar ``url`` (``ahead`` in flight, no
+    decoding): the most groups/s any reader with one GET per group gets from it."""
+    from infra import storage
+
+    ranges = ShardIndex.from_bytes(storage.read_bytes(url + ".idx"), url + ".idx").ranges
+    fetcher = storage.RangeFetcher(threads=ahead)
+    started: list = []
+    start = time.perf_counter()
+    for k in range(groups):
+        begin, end = ranges[k % len(ranges)]
+        started.append(fetcher.submit(url, int(begin), int(end)))
+        if len(started) >= ahead:
+            started.pop(0).result()
+    for future in started:
+        future.result()
+    return groups / (time.perf_counter() - start)
+
+
 def _s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], repeats: int) -> dict[str, float]:
     """Upload ``local`` to a moto server on 127.0.0.1 and measure both readers from it (best of
     ``repeats`` interleaved runs)."""
@@ -225,6 +246,7 @@ def _s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], 
                     name = "reader_s3" if ahead == aheads[0] else f"reader_s3_ahead{ahead}"
                     rates[name] = max(rates.get(name, 0.0), rate_reader_ahead("s3://bench/shards", m, groups, ahead))
                 rates["webdataset_s3"] = max(rates.get("webdataset_s3", 0.0), rate_webdataset(urls, groups))
+                rates["store_gets_s3"] = max(rates.get("store_gets_s3", 0.0), rate_store_gets(urls[0], groups, aheads[0]))
         finally:
             for key, value in saved.items():
                 if value is None:
