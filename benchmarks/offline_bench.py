@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per point, best kept (default: %(default)s)")
     parser.add_argument("--scan", action="store_true", help="also time the first start on tars without indexes")
     parser.add_argument("--no-s3", action="store_true", help="skip the local S3 server measurements")
+    parser.add_argument("--store-latency-ms", type=float, default=0.0,
+                        help="delay each request to the S3 server by this much (a remote store's round trip)")
     parser.add_argument("--fetch-ahead", default=str(FETCH_AHEAD),
                         help="ranged GETs in flight per worker for the S3 reader, comma-separated (default: %(default)s)")
     parser.add_argument("--workdir", help="where the shard sets go (default: a temp folder, deleted after)")
@@ -180,14 +182,18 @@ def rate_reader_ahead(data: str, m: int, groups: int, ahead: int) -> float:
         offline_reader.FETCH_AHEAD = saved
 
 
-@contextmanager
-def s3_server_process() -> Iterator[str]:
-    """moto's S3 server in its own process on a free port of 127.0.0.1; yields the endpoint URL."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _process_on_port(command: list[str], port: int, what: str) -> Iterator[str]:
+    """Run ``command`` (a server listening on ``port`` of 127.0.0.1) until the block ends; yields its URL."""
+    repo = str(Path(__file__).resolve().parents[1])  # for ``python -m benchmarks...`` from any folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -196,12 +202,29 @@ def s3_server_process() -> Iterator[str]:
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                    raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}") from None
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextmanager
+def s3_server_process(latency_ms: float = 0.0) -> Iterator[tuple[str, str]]:
+    """moto's S3 server in its own process on a free port of 127.0.0.1; yields ``(endpoint the readers
+    use, the server's own endpoint)``: with ``latency_ms``, the readers' one is a proxy that delays
+    each request by that much (:mod:`benchmarks.latency_proxy`)."""
+    port = _free_port()
+    with _process_on_port([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port,
+                          "moto's S3 server") as direct:
+        if not latency_ms:
+            yield direct, direct
+            return
+        proxy_port = _free_port()
+        with _process_on_port([sys.executable, "-m", "benchmarks.latency_proxy", str(proxy_port), str(port),
+                               str(latency_ms)], proxy_port, "the latency proxy") as delayed:
+            yield delayed, direct
 
 
 def rate_store_gets(url: str, groups: int, ahead: int) -> float:
@@ -223,19 +246,20 @@ def rate_store_gets(url: str, groups: int, ahead: int) -> float:
     return groups / (time.perf_counter() - start)
 
 
-def _s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], repeats: int) -> dict[str, float]:
+def _s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], repeats: int,
+              latency_ms: float = 0.0) -> dict[str, float]:
     """Upload ``local`` to a moto server on 127.0.0.1 and measure both readers from it (best of
     ``repeats`` interleaved runs)."""
     import boto3
 
     rates: dict[str, float] = {}
-    with s3_server_process() as endpoint:
+    with s3_server_process(latency_ms) as (endpoint, direct):
         env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                "AWS_DEFAULT_REGION": "us-east-1"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            client = boto3.client("s3")
+            client = boto3.client("s3", endpoint_url=direct)
             client.create_bucket(Bucket="bench")
             for entry in sorted(local.iterdir()):
                 client.upload_file(str(entry), "bench", f"shards/{entry.name}")
@@ -261,6 +285,8 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
     aheads = [int(a) for a in str(args.fetch_ahead).split(",")]
     if min(aheads) < 1:
         raise ValueError(f"--fetch-ahead must be >= 1, got {args.fetch_ahead}")
+    if args.store_latency_ms < 0:
+        raise ValueError(f"--store-latency-ms must be >= 0, got {args.store_latency_ms}")
     read_groups = 200 if args.quick else args.read_groups
     m, size, shard_size = args.images_per_group, args.image_size, args.shard_size
     if args.quick:
@@ -309,7 +335,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
             except ImportError:
                 results["s3_skipped"] = "moto or s3fs not installed (pip install 'stablerep[s3]' 'moto[server]')"
             else:
-                rates.update(_s3_rates(read_set, m, read_groups, shards, aheads, args.repeats))
+                rates.update(_s3_rates(read_set, m, read_groups, shards, aheads, args.repeats, args.store_latency_ms))
         results["groups_per_s_one_process"] = rates
     finally:
         if not args.workdir:
