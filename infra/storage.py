@@ -13,12 +13,10 @@ unreachable endpoint) become one :class:`StorageError` line naming the URL and t
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import posixpath
 import re
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 URL_PATTERN = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -110,42 +108,14 @@ def read_bytes(target: str, start: int | None = None, end: int | None = None) ->
     return fs.cat_file(inner, start=start, end=end)
 
 
-class RangeFetcher:
-    """Ranged reads started now and collected later: :meth:`submit` returns a ``Future`` of the bytes.
-
-    On an async filesystem (s3fs, gcsfs, http) the GET runs on fsspec's event loop, so any number are
-    in flight without a thread each; other filesystems (and local paths) read on up to ``threads``
-    threads. The caller bounds how many it keeps outstanding. :meth:`close` cancels what is pending.
-    """
-
-    def __init__(self, threads: int = 8) -> None:
-        self.threads = max(1, int(threads))
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: set[Future] = set()
-
-    def submit(self, target: str, start: int, end: int) -> Future:
-        """Bytes ``[start, end)`` of ``target`` (one ranged GET for a URL); a failure is the future's exception."""
-        try:
-            fs, inner = filesystem(target) if is_remote(target) else (None, target)
-            if fs is not None and getattr(fs, "async_impl", False):
-                future = asyncio.run_coroutine_threadsafe(fs._cat_file(inner, start=start, end=end), fs.loop)
-            else:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="range-fetch")
-                future = self._pool.submit(read_bytes, target, start, end)
-        except Exception as exc:  # noqa: BLE001 - no filesystem for the URL: the read fails, not the caller
-            future = Future()
-            future.set_exception(exc)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return future
-
-    def close(self) -> None:
-        for future in list(self._pending):
-            future.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+def read_ranges(ranges: list[tuple[str, int, int]]) -> list[bytes | BaseException]:
+    """Bytes ``[start, end)`` of each ``(url, start, end)``: one ranged GET each, run concurrently by
+    the filesystem (all URLs of one scheme and store); a failed range maps to its exception."""
+    if not ranges:
+        return []
+    fs, _ = filesystem(ranges[0][0])
+    paths = [filesystem(url)[1] for url, _, _ in ranges]
+    return list(fs.cat_ranges(paths, [s for _, s, _ in ranges], [e for _, _, e in ranges], on_error="return"))
 
 
 def read_many(targets: list[str]) -> dict[str, bytes | BaseException]:

@@ -1,7 +1,7 @@
-"""Fetching ahead from an object store: a worker keeps several ranged GETs in flight (one per group)
-and still yields exactly the groups of its plan, in plan order, with the same images as one GET at a
-time and as the same shards on local disk; a shard deleted while GETs are in flight is counted and
-skipped. The store is moto's real S3 server on 127.0.0.1 (tests/s3_server.py)."""
+"""Fetching ahead from an object store: a worker fetches chunks of ranged GETs (one per group), the
+next chunk while it decodes one, and still yields exactly the groups of its plan, in plan order, with
+the same images as one GET at a time and as the same shards on local disk; a shard deleted while GETs
+are in flight is counted and skipped. The store is moto's real S3 server on 127.0.0.1 (tests/s3_server.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,7 +54,7 @@ def test_fetching_ahead_yields_the_plan_in_order(shards: Path):
     samples, expected = plan_items(local, fetch_ahead=1)
     assert len(expected) == SHARDS * PER_SHARD and None not in expected
     assert [cid for cid, _ in expected] == samples.tolist() != sorted(samples.tolist())  # the shuffled plan, in order
-    for ahead in (1, 4, 64):  # one GET at a time; a window that rolls; a window longer than the plan
+    for ahead in (1, 4, 64):  # one GET at a time; chunks fetched one ahead; one chunk longer than the plan
         assert plan_items(remote, fetch_ahead=ahead)[1] == expected, ahead
 
     # the source itself, two DataLoader workers each fetching ahead: the same groups in the same order
@@ -83,9 +83,9 @@ def test_a_shard_deleted_while_fetching_ahead_is_counted_and_skipped(shards: Pat
     for position, (g, item) in enumerate(zip(plan, items)):
         if g not in gone or position < delete_after:  # read before the delete, or from an intact shard
             assert item is not None and item[0] == g, position
-        elif position >= delete_after + ahead:  # its GET started after the delete
+        elif position >= delete_after + 2 * ahead:  # its GET started after the delete (a chunk is fetched ahead)
             assert item is None, position
-    assert sum(item is None for item in items) >= sum(g in gone for g in plan[delete_after + ahead:]) > 0
+    assert sum(item is None for item in items) >= sum(g in gone for g in plan[delete_after + 2 * ahead:]) > 0
 
     # through the source: counted in skipped_corrupt, every intact group still read once per epoch
     boto3.client("s3").upload_file(str(shards / "shard-000002.tar"), "bucket", "shards/shard-000002.tar")
@@ -106,7 +106,7 @@ def test_a_shard_deleted_while_fetching_ahead_is_counted_and_skipped(shards: Pat
 
 
 def test_a_store_without_async_reads_fetches_ahead_on_threads(tmp_path):
-    """fsspec's in-memory filesystem has no async API: its GETs run on the fetcher's threads."""
+    """fsspec's in-memory filesystem has no async API: its reads run one by one on the fetcher's thread."""
     fsspec = pytest.importorskip("fsspec")
     local_dir = tmp_path / "shards"
     write_generator_dir(local_dir, shards=SHARDS, per_shard=PER_SHARD, m=M)

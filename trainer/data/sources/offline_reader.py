@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tarfile
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -178,45 +178,57 @@ def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequen
     return RawSample(key, files)
 
 
-#: Remote samples a worker keeps fetching ahead of its decoding, in plan order (one ranged GET each,
-#: concurrently): an object store's round trip overlaps the other GETs and the decoding, and a worker
-#: holds at most this many fetched groups. 1 = one GET at a time, when the sample is decoded.
+#: Remote samples a worker fetches at once (one ranged GET each, concurrently): an object store's
+#: latency is paid once per chunk, not once per group. The next chunk is fetched while this one is
+#: decoded, so a worker holds at most two chunks. 1 = one GET at a time.
 FETCH_AHEAD = 32
 
 
-class PlanFetcher:
-    """Ranged GETs of the remote tar samples of one worker's plan, started up to ``ahead`` positions
-    before the decoding reaches them and collected in plan order (:meth:`take`)."""
+def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Part]) -> dict[int, bytes | BaseException]:
+    """The bytes of the tar samples among ``samples`` that live in an object store, fetched concurrently."""
+    wanted = []
+    for g in samples:
+        part = parts[index.locate(g)[0]]
+        if isinstance(part, TarPart) and storage.is_remote(part.path):
+            wanted.append((g, part.path, *index.byte_range(g)))
+    if not wanted:
+        return {}
+    try:
+        found = storage.read_ranges([(path, int(start), int(end)) for _, path, start, end in wanted])
+    except Exception as exc:  # noqa: BLE001 - the store failed as a whole: every sample of the chunk reports it
+        return {g: exc for g, *_ in wanted}
+    return {g: data for (g, *_), data in zip(wanted, found)}
 
-    def __init__(self, order: Sequence[int], index: SampleIndex, parts: Sequence[Part], remote: Sequence[bool],
-                 ahead: int) -> None:
-        self.order, self.index, self.parts, self.remote = order, index, parts, remote
+
+class PlanFetcher:
+    """The remote tar samples of one worker's plan, fetched in chunks of ``ahead`` plan positions
+    (:func:`fetch_remote`); the chunk after the one being decoded is fetched on a thread meanwhile."""
+
+    def __init__(self, order: Sequence[int], index: SampleIndex, parts: Sequence[Part], ahead: int) -> None:
+        self.order, self.index, self.parts = order, index, parts
         self.ahead = max(1, int(ahead))
-        self.fetcher = storage.RangeFetcher(threads=self.ahead)
-        self.started: dict[int, Future] = {}  # plan position -> its GET
-        self.next_position = 0  # first plan position not looked at yet
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="offline-fetch")
+        self.started: dict[int, Future] = {}  # chunk number -> its fetch
+        self.chunk, self.fetched = -1, {}  # the chunk being decoded and its bytes by sample
+
+    def _start(self, chunk: int) -> None:
+        first = chunk * self.ahead
+        if first < len(self.order) and chunk not in self.started:
+            samples = self.order[first : first + self.ahead]
+            self.started[chunk] = self.pool.submit(fetch_remote, samples, self.index, self.parts)
 
     def take(self, position: int) -> bytes | BaseException | None:
         """The bytes of the sample at plan ``position`` (its exception if the GET failed), or ``None``
-        for a local sample; starts the GETs of the positions up to ``position + ahead - 1``."""
-        last = min(position + self.ahead, len(self.order))
-        while self.next_position < last:
-            g = self.order[self.next_position]
-            p = self.index.locate(g)[0]
-            if self.remote[p]:
-                start, end = self.index.byte_range(g)
-                self.started[self.next_position] = self.fetcher.submit(self.parts[p].path, int(start), int(end))
-            self.next_position += 1
-        future = self.started.pop(position, None)
-        if future is None:
-            return None
-        try:
-            return future.result()
-        except Exception as exc:  # noqa: BLE001 - deleted or unreadable: the sample is counted and skipped
-            return exc
+        for a local sample."""
+        chunk = position // self.ahead
+        if chunk != self.chunk:
+            self._start(chunk)
+            self._start(chunk + 1)
+            self.chunk, self.fetched = chunk, self.started.pop(chunk).result()
+        return self.fetched.pop(self.order[position], None)
 
     def close(self) -> None:
-        self.fetcher.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.started.clear()
 
 
@@ -236,13 +248,13 @@ def iterate_samples(
     """Decode the global samples ``samples`` in order, one :class:`WorkerItem` each (a skipped sample
     is logged and sent as ``group=None``, so the main process counts every position it was given).
 
-    Samples in an object store are fetched ``fetch_ahead`` positions ahead (:class:`PlanFetcher`;
+    Samples in an object store are fetched ``fetch_ahead`` at a time, a chunk ahead (:class:`PlanFetcher`;
     ``None``: :data:`FETCH_AHEAD`); local ones are read with one ``pread`` when decoded."""
     namespaced = needs_namespacing(part_namespace(p, tables) for p in parts)
     order = samples.tolist()
-    remote = [isinstance(p, TarPart) and storage.is_remote(p.path) for p in parts]  # per part: in an object store
     ahead = FETCH_AHEAD if fetch_ahead is None else fetch_ahead
-    fetcher = PlanFetcher(order, index, parts, remote, ahead) if any(remote) else None
+    remote = any(isinstance(p, TarPart) and storage.is_remote(p.path) for p in parts)
+    fetcher = PlanFetcher(order, index, parts, ahead) if remote else None
     try:
         yield from _decode_in_order(order, index, parts, tables, fetcher, worker=worker, epoch=epoch, seed=seed,
                                     n=n, image_size=image_size, namespaced=namespaced)
