@@ -13,7 +13,7 @@ Measures, on shard sets written here (tiny images, so disk and time stay small):
   local disk and, when moto is installed, from a local S3 server (moto on 127.0.0.1), by this reader
   (global shuffle, one ranged read per group) and by plain ``webdataset`` reading the same shards in
   order (its usual use; S3 through an fsspec opener). The S3 server runs in its own process, as a
-  store does; the reader is timed at each ``--fetch-ahead`` (ranged GETs a worker keeps in flight),
+  store does; the reader is timed at each ``--fetch-ahead`` (ranged GETs a worker issues at once),
   and ``store_gets_s3`` is the ranged GETs/s the server answers without any decoding (the ceiling
   of a reader with one GET per group).
 """
