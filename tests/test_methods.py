@@ -90,6 +90,26 @@ def test_method_learns_fixed_batch(name):
         assert {"i2t_loss", "t2i_loss"} <= set(metrics)
 
 
+@pytest.mark.parametrize("name", ["stablerep", "stablerep+", "simclr", "clip"])
+def test_caption_loss_is_there_when_the_method_declares_a_caption_score(name):
+    """``caption_score`` says whether ``metrics["caption_loss"]`` ([G], detached) comes with every step;
+    for StableRep it is the mean per-anchor image loss of each group, whose mean is the loss itself."""
+    method = build_method(name)
+    model = tiny_model(method.needs_text, method.needs_head)
+    batch = caption_batch()
+    torch.manual_seed(1)
+    loss, metrics = method(model, batch, GPUAugment(size=16, strong=False, scale=(0.6, 1.0)))
+    assert ("caption_loss" in metrics) == (METHODS.get(name).caption_score is not None)
+    assert (name == "simclr") == (METHODS.get(name).caption_score is None)
+    if "caption_loss" in metrics:
+        assert metrics["caption_loss"].shape == (batch.num_groups,) and not metrics["caption_loss"].requires_grad
+        assert bool((metrics["caption_loss"] > 0).all())
+    if name == "stablerep":  # equal groups: the mean of the group means is the mean over anchors
+        assert metrics["caption_loss"].mean().item() == pytest.approx(loss.item(), rel=1e-5)
+    if name == "clip":
+        assert metrics["caption_loss"].mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
 def test_text_methods_need_text_tower():
     with pytest.raises(RuntimeError, match="no text tower"):
         build_method("clip")(tiny_model(False), caption_batch(), GPUAugment(size=16, strong=False))

@@ -94,7 +94,8 @@ class MultiPosConLoss(nn.Module):
             features: float ``[N, D]`` (this rank's samples; any dtype, computed in float32).
             labels: int ``[N]``; equal labels mark positives, globally unique across ranks.
             return_details: also return a dict with ``positives_per_anchor`` (mean number of positives
-                of the local anchors) and ``anchors_without_positives`` (fraction), detached.
+                of the local anchors), ``anchors_without_positives`` (fraction) and ``anchor_loss``
+                (float ``[N]``: each local anchor's cross-entropy before the mean), all detached.
         Returns:
             scalar loss, or ``(loss, details)`` when ``return_details``.
         """
@@ -111,12 +112,14 @@ class MultiPosConLoss(nn.Module):
             logits = z @ all_z.T / self.temperature                   # [n, N_global]
             logits[torch.arange(n, device=z.device), self_index] = _MASKED_LOGIT  # no self-similarity
             targets, counts = _targets_from_labels(labels, all_labels, self_index, logits.dtype)
-            loss = soft_target_cross_entropy(logits, targets).mean()
+            anchor_loss = soft_target_cross_entropy(logits, targets)  # [n]
+            loss = anchor_loss.mean()
         if not return_details:
             return loss
         details = {
             "positives_per_anchor": counts.float().mean().detach(),
             "anchors_without_positives": (counts == 0).float().mean().detach(),
+            "anchor_loss": anchor_loss.detach(),
         }
         return loss, details
 
@@ -168,7 +171,9 @@ class CLIPLoss(nn.Module):
             logit_scale: scalar tensor, log of the inverse temperature (used as ``exp``).
             image_labels: int ``[N]``; text_labels: int ``[G]``. Both None means pairs (N == G).
         Returns:
-            dict of scalars: ``loss`` = (i2t + t2i) / 2, ``i2t_loss``, ``t2i_loss``, ``logit_scale`` (exp, detached).
+            dict: scalars ``loss`` = (i2t + t2i) / 2, ``i2t_loss``, ``t2i_loss``, ``logit_scale`` (exp,
+            detached); and, detached, ``i2t_anchor_loss`` float ``[N]`` and ``t2i_anchor_loss`` float
+            ``[G]`` (each local image's and text's cross-entropy before the mean).
         """
         if (image_labels is None) != (text_labels is None):
             raise ValueError("give both image_labels and text_labels, or neither")
@@ -192,9 +197,11 @@ class CLIPLoss(nn.Module):
             _rank_offset(txt.shape[0], all_txt.shape[0])
             i2t_targets, _ = _targets_from_labels(image_labels, all_txt_labels, dtype=img.dtype)
             t2i_targets, _ = _targets_from_labels(text_labels, all_img_labels, dtype=txt.dtype)
-            i2t = soft_target_cross_entropy(scale * img @ all_txt.T, i2t_targets).mean()
-            t2i = soft_target_cross_entropy(scale * txt @ all_img.T, t2i_targets).mean()
-        return {"loss": (i2t + t2i) / 2, "i2t_loss": i2t, "t2i_loss": t2i, "logit_scale": scale.detach()}
+            i2t_rows = soft_target_cross_entropy(scale * img @ all_txt.T, i2t_targets)  # [N]
+            t2i_rows = soft_target_cross_entropy(scale * txt @ all_img.T, t2i_targets)  # [G]
+            i2t, t2i = i2t_rows.mean(), t2i_rows.mean()
+        return {"loss": (i2t + t2i) / 2, "i2t_loss": i2t, "t2i_loss": t2i, "logit_scale": scale.detach(),
+                "i2t_anchor_loss": i2t_rows.detach(), "t2i_anchor_loss": t2i_rows.detach()}
 
 
 class StableRepPlusLoss(nn.Module):
@@ -218,7 +225,8 @@ class StableRepPlusLoss(nn.Module):
             logit_scale: scalar tensor (log inverse temperature of the image-text logits).
         Returns:
             dict of scalars: ``loss``, ``image_loss``, ``i2t_loss``, ``t2i_loss``, ``logit_scale``,
-            ``positives_per_anchor``, ``anchors_without_positives``.
+            ``positives_per_anchor``, ``anchors_without_positives``; and ``anchor_loss`` float ``[N]``
+            (the image loss of each anchor before the mean, detached).
         """
         image_loss, details = self.image_loss(ssl_features, image_labels, return_details=True)
         clip = self.clip_loss(image_embed, text_embed, logit_scale, image_labels, text_labels)

@@ -10,8 +10,19 @@ unused parameters).
 
 Every method class declares the official recipe's facts about it (:class:`MethodFacts`): ``official``
 (images per caption and crops per image that the official recipe fixes for it, e.g. SimCLR 1 and 2),
-``views_in_loss`` (the counts that really reach its loss, which the lr rule uses) and ``takes_temperature``
-(whether it is built with ``method.temperature``; CLIP learns its logit scale).
+``views_in_loss`` (the counts that really reach its loss, which the lr rule uses), ``takes_temperature``
+(whether it is built with ``method.temperature``; CLIP learns its logit scale) and ``caption_score``
+(what its per-caption difficulty is, or None when it reports none).
+
+Per-caption difficulty: a method with a ``caption_score`` also puts ``caption_loss`` in ``metrics``, a
+detached float ``[G]`` aligned with ``batch.caption_ids``: the mean of the per-anchor losses of each
+group's views (``trainer.objectives.caption_difficulty`` keeps its moving average per caption, and the
+online source sends it to the generators). It is read from the loss's own detached rows, so the loss
+and its gradient are the same with or without it, and it stays on the device. StableRep and StableRep+
+score a caption by the multi-positive image loss of its views (how hard its images are to tie
+together against the other captions); CLIP by the mean of its image's image-to-text and its text's
+text-to-image loss; SimCLR reports none: its positives are two crops of one image, so its loss says
+how distinctive that one image is, not how hard the caption is.
 
 Methods are found by name in :data:`METHODS`: the ones below, and those installed packages declare in
 the entry-point group ``stablerep.methods`` (``infra.registry``); a plugin's method subclasses
@@ -60,6 +71,8 @@ class MethodFacts:
 
     official = OfficialViews()
     takes_temperature = True  # built with temperature=method.temperature (unless method.kwargs sets it)
+    #: what ``metrics["caption_loss"]`` holds for each caption (None: the method reports no per-caption score)
+    caption_score: str | None = "mean multi-positive image loss of the caption's views"
 
     @staticmethod
     def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
@@ -116,6 +129,12 @@ def _crops(augment: GPUAugment) -> int:
     return int(getattr(augment, "crops_per_image", 1))
 
 
+def caption_loss(anchor_loss: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean per-anchor loss of each group: float ``[G * v]`` (group-major, ``v`` views per group, as
+    :func:`_views` orders them) -> float ``[G]``, detached (no host sync)."""
+    return anchor_loss.detach().view(groups, -1).mean(dim=1)
+
+
 @register_method("stablerep")
 class StableRepMethod(MethodFacts):
     """All ``G x n`` images, ``augment.crops_per_image`` augmentations each; positives = every view of the
@@ -134,8 +153,9 @@ class StableRepMethod(MethodFacts):
                                           self.views_in_loss(batch.images.shape[1], _crops(augment))[1], augment)
         features = model(views, views=per_group)                        # [G*n*crops, head_out]
         loss, details = self.loss(features, labels, return_details=True)
+        anchor_loss = details.pop("anchor_loss")
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
-                      "images": int(views.shape[0])}
+                      "caption_loss": caption_loss(anchor_loss, batch.num_groups), "images": int(views.shape[0])}
 
 
 @register_method("simclr")
@@ -146,6 +166,7 @@ class SimCLRMethod(MethodFacts):
     needs_text = False
     needs_head = True
     official = OfficialViews(draw_per_caption=1, crops_per_image=2)  # official --n_img 1 --num_crop 2
+    caption_score = None  # its positives are crops of one image: no per-caption difficulty
 
     @staticmethod
     def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
@@ -162,6 +183,7 @@ class SimCLRMethod(MethodFacts):
                                           self.views_in_loss(1, _crops(augment))[1], augment)
         features = model(views, views=per_group)                        # [G*crops, head_out]
         loss, details = MultiPosConLoss.forward(self.loss, features, labels, return_details=True)
+        details.pop("anchor_loss")
         return loss, {"loss": loss.detach(), "image_loss": loss.detach(), **details,
                       "images": int(views.shape[0])}
 
@@ -174,6 +196,7 @@ class CLIPMethod(MethodFacts):
     needs_text = True
     needs_head = False
     official = OfficialViews(draw_per_caption=1, crops_per_image=1)  # official --n_img 1, one crop
+    caption_score = "mean of the caption's image-to-text and text-to-image losses"
 
     @staticmethod
     def views_in_loss(draw_per_caption: int, crops_per_image: int) -> tuple[int, int]:
@@ -190,7 +213,9 @@ class CLIPMethod(MethodFacts):
         tokens = unwrap(model).tokenize(batch.captions, device)  # [G, L]
         out = model(augment(images), tokens, ssl=False)
         parts = self.loss(out["image_embed"], out["text_embed"], out["logit_scale"], ids, ids)
+        rows = (parts.pop("i2t_anchor_loss") + parts.pop("t2i_anchor_loss")) / 2  # [G]: one image, one text each
         metrics = {k: v.detach() for k, v in parts.items()}
+        metrics["caption_loss"] = caption_loss(rows, batch.num_groups)
         metrics["images"] = int(images.shape[0])
         return parts["loss"], metrics
 
@@ -214,6 +239,8 @@ class StableRepPlusMethod(MethodFacts):
         out = model(views, tokens, ssl=True, views=per_group)
         parts = self.loss(out["ssl"], out["image_embed"], out["text_embed"], labels, text_labels,
                           out["logit_scale"])
+        anchor_loss = parts.pop("anchor_loss")
         metrics = {k: v.detach() for k, v in parts.items()}
+        metrics["caption_loss"] = caption_loss(anchor_loss, batch.num_groups)
         metrics["images"] = int(views.shape[0])
         return parts["loss"], metrics
