@@ -8,6 +8,7 @@ the names registered in ``SOURCES`` and ``EVICTION_POLICIES``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -74,6 +75,10 @@ class ReplayConfig:
     hard_fraction: float = 0.0  # fraction of batches built of caption cells (hard negatives), in [0, 1]
     cell_size: int = 6  # captions per cell: an anchor and captions differing from it in one word
     cell_words: list[str] = field(default_factory=list)  # the words a cell may vary ([] = any word)
+    # rate contract (trainer.data.rate_contract): a batch waits while its draws would exceed
+    # samples_per_insert x groups inserted + spi_tolerance (None = no contract)
+    samples_per_insert: Optional[float] = None
+    spi_tolerance: float = 0.0
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first bad field (``storage`` and ``evict`` are checked with the choices)."""
@@ -89,3 +94,6 @@ class ReplayConfig:
         for word in self.cell_words:
             if not isinstance(word, str) or not word.strip() or len(word.split()) != 1:
                 fail("replay.cell_words", word, "every entry must be one word")
+        positive("replay.samples_per_insert", self.samples_per_insert, optional=True)
+        if isinstance(self.spi_tolerance, bool) or not math.isfinite(self.spi_tolerance) or self.spi_tolerance < 0:
+            fail("replay.spi_tolerance", self.spi_tolerance, "must be a finite number >= 0")

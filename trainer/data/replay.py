@@ -18,6 +18,9 @@ Policies (the ``replay`` config group, `trainer.data.config.ReplayConfig`, read 
 - ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.data.caption_cells`:
   an anchor caption and up to ``cell_size - 1`` captions that differ from it in one word), the rest
   uniformly; a hard batch that cannot meet ``min_fresh`` is drawn uniformly instead.
+- ``samples_per_insert`` R, ``spi_tolerance`` E: the rate contract (`trainer.data.rate_contract`): a
+  batch of ``G`` groups waits while ``draws + G > R x inserts + E`` (``draws`` and ``added`` counters);
+  the wait counts as stall time, and ``rate_limited_batches`` counts the batches that waited for it.
 
 Counters: ``dropped`` counts groups refused because the buffer was closed; ``evicted_unused``
 counts evicted groups that were never drawn (generation spent for nothing).
@@ -39,6 +42,7 @@ from trainer.data.batch import Batch
 from trainer.data.caption_cells import caption_words
 from trainer.data.config import ReplayConfig
 from trainer.data.images import decode_image
+from trainer.data.rate_contract import RateContract
 from trainer.data.replay_evict import EVICTION_POLICIES
 from trainer.data.replay_select import select_in_cells, select_uniform
 from trainer.data.replay_storage import allocate_storage
@@ -107,6 +111,9 @@ class ReplayBuffer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_reuse = self.policy.max_reuse
         self.min_fresh = float(self.policy.min_fresh)
+        #: the rate contract of draws against inserts (None: draws wait for eligible groups only)
+        self.contract = (None if self.policy.samples_per_insert is None
+                         else RateContract(self.policy.samples_per_insert, self.policy.spi_tolerance))
         self._waiting = 0  # samplers blocked in sample() right now
         on_host = self.device.type == "cpu"
         if pin_memory is None:
@@ -141,7 +148,7 @@ class ReplayBuffer:
             "batches": 0, "evicted_draws_sum": 0, "evicted_draws_max": 0, "staleness_sum_s": 0.0,
             "staleness_max_s": 0.0, "stall_seconds": 0.0, "fresh_fraction_last": 0.0, "sequence": 0,
             "hard_batches": 0,
-            "repeats": 0,
+            "repeats": 0, "rate_limited_batches": 0,
         }
 
     @staticmethod
@@ -301,7 +308,8 @@ class ReplayBuffer:
     def sample(self, captions_per_rank: int, draw_per_caption: int, timeout: float | None = None) -> Batch:
         """Draw ``G = captions_per_rank`` groups of distinct captions, ``n = draw_per_caption`` images each.
 
-        Blocks until enough eligible groups exist (the wait counts as stall time).
+        Blocks until enough eligible groups exist and the rate contract allows ``G`` more draws (the
+        wait counts as stall time).
 
         Returns:
             Batch with images uint8 ``[G, n, H, W, 3]`` on the storage device, caption_ids int64 ``[G]``,
@@ -319,17 +327,23 @@ class ReplayBuffer:
         n_fresh = min(G, math.ceil(self.min_fresh * G - 1e-9))
         start = _clock()
         deadline = None if timeout is None else start + timeout
+        rate_limited = False
         with self._cond:
             while True:
                 if self._closed:
                     raise ReplayBufferClosed("ReplayBuffer closed while the trainer was waiting for groups")
-                slots = self._select(G, n_fresh)
+                allowed = self._contract_allows(G)
+                slots = self._select(G, n_fresh) if allowed else None
                 if slots is not None:
                     break
+                if not (allowed or rate_limited):
+                    rate_limited = True
+                    self._counters["rate_limited_batches"] += 1
                 remaining = None if deadline is None else deadline - _clock()
                 if remaining is not None and remaining <= 0:
                     self._counters["stall_seconds"] += _clock() - start
-                    raise TimeoutError(self._starved_message(G, n_fresh, timeout))
+                    raise TimeoutError(self._starved_message(G, n_fresh, timeout) if allowed
+                                       else self._rate_limited_message(G, timeout))
                 self._waiting += 1
                 try:
                     self._cond.wait(remaining)
@@ -365,6 +379,18 @@ class ReplayBuffer:
                 self._cond.notify_all()
         meta = {"reuse_mean": float(previous.mean()), "fresh_fraction": fresh / G}
         return Batch(images=images, caption_ids=caption_ids, captions=captions, meta=meta)  # type: ignore[arg-type]
+
+    def _contract_allows(self, G: int) -> bool:
+        """Whether the rate contract lets ``G`` more groups be drawn now (lock held)."""
+        c = self._counters
+        return self.contract is None or self.contract.allows(int(c["draws"]), G, int(c["added"]))
+
+    def _rate_limited_message(self, G: int, timeout: float | None) -> str:
+        c, contract = self._counters, self.contract
+        needed = contract.inserts_needed(int(c["draws"]), G, int(c["added"]))
+        return (f"ReplayBuffer.sample waited {timeout}s for the rate contract ({contract.describe()}): "
+                f"{int(c['draws'])} groups drawn and {int(c['added'])} inserted; {G} more draws need {needed} more "
+                "inserts. Are the generators producing?")
 
     def _select(self, G: int, n_fresh: int) -> np.ndarray | None:
         """``G`` eligible slots of distinct caption ids, ``n_fresh`` of them never drawn, in cells for a
@@ -449,6 +475,7 @@ class ReplayBuffer:
                 "fresh_fraction_last": float(c["fresh_fraction_last"]),
                 "fresh_fraction_cumulative": c["fresh_draws"] / draws if draws else 0.0,
                 "stall_seconds": float(c["stall_seconds"]),
+                "rate_limited_batches": int(c["rate_limited_batches"]),
                 "samplers_waiting": self._waiting,
             }
 
