@@ -38,6 +38,7 @@ from trainer.monitor import Monitor
 from trainer.preflight import estimate_memory
 from trainer.step_pipeline import LossLedger, Prefetcher
 from trainer.train_build import build_components, build_run, meta_model
+from trainer.train_feedback import build_reporter
 from trainer.train_log import TrainLog, plot_curve, run_summary
 from trainer.train_step import (
     LoopState,
@@ -92,6 +93,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     ledger = LossLedger(run.start_step)  # losses on the device, read back at check steps
     state = LoopState(run.start_step, run.images_seen, run.last_checkpoint)
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
+    feedback = build_reporter(cfg, run.method, source)  # per-caption difficulty to the generators (online)
     monitor = Monitor(cfg, run.unwrapped, accelerator, run.output, status, logs.live)  # k-NN on probe folders
     prefetch = Prefetcher(source, run.device, limit=run.total_steps - run.start_step)
     checkpoint = partial(save_run_checkpoint, run, state, ledger, prefetch, source)  # checkpoint(last_loss) -> Path
@@ -113,6 +115,9 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                     loss, metrics = run.method(model, batch, run.augment)
                 accelerator.backward(loss)
                 ledger.add(loss)
+                caption_loss = metrics.pop("caption_loss", None)  # [G] on the device; not a logged scalar
+                if feedback is not None:
+                    feedback.after_step(state.step + 1, batch.caption_ids, caption_loss)
 
                 # Check steps read the losses back (a host-device sync); other steps do not wait.
                 stop_now, generators_silent = stop.signal is not None, silent is not None

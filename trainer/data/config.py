@@ -36,6 +36,11 @@ class DataConfig:
     generator_timeout: float = 600.0  # online: no new group from any generator this long -> checkpoint, exit 3
     curve_keys: Optional[str] = None  # online: CurveZMQ key directory (stablerep-generator keys DIR)
     credits: int = 8  # groups in flight per generator endpoint
+    # online: every feedback_every steps (0 = off) each generator gets the difficulty of the captions it served
+    # that were trained on since the last report (trainer.feedback); feedback_decay: weight of a caption's
+    # previous difficulty in its moving average (trainer.objectives.caption_difficulty says why 0.8)
+    feedback_every: int = 10
+    feedback_decay: float = 0.8
     num_workers: int = 2  # offline: decoding workers
     index_cache: Optional[str] = None  # offline: folder or URL for the scan caches of unindexed tars (default: beside them)
     allow_mixed: bool = False  # offline: accept inputs of different image sizes or images per group
@@ -50,6 +55,10 @@ class DataConfig:
         positive("data.sample_timeout", self.sample_timeout)
         positive("data.generator_timeout", self.generator_timeout)
         positive("data.credits", self.credits)
+        if isinstance(self.feedback_every, bool) or self.feedback_every < 0:
+            fail("data.feedback_every", self.feedback_every, "must be >= 0 (0: no feedback)")
+        if not 0.0 <= self.feedback_decay < 1.0:
+            fail("data.feedback_decay", self.feedback_decay, "must be in [0, 1)")
         positive("data.dataset_captions", self.dataset_captions, optional=True)
         if self.num_workers < 0:
             fail("data.num_workers", self.num_workers, "must be >= 0")

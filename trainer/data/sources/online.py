@@ -46,6 +46,7 @@ from trainer.data.images import decode_image_of_size
 from trainer.data.replay import ReplayBuffer, ReplayBufferClosed
 from trainer.data.replay_storage import choose_storage_device
 from trainer.data.sources import SourceContext, register_source
+from trainer.data.sources.caption_feedback import SourceFeedback
 from trainer.data.sources.caption_ids import namespaced_caption_id, needs_namespacing
 from trainer.data.sources.generator_watch import GeneratorsSilentError, GeneratorWatch
 
@@ -160,6 +161,9 @@ class OnlineSource:
             raise ConnectionError(f"online source: no welcome from {', '.join(self.endpoints)}")
         # several generators with different fingerprints: namespace their caption ids (caption_ids.py)
         self._namespaced = needs_namespacing(info.fingerprint for info in infos.values())
+        heartbeat_s = max(w.heartbeat_ms for w in self.client.welcomes.values()) / 1000.0
+        self.feedback = SourceFeedback(self.client, {url: info.fingerprint for url, info in infos.items()}, heartbeat_s,
+                                       origins_limit=max(32 * self.captions_per_rank, 4096))
         #: (images per group, image side) each service announced: a group must match one of them
         self._announced = {(info.images_per_group, info.save_size) for info in infos.values()}
         counts = {url: info.images_per_group for url, info in infos.items()}
@@ -253,11 +257,13 @@ class OnlineSource:
                 raise GroupStreamError(f"group {group.group_id} arrived but the replay buffer was never sized")
             if self.replay is None:
                 return  # failed while sizing: next_batch reports it
+            service_caption_id = group.caption_id
             if getattr(self, "_namespaced", False):
                 group.caption_id = namespaced_caption_id(f"generator:{group.generator}", group.caption_id)
             if not self.replay.add(self._fit(group)):
                 self._check_repeats()
             else:
+                self.feedback.note(group.caption_id, service_caption_id, group.generator)
                 self._check_unseen_evictions()
         except BadGroup:  # skipped: the client counts it, tells the service and gives the credit back
             raise
@@ -322,6 +328,12 @@ class OnlineSource:
                 if wait >= left:
                     raise
 
+    def send_feedback(self, scores: dict[int, float] | None) -> None:
+        """Tell the services that served them how hard these captions are (batch caption id -> score,
+        e.g. ``CaptionDifficulty.flush()``; None: nothing new). Called by the training loop every step:
+        messages go out paced (`trainer.data.sources.caption_feedback`)."""
+        self.feedback.send(scores, time.monotonic())
+
     def silent_generators(self) -> str | None:
         """``None`` while a generator delivered within ``generator_timeout``; else why the run should stop."""
         return self.watch.check()
@@ -350,6 +362,7 @@ class OnlineSource:
         out["groups_per_s"] = client.groups_received / elapsed if elapsed > 0 else 0.0
         if self.replay is not None:
             out["storage"] = str(self.replay.device)
+        out.update(self.feedback.counts())
         return out
 
     def state_dict(self) -> dict[str, Any]:
