@@ -6,6 +6,13 @@ Names (all ``stablerep_trainer_*``), refreshed at every log step (``--log-every`
 - ``images_per_s``: images per second over the last ``--log-every`` steps;
 - ``loss``, ``lr``: the last step's loss and learning rate;
 - ``stall_seconds_total``: seconds the step waited for the source (online / replay);
+- ``stall_ratio``: the trainer's stall ratio, the share of the last ``--log-every`` steps' time the draws
+  waited for groups (or for the rate contract); the generators report their own idle time;
+- ``rate_limited_batches_total``: batches that waited for the replay buffer's rate contract
+  (``--samples-per-insert``);
+- ``feedback_messages_total``, ``feedback_entries_total``, ``feedback_dropped_total``: caption feedback
+  sent to the generators (``--feedback-every``): messages, caption scores, scores dropped (refused, or
+  waiting too long);
 - ``buffer_groups`` / ``buffer_capacity_groups``: replay buffer occupancy;
 - ``reuse_mean`` / ``reuse_max``: draws per group over every group seen;
 - ``staleness_mean_seconds`` / ``staleness_max_seconds``: age of a group when drawn;
@@ -29,6 +36,10 @@ P = "stablerep_trainer_"
 # (source stats key, metric name, kind, help)
 _SOURCE = (
     ("stall_seconds", "stall_seconds_total", "counter", "seconds the step waited for the source"),
+    ("rate_limited_batches", "rate_limited_batches_total", "counter", "batches that waited for the rate contract"),
+    ("feedback_messages", "feedback_messages_total", "counter", "caption feedback messages sent to generators"),
+    ("feedback_entries", "feedback_entries_total", "counter", "caption scores sent to generators"),
+    ("feedback_dropped", "feedback_dropped_total", "counter", "caption scores dropped before being sent"),
     ("size", "buffer_groups", "gauge", "caption groups in the replay buffer"),
     ("capacity", "buffer_capacity_groups", "gauge", "replay buffer capacity in groups"),
     ("reuse_mean", "reuse_mean", "gauge", "draws per group, mean over every group seen"),
@@ -55,6 +66,7 @@ def trainer_samples(step: int, logs: dict[str, float], source_stats: dict[str, A
         ("train/images_per_s", "images_per_s", "gauge", "images per second over the last log interval"),
         ("train/loss", "loss", "gauge", "loss of the last step"),
         ("train/lr", "lr", "gauge", "learning rate of the last step"),
+        ("train/stall_ratio", "stall_ratio", "gauge", "share of the last log interval the draws waited for the source"),
     ):
         if key in logs:
             out.append(Sample(P + name, kind, text, float(logs[key])))

@@ -89,7 +89,8 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
                               local_captions=run.local_captions)
     if run.source_state is not None:
         source.load_state_dict(run.source_state)
-    logs = TrainLog(run)  # trackers, progress bar, live metrics
+    start_stall = source.stats().get("stall_seconds")  # the stall ratios count from here
+    logs = TrainLog(run, start_stall)  # trackers, progress bar, live metrics
     ledger = LossLedger(run.start_step)  # losses on the device, read back at check steps
     state = LoopState(run.start_step, run.images_seen, run.last_checkpoint)
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
@@ -97,7 +98,7 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     monitor = Monitor(cfg, run.unwrapped, accelerator, run.output, status, logs.live)  # k-NN on probe folders
     prefetch = Prefetcher(source, run.device, limit=run.total_steps - run.start_step)
     checkpoint = partial(save_run_checkpoint, run, state, ledger, prefetch, source)  # checkpoint(last_loss) -> Path
-    status.start(run.start_step)
+    status.start(run.start_step, start_stall)
     try:
         with StopAfterStep() as stop:
             monitor.start(state.step, state.images_seen)  # step 0: the random init (Ctrl-C during it stops after step 1)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from trainer.status import stall_ratio
 from trainer.train_build import TrainRun
 from trainer.train_step import LoopState
 
@@ -43,8 +44,9 @@ def _numbers(prefix: str, stats: dict) -> dict[str, float]:
 class TrainLog:
     """Trackers, progress bar and live metrics of one run (built after the source, closed by ``close``)."""
 
-    def __init__(self, run: TrainRun) -> None:
+    def __init__(self, run: TrainRun, stall_seconds: float | None = None) -> None:
         self.run = run
+        self._last_stall = stall_seconds  # the source's stall counter at the previous log step
         if run.trackers:
             run.accelerator.init_trackers("stablerep", config=_flat(run.cfg.resolved_dict()))
         self.progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not run.bar, dynamic_ncols=True,
@@ -70,6 +72,10 @@ class TrainLog:
                 "train/images_seen": state.images_seen}
         if grad_norm is not None:
             logs["train/grad_norm"] = float(grad_norm)
+        stall = source_stats.get("stall_seconds")
+        if stall is not None and self._last_stall is not None:  # the trainer's stall ratio over the interval
+            logs["train/stall_ratio"] = stall_ratio(float(stall) - self._last_stall, sum(recent))
+        self._last_stall = float(stall) if stall is not None else None
         logs.update(_numbers("train/", {k: v for k, v in metrics.items() if k != "loss"}))
         logs.update(_numbers("batch/", batch_meta))
         logs.update(_numbers("source/", source_stats))
