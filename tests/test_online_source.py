@@ -147,3 +147,22 @@ def test_warns_once_when_most_groups_are_evicted_unseen(caplog):
             source.close()
     warnings = [r.message for r in caplog.records if "never drawn" in r.message]
     assert len(warnings) == 1 and "--max-groups-per-s" in warnings[0] and "(4 per step)" in warnings[0]
+
+
+def test_the_source_knows_which_service_served_each_caption_of_a_batch():
+    with SyntheticService(num_captions=20, m=3, size=16) as service:
+        source = OnlineSource(DataConfig(generators=[service.endpoint], draw_per_caption=2, connect_timeout=5),
+                              captions_per_rank=4)
+        try:
+            ids = source.next_batch().caption_ids.tolist()
+            routed, unknown = source.feedback.origins.route({c: 0.5 for c in ids})
+            assert routed == {service.endpoint: {c: 0.5 for c in ids}} and unknown == 0
+            source.send_feedback({c: 0.5 for c in ids})
+            source.send_feedback(None)
+            counts = source.stats()
+            if source.feedback.outbox is None:  # a group client that cannot send feedback: nothing queued
+                assert counts["feedback_unrouted"] == 0 and "feedback_messages" not in counts
+            else:
+                assert counts["feedback_entries"] + counts["feedback_waiting"] == len(ids)
+        finally:
+            source.close()

@@ -73,6 +73,12 @@ def test_written_config_round_trips(tmp_path):
         (["--betas", "0.9", "1.5"], "optim.betas"),
         (["--generators", "localhost:5555"], "data.generators = 'localhost:5555'"),
         (["--source", "offline"], "data.data"),
+        (["--samples-per-insert", "0"], "replay.samples_per_insert = 0.0"),
+        (["--samples-per-insert", "-2"], "replay.samples_per_insert = -2.0"),
+        (["--samples-per-insert", "2", "--spi-tolerance", "-1"], "replay.spi_tolerance = -1.0"),
+        (["--spi-tolerance", "nan"], "replay.spi_tolerance = nan"),
+        (["--feedback-every", "-1"], "data.feedback_every = -1"),
+        (["--feedback-decay", "1"], "data.feedback_decay = 1.0"),
     ],
 )
 def test_bad_values_name_field_and_value(argv, needle):
@@ -100,6 +106,25 @@ def test_yaml_errors_name_file_and_field(tmp_path):
         build_config(config_file=str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="run length is not set"):
         TrainConfig(data=TrainConfig().data.__class__(generators=["tcp://a:1"])).validate()
+
+
+def test_rate_contract_and_feedback_flags_reach_the_config_and_config_yaml(tmp_path, capsys):
+    default, _ = cli.parse_config(["--preset", "cpu_small", *GEN])
+    assert default.replay.samples_per_insert is None and default.replay.spi_tolerance == 0.0  # no contract
+    assert default.data.feedback_every == 10 and default.data.feedback_decay == 0.8
+    cfg, _ = cli.parse_config(["--preset", "cpu_small", *GEN, "--samples-per-insert", "4", "--spi-tolerance", "32",
+                               "--feedback-every", "0", "--feedback-decay", "0.5"])
+    assert (cfg.replay.samples_per_insert, cfg.replay.spi_tolerance) == (4.0, 32.0)
+    assert (cfg.data.feedback_every, cfg.data.feedback_decay) == (0, 0.5)
+    data = load_yaml(write_config(cfg, tmp_path / "run"))
+    assert data["replay"]["samples_per_insert"] == 4.0 and data["replay"]["spi_tolerance"] == 32.0
+    assert data["data"]["feedback_every"] == 0 and data["data"]["feedback_decay"] == 0.5
+    assert from_dict(data) == cfg
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--samples-per-insert R", "--spi-tolerance E", "--feedback-every STEPS", "--feedback-decay"):
+        assert flag in text
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
