@@ -58,12 +58,13 @@ def make_group(caption_id: int, m: int, size: int, epoch: int = 0) -> Group:
 
 
 class SyntheticService:
-    """A real ``GroupServer`` on 127.0.0.1 fed by a thread cycling over ``num_captions`` captions."""
+    """A real ``GroupServer`` on 127.0.0.1 fed by a thread cycling over ``num_captions`` captions
+    (``server_options``: more ``GroupServer`` keyword arguments)."""
 
-    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32) -> None:
+    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32, **server_options) -> None:
         self.num_captions, self.m, self.size = num_captions, m, size
         self.server = GroupServer("tcp://127.0.0.1:*", "synthetic-test", generator_info(m, size),
-                                  heartbeat_ms=200, max_queue=16)
+                                  heartbeat_ms=200, max_queue=16, **server_options)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._feed, daemon=True)
 
