@@ -25,11 +25,8 @@ class WatchedContract:
             self.announce.notify_all()
         return allowed
 
-    def inserts_needed(self, draws: int, batch: int, inserts: int) -> int:
-        return self.contract.inserts_needed(draws, batch, inserts)
-
-    def describe(self) -> str:
-        return self.contract.describe()
+    def __getattr__(self, name):  # the rest as the contract itself
+        return getattr(self.contract, name)
 
 
 def test_a_draw_blocks_at_the_contract_and_exactly_enough_inserts_release_it():

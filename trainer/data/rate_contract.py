@@ -60,3 +60,10 @@ class RateContract:
 
     def describe(self) -> str:
         return f"at most {self.samples_per_insert:g} draws per inserted group, plus {self.tolerance:g}"
+
+    def waited(self, timeout: float | None, draws: float, batch: int, inserts: float) -> str:
+        """The message of a draw that waited ``timeout`` seconds for the contract in vain."""
+        draws, inserts = int(draws), int(inserts)
+        return (f"ReplayBuffer.sample waited {timeout}s for the rate contract ({self.describe()}): {draws} groups "
+                f"drawn and {inserts} inserted; {batch} more draws need {self.inserts_needed(draws, batch, inserts)} "
+                "more inserts. Are the generators producing?")

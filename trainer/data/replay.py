@@ -18,9 +18,8 @@ Policies (the ``replay`` config group, `trainer.data.config.ReplayConfig`, read 
 - ``hard_fraction``: that fraction of batches is filled with caption cells (`trainer.data.caption_cells`:
   an anchor caption and up to ``cell_size - 1`` captions that differ from it in one word), the rest
   uniformly; a hard batch that cannot meet ``min_fresh`` is drawn uniformly instead.
-- ``samples_per_insert`` R, ``spi_tolerance`` E: the rate contract (`trainer.data.rate_contract`): a
-  batch of ``G`` groups waits while ``draws + G > R x inserts + E`` (``draws`` and ``added`` counters);
-  the wait counts as stall time, and ``rate_limited_batches`` counts the batches that waited for it.
+- ``samples_per_insert`` R, ``spi_tolerance`` E: the rate contract (`trainer.data.rate_contract`): a batch of
+  ``G`` waits while ``draws + G > R x added + E``, as stall time; ``rate_limited_batches`` counts such batches.
 
 Counters: ``dropped`` counts groups refused because the buffer was closed; ``evicted_unused``
 counts evicted groups that were never drawn (generation spent for nothing).
@@ -111,9 +110,8 @@ class ReplayBuffer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_reuse = self.policy.max_reuse
         self.min_fresh = float(self.policy.min_fresh)
-        #: the rate contract of draws against inserts (None: draws wait for eligible groups only)
-        self.contract = (None if self.policy.samples_per_insert is None
-                         else RateContract(self.policy.samples_per_insert, self.policy.spi_tolerance))
+        r, e = self.policy.samples_per_insert, self.policy.spi_tolerance
+        self.contract = None if r is None else RateContract(r, e)  # None: draws wait for eligible groups only
         self._waiting = 0  # samplers blocked in sample() right now
         on_host = self.device.type == "cpu"
         if pin_memory is None:
@@ -342,8 +340,8 @@ class ReplayBuffer:
                 remaining = None if deadline is None else deadline - _clock()
                 if remaining is not None and remaining <= 0:
                     self._counters["stall_seconds"] += _clock() - start
-                    raise TimeoutError(self._starved_message(G, n_fresh, timeout) if allowed
-                                       else self._rate_limited_message(G, timeout))
+                    raise TimeoutError(self._starved_message(G, n_fresh, timeout) if allowed else
+                                       self.contract.waited(timeout, self._counters["draws"], G, self._counters["added"]))
                 self._waiting += 1
                 try:
                     self._cond.wait(remaining)
@@ -384,13 +382,6 @@ class ReplayBuffer:
         """Whether the rate contract lets ``G`` more groups be drawn now (lock held)."""
         c = self._counters
         return self.contract is None or self.contract.allows(int(c["draws"]), G, int(c["added"]))
-
-    def _rate_limited_message(self, G: int, timeout: float | None) -> str:
-        c, contract = self._counters, self.contract
-        needed = contract.inserts_needed(int(c["draws"]), G, int(c["added"]))
-        return (f"ReplayBuffer.sample waited {timeout}s for the rate contract ({contract.describe()}): "
-                f"{int(c['draws'])} groups drawn and {int(c['added'])} inserted; {G} more draws need {needed} more "
-                "inserts. Are the generators producing?")
 
     def _select(self, G: int, n_fresh: int) -> np.ndarray | None:
         """``G`` eligible slots of distinct caption ids, ``n_fresh`` of them never drawn, in cells for a
