@@ -155,7 +155,8 @@ exit codes: 0 completed, 1 training failed, 2 bad command line, config or launch
 status lines (stdout when it is not a terminal or with --no-progress; always RUN/train.log):
   step done/total | loss of the last step | lr | img/s over all processes |
   reuse = mean draws per group in the replay buffer | fresh = share of never-drawn groups in
-  the last batch | stall = seconds spent waiting for generators | ETA at the current speed
+  the last batch | stall = seconds spent waiting for generators (and the rate contract), with the
+  share of the time since the previous line in brackets | ETA at the current speed
   (reuse, fresh and stall come from the online source only)
 
 resume: --resume auto continues OUTPUT's run; --steps may change: the lr goes on from where the
