@@ -50,3 +50,25 @@ def test_a_service_that_takes_no_feedback_is_told_once(caplog):
             assert source.client.stats().feedback_sent == 1
         finally:
             source.close()
+
+
+def test_a_training_run_reports_the_captions_it_trained_on_to_the_service(tmp_path):
+    from tests.test_train_loop import TINY
+    from trainer.config import build_config
+    from trainer.loop import train
+
+    board = feedback.FeedbackBoard(served=range(40), weight=1.0)
+    with SyntheticService(num_captions=40, m=4, size=32, feedback=board) as service:
+        cfg = build_config("cpu_small", overrides={
+            "model": dict(TINY), "augment": {"strong": False, "scale_min": 0.8},
+            "data": {"source": "online", "generators": [service.endpoint], "captions_per_step": 8,
+                     "draw_per_caption": 2, "connect_timeout": 10, "feedback_every": 2},
+            "optim": {"lr": 1e-3}, "schedule": {"steps": 4, "warmup_steps": 1},
+            "run": {"output": str(tmp_path / "run"), "save_every": 100, "log_every": 2, "progress": False}})
+        summary = train(cfg)
+        assert summary["steps"] == 4
+        stats = summary["source_stats"]
+        assert stats["feedback_messages"] >= 1 and stats["feedback_entries"] >= 8  # at least the first report
+        assert wait_for(lambda: board.scores(), "the service's board to hold scores")
+        scores = board.scores()
+        assert set(scores) <= set(range(40)) and all(s > 0 for s in scores.values())
