@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-
+from protocol import feedback
 from tests.polling import wait_for
 from tests.train_helpers import SyntheticService
 from trainer.data.config import DataConfig
 from trainer.data.sources.online import OnlineSource
-
-feedback = pytest.importorskip("protocol.feedback", reason="the protocol has no feedback message yet")
 
 
 def online_source(service: SyntheticService) -> OnlineSource:
