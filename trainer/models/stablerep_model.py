@@ -16,6 +16,7 @@ from torch import nn
 
 import trainer.models.small_cnn  # noqa: F401  (registers the "small_cnn" timm model)
 from trainer.objectives.losses import INITIAL_LOGIT_SCALE, MAX_LOGIT_SCALE
+from trainer.models.projection_head import projection_head
 from trainer.models.text_tower import TextConfig, TextTower, build_projection
 from trainer.models.view_norm import project_per_view
 
@@ -23,25 +24,6 @@ from trainer.models.view_norm import project_per_view
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
-
-
-def projection_head(in_dim: int, hidden: int = 4096, out: int = 256, layers: int = 3) -> nn.Sequential:
-    """The paper's MLP head: ``layers - 1`` blocks of Linear-BN-ReLU, then Linear(hidden, out).
-
-    ``[N, in_dim] -> [N, out]``. ``layers=1`` is a single Linear(in_dim, out); ``layers=0`` is no head
-    at all (identity, ``[N, in_dim]``), for image-text-only models such as CLIP.
-    """
-    if layers < 0:
-        raise ValueError(f"head_layers must be >= 0, got {layers}")
-    if layers == 0:
-        return nn.Sequential()
-    blocks: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(layers - 1):
-        blocks += [nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        dim = hidden
-    blocks.append(nn.Linear(dim, out))
-    return nn.Sequential(*blocks)
 
 
 def per_view_chunk(module: nn.Module, features: torch.Tensor, views: int) -> torch.Tensor:

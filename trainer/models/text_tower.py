@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer.models.projection_head import projection_head
+
 
 @dataclass
 class TextConfig:
@@ -143,8 +145,6 @@ def build_projection(in_dim: int, config: TextConfig) -> nn.Module:
         nn.init.normal_(layer.weight, std=in_dim ** -0.5)
         return layer
     if config.projection == "mlp":
-        from trainer.models.stablerep_model import projection_head
-
         return projection_head(in_dim, config.mlp_hidden, config.mlp_out, layers=3)
     raise ValueError(f"text projection must be 'linear' or 'mlp', got {config.projection!r}")
 
