@@ -1,7 +1,7 @@
 """Fault and attack drills against a real generator service: a good client's groups/s before,
 during and after each attack, and the service's memory.
 
-    python -m benchmarks.drills --output benchmarks/results        # or: stablerep-bench drills
+    stablerep-bench drills --output benchmarks/results     # python -m benchmarks.cli drills ...
 
 The service is ``stablerep-generator --backend procedural`` in its own process, throttled to
 ``--rate`` groups/s so that production, not the client, is the bottleneck (as with GPU
@@ -147,8 +147,8 @@ def _wait_for_first_group(count: list[int], lock: threading.Lock, service: subpr
 
 def run_drills(attacks: tuple[str, ...] = ATTACKS, rate: float = 100.0, phase_s: float = 5.0, side: int = 64,
                log: Callable[[str], None] = print) -> dict[str, Any]:
-    from experiments.demo import free_tcp_endpoint
     from generator_service.procedural import write_caption_file
+    from infra.free_endpoint import free_tcp_endpoint
     from protocol.client import GroupClient
 
     import tempfile
@@ -247,8 +247,3 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
     bars = {name: a["during_groups_per_s"] for name, a in result["attacks"].items()}
     return result, format_table(result), bars
 
-
-if __name__ == "__main__":
-    from benchmarks.cli import main
-
-    raise SystemExit(main(["drills", *sys.argv[1:]]))

@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.online_bench import run_online_bench
 from benchmarks.plan import plan, stall_fraction
-from benchmarks.results_writer import machine_facts
+from infra.machine_facts import machine_facts
 
 GOAL = 0.05
 
