@@ -58,7 +58,8 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
                          "(the ratio needs an evaluation after a full interval of training)")
     if any(n < 0 for n in args.max_images):
         raise ValueError(f"--max-images must be >= 0, got {args.max_images}")
-    from experiments.demo import DemoPlan, check_attributes
+    from experiments.demo_plan import DemoPlan
+    from experiments.probe_sets import check_attributes
 
     plan = DemoPlan(steps=args.steps, probe_every=args.every, probe_train_per_class=args.probe_train_per_class,
                     probe_val_per_class=args.probe_val_per_class,
@@ -85,10 +86,11 @@ class _Refuse:
 
 def monitored_run(plan, base: Path, max_images: int, trainer_argv: list[str] = ()) -> dict[str, Any]:
     """One demo training run with the monitor at ``--monitor-max-images max_images``; its costs."""
-    from experiments.demo import (
-        GeneratorProcess, _train, _trainer_config, free_tcp_endpoint, run_generator_cli, write_probe_sets,
-    )
-    from experiments.demo_run import generator_args
+    from experiments.demo_plan import demo_trainer_config
+    from experiments.demo_run import generator_args, train_online
+    from experiments.generator_process import GeneratorProcess, run_generator_cli
+    from experiments.probe_sets import write_probe_sets
+    from infra.free_endpoint import free_tcp_endpoint
 
     data, out = base / "data", base / f"max-images-{max_images}"
     data.mkdir(parents=True, exist_ok=True)
@@ -98,11 +100,11 @@ def monitored_run(plan, base: Path, max_images: int, trainer_argv: list[str] = (
     probe_dirs = write_probe_sets(plan.attributes, data, plan.probe_train_per_class, plan.probe_val_per_class,
                                   plan.seed, reuse=True)
     endpoint = free_tcp_endpoint()
-    cfg = _trainer_config(plan, [*trainer_argv, "--monitor-max-images", str(max_images), "--no-progress"], endpoint,
+    cfg = demo_trainer_config(plan, [*trainer_argv, "--monitor-max-images", str(max_images), "--no-progress"], endpoint,
                           out, probe_dirs)
     started = time.perf_counter()
     with GeneratorProcess(generator_args(plan, cfg, captions, endpoint), log_path=base / "generator.log") as generator:
-        summary = _train(cfg, generator, lambda msg: print(f"[monitor bench] {msg}", flush=True))
+        summary = train_online(cfg, generator, lambda msg: print(f"[monitor bench] {msg}", flush=True))
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
     return {"max_images": max_images, "output": str(out), "wall_s": wall,

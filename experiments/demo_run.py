@@ -20,16 +20,18 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from experiments.demo import (
-    GENERATOR_GROUPS_PER_S, PROG, SNAPSHOTS, DemoPlan, GeneratorProcess, _train, _trainer_config, copy_backbone,
-    export_initial_backbone, free_tcp_endpoint, run_generator_cli, write_probe_sets,
+from experiments.demo_plan import PROG, DemoPlan, demo_trainer_config
+from experiments.generator_process import GeneratorProcess, run_generator_cli
+from experiments.probe_sets import write_probe_sets
+from experiments.snapshot_probes import (
+    FEWSHOT_MIN_PER_CLASS, fewshot_endpoints, load_probe_rows, probe_snapshots, save_probe_rows,
 )
-from experiments.demo_probes import (
-    FEWSHOT_MIN_PER_CLASS, find_snapshots, fewshot_endpoints, load_probe_rows, probe_snapshots, save_probe_rows,
-)
-from benchmarks.trainer_flags import BadFlags
+from experiments.snapshots import SNAPSHOTS, copy_backbone, export_initial_backbone, find_snapshots
+from experiments.trainer_flags import BadFlags
+from infra.free_endpoint import free_tcp_endpoint
 from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
+GENERATOR_GROUPS_PER_S = 100  # the generator's throttle: above what the demo's trainer draws on 2 cores
 TRAIN_SUMMARY = "train_summary.json"
 
 
@@ -88,7 +90,7 @@ class DemoRun:
         log(f"wrote {plan.captions} captions and probe sets for {', '.join(plan.attributes)} under {data}")
 
         endpoint = free_tcp_endpoint()
-        cfg = _trainer_config(plan, self.trainer_argv, endpoint, out, probe_dirs)
+        cfg = demo_trainer_config(plan, self.trainer_argv, endpoint, out, probe_dirs)
         snapshot_dir = out / SNAPSHOTS
         if snapshot_dir.exists():
             shutil.rmtree(snapshot_dir)
@@ -101,7 +103,7 @@ class DemoRun:
             self.generator = {"endpoint": endpoint, "log": str(out / "generator.log"), "command": generator.command,
                               "pid": generator.pid}
             self.progress.enter("training")
-            summary = _train(cfg, generator, log)
+            summary = train_online(cfg, generator)
         self.generator["exit_status"] = generator.returncode
         final_step = int(summary["steps"])
         snapshots[final_step] = copy_backbone(out, snapshot_dir / f"step-{final_step:06d}")
@@ -119,11 +121,12 @@ class DemoRun:
             self.probes = list(rows)
             save_probe_rows(self.out, rows)
 
-        self.probes = probe_snapshots(snapshots, probe_dirs, self.plan, log, done=self.probes, on_row=keep,
-                                      progress=self.progress)
+        self.probes = probe_snapshots(snapshots, probe_dirs, epochs=self.plan.probe_epochs, seed=self.plan.seed,
+                                      log=log, done=self.probes, on_row=keep, progress=self.progress)
         headline_val = probe_dirs[self.plan.attributes[0]] / "val"
         if self.plan.probe_val_per_class >= FEWSHOT_MIN_PER_CLASS and len(list(headline_val.iterdir())) >= 5:
-            self.fewshot = fewshot_endpoints(snapshots, headline_val, self.plan, log, progress=self.progress)
+            self.fewshot = fewshot_endpoints(snapshots, headline_val, seed=self.plan.seed, log=log,
+                                             progress=self.progress)
         self.timings["probe_s"] = time.perf_counter() - t0
 
     def _stopped(self, signal_name: str) -> int:
@@ -136,7 +139,7 @@ class DemoRun:
         return EXIT_INTERRUPTED
 
     def _write_report(self, stopped_by: str | None = None, error: str | None = None) -> dict[str, Any]:
-        from trainer.run_plots import write_demo_report
+        from experiments.demo_report import write_demo_report
 
         stopped_at = None
         if stopped_by is not None:
@@ -158,6 +161,34 @@ def generator_args(plan: DemoPlan, cfg, captions: Path, endpoint: str) -> list[s
             # The procedural renderer outruns a CPU trainer many times over; unthrottled it takes a
             # core the trainer needs and most of its groups are evicted unseen.
             "--max-groups-per-s", str(GENERATOR_GROUPS_PER_S)]
+
+
+def train_online(cfg, generator: GeneratorProcess, log=log) -> dict[str, Any]:
+    """Build the online source and run ``trainer.loop.train`` fed by ``generator``; its summary (``log``: one
+    line per message)."""
+    import torch
+
+    from trainer.loop import build_source, train
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu")
+    source = None
+    try:
+        t0 = time.perf_counter()
+        source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.captions_per_step)
+        connect_seconds = time.perf_counter() - t0
+        log(f"training {cfg.model.name} {cfg.model.model_kwargs} with {cfg.method.name} for {cfg.schedule.steps} "
+            f"steps of {cfg.data.captions_per_step} captions x {cfg.data.draw_per_caption} images")
+        t0 = time.perf_counter()
+        summary = train(cfg, source=source)
+        summary["_train_seconds"] = time.perf_counter() - t0
+        summary["_connect_seconds"] = connect_seconds
+        generator.check_alive()
+        return summary
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; generator log:\n{generator.log_tail()}") from exc
+    finally:
+        if source is not None:
+            source.close()
 
 
 def run_probes_only(plan: DemoPlan, trainer_argv: list[str], out: Path) -> int:

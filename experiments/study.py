@@ -38,13 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.demo import (
-    DEMO_PRESET, PROJECT_ROOT, DemoPlan, GeneratorProcess, check_attributes, export_initial_backbone, free_tcp_endpoint,
-    run_generator_cli, write_probe_sets,
-)
-from experiments.demo_probes import probe_snapshots
-from benchmarks.trainer_flags import BadFlags, parse_trainer_config
+from experiments.demo_preset import DEMO_PRESET, demo_trainer_flags
+from experiments.generator_process import PROJECT_ROOT, GeneratorProcess, run_generator_cli
+from experiments.probe_sets import check_attributes, write_probe_sets
+from experiments.snapshot_probes import probe_snapshots
+from experiments.snapshots import export_initial_backbone
+from experiments.trainer_flags import BadFlags, parse_trainer_config
 from infra.cli_parser import SuggestingParser
+from infra.free_endpoint import free_tcp_endpoint
+from infra.machine_facts import machine_facts
 from trainer.interrupts import EXIT_INTERRUPTED, Progress, StopSignals
 
 DEFAULT_OUTPUT = "runs/study"
@@ -167,7 +169,7 @@ def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, see
     from trainer.config import ConfigError, preset_path
 
     captions_per_step, draw = _geometry(arm.method)
-    argv = ["--preset", DEMO_PRESET, *trainer_argv, "--method", arm.method,
+    argv = [*demo_trainer_flags(trainer_argv), *trainer_argv, "--method", arm.method,
             "--captions-per-step", str(captions_per_step), "--draw-per-caption", str(draw), *source_flags,
             "--output", str(output), "--steps", str(plan.steps), "--save-every", str(plan.steps),
             "--seed", str(seed), "--overwrite"]  # a rerun of the study replaces each arm's run
@@ -224,8 +226,7 @@ def _score(backbone_dir: Path, probe_dirs: dict[str, Path], plan: StudyPlan, see
     from trainer.eval import FewShotConfig, fewshot_probe, load_eval_backbone
     from trainer.eval.features import resolve_device
 
-    demo_plan = DemoPlan(probe_epochs=plan.probe_epochs, seed=seed)
-    rows = probe_snapshots({step: backbone_dir}, probe_dirs, demo_plan, log)
+    rows = probe_snapshots({step: backbone_dir}, probe_dirs, epochs=plan.probe_epochs, seed=seed, log=log)
     headline_val = probe_dirs[plan.attributes[0]] / "val"
     shots = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=seed)
     fewshot = None
@@ -376,8 +377,6 @@ def run_study(argv: list[str]) -> int:
 
     def log(msg: str) -> None:
         print(f"[study] {msg}", flush=True)
-
-    from benchmarks.results_writer import machine_facts
 
     try:  # every flag is checked before any work: the trainer's too
         for arm in [StudyArm("init", "stablerep", "online"), *plan.arms()]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.demo import DemoPlan, parse_demo_args, run_demo
+from experiments.demo import run_demo
+from experiments.demo_plan import DemoPlan, demo_trainer_config, parse_demo_args
 from tests.polling import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +22,22 @@ def test_demo_args_split_between_demo_and_trainer():
     assert plan.steps == 30 and plan.probe_every == 7 and plan.attributes == ("shape", "colour")
     assert rest == ["--lr", "5e-4"]
     assert parse_demo_args([])[0] == DemoPlan()
+
+
+def test_demo_cells_vary_the_grammars_shape_and_texture_words(tmp_path):
+    """The demo's trainer config takes its cell words from the procedural grammar; the user's
+    ``--cell-words`` and a ``--config`` file's ``replay.cell_words`` rank above them."""
+    from generator_service.procedural.grammar import SHAPES, TEXTURES
+
+    endpoint, plan = "tcp://127.0.0.1:1", DemoPlan.quick()
+    cfg = demo_trainer_config(plan, [], endpoint, tmp_path / "a")
+    assert cfg.replay.cell_words == [*SHAPES, *TEXTURES] and cfg.replay.hard_fraction == 1.0
+    assert demo_trainer_config(plan, ["--cell-words", "red", "blue"], endpoint, tmp_path / "b").replay.cell_words == [
+        "red", "blue"]
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text("replay:\n  cell_words: [dark, light]\n")
+    cfg = demo_trainer_config(plan, ["--config", str(config_file)], endpoint, tmp_path / "c")
+    assert cfg.replay.cell_words == ["dark", "light"]
 
 
 def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
@@ -64,7 +81,8 @@ def test_quick_demo_learns_beyond_random_init(tmp_path, capsys):
 
 
 def test_generator_process_is_always_stopped(tmp_path):
-    from experiments.demo import GeneratorProcess, free_tcp_endpoint, run_generator_cli
+    from experiments.generator_process import GeneratorProcess, run_generator_cli
+    from infra.free_endpoint import free_tcp_endpoint
 
     captions = tmp_path / "captions.txt"
     run_generator_cli(["captions", "--n", "8", "--out", str(captions)])

@@ -1,8 +1,9 @@
-"""The demo's probe phase: linear probes of backbone snapshots, kept one by one so a stop loses none.
+"""Probes of backbone snapshots (experiments/snapshots.py): the fast linear probe of every snapshot
+on every probe set, and 5-way 1-shot episodes at the first and the last snapshot.
 
-Snapshots live in ``OUTPUT/snapshots/step-NNNNNN/`` (N = optimizer steps behind the backbone, 0 =
-random init); every finished probe is appended to ``OUTPUT/probes.json`` at once, and a later run
-(``stablerep-bench demo --probes-only``) probes only the (step, attribute) pairs still missing.
+The demo keeps its rows one by one so a stop loses none: every finished probe is appended to
+``OUTPUT/probes.json`` at once, and a later run (``stablerep-bench demo --probes-only``) probes only
+the (step, attribute) pairs still missing. The study scores each arm's final backbone the same way.
 """
 from __future__ import annotations
 
@@ -13,19 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROBES_FILE = "probes.json"
-
-
-def find_snapshots(snapshot_dir: Path) -> dict[int, Path]:
-    """step -> folder of every complete snapshot (``backbone.safetensors`` present) under ``snapshot_dir``."""
-    found: dict[int, Path] = {}
-    for folder in sorted(Path(snapshot_dir).glob("step-*")):
-        try:
-            step = int(folder.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if (folder / "backbone.safetensors").is_file() and (folder / "backbone.json").is_file():
-            found[step] = folder
-    return found
 
 
 def load_probe_rows(output: Path) -> list[dict[str, Any]]:
@@ -50,21 +38,21 @@ def save_probe_rows(output: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def probe_snapshots(
-    snapshots: dict[int, Path], probe_dirs: dict[str, Path], plan, log,
+    snapshots: dict[int, Path], probe_dirs: dict[str, Path], *, epochs: int, seed: int, log,
     done: list[dict[str, Any]] | None = None, on_row: Callable[[list[dict[str, Any]]], None] | None = None,
     progress=None,
 ) -> list[dict[str, Any]]:
     """Fast linear probe of every snapshot on every attribute's train/val folders.
 
     ``done``: rows finished before (kept, not probed again); ``on_row(rows)`` is called with all rows
-    so far after each new probe (the demo saves them); ``progress`` (``benchmarks.interrupts.Progress``)
-    learns which probe runs. ``plan``: a ``DemoPlan`` (``probe_epochs``, ``seed``).
+    so far after each new probe (the demo saves them); ``progress`` (``trainer.interrupts.Progress``)
+    learns which probe runs. ``epochs``, ``seed``: of every probe's classifier (``FastProbeConfig``).
     """
     from trainer.eval import FastProbeConfig, linear_probe, load_eval_backbone
     from trainer.eval.features import resolve_device
 
     device = resolve_device("auto")
-    cfg = FastProbeConfig(epochs=plan.probe_epochs, seed=plan.seed)
+    cfg = FastProbeConfig(epochs=epochs, seed=seed)
     finished = {(r["step"], r["attribute"]): r for r in (done or [])}
     rows = [r for r in (done or []) if r["step"] in snapshots and r["attribute"] in probe_dirs]
     todo = [(step, attribute) for step in sorted(snapshots) for attribute in probe_dirs
@@ -105,12 +93,12 @@ def _selected_row(result: dict[str, Any]) -> dict[str, Any]:
 FEWSHOT_MIN_PER_CLASS = 11  # 1 shot + 10 queries
 
 
-def fewshot_endpoints(snapshots: dict[int, Path], data_dir: Path, plan, log, progress=None) -> dict[str, Any]:
+def fewshot_endpoints(snapshots: dict[int, Path], data_dir: Path, *, seed: int, log, progress=None) -> dict[str, Any]:
     """5-way 1-shot episodes (logistic regression on L2-normalized features) at init and at the end."""
     from trainer.eval import FewShotConfig, fewshot_probe, load_eval_backbone
     from trainer.eval.features import resolve_device
 
-    cfg = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=plan.seed)
+    cfg = FewShotConfig(n_way=5, k_shot=1, n_query=10, episodes=200, seed=seed)
     out: dict[str, Any] = {"config": asdict(cfg), "data": str(data_dir)}
     for name, step in (("random_init", min(snapshots)), ("trained", max(snapshots))):
         if progress is not None:
