@@ -142,7 +142,9 @@ def test_print_config(capsys):
 
 
 def test_demo_preset_holds_the_demo_trainer_settings():
-    cfg, _ = cli.parse_config(["--preset", "demo", *GEN])
+    from experiments.demo_preset import demo_trainer_flags  # the preset and the grammar's cell words
+
+    cfg, _ = cli.parse_config([*demo_trainer_flags(), *GEN])
     assert (cfg.model.name, cfg.model.model_kwargs) == ("small_cnn", {})
     assert (cfg.data.captions_per_step, cfg.data.draw_per_caption, cfg.model.img_size) == (16, 4, 64)
     # caption cells that differ only in shape or texture, and the weak augmentation (docs/recipe.md, "The demo preset")

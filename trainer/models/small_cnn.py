@@ -1,11 +1,10 @@
 """``small_cnn``: a five-conv network for the embedded CPU demo, registered with timm.
 
 At 64 px a tiny ViT (8 px patches, 4 blocks) does not learn the procedural shapes in a CPU budget
-even with labels (chance after 322 supervised steps); this net, trained the same way, reaches 99% on
-held-out shapes in 463 steps (2 minutes on 2 cores; benchmarks/RESULTS.md, "Demo: learning shape
-and texture"). It downsamples early (stride 2 twice, then once more) so a step is cheap, and pools
-with a global max, which keeps the strongest local evidence of an edge or corner wherever the
-shape sits.
+even with labels; this net, trained the same way, does (the numbers: benchmarks/RESULTS.md, "Demo:
+shape is learnable by a small CNN with labels, not yet without"). It downsamples early (stride 2
+twice, then once more) so a step is cheap, and pools with a global max, which keeps the strongest
+local evidence of an edge or corner wherever the shape sits.
 
 ``timm.create_model("small_cnn", num_classes=0)`` maps ``[N, 3, H, W] -> [N, num_features]``
 (any H, W); ``num_classes > 0`` adds a linear classifier.
