@@ -25,19 +25,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from benchmarks.flop_counter import count_flops
+
 DEFAULT_PEAK_TFLOPS = 798.0  # bf16 dense matmul peak measured on one H100 (DESIGN.md)
 _ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
-
-
-def _count(fn) -> tuple[int, dict[str, int]]:
-    """Run ``fn()`` under FlopCounterMode; (total FLOPs, FLOPs by aten op name)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    by_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return int(counter.get_total_flops()), by_op
 
 
 def _sd_configs(model: str) -> tuple[dict, dict, dict, dict]:
@@ -105,9 +96,9 @@ def generator_flops(model: str = "random:sd15", scheduler: str = "ddim", steps: 
         length = text.config.max_position_embeddings
         latent = torch.empty(1, unet.config.in_channels, height // 8, width // 8)
         context = torch.empty(1, length, unet.config.cross_attention_dim)
-        unet_total, unet_ops = _count(lambda: unet(latent, torch.tensor([10]), encoder_hidden_states=context))
-        vae_total, _ = _count(lambda: vae.decode(torch.empty(1, vae.config.latent_channels, height // 8, width // 8)))
-        text_total, _ = _count(lambda: text(torch.zeros(1, length, dtype=torch.long)))
+        unet_total, unet_ops = count_flops(lambda: unet(latent, torch.tensor([10]), encoder_hidden_states=context))
+        vae_total, _ = count_flops(lambda: vae.decode(torch.empty(1, vae.config.latent_channels, height // 8, width // 8)))
+        text_total, _ = count_flops(lambda: text(torch.zeros(1, length, dtype=torch.long)))
     attention = sum(n for op, n in unet_ops.items() if op.startswith(_ATTENTION_OPS))
     per_call = {"unet_dense": unet_total - attention, "unet_attention": attention}
     breakdown = {
@@ -142,8 +133,8 @@ def trainer_flops(model: str = "vit_base_patch16_224", img_size: int = 224, head
         net = build_model(model, img_size=img_size, head_hidden=head_hidden, head_out=head_out,
                           head_layers=head_layers)
         images = torch.empty(batch, 3, img_size, img_size)
-        forward, _ = _count(lambda: net(images))
-        step, _ = _count(lambda: net(images).float().square().sum().backward())
+        forward, _ = count_flops(lambda: net(images))
+        step, _ = count_flops(lambda: net(images).float().square().sum().backward())
     return {
         "model": model, "img_size": img_size,
         "forward_tflop_per_image": forward / batch / 1e12,

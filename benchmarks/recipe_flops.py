@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.flops import _count as count_flops
+from benchmarks.flop_counter import count_flops
 from generator_service.backends.random_sd15 import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from generator_service.config import GeneratorConfig
 from generator_service.recipes import RECIPE_NAMES, SD_TURBO
