@@ -106,10 +106,8 @@ def run_online_bench(
     the run; ``on_step(step)`` is called after every step (tests scrape the endpoint from it).
     """
     from benchmarks.trainer_bench import _autocast, _model_and_optimizer
-    from generator_service.captions import CaptionSet
     from generator_service.config import GeneratorConfig
     from generator_service.procedural import sample_captions
-    from generator_service.service import ServiceOptions
     from trainer.augment import GPUAugment
     from trainer.augment_config import AugmentConfig
     from trainer.objectives.methods import build_method
@@ -130,20 +128,7 @@ def run_online_bench(
     source = None
     trainer_live = None
     try:
-        for index in range(generators):
-            metrics = None
-            if index == 0 and generator_metrics_port is not None:
-                from generator_service.live_metrics import GeneratorMetrics
-
-                metrics = GeneratorMetrics(generator_metrics_port, addr="127.0.0.1", every_s=0.2)
-            # Generator i serves caption shard i/N (positions i, i+N, ...), as a cluster launch would.
-            ids = list(range(index, len(texts), generators))
-            caption_set = CaptionSet(path="<procedural>", caption_ids=ids, captions=[texts[i] for i in ids],
-                                     total=len(texts), shard=(index, generators))
-            options = ServiceOptions(config=config, captions=caption_set, devices=["cpu"], seed=0,
-                                     worker_batch=1, bind="tcp://127.0.0.1:*", queue=16,
-                                     max_groups_per_s=generator_rate, drain_timeout=10.0)
-            services.append(_Generator(options, metrics).start())
+        _start_generators(services, generators, texts, config, generator_rate, generator_metrics_port)
         endpoints = [g.wait_started(start_timeout) for g in services]
         if metrics_port is not None:
             from trainer.live_metrics import TrainerMetrics
@@ -203,10 +188,7 @@ def run_online_bench(
             g.close()
         if trainer_live is not None:
             trainer_live.close()
-    d = {k: after[k] - before[k] for k in after}
-    elapsed = d["t"]
-    trained = steps * images_per_step
-    result = {
+    return _measurements(before, after, stats_end, steps=steps, images_per_step=images_per_step, settings={
         "generators": generators,
         "generator_rate_groups_per_s": generator_rate,
         "images_per_group": images_per_group,
@@ -216,6 +198,41 @@ def run_online_bench(
         "max_reuse": max_reuse,
         "capacity_groups": capacity_groups,
         "steps": steps,
+    })
+
+
+def _start_generators(services: list, generators: int, texts: list[str], config, generator_rate: float | None,
+                      generator_metrics_port: int | None) -> None:
+    """Start ``generators`` in-process services into ``services`` (so the caller closes the ones started
+    even when a later one fails); generator i serves caption shard i/N (positions i, i+N, ...), as a
+    cluster launch would, and the first serves live metrics on ``generator_metrics_port``."""
+    from generator_service.captions import CaptionSet
+    from generator_service.service import ServiceOptions
+
+    for index in range(generators):
+        metrics = None
+        if index == 0 and generator_metrics_port is not None:
+            from generator_service.live_metrics import GeneratorMetrics
+
+            metrics = GeneratorMetrics(generator_metrics_port, addr="127.0.0.1", every_s=0.2)
+        ids = list(range(index, len(texts), generators))
+        caption_set = CaptionSet(path="<procedural>", caption_ids=ids, captions=[texts[i] for i in ids],
+                                 total=len(texts), shard=(index, generators))
+        options = ServiceOptions(config=config, captions=caption_set, devices=["cpu"], seed=0,
+                                 worker_batch=1, bind="tcp://127.0.0.1:*", queue=16,
+                                 max_groups_per_s=generator_rate, drain_timeout=10.0)
+        services.append(_Generator(options, metrics).start())
+
+
+def _measurements(before: dict[str, float], after: dict[str, float], stats_end: dict[str, Any], *, steps: int,
+                  images_per_step: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The result of a run: ``settings``, then rates and fractions over the timed steps (``before`` and
+    ``after``: counter snapshots around them)."""
+    d = {k: after[k] - before[k] for k in after}
+    elapsed = d["t"]
+    trained = steps * images_per_step
+    return {
+        **settings,
         "seconds": elapsed,
         "trainer_images_per_s": trained / elapsed,
         "generated_images_per_s": d["images"] / elapsed,
@@ -226,7 +243,6 @@ def run_online_bench(
         "evicted_unused_fraction": d["evicted_unused"] / d["added"] if d["added"] else 0.0,
         "source_stats_end": {k: v for k, v in stats_end.items() if isinstance(v, (int, float, str))},
     }
-    return result
 
 
 def format_table(r: dict[str, Any]) -> str:
