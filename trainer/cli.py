@@ -7,7 +7,7 @@ given on the command line overrides them (flags not given leave the preset's val
     stablerep-train --preset paper_vitb16_cc12m_1x --generators tcp://gen0:5555 tcp://gen1:5555
     stablerep-train --preset cpu_small --source offline --data shards/ --steps 100
     accelerate launch --num_processes 8 -m trainer.cli --preset paper_vitb16_cc12m_1x ...
-    stablerep-train --preset demo --generators tcp://127.0.0.1:5555   # the demo's trainer settings
+    stablerep-train --preset demo --generators tcp://127.0.0.1:5555   # the demo preset (the demo adds the grammar's --cell-words)
     (the embedded default end to end, generator and probes included, is ``stablerep-bench demo``)
 
 Runs are never overwritten: an ``--output`` that holds a run is refused unless ``--resume auto|PATH``
