@@ -31,16 +31,16 @@ from typing import Any, Optional
 import yaml
 
 from trainer.augment_config import AugmentConfig
-from trainer.config_checks import ConfigError, choices as _choices, fail as _fail, field_choices, positive as _positive
+from trainer.config_checks import (  # noqa: F401  (DEPRECATED_FIELDS, RESOLVED_KEY: re-exported)
+    DEPRECATED_FIELDS, RESOLVED_KEY, ConfigError, choices as _choices, fail as _fail, field_choices, positive as _positive,
+)
+from trainer.config_layers import resolve_layers
 from trainer.data.config import DataConfig, ReplayConfig
 from trainer.trackers import TRACKERS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-RESOLVED_KEY = "resolved"  # informational section of a written config.yaml, ignored on load
 
 
-#: (group, old field name) -> the field's name now; old names in YAML files still load, with a warning.
-DEPRECATED_FIELDS = {("data", "batch_captions"): "captions_per_step", ("data", "images_per_caption"): "draw_per_caption"}
 
 
 def method_names() -> list[str]:
@@ -429,8 +429,6 @@ def build_config(
         layers.append(("command line", overrides))
     for origin, data in layers:
         apply_overrides(cfg, data, origin=origin)
-    from trainer.config_layers import resolve_layers
-
     resolve_layers(cfg, [data for _, data in layers], preset_first=bool(preset))
     return cfg.validate() if validate else cfg
 

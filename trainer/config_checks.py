@@ -9,6 +9,12 @@ import math
 import typing
 from typing import Any, Callable, Iterable
 
+#: the informational section of a written config.yaml, ignored on load
+RESOLVED_KEY = "resolved"
+
+#: (group, old field name) -> the field's name now; old names in YAML files still load, with a warning.
+DEPRECATED_FIELDS = {("data", "batch_captions"): "captions_per_step", ("data", "images_per_caption"): "draw_per_caption"}
+
 
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type or out of range; the message names it."""

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import warnings
 
-from trainer.config import DEPRECATED_FIELDS, RESOLVED_KEY, TrainConfig
+from typing import TYPE_CHECKING
+
+from trainer.config_checks import DEPRECATED_FIELDS, RESOLVED_KEY
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 def resolve_layers(cfg: TrainConfig, layers: list[dict], preset_first: bool) -> TrainConfig:

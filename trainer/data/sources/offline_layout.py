@@ -26,7 +26,7 @@ import braceexpand
 from infra import storage
 from protocol.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from protocol.shards import MANIFEST_NAME, ShardLayoutError, read_manifest
-from trainer.config import ConfigError
+from trainer.config_checks import ConfigError
 from trainer.data.sources.caption_ids import file_digest, text_digest
 
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS)
