@@ -18,7 +18,9 @@ Generators supply ``k G`` fresh images/s; at reuse ``r`` they feed ``r k G`` tra
 
 Rates come from flags or from the JSON written by ``stablerep-bench generator`` (``G``: the service
 pool path), ``trainer`` (``T``: the fed step) or ``online`` (both, corrected for measured stall and
-idle: ``G = generated/s / (generators x (1 - idle))``, ``T = trainer images/s / (1 - stall)``).
+idle: ``G = generated/s / (generators x (1 - idle))``, ``T = trainer images/s / (1 - stall)``), or from a
+live run's metrics endpoints (``--live-trainer URL --live-generator URL ...``, `benchmarks.live_plan`),
+which also says which side to grow and by how many GPUs.
 """
 from __future__ import annotations
 
@@ -132,6 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainer-gpus", type=int, default=1)
     parser.add_argument("--ratios", type=float, nargs="*", help="generator GPUs per trainer GPU to tabulate")
     parser.add_argument("--reuses", type=float, nargs="*", help="reuse values to tabulate at the recommended ratio")
+    parser.add_argument("--live-trainer", metavar="URL",
+                        help="a running stablerep-train --metrics-port endpoint (http://HOST:PORT/metrics): its "
+                             "images/s and stall ratio; with --live-generator")
+    parser.add_argument("--live-generator", nargs="+", default=[], metavar="URL",
+                        help="the running stablerep-generator --metrics-port endpoints that feed it: their "
+                             "images per generating second and idle ratios; says which side to grow")
     parser.add_argument("--quick", action="store_true",
                         help="the H100 anchors of DESIGN.md (3.1 generated, 2542 trained images/s) unless given")
 
@@ -140,6 +148,15 @@ def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
     rates: dict[str, float] = {}
     for path in args.inputs:
         rates.update(rates_from_json(path))
+    live = None
+    if args.live_trainer or args.live_generator:
+        from benchmarks.live_plan import live_rates
+
+        if not (args.live_trainer and args.live_generator):
+            raise ValueError("plan: --live-trainer and --live-generator go together (the trainer's and its "
+                             "generators' metrics endpoints)")
+        live = live_rates(args.live_trainer, list(args.live_generator))
+        rates.update(trainer_rate=live["trainer_rate"], generator_rate=live["generator_rate"])
     if args.quick:
         rates.setdefault("generator_rate", 3.1)
         rates.setdefault("trainer_rate", 2542.0)
@@ -153,4 +170,11 @@ def run_from_args(args: Any) -> tuple[dict[str, Any], str, dict[str, float]]:
     result = plan(rates["generator_rate"], rates["trainer_rate"], args.reuse, args.ratios, args.reuses,
                   args.trainer_gpus)
     bars = {f"{row['generators_per_trainer']:.3g}": row["trainer_stall_fraction"] for row in result["by_ratio"]}
-    return result, format_table(result), bars
+    table = format_table(result)
+    if live is not None:
+        from benchmarks.live_plan import advice_line, advise
+
+        result["live"] = live
+        result["advice"] = advise(live, result["generators_per_trainer"], args.trainer_gpus)
+        table += "\n" + advice_line(result["advice"])
+    return result, table, bars

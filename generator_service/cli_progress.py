@@ -5,6 +5,7 @@ import logging
 import time
 from typing import Any
 
+from generator_service.live_metrics import idle_ratio
 from generator_service.pool import WorkerPool
 
 log = logging.getLogger("stablerep-generator")
@@ -31,7 +32,8 @@ class OfflineProgress:
 
 
 class OnlineStatus:
-    """A status line every ``every`` seconds: images/s per device, queue, clients and credits, idle time."""
+    """A status line every ``every`` seconds: images/s per device, queue, clients and credits, idle time
+    and its share of worker time (``stablerep_generator_idle_ratio``)."""
 
     def __init__(self, every: float) -> None:
         self.every = every
@@ -48,6 +50,7 @@ class OnlineStatus:
             rates.append(f"{worker.device}#{worker.index} {(worker.images - self.last_images.get(worker.index, 0)) / dt:.1f}")
             self.last_images[worker.index] = worker.images
         idle = sum(w.idle_backpressure_s for w in pool.workers)
+        ratio = idle_ratio(idle, sum(w.gen_seconds for w in pool.workers))
         line = f"img/s [{', '.join(rates)}] | groups {pool.groups_delivered}"
         if server is not None:
             stats = server.stats()
@@ -56,7 +59,7 @@ class OnlineStatus:
                 f" | queue {stats.queue_depth}/{stats.queue_capacity} | clients {len(stats.clients)} (credits {credits})"
                 f" | sent {stats.groups_sent}"
             )
-        line += f" | idle (queue full) {idle:.1f}s"
+        line += f" | idle (queue full) {idle:.1f}s ({100 * ratio:.0f}%)"  # the share of worker time: idle_ratio
         log.info(line)
 
     def close(self) -> None:

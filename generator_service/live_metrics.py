@@ -8,6 +8,10 @@ Names (all ``stablerep_generator_*``; labels ``worker``, ``device`` where per wo
 - ``worker_restarts_total`` {worker, device}: worker process restarts;
 - ``worker_alive`` {worker, device}: 1 while the worker process runs;
 - ``worker_ready`` {worker, device}: 1 once its backend is built (model loaded) and it takes work;
+- ``idle_ratio``: the share of its workers' time the generator spent held back since the start:
+  ``idle_seconds_total / (idle_seconds_total + gen_seconds_total)`` summed over the workers (a worker is
+  held back while the groups it made wait undelivered because no client granted credit; the workers of
+  an online service always have captions to draw, so that is their only idle time the pool counts);
 - ``images_per_s``: images delivered per second since the start;
 - ``queue_depth`` / ``queue_capacity``: groups waiting for a client with credit / the bound;
 - ``pending_groups``: groups handed to workers and not yet delivered;
@@ -31,6 +35,17 @@ from infra.metrics_server import MetricsServer, Sample
 P = "stablerep_generator_"
 
 
+def idle_ratio(idle_s: float, gen_s: float) -> float:
+    """Share of worker time held back: ``idle_s / (idle_s + gen_s)`` (0 before any work)."""
+    total = idle_s + gen_s
+    return idle_s / total if total > 0 else 0.0
+
+
+def workers_idle_ratio(workers: list[dict[str, Any]]) -> float:
+    """:func:`idle_ratio` over every worker of a ``PoolStats`` (``idle_backpressure_s``, ``gen_seconds``)."""
+    return idle_ratio(sum(w["idle_backpressure_s"] for w in workers), sum(w["gen_seconds"] for w in workers))
+
+
 def generator_samples(pool_stats: Any, server_stats: Any | None) -> list[Sample]:
     """Samples of one ``PoolStats`` and (online) one ``ServerStats`` snapshot."""
     out: list[Sample] = []
@@ -48,6 +63,8 @@ def generator_samples(pool_stats: Any, server_stats: Any | None) -> list[Sample]
                    int(bool(w["alive"] and w["ready"])), labels),
         ]
     out += [
+        Sample(P + "idle_ratio", "gauge", "share of worker time held back since the start (no client credit)",
+               workers_idle_ratio(pool_stats.workers)),
         Sample(P + "images_per_s", "gauge", "images delivered per second since the start", pool_stats.images_per_second),
         Sample(P + "pending_groups", "gauge", "groups handed to workers, not yet delivered", pool_stats.pending),
     ]

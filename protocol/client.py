@@ -19,6 +19,8 @@ and logged (rate-limited); if the I/O thread dies anyway, ``failed`` says why an
 
 ``send_feedback(caption_ids, scores)`` tells every service how much the trainer needs more of some
 captions (``protocol.feedback``); the I/O thread sends the newest report (an unsent one is replaced).
+``send_feedback(..., endpoint=url)`` tells that service alone (services of different generators number
+different captions with the same ids): one report waits per service, a newer one replaces it.
 A service that refuses the type (``error`` ``bad_message`` naming it unknown, or ``too_large`` for
 a header over an older service's 4 KiB: services that predate feedback) gets no more of it, and
 the client says so once per service; serving goes on.
@@ -138,7 +140,8 @@ class GroupClient:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._endpoints: dict[str, _Endpoint] = {}
-        self._feedback: Feedback | None = None  # the newest report not yet sent
+        # the newest report not yet sent, per service (None: to every service)
+        self._feedback: dict[str | None, Feedback] = {}
         self._faults = RateLimitedLog(log, "group client: refused service input", 10.0)
 
     @property
@@ -192,18 +195,24 @@ class GroupClient:
             }
         return stats
 
-    def send_feedback(self, caption_ids: Sequence[Any], scores: Sequence[Any]) -> bool:
+    def send_feedback(self, caption_ids: Sequence[Any], scores: Sequence[Any], endpoint: str | None = None) -> bool:
         """Tell the services how much more of each caption the trainer needs (``scores[i]`` >= 0 for
         ``caption_ids[i]``; higher: more). Sent by the I/O thread soon, replacing a report it has not
-        sent yet. Returns False (nothing sent) once every service refused the type. Raises
-        ``ValueError`` for a report no service would accept (see ``feedback_message``)."""
+        sent yet. ``endpoint``: one of ``endpoints``, the only service told (its own report replaces only
+        its own); None: every service. Returns False (nothing sent) once the service (None: every
+        service) refused the type. Raises ``ValueError`` for an endpoint this client does not serve
+        from, or a report no service would accept (see ``feedback_message``)."""
+        if endpoint is not None and endpoint not in self.endpoints:
+            raise ValueError(f"send_feedback: endpoint {endpoint!r} is not one of this client's "
+                             f"{', '.join(self.endpoints)}")
         msg = feedback_message(caption_ids, scores)
         with self._lock:
-            if self._endpoints and all(ep.feedback_refused for ep in self._endpoints.values()):
+            told = [ep for url, ep in self._endpoints.items() if endpoint is None or url == endpoint]
+            if told and all(ep.feedback_refused for ep in told):
                 return False
-            if self._feedback is not None:
+            if endpoint in self._feedback:
                 self._stats.feedback_replaced += 1
-            self._feedback = msg
+            self._feedback[endpoint] = msg
         self._wake.wake()
         return True
 
@@ -372,17 +381,16 @@ class GroupClient:
             self._send(endpoint, Error("bad_message", f"type {msg.TYPE!r} is not sent by services"))
 
     def _send_feedback(self) -> None:
-        """Send the newest report to every welcomed service that has not refused the type."""
+        """Send the newest reports: each to its service (or to every service), if welcomed and not refusing."""
         with self._lock:
-            msg, self._feedback = self._feedback, None
-        if msg is None:
-            return
-        for endpoint in self._endpoints.values():
-            if endpoint.welcome is not None and not endpoint.feedback_refused:
-                self._send(endpoint, msg)
-                with self._lock:
-                    endpoint.feedback_sent += 1
-                    self._stats.feedback_sent += 1
+            reports, self._feedback = self._feedback, {}
+        for target, msg in reports.items():
+            for url, endpoint in self._endpoints.items():
+                if (target is None or url == target) and endpoint.welcome is not None and not endpoint.feedback_refused:
+                    self._send(endpoint, msg)
+                    with self._lock:
+                        endpoint.feedback_sent += 1
+                        self._stats.feedback_sent += 1
 
     def _feedback_refused(self, endpoint: _Endpoint, msg: Error) -> None:
         """The service takes no feedback (it predates the type): stop sending it any, and say so once."""

@@ -33,6 +33,11 @@ def _replay_stats() -> dict:
         replay.close()
 
 
+def test_the_generator_idle_ratio_is_its_workers_share_of_time_held_back():
+    samples = {s.name: s.value for s in generator_samples(_pool_stats(), None)}
+    assert samples["stablerep_generator_idle_ratio"] == pytest.approx(0.25 / (0.25 + 1.5))
+
+
 def test_sample_names_follow_the_rules():
     with pytest.raises(ValueError, match="stablerep_"):
         Sample("other_metric", "gauge", "x", 1.0)

@@ -242,3 +242,39 @@ def test_the_client_stops_sending_feedback_to_a_service_that_refuses_it_and_says
     finally:
         server.close()
 
+
+
+def test_a_report_for_one_service_reaches_that_service_alone():
+    """Two real services: a report naming one reaches its board only; a report to every service reaches
+    both. The client sends a service's reports in order, so the second service's board holding only the
+    broadcast means the first report never reached it."""
+    boards = [FeedbackBoard(SERVED, weight=1.0), FeedbackBoard(SERVED, weight=1.0)]
+    servers = [_server(board) for board in boards]
+    try:
+        endpoints = [srv.endpoint for srv in servers]
+        with GroupClient(endpoints, Collector(), connect_timeout=20) as client:
+            assert client.send_feedback([1, 2], [5.0, 6.0], endpoint=endpoints[0])
+            assert client.send_feedback([3], [1.0])
+            wait_for(lambda: 3 in boards[1].scores() and 3 in boards[0].scores(), "the broadcast on both boards")
+            assert boards[0].scores() == {1: 5.0, 2: 6.0, 3: 1.0}
+            assert boards[1].scores() == {3: 1.0}
+            per_service = client.stats().endpoints
+            assert [per_service[url]["feedback_sent"] for url in endpoints] == [2, 1]
+            with pytest.raises(ValueError, match=r"endpoint 'tcp://127\.0\.0\.1:1' is not one of this client's"):
+                client.send_feedback([1], [1.0], endpoint="tcp://127.0.0.1:1")
+    finally:
+        for srv in servers:
+            srv.close()
+
+
+def test_one_report_waits_per_service_and_a_newer_one_replaces_only_its_own():
+    client = GroupClient(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], Collector())  # not started: nothing is sent
+    try:
+        client.send_feedback([1], [1.0], endpoint="tcp://127.0.0.1:1")
+        client.send_feedback([1], [2.0], endpoint="tcp://127.0.0.1:2")
+        client.send_feedback([1], [3.0])
+        assert client.stats().feedback_replaced == 0  # three services' (or every service's) reports wait
+        client.send_feedback([1], [4.0], endpoint="tcp://127.0.0.1:1")
+        assert client.stats().feedback_replaced == 1
+    finally:
+        client.close()

@@ -59,11 +59,14 @@ def make_group(caption_id: int, m: int, size: int, epoch: int = 0) -> Group:
 
 class SyntheticService:
     """A real ``GroupServer`` on 127.0.0.1 fed by a thread cycling over ``num_captions`` captions
-    (``server_options``: more ``GroupServer`` keyword arguments)."""
+    (``generator``: the config it announces, by default ``generator_config(m, size)``; ``server_options``:
+    more ``GroupServer`` keyword arguments)."""
 
-    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32, **server_options) -> None:
+    def __init__(self, num_captions: int = 64, m: int = 4, size: int = 32, generator: GeneratorConfig | None = None,
+                 **server_options) -> None:
         self.num_captions, self.m, self.size = num_captions, m, size
-        self.server = GroupServer("tcp://127.0.0.1:*", "synthetic-test", generator_info(m, size),
+        self.info = generator.welcome_info() if generator is not None else generator_info(m, size)
+        self.server = GroupServer("tcp://127.0.0.1:*", "synthetic-test", self.info,
                                   heartbeat_ms=200, max_queue=16, **server_options)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._feed, daemon=True)
@@ -77,6 +80,7 @@ class SyntheticService:
         while not self._stop.is_set():
             caption_id, epoch = i % self.num_captions, i // self.num_captions
             group = make_group(caption_id, self.m, self.size, epoch)
+            group.generator = self.info.fingerprint  # the generator announced (``generator``: another one)
             while not self._stop.is_set() and not self.server.put(group, timeout=0.2):
                 pass
             i += 1

@@ -38,7 +38,7 @@ from trainer.monitor import Monitor
 from trainer.preflight import estimate_memory
 from trainer.step_pipeline import LossLedger, Prefetcher
 from trainer.train_build import build_components, build_run, meta_model
-from trainer.train_feedback import build_reporter
+from trainer.train_feedback import build_reporter, split_difficulty
 from trainer.train_log import TrainLog, plot_curve, run_summary
 from trainer.train_step import (
     LoopState,
@@ -87,17 +87,18 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     if own_source:
         source = build_source(cfg, device=run.device, rank=run.rank, world_size=run.world_size,
                               local_captions=run.local_captions)
-    if run.source_state is not None:
-        source.load_state_dict(run.source_state)
+    source_state, saved_difficulty = split_difficulty(run.source_state, run.rank)
+    if source_state is not None:
+        source.load_state_dict(source_state)
     start_stall = source.stats().get("stall_seconds")  # the stall ratios count from here
     logs = TrainLog(run, start_stall)  # trackers, progress bar, live metrics
     ledger = LossLedger(run.start_step)  # losses on the device, read back at check steps
     state = LoopState(run.start_step, run.images_seen, run.last_checkpoint)
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
-    feedback = build_reporter(cfg, run.method, source)  # per-caption difficulty to the generators (online)
+    feedback = build_reporter(cfg, run.method, source, saved_difficulty)  # per-caption difficulty (online)
     monitor = Monitor(cfg, run.unwrapped, accelerator, run.output, status, logs.live)  # k-NN on probe folders
     prefetch = Prefetcher(source, run.device, limit=run.total_steps - run.start_step)
-    checkpoint = partial(save_run_checkpoint, run, state, ledger, prefetch, source)  # checkpoint(last_loss) -> Path
+    checkpoint = partial(save_run_checkpoint, run, state, ledger, prefetch, source, feedback)  # (last_loss) -> Path
     status.start(run.start_step, start_stall)
     try:
         with StopAfterStep() as stop:

@@ -18,6 +18,7 @@ from trainer.checkpoint import save_checkpoint
 from trainer.data.sources.generator_watch import GeneratorsSilentError
 from trainer.step_pipeline import LossLedger, Prefetcher
 from trainer.train_build import TrainRun
+from trainer.train_feedback import with_difficulty
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,8 +101,9 @@ def optimizer_update(run: TrainRun) -> torch.Tensor | None:
 
 
 def save_run_checkpoint(run: TrainRun, state: LoopState, ledger: LossLedger, prefetch: Prefetcher, source: Any,
-                        last_loss: float | None) -> Path:
-    """Check the pending losses, then save weights, optimizer, RNG and source state at ``state.step``."""
+                        feedback: Any, last_loss: float | None) -> Path:
+    """Check the pending losses, then save weights, optimizer, RNG and source state at ``state.step`` (with
+    the per-caption averages of ``feedback``, a ``trainer.train_feedback.FeedbackReporter`` or None)."""
     raise_if_non_finite(ledger, state.last_checkpoint)  # never save weights that a non-finite step has touched
     cfg, step = run.cfg, state.step
     last_loss = ledger.last() if last_loss is None else last_loss
@@ -113,7 +115,8 @@ def save_run_checkpoint(run: TrainRun, state: LoopState, ledger: LossLedger, pre
         "rng": {"seed": cfg.run.seed, "states": [f"random_states_{r}.pkl" for r in range(run.world_size)]},
     }
     return save_checkpoint(
-        run.accelerator, run.output, step=step, trainer_state=trainer_state, source_state=source_state,
+        run.accelerator, run.output, step=step, trainer_state=trainer_state,
+        source_state=with_difficulty(source_state, feedback),
         model=run.unwrapped,
     )
 

@@ -15,6 +15,11 @@ service (a service numbers its captions from 0), and the trainer may have replac
   interval, and drops the rest). Beyond ``limit`` waiting captions per endpoint the oldest are dropped
   and counted. When a service refuses the type (the transport returns False), nothing more is sent to it
   and the source says so once.
+
+The group client sends each service its own report (``send_feedback(..., endpoint=url)``), so services
+of different generators (several fingerprints, their caption ids namespaced in batches) each get the
+scores of the captions they served, under their own ids. A client that can only reach every service at
+once gets reports only when every service numbers the same captions (one fingerprint).
 """
 from __future__ import annotations
 
