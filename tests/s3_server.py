@@ -5,6 +5,7 @@ Clients find it the way they find any S3-compatible store (MinIO, Ceph, R2): thr
 """
 from __future__ import annotations
 
+import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -35,6 +36,8 @@ def s3_server(monkeypatch, buckets: tuple[str, ...] = ("bucket",)) -> Iterator[s
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     try:
+        # moto keeps its buckets in process-wide state that outlives a server: start every test empty
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
         for key, value in s3_env(endpoint).items():
             monkeypatch.setenv(key, value)
         forget_s3_clients()
