@@ -138,7 +138,7 @@ def test_max_images_scores_the_same_class_balanced_subset_at_every_evaluation_an
         for row in rows:
             assert (row["train_images"], row["val_images"], row["train_files"], row["val_files"]) == (10, 10, 30, 30)
         summary = json.loads((out / "train_summary.json").read_text())["monitor"]
-        assert summary["max_images"] == 10 and [t["step"] for t in summary["timeline"]] == [0, 1, 2]
+        assert summary["max_train"] == summary["max_val"] == 10 and [t["step"] for t in summary["timeline"]] == [0, 1, 2]
         listed.append(json.loads((out / "monitor_images.json").read_text())["mixed"])
     assert listed[0] == listed[1]  # the same subset in every run on the same folder
     for split in ("train", "val"):
@@ -155,6 +155,31 @@ def test_max_images_scores_the_same_class_balanced_subset_at_every_evaluation_an
     standalone = json.loads(result.read_text())
     assert standalone["train_images"] == 10 and standalone["val_images"] == 10
     assert abs(standalone["top1"] - rows[-1]["knn_top1"]) <= 0.5
+
+
+def test_separate_train_and_val_caps_draw_class_balanced_subsets_of_those_sizes_the_same_in_every_run(
+        shards, probes, tmp_path):
+    """``--monitor-max-train 20 --monitor-max-val 6`` on a probe of 2 classes (13 and 17 images per split):
+    10 train and 3 val images per class, the files ``balanced_subset`` draws (seed 0), the same in a
+    second run."""
+    from trainer.eval.imagefolder import balanced_subset, scan_image_folder
+
+    mixed = probes[2]
+    listed = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        assert cli.main(args(shards, out, 2, "--monitor", str(mixed), "--monitor-every", "2",
+                             "--monitor-max-train", "20", "--monitor-max-val", "6")) == 0
+        for row in records(out):
+            assert (row["train_images"], row["val_images"], row["train_files"], row["val_files"]) == (20, 6, 30, 30)
+        summary = json.loads((out / "train_summary.json").read_text())["monitor"]
+        assert (summary["max_train"], summary["max_val"]) == (20, 6)
+        listed.append(json.loads((out / "monitor_images.json").read_text())["mixed"])
+    assert listed[0] == listed[1]
+    for split, per_class in (("train", 10), ("val", 3)):
+        assert sorted(Path(p).parent.name for p in listed[0][split]) == ["a"] * per_class + ["b"] * per_class
+        _, samples = scan_image_folder(mixed / split)
+        assert listed[0][split] == sorted(str(p) for p, _ in balanced_subset(samples, 2 * per_class))
 
 
 def test_the_monitor_leaves_training_unchanged(shards, probes, tmp_path):

@@ -181,3 +181,25 @@ def test_old_count_names_still_work_with_a_warning(tmp_path, capsys):
     with pytest.warns(UserWarning, match="data.batch_captions .* is deprecated; use data.captions_per_step"):
         cfg = build_config(config_file=str(old))
     assert (cfg.data.captions_per_step, cfg.data.draw_per_caption) == (12, 2)
+
+
+def test_monitor_subsets_per_split_and_the_old_single_cap(tmp_path):
+    """``--monitor-max-train`` / ``--monitor-max-val`` set each split's cap; ``--monitor-max-images`` sets
+    both unless one is given on its own; a config's old ``monitor.max_images`` loads as both, with a warning."""
+    base = ["--steps", "2", "--generators", "tcp://127.0.0.1:5555"]
+    default = cli.parse_config(base)[0].monitor
+    assert (default.max_train, default.max_val) == (384, 64)
+    cfg, _ = cli.parse_config([*base, "--monitor-max-train", "300", "--monitor-max-val", "40"])
+    assert (cfg.monitor.max_train, cfg.monitor.max_val) == (300, 40)
+    cfg, _ = cli.parse_config([*base, "--monitor-max-images", "100"])
+    assert (cfg.monitor.max_train, cfg.monitor.max_val) == (100, 100)
+    cfg, _ = cli.parse_config([*base, "--monitor-max-val", "8", "--monitor-max-images", "100"])
+    assert (cfg.monitor.max_train, cfg.monitor.max_val) == (100, 8)
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  generators: [tcp://127.0.0.1:5555]\nschedule:\n  steps: 2\nmonitor:\n  max_images: 96\n")
+    with pytest.warns(UserWarning, match="monitor.max_images .* is deprecated; use monitor.max_train and monitor.max_val"):
+        cfg = build_config(config_file=str(old))
+    assert (cfg.monitor.max_train, cfg.monitor.max_val) == (96, 96)
+    for flag in ("--monitor-max-train", "--monitor-max-val"):
+        with pytest.raises(ConfigError, match=f"monitor.max_{flag.split('-')[-1]}.*must be an integer >= 0"):
+            cli.parse_config([*base, flag, "-1"])

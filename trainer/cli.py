@@ -135,11 +135,13 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("run", ("--metrics-port",), "run.metrics_port",
      dict(type=int, metavar="PORT", help="serve Prometheus metrics (stablerep_trainer_*) on this port (0: any)")),
     ("monitor", ("--monitor", "--monitor-dirs"), "monitor.dirs", dict(nargs="+", metavar="DIR", help="probe ImageFolders with train/ and val/ (as `stablerep-generator probe-set` writes): weighted k-NN of the backbone on each, to OUTPUT/monitor.jsonl (under torchrun / accelerate launch write --monitor-dirs: their parsers read --monitor as their --monitor-interval)")),
-    ("monitor", ("--monitor-every",), "monitor.every", dict(type=int, metavar="STEPS", help="steps between monitor evaluations (also at step 0 and the last step); the default keeps the monitor of the demo's probe sets at the default --monitor-max-images under 5%% of the training time (benchmarks/RESULTS.md)")),
+    ("monitor", ("--monitor-every",), "monitor.every", dict(type=int, metavar="STEPS", help="steps between monitor evaluations (also at step 0 and the last step); the default keeps the monitor of the demo's probe sets at the default --monitor-max-train / --monitor-max-val under 5%% of the training time (benchmarks/RESULTS.md)")),
     ("monitor", ("--knn-k",), "monitor.knn_k", dict(type=int, help="k-NN neighbours per query")),
     ("monitor", ("--knn-temperature",), "monitor.knn_temperature", dict(type=float, help="k-NN vote weight exp(cosine / T)")),
     ("monitor", ("--monitor-linear",), "monitor.linear", dict(action="store_const", const=True, help="also a quick linear probe on the monitor's features")),
-    ("monitor", ("--monitor-max-images",), "monitor.max_images", dict(type=int, metavar="IMAGES", help="images per probe split the monitor scores: a class-balanced subset drawn once per run (the same at every evaluation); 0 = every image (what `stablerep-eval knn` scores)")),
+    ("monitor", ("--monitor-max-train",), "monitor.max_train", dict(type=int, metavar="IMAGES", help="train images per probe the monitor embeds, its k-NN's bank of neighbours: a class-balanced subset drawn once per run (the same at every evaluation); 0 = every image (what `stablerep-eval knn` scores). A smaller bank reads lower than the whole folder (benchmarks/RESULTS.md)")),
+    ("monitor", ("--monitor-max-val",), "monitor.max_val", dict(type=int, metavar="IMAGES", help="val images per probe the monitor classifies: a class-balanced subset drawn once per run; 0 = every image")),
+    ("monitor", ("--monitor-max-images",), "monitor.max_images", dict(type=int, metavar="IMAGES", help="both --monitor-max-train and --monitor-max-val (each given on its own wins)")),
     ("monitor", ("--monitor-batch-size",), "monitor.batch_size", dict(type=int, metavar="IMAGES", help="images per monitor feature-extraction batch")),
     ("run", ("--force",), "run.force", dict(action="store_const", const=True, help="train paper-scale settings on a CPU anyway (normally refused)")),
 ]
@@ -165,6 +167,10 @@ resume: --resume auto continues OUTPUT's run; --steps may change: the lr goes on
 multi-process: torchrun --nproc_per_node N -m trainer.cli ... (add --cpu without GPUs), or
   accelerate launch --multi_gpu --num_processes N -m trainer.cli ...; see docs/workflows.md
 """
+
+
+#: flags that set several fields of one group to their value (an integer >= 0) -> those fields
+SHORTHANDS = {"monitor.max_images": ("monitor.max_train", "monitor.max_val")}
 
 
 def _default_of(path: str) -> Any:
@@ -197,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = kwargs["choices"]()
         if kwargs.get("action") != "store_const" and "choices" not in kwargs:
             kwargs.setdefault("metavar", flags[0].lstrip("-").upper().replace("-", "_"))
-        if kwargs.get("action") != "store_const":
+        if path in SHORTHANDS:
+            kwargs["help"] = f"{kwargs['help']} [{' and '.join(SHORTHANDS[path])}]"
+        elif kwargs.get("action") != "store_const":
             kwargs["help"] = f"{kwargs.get('help', '')} [{path}, default {_default_of(path)!r}]".strip()
         else:
             kwargs["help"] = f"{kwargs['help']} [{path}]"
@@ -215,6 +223,14 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if name in ("model_kwargs", "kwargs", "text"):
             value = merge_kwargs(value)
         out.setdefault(group, {})[name] = value
+    for path, fields in SHORTHANDS.items():  # a field given on its own wins over its shorthand
+        group, name = path.split(".")
+        if name in out.get(group, {}):
+            value = out[group].pop(name)
+            if value < 0:
+                raise ConfigError(f"config field {path} = {value}: must be an integer >= 0 (0 = every image)")
+            for field in fields:
+                out[group].setdefault(field.split(".")[1], value)
     return out
 
 

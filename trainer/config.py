@@ -32,7 +32,8 @@ import yaml
 
 from trainer.augment_config import AugmentConfig
 from trainer.config_checks import (  # noqa: F401  (DEPRECATED_FIELDS, RESOLVED_KEY: re-exported)
-    DEPRECATED_FIELDS, RESOLVED_KEY, ConfigError, choices as _choices, fail as _fail, field_choices, positive as _positive,
+    DEPRECATED_FIELDS, RESOLVED_KEY, SPLIT_FIELDS, ConfigError, choices as _choices, fail as _fail, field_choices,
+    positive as _positive,
 )
 from trainer.config_layers import resolve_layers
 from trainer.data.config import DataConfig, ReplayConfig
@@ -123,20 +124,28 @@ class RunConfig:
     force: bool = False  # train paper-scale settings on a CPU anyway (trainer.preflight)
 
 
+#: the monitor's default subsets per probe: train (the k-NN's bank of neighbours) and val (its queries)
+MONITOR_MAX_TRAIN, MONITOR_MAX_VAL = 384, 64
+
+
 @dataclass
 class MonitorConfig:
     """Representation monitor (``trainer/monitor.py``): weighted k-NN of the backbone on probe folders."""
 
     dirs: list[str] = field(default_factory=list)  # ImageFolders with train/ and val/ ([] = no monitor)
-    # steps between evaluations (also at step 0 and the last step); 250: with max_images 128 the monitor
-    # of the demo's four probe sets costs 2.5% of the training between evaluations (3.3% with step 0's;
-    # benchmarks/RESULTS.md, "The k-NN monitor: its cost, subset")
+    # steps between evaluations (also at step 0 and the last step); 250: with the default subsets the
+    # monitor of the demo's four probe sets stays under 5% of the demo's training (benchmarks/RESULTS.md,
+    # "The k-NN monitor: where its images go")
     every: int = 250
     knn_k: int = 20  # neighbours per query (DINO)
     knn_temperature: float = 0.07  # vote weight exp(cosine / T) (DINO)
     linear: bool = False  # also a quick linear probe on the same features
     batch_size: int = 256  # images per feature-extraction batch
-    max_images: int = 128  # per probe split: a fixed class-balanced subset, drawn once per run (0 = every image)
+    # per probe, a fixed class-balanced subset of each split, drawn once per run (0 = every image): most
+    # of the images go to train, the bank of neighbours, whose size sets how close the k-NN reads to
+    # the whole folder's; val only needs enough queries per class
+    max_train: int = MONITOR_MAX_TRAIN
+    max_val: int = MONITOR_MAX_VAL
 
 
 @dataclass
@@ -304,9 +313,10 @@ class TrainConfig:
             _fail("run.output", run.output, "must be a directory path")
         for name in ("every", "knn_k", "knn_temperature", "batch_size"):
             _positive(f"monitor.{name}", getattr(self.monitor, name))
-        max_images = self.monitor.max_images
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
-            _fail("monitor.max_images", max_images, "must be an integer >= 0 (0 = every image)")
+        for name in ("max_train", "max_val"):
+            value = getattr(self.monitor, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(f"monitor.{name}", value, "must be an integer >= 0 (0 = every image)")
         return self
 
 
@@ -378,6 +388,13 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, origin: str = "") -> Trai
                 new = DEPRECATED_FIELDS[(group, key)]
                 warnings.warn(f"config field {group}.{key}{where} is deprecated; use {group}.{new}", stacklevel=2)
                 key = new
+            if (group, key) in SPLIT_FIELDS:
+                new_keys = SPLIT_FIELDS[(group, key)]
+                warnings.warn(f"config field {group}.{key}{where} is deprecated; use "
+                              + " and ".join(f"{group}.{k}" for k in new_keys), stacklevel=2)
+                for new in new_keys:
+                    setattr(sub, new, _coerce(value, hints[new], f"{group}.{key}", origin))
+                continue
             if key not in hints:
                 raise ConfigError(
                     f"unknown config field {group}.{key}{where}; known: {', '.join(sorted(hints))}"

@@ -14,6 +14,8 @@ RESOLVED_KEY = "resolved"
 
 #: (group, old field name) -> the field's name now; old names in YAML files still load, with a warning.
 DEPRECATED_FIELDS = {("data", "batch_captions"): "captions_per_step", ("data", "images_per_caption"): "draw_per_caption"}
+#: (group, old field name) -> the fields it now sets, each to its value; loads with a warning as above.
+SPLIT_FIELDS = {("monitor", "max_images"): ("max_train", "max_val")}
 
 
 class ConfigError(ValueError):

@@ -83,6 +83,10 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     """
     run = build_run(cfg)  # every check first; then accelerator, model, optimizer, resume, OUTPUT/config.yaml
     accelerator, model, status = run.accelerator, run.model, run.status
+    monitor = Monitor(cfg, run.unwrapped, accelerator, run.output, status)  # k-NN on probe folders
+    with StopAfterStep() as early:  # Ctrl-C during it stops after step 1, as one during the loop
+        # step 0 (the random init), before the source starts: an online one would fill its buffer meanwhile
+        monitor.start(run.start_step, run.images_seen)
     own_source = source is None
     if own_source:
         source = build_source(cfg, device=run.device, rank=run.rank, world_size=run.world_size,
@@ -96,13 +100,13 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     state = LoopState(run.start_step, run.images_seen, run.last_checkpoint)
     silent_generators = getattr(source, "silent_generators", None)  # online sources only
     feedback = build_reporter(cfg, run.method, source, saved_difficulty)  # per-caption difficulty (online)
-    monitor = Monitor(cfg, run.unwrapped, accelerator, run.output, status, logs.live)  # k-NN on probe folders
+    monitor.attach_logs(logs.live)  # step 0's scalars to the trackers now
     prefetch = Prefetcher(source, run.device, limit=run.total_steps - run.start_step)
     checkpoint = partial(save_run_checkpoint, run, state, ledger, prefetch, source, feedback)  # (last_loss) -> Path
     status.start(run.start_step, start_stall)
     try:
         with StopAfterStep() as stop:
-            monitor.start(state.step, state.images_seen)  # step 0: the random init (Ctrl-C during it stops after step 1)
+            stop.signal = early.signal
             while state.step < run.total_steps:
                 t0 = time.perf_counter()
                 lr = set_lr(run.optimizer, run.schedule(state.step))

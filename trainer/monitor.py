@@ -14,15 +14,18 @@ them in batches on the device (inference mode, channels-last). An undecodable im
 counted. The global RNG state is saved and restored around an evaluation, so a run with a monitor
 trains exactly as the same run without one.
 
-``--monitor-max-images N`` (default 128): each split of each probe is a class-balanced subset of at most
-``N`` images (``N // classes`` per class, at least one), drawn once per run with a fixed seed, so every
+``--monitor-max-train N`` (default 384) and ``--monitor-max-val M`` (default 64): each probe's train
+split is a class-balanced subset of at most ``N`` images and its val split one of at most ``M``
+(``N // classes`` per class, at least one), drawn once per run with a fixed seed, so every
 evaluation, and every run on the same folders, scores the same images; their files are listed in
-``OUTPUT/monitor_images.json``. ``0`` scores every image, as ``stablerep-eval knn`` does. The
-defaults (128 images, every 250 steps) keep the monitor of the demo's four probe sets under 5% of
-the training time (``stablerep-bench monitor``; benchmarks/RESULTS.md, "The k-NN monitor: its cost,
-subset"). A subset's k-NN reads lower than the whole folder's on the same backbone (a smaller bank
-of neighbours): compare a monitor's numbers with each other, and with ``stablerep-eval knn`` only on
-the listed files.
+``OUTPUT/monitor_images.json``. ``0`` scores every image of the split, as ``stablerep-eval knn``
+does; ``--monitor-max-images N`` sets both. The budget goes mostly to train: the k-NN's bank of
+neighbours, whose density sets how close a subset reads to the whole folder on the same backbone (a
+sparser bank reads lower), while the val subset only adds sampling noise. The defaults (every 250
+steps) keep the monitor of the demo's four probe sets under 5% of the training time
+(``stablerep-bench monitor``; benchmarks/RESULTS.md, "The k-NN monitor: where its images go"). Its
+numbers still read below the whole folder's: compare a monitor's numbers with each other, and with
+``stablerep-eval knn`` only on the listed files.
 
 Results: one line per probe and evaluation in ``OUTPUT/monitor.jsonl``
 (``{"step", "probe", "knn_top1", "linear_top1"?, "images_seen", "seconds", "train_images", "train_files",
@@ -57,7 +60,7 @@ from trainer.eval.linear import FastProbeConfig, fast_linear_probe
 log = logging.getLogger(__name__)
 
 MONITOR_FILE = "monitor.jsonl"
-#: with ``--monitor-max-images``: the files of each probe's subset, written when they are first decoded
+#: with ``--monitor-max-train`` / ``--monitor-max-val``: the files of each probe's subset, written when they are first decoded
 MONITOR_IMAGES = "monitor_images.json"
 #: the quick linear probe of ``--monitor-linear``: one weight decay, three lrs, 50 epochs, holdout selection
 QUICK_LINEAR = FastProbeConfig(lrs=(0.01, 0.1, 1.0), weight_decays=(0.0,), epochs=50)
@@ -76,13 +79,14 @@ class Probe:
     def name(self) -> str:
         return self.root.name
 
-    def decoded(self, backbone: EvalBackbone, max_images: int = 0) -> tuple[DecodedSplit, DecodedSplit]:
-        """The splits, decoded at the first call (``max_images > 0``: each a class-balanced subset)."""
+    def decoded(self, backbone: EvalBackbone, max_train: int = 0,
+                max_val: int = 0) -> tuple[DecodedSplit, DecodedSplit]:
+        """The splits, decoded at the first call (a cap > 0: that split is a class-balanced subset)."""
         if self.train is None or self.val is None:
             start = time.perf_counter()
-            self.train = decode_split(self.root / "train", backbone, max_images=max_images)
+            self.train = decode_split(self.root / "train", backbone, max_images=max_train)
             self.val = decode_split(self.root / "val", backbone, classes=self.train.class_names,
-                                    max_images=max_images)
+                                    max_images=max_val)
             self.decode_seconds = time.perf_counter() - start
         return self.train, self.val
 
@@ -98,8 +102,8 @@ class Monitor:
     at the same steps (they meet at a barrier when there are several); only the main process evaluates
     and writes. Without ``monitor.dirs`` every method does nothing."""
 
-    def __init__(self, cfg, model: torch.nn.Module, accelerator, output: Path, status, live=None) -> None:
-        self.cfg, self.accelerator, self.status, self.live = cfg.monitor, accelerator, status, live
+    def __init__(self, cfg, model: torch.nn.Module, accelerator, output: Path, status) -> None:
+        self.cfg, self.accelerator, self.status, self.live = cfg.monitor, accelerator, status, None
         self.enabled = bool(self.cfg.dirs)
         self.main = accelerator.is_main_process
         self.path = Path(output) / MONITOR_FILE
@@ -109,6 +113,8 @@ class Monitor:
         self.failures, self.seconds = 0, 0.0
         self.timeline: list[dict[str, Any]] = []  # per evaluation: seconds, decode and training seconds before it
         self._last_end: float | None = None
+        self.logs_attached = False  # trackers and live metrics: set up after step 0's evaluation
+        self._pending_scalars: list[tuple[dict[str, float], int]] = []  # logged before they were
         self.first_step, self.last_evaluated = 0, -1  # of this process's session: the same on every rank
         self.backbone = EvalBackbone(
             model=model.backbone, name=cfg.model.name, model_kwargs=dict(cfg.model.model_kwargs),
@@ -127,6 +133,17 @@ class Monitor:
             self._last_end = time.perf_counter() if step > 0 else None
         if step == 0:
             self._evaluate(step, images_seen)
+
+    def attach_logs(self, live) -> None:
+        """The run's trackers are initialized and ``live`` (its Prometheus metrics, or None) serves: what
+        the evaluations so far (step 0, which runs before them) logged goes to them now, the rest as it comes."""
+        self.live, self.logs_attached = live, True
+        for scalars, step in self._pending_scalars:
+            self.accelerator.log(scalars, step=step)
+        self._pending_scalars = []
+        if live is not None and self.records:
+            last = max(r["step"] for r in self.records)
+            live.set_monitor([r for r in self.records if r["step"] == last], self.failures)
 
     def after_step(self, step: int, images_seen: int) -> None:
         if self.enabled and step % self.cfg.every == 0:
@@ -155,11 +172,15 @@ class Monitor:
             return {}
         return {"probe_curves": curves, "chance_accuracy": chance, "initial_accuracy": initial,
                 "accuracy_title": f"k-NN (k={self.knn.k}, T={self.knn.temperature:g}) on held-out images"
-                                  + (f" (subsets of {self.cfg.max_images} per split)" if self._subsampled() else ""),
+                                  + (f" (subsets: {self._subsets()})" if self._subsampled() else ""),
                 "legend_title": "probe folder"}
 
+    def _subsets(self) -> str:
+        caps = {"train": self.cfg.max_train, "val": self.cfg.max_val}
+        return ", ".join(f"{caps[name]} {name}" if caps[name] else f"all {name}" for name in caps)
+
     def _subsampled(self) -> bool:
-        """Whether some split scored fewer of its files than it has (a ``--monitor-max-images`` subset)."""
+        """Whether some split scored fewer of its files than it has (a ``--monitor-max-train/val`` subset)."""
         return any(split.files > len(split) + len(split.skipped)
                    for probe in self.probes for split in (probe.train, probe.val) if split is not None)
 
@@ -171,7 +192,8 @@ class Monitor:
             if "knn_top1" in record:
                 last[record["probe"]] = {k: record[k] for k in ("step", "knn_top1", "linear_top1") if k in record}
         return {"file": str(self.path), "every": self.cfg.every, "knn_k": self.knn.k,
-                "knn_temperature": self.knn.temperature, "max_images": self.cfg.max_images,
+                "knn_temperature": self.knn.temperature, "max_train": self.cfg.max_train,
+                "max_val": self.cfg.max_val,
                 "evaluations": len({r["step"] for r in self.records}), "failures": self.failures,
                 "seconds": self.seconds, "timeline": self.timeline, "last": last}
 
@@ -189,7 +211,7 @@ class Monitor:
                                   "decode_seconds": sum(p.decode_seconds for p in undecoded),
                                   "train_seconds": None if self._last_end is None else start - self._last_end})
             self._last_end = end
-            if self.cfg.max_images and any(p.train is not None for p in undecoded):
+            if (self.cfg.max_train or self.cfg.max_val) and any(p.train is not None for p in undecoded):
                 self._write_images()
             self._publish(step, rows, seconds)
         if self.accelerator.num_processes > 1:
@@ -212,7 +234,7 @@ class Monitor:
         start = time.perf_counter()
         row: dict[str, Any] = {"step": step, "probe": probe.name}
         try:
-            train, val = probe.decoded(self.backbone, self.cfg.max_images)
+            train, val = probe.decoded(self.backbone, self.cfg.max_train, self.cfg.max_val)
             train_feats = embed_split(self.backbone, train, device, self.cfg.batch_size)
             val_feats = embed_split(self.backbone, val, device, self.cfg.batch_size)
             row["knn_top1"] = knn_eval(train_feats, val_feats, self.knn, device)["top1"]
@@ -251,6 +273,9 @@ class Monitor:
             scalars.update({f"monitor/{row['probe']}/{k}": row[k] for k in ("knn_top1", "linear_top1") if k in row})
         self.status.note(f"monitor step {step}: {' | '.join(parts)} ({seconds:.1f} s)")
         scalars["monitor/seconds"] = seconds
+        if not self.logs_attached:
+            self._pending_scalars.append((scalars, step))
+            return
         self.accelerator.log(scalars, step=step)
         if self.live is not None:
             self.live.set_monitor(rows, self.failures)
