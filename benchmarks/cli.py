@@ -9,7 +9,7 @@
     stablerep-bench augment   --batch 2048          # GPU augmentation alone, images/s
     stablerep-bench online    --generators 2 --generator-rate 5  # the whole system: stall, idle, reuse
     stablerep-bench drills    --rate 100              # attacks on a live service: a good client's groups/s
-    stablerep-bench monitor   --max-images 512 0    # the k-NN monitor's seconds vs the demo's training seconds
+    stablerep-bench monitor   --subsets 384:64 0:0  # the k-NN monitor's seconds vs the demo's training, its k-NN vs every image's
     stablerep-bench plan      --from runs/bench/online.json --reuse 9  # generator GPUs per trainer GPU
     stablerep-bench all       --output runs/bench   # the protocol run, plus every GPU goal on CUDA
     stablerep-bench demo      --output runs/demo    # the embedded default end to end (make demo)
@@ -178,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     drills.add_arguments(drill)
     drill.set_defaults(func=_stage("drills", "drills", unit="good client groups/s during the attack", xlabel="attack"))
     mon = sub.add_parser("monitor", help="the k-NN monitor's seconds per evaluation vs the demo's training seconds "
-                                         "between evaluations, in the same run")
+                                         "between evaluations, in the same run, and its k-NN against every probe image's")
     monitor_bench.add_arguments(mon)
     mon.set_defaults(func=_stage("monitor", "monitor_bench", unit="% of the demo's training at every 250 steps",
-                                 xlabel="monitor subset size"))
+                                 xlabel="monitor subset (train:val images per probe)"))
     planner = sub.add_parser("plan", help="generator GPUs per trainer GPU for a target reuse; stall at other ratios")
     plan.add_arguments(planner)
     planner.set_defaults(func=_stage("plan", "plan", unit="trainer stall fraction",
