@@ -16,7 +16,9 @@ train_s_per_interval, and ``demo_share[C]``: the monitor's seconds over the trai
 demo's 2000 steps at cadence ``C`` (step 0, every ``C`` steps, the last step). And what the subset
 costs in accuracy: ``knn_top1_full``, the k-NN of the run's last backbone (its exported
 ``backbone.safetensors``) on every image of each probe set, as ``stablerep-eval knn`` scores it, and
-``knn_gap``: the monitor's last evaluation minus that, per probe (``--no-full`` skips it).
+``knn_gap``: the monitor's last evaluation minus that, per probe, and ``knn_gap_mean``: the same for
+the mean of 5 draws of the subset (the monitor's is one draw) on the same features (``--no-full``
+skips these).
 """
 from __future__ import annotations
 
@@ -138,9 +140,10 @@ def monitored_run(plan, base: Path, subset: tuple[int, int], trainer_argv: list[
     last = {r["probe"]: r.get("knn_top1") for r in rows if r["step"] == plan.steps}
     scores = {"knn_top1_last": last}
     if full:
-        scores["knn_top1_full"] = full_knn(out, list(probe_dirs.values()))
+        scores["knn_top1_full"], scores["knn_top1_subset_mean"] = full_knn(out, list(probe_dirs.values()), subset)
         scores["knn_gap"] = {p: None if last.get(p) is None else last[p] - v
                              for p, v in scores["knn_top1_full"].items()}
+        scores["knn_gap_mean"] = {p: scores["knn_top1_subset_mean"][p] - v for p, v in scores["knn_top1_full"].items()}
     return {"max_train": max_train, "max_val": max_val, "max_images": max_train if max_train == max_val else None,
             "output": str(out), "wall_s": wall,
             "train_images_per_s": summary["images_per_s"], **costs(summary["monitor"]["timeline"], plan.probe_every),
@@ -148,23 +151,41 @@ def monitored_run(plan, base: Path, subset: tuple[int, int], trainer_argv: list[
                                          for r in rows if r["step"] == 0), **scores}
 
 
-def full_knn(run: Path, probe_dirs: list[Path]) -> dict[str, float]:
-    """k-NN top-1 of ``run``'s exported backbone on every image of each probe set (the monitor's k and T)."""
+#: subset draws whose k-NN is averaged for ``knn_top1_subset_mean``
+SUBSET_DRAWS = 5
+
+
+def full_knn(run: Path, probe_dirs: list[Path], subset: tuple[int, int]) -> tuple[dict[str, float], dict[str, float]]:
+    """k-NN top-1 of ``run``'s exported backbone (the monitor's k and T) per probe set: on every image, and
+    the mean over ``SUBSET_DRAWS`` class-balanced draws (seeds 0, 1, ...) of ``subset`` (max train, max val)
+    from the same features (the monitor scores draw 0)."""
     import torch
 
     from trainer.config import MonitorConfig
     from trainer.eval.backbones import load_eval_backbone
     from trainer.eval.decoded import decode_split, embed_split
+    from trainer.eval.features import FeatureSet
+    from trainer.eval.imagefolder import balanced_subset
     from trainer.eval.knn import KnnConfig, knn_eval
 
-    backbone, device, knn = load_eval_backbone(run), torch.device("cpu"), MonitorConfig()
-    out = {}
+    backbone, device, cfg = load_eval_backbone(run), torch.device("cpu"), MonitorConfig()
+    knn = KnnConfig(k=cfg.knn_k, temperature=cfg.knn_temperature)
+
+    def draw(split, feats: FeatureSet, cap: int, seed: int) -> FeatureSet:
+        kept = {str(p) for p, _ in balanced_subset([(Path(p), int(y)) for p, y in zip(split.paths, split.labels)],
+                                                   cap, seed)}
+        index = torch.tensor([i for i, p in enumerate(split.paths) if p in kept])
+        return FeatureSet(feats.features[index], feats.labels[index], feats.class_names, [])
+
+    full, drawn = {}, {}
     for probe in map(Path, probe_dirs):
         train = decode_split(probe / "train", backbone)
         val = decode_split(probe / "val", backbone, classes=train.class_names)
-        out[probe.name] = knn_eval(embed_split(backbone, train, device), embed_split(backbone, val, device),
-                                   KnnConfig(k=knn.knn_k, temperature=knn.knn_temperature))["top1"]
-    return out
+        train_feats, val_feats = embed_split(backbone, train, device), embed_split(backbone, val, device)
+        full[probe.name] = knn_eval(train_feats, val_feats, knn)["top1"]
+        drawn[probe.name] = sum(knn_eval(draw(train, train_feats, subset[0], seed), draw(val, val_feats, subset[1], seed),
+                                         knn)["top1"] for seed in range(SUBSET_DRAWS)) / SUBSET_DRAWS
+    return full, drawn
 
 
 def costs(timeline: list[dict[str, Any]], every: int) -> dict[str, Any]:
@@ -197,8 +218,10 @@ def format_table(results: dict[str, Any]) -> str:
                      + " ".join(f"{100 * r['demo_share'][str(c)]:>9.1f}%" for c in CADENCES))
     for r in results["runs"]:
         if "knn_gap" in r:
-            lines.append(f"{r['max_train']}:{r['max_val']} k-NN monitor / every image: " + ", ".join(
-                f"{p} {r['knn_top1_last'].get(p) or float('nan'):.1f} / {v:.1f}" for p, v in r["knn_top1_full"].items()))
+            lines.append(f"{r['max_train']}:{r['max_val']} k-NN monitor / mean of {SUBSET_DRAWS} draws / every image: "
+                         + ", ".join(f"{p} {r['knn_top1_last'].get(p) or float('nan'):.1f} / "
+                                     f"{r['knn_top1_subset_mean'][p]:.1f} / {v:.1f}"
+                                     for p, v in r["knn_top1_full"].items()))
     lines.append(f"demo @C: the monitor's seconds (step 0, every C steps) over the training seconds of "
                  f"{DEMO_STEPS} demo steps; goal <= {100 * GOAL_SHARE:.0f}% at 250")
     return "\n".join(lines)
