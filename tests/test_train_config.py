@@ -188,7 +188,7 @@ def test_monitor_subsets_per_split_and_the_old_single_cap(tmp_path):
     both unless one is given on its own; a config's old ``monitor.max_images`` loads as both, with a warning."""
     base = ["--steps", "2", "--generators", "tcp://127.0.0.1:5555"]
     default = cli.parse_config(base)[0].monitor
-    assert (default.max_train, default.max_val) == (384, 64)
+    assert (default.max_train, default.max_val) == (256, 64)
     cfg, _ = cli.parse_config([*base, "--monitor-max-train", "300", "--monitor-max-val", "40"])
     assert (cfg.monitor.max_train, cfg.monitor.max_val) == (300, 40)
     cfg, _ = cli.parse_config([*base, "--monitor-max-images", "100"])

@@ -125,7 +125,7 @@ class RunConfig:
 
 
 #: the monitor's default subsets per probe: train (the k-NN's bank of neighbours) and val (its queries)
-MONITOR_MAX_TRAIN, MONITOR_MAX_VAL = 384, 64
+MONITOR_MAX_TRAIN, MONITOR_MAX_VAL = 256, 64
 
 
 @dataclass

@@ -12,9 +12,11 @@ The probe images are decoded once per run, resized and centre-cropped to the mod
 ``stablerep-eval`` does, and kept as uint8 (``trainer/eval/decoded.py``); each evaluation normalizes
 them in batches on the device (inference mode, channels-last). An undecodable image is skipped and
 counted. The global RNG state is saved and restored around an evaluation, so a run with a monitor
-trains exactly as the same run without one.
+trains exactly as the same run without one. The step-0 evaluation runs before ``trainer.loop.train``
+builds its data source (an online source would fill its replay buffer meanwhile, on the same cores);
+a source built by the caller and passed in has started already.
 
-``--monitor-max-train N`` (default 384) and ``--monitor-max-val M`` (default 64): each probe's train
+``--monitor-max-train N`` (default 256) and ``--monitor-max-val M`` (default 64): each probe's train
 split is a class-balanced subset of at most ``N`` images and its val split one of at most ``M``
 (``N // classes`` per class, at least one), drawn once per run with a fixed seed, so every
 evaluation, and every run on the same folders, scores the same images; their files are listed in
