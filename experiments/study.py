@@ -11,7 +11,15 @@ first attribute; the random init is scored once per seed):
 - **fresh vs fixed**: ``stablerep`` online vs offline, offline being K groups written as shards by
   the same generator and read back, with K chosen so that each image is seen about
   ``--offline-reuse`` (9, the paper's offline reuse) times;
-- **reuse**: ``stablerep`` online with ``--max-reuse`` 1, 4, 16 (and unlimited: the method arm).
+- **reuse**: ``stablerep`` online with ``--max-reuse`` 1, 4, 16 (and unlimited: the method arm);
+- **closed loop** (``--closed-loop``): ``stablerep`` online with the generator's caption policy
+  ``uniform`` vs ``hard`` (steered by the trainer's caption feedback), both held to the offline arm's
+  K groups (experiments/study_loop.py); per caption, the groups drawn and generated, their Gini and
+  the k-NN accuracy on the probe classes the loop fed least (experiments/study_diversity.py).
+
+``--arms NAME ...`` runs only the named arms. Every arm's trainer runs the k-NN monitor on the probe
+sets at step 0 and at the end (``knn``: its final top-1 per probe). ``summary`` in ``study.json``
+holds the mean and std over seeds of every probe per arm (experiments/study_summary.py).
 
 The generator's images/s is held fixed (``--image-rate``, a throttle), below what the trainer could
 draw, so reuse is what changes between the reuse arms (a reuse-1 arm waits for fresh groups).
@@ -43,7 +51,13 @@ from experiments.generator_process import PROJECT_ROOT, GeneratorProcess, run_ge
 from experiments.probe_sets import check_attributes, write_probe_sets
 from experiments.snapshot_probes import probe_snapshots
 from experiments.snapshots import export_initial_backbone
+from experiments.study_diversity import knn_per_class
 from experiments.study_report import format_table, plot
+from experiments.study_summary import closed_loop_read, format_summary, summarize
+from experiments.study_loop import (
+    LOOP_POLICIES, CaptionCountingSource, diversity_record, generated_per_caption, generator_summary,
+    load_caption_ids, loop_generator_flags, loop_record, loop_trainer_flags,
+)
 from experiments.trainer_flags import BadFlags, parse_trainer_config
 from infra.cli_parser import SuggestingParser
 from infra.free_endpoint import free_tcp_endpoint
@@ -56,12 +70,14 @@ PROG = "stablerep-bench study"
 
 @dataclass(frozen=True)
 class StudyArm:
-    """One training run of the study: ``max_reuse`` None = unlimited."""
+    """One training run of the study: ``max_reuse`` None = unlimited; ``policy``: the generator's
+    ``--caption-policy`` of a closed-loop arm (None: the study's ordinary throttled stream)."""
 
     name: str
     method: str
     source: str
     max_reuse: int | None = None
+    policy: str | None = None
 
 
 @dataclass
@@ -84,17 +100,26 @@ class StudyPlan:
     generator_args: list[str] = field(default_factory=list)
     output: str = DEFAULT_OUTPUT
     resume: bool = False
+    closed_loop: bool = False       # add the closed-loop arms (experiments/study_loop.py)
+    loop_image_rate: float = 16.0   # generator images/s of the closed-loop arms: below the trainer's draws / reuse
+    feedback_every: int = 10        # the hard arm's trainer reports caption losses every this many steps
+    only: tuple[str, ...] = ()      # run only these arms (() = all)
 
     @classmethod
     def quick(cls) -> "StudyPlan":
         return cls(steps=6, reuses=(1,), attributes=("colour",), probe_train_per_class=20,
-                   probe_val_per_class=11, probe_epochs=20)
+                   probe_val_per_class=11, probe_epochs=20, feedback_every=2)
 
-    def arms(self) -> list[StudyArm]:
+    def all_arms(self) -> list[StudyArm]:
         out = [StudyArm(method, method, "online") for method in self.methods]
         out.append(StudyArm("stablerep-offline", "stablerep", "offline"))
         out += [StudyArm(f"stablerep-reuse{r}", "stablerep", "online", r) for r in self.reuses]
+        if self.closed_loop:
+            out += [StudyArm(name, "stablerep", "online", policy=policy) for name, policy in LOOP_POLICIES.items()]
         return out
+
+    def arms(self) -> list[StudyArm]:
+        return [arm for arm in self.all_arms() if not self.only or arm.name in self.only]
 
 
 def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
@@ -114,16 +139,23 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
     parser.add_argument("--probe", action="append", default=[], metavar="NAME=DIR",
                         help="an ImageFolder with train/ and val/ to probe instead of the procedural sets")
     parser.add_argument("--generator-args", default="", help="extra stablerep-generator flags, one quoted string")
+    parser.add_argument("--closed-loop", action="store_true",
+                        help="add the arms online-uniform and online-hard (generator caption policy, trainer feedback)")
+    parser.add_argument("--loop-image-rate", type=float, help="generator images/s of the closed-loop arms")
+    parser.add_argument("--loop-feedback-every", type=int, dest="feedback_every",
+                        help="the hard arm's trainer reports caption losses every this many steps")
+    parser.add_argument("--arms", nargs="+", metavar="NAME", help="run only these arms (names as in study.json)")
     args, rest = parser.parse_known_args(argv)
     plan = StudyPlan.quick() if args.quick else StudyPlan()
     plan.output = args.output
-    for name in ("seeds", "steps"):
+    plan.closed_loop = args.closed_loop
+    for name in ("seeds", "steps", "feedback_every"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:
-                parser.error(f"--{name} must be >= 1, got {value}")
+                parser.error(f"--{name.replace('feedback_every', 'loop-feedback-every')} must be >= 1, got {value}")
             setattr(plan, name, value)
-    for name in ("image_rate", "offline_reuse"):
+    for name in ("image_rate", "offline_reuse", "loop_image_rate"):
         value = getattr(args, name)
         if value is not None:
             if not value > 0:
@@ -147,6 +179,12 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
         plan.attributes = tuple(plan.probes)
     elif args.attributes:
         check_attributes(parser, plan.attributes)
+    if args.arms:
+        known = [arm.name for arm in plan.all_arms()]
+        unknown = [name for name in args.arms if name not in known]
+        if unknown:
+            parser.error(f"--arms: unknown arm {', '.join(unknown)} (known with these flags: {', '.join(known)})")
+        plan.only = tuple(args.arms)
     plan.captions_file = args.captions_file
     plan.generator_args = shlex.split(args.generator_args)
     plan.resume = args.resume
@@ -188,6 +226,14 @@ def _trainer_config(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, see
         raise BadFlags(str(exc)) from None
 
 
+def _online_flags(plan: StudyPlan, arm: StudyArm, endpoint: str) -> list[str]:
+    """Trainer flags of an online arm: the source, and a closed-loop arm's rate contract and feedback."""
+    flags = ["--source", "online", "--generators", endpoint]
+    if arm.policy is not None:
+        flags += loop_trainer_flags(arm.policy, plan.offline_reuse, plan.feedback_every)
+    return flags
+
+
 def _generator_flags(plan: StudyPlan, captions: Path, seed: int, images_per_group: int) -> list[str]:
     return ["--captions", str(captions), "--backend", "procedural", "--gpus", "cpu:1", "--seed", str(seed),
             "--save-size", "64", "--images-per-group", str(images_per_group), "--log-level", "WARNING",
@@ -195,16 +241,20 @@ def _generator_flags(plan: StudyPlan, captions: Path, seed: int, images_per_grou
 
 
 def _train(cfg) -> dict[str, Any]:
+    """``trainer.loop.train`` on the source ``cfg`` names; its summary, with ``caption_draws`` (caption id
+    -> groups drawn for training) and ``train_seconds``."""
     import torch
 
     from trainer.loop import build_source, train
 
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu")
-    source = build_source(cfg, device=device, rank=0, world_size=1, local_captions=cfg.data.captions_per_step)
+    source = CaptionCountingSource(build_source(cfg, device=device, rank=0, world_size=1,
+                                                local_captions=cfg.data.captions_per_step))
     try:
         t0 = time.perf_counter()
         summary = train(cfg, source=source)
         summary["train_seconds"] = time.perf_counter() - t0
+        summary["caption_draws"] = dict(source.counts)
     finally:
         source.close()
     if summary["interrupted"]:  # the trainer saved a checkpoint and stopped: so does the study
@@ -264,23 +314,36 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
     images_per_group = draw
     groups_per_s = plan.image_rate / images_per_group
     record: dict[str, Any] = {}
+    monitor = ["--monitor-dirs", *map(str, probe_dirs.values()), "--monitor-every", str(plan.steps)]
+    generated = None
     if arm.source == "online":
         endpoint = free_tcp_endpoint()
-        cfg = _trainer_config(plan, trainer_argv, arm, seed, ["--source", "online", "--generators", endpoint], out)
+        cfg = _trainer_config(plan, trainer_argv, arm, seed, [*_online_flags(plan, arm, endpoint), *monitor], out)
+        rate = plan.image_rate if arm.policy is None else plan.loop_image_rate
+        extra = (["--max-groups-per-s", f"{groups_per_s:g}"] if arm.policy is None
+                 else loop_generator_flags(arm.policy, out, rate, images_per_group))
         command = [*_generator_flags(plan, captions, seed, images_per_group), "--bind", endpoint,
-                   "--drain-timeout", "5", "--max-groups-per-s", f"{groups_per_s:g}"]
-        log(f"{arm.name} (seed {seed}): online, generator at {plan.image_rate:g} images/s")
+                   "--drain-timeout", "5", *extra]
+        log(f"{arm.name} (seed {seed}): online, generator at {rate:g} images/s"
+            + (f", caption policy {arm.policy}" if arm.policy else ""))
         with GeneratorProcess(command, log_path=out / "generator.log") as generator:
             summary = _train(cfg)
             generator.check_alive()
+        made = generator_summary(out / "generator.log")
+        record["groups_generated"] = made.get("groups")
+        if arm.policy is not None:
+            record.update(policy=arm.policy, **loop_record(summary, made))
+            generated = generated_per_caption(out, arm.policy, load_caption_ids(captions), made.get("groups"))
+        record["groups_received"] = (summary.get("source_stats") or {}).get("groups_received")
     else:
         groups = math.ceil(plan.steps * captions_per_step / plan.offline_reuse)
         shards = out / "shards"
         log(f"{arm.name} (seed {seed}): writing {groups} groups of {images_per_group} to {shards}")
         run_generator_cli([*_generator_flags(plan, captions, seed, images_per_group), "--out", str(shards),
                            "--max-groups", str(groups)], timeout=3600)
-        record["offline_groups"] = groups
-        cfg = _trainer_config(plan, trainer_argv, arm, seed, ["--source", "offline", "--data", str(shards)], out)
+        record["offline_groups"] = record["groups_received"] = record["groups_generated"] = groups
+        cfg = _trainer_config(plan, trainer_argv, arm, seed,
+                              ["--source", "offline", "--data", str(shards), *monitor], out)
         summary = _train(cfg)
     stats = summary.get("source_stats") or {}
     record.update({
@@ -289,7 +352,13 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
         "captions_per_step": captions_per_step, "draw_per_caption": draw,
         "train_seconds": summary["train_seconds"], "train_images_per_s": summary["images_per_s"],
         "mean_reuse": stats.get("reuse_mean"), "final_loss": summary["losses"][-1] if summary["losses"] else None,
+        "knn": {a: ((summary.get("monitor") or {}).get("last", {}).get(folder.name) or {}).get("knn_top1")
+                for a, folder in probe_dirs.items()},
     })
+    (out / "caption_counts.json").write_text(json.dumps({"drawn": summary["caption_draws"], "generated": generated}))
+    record.update(diversity_record(summary["caption_draws"], captions, plan.attributes, generated))
+    if plan.closed_loop:
+        record["knn_per_class"] = {a: knn_per_class(out, folder) for a, folder in probe_dirs.items()}
     record.update(_score(out, probe_dirs, plan, seed, int(summary["steps"]), log))
     log(f"{arm.name} (seed {seed}): " + ", ".join(f"{k} {v:.1f}%" for k, v in record["probe"].items()))
     return record
@@ -320,8 +389,8 @@ def run_study(argv: list[str]) -> int:
     try:  # every flag is checked before any work: the trainer's too
         for arm in [StudyArm("init", "stablerep", "online"), *plan.arms()]:
             if arm.source == "online":
-                _trainer_config(plan, trainer_argv, arm, 0, ["--source", "online", "--generators",
-                                                            "tcp://127.0.0.1:1"], root / "check")
+                _trainer_config(plan, trainer_argv, arm, 0, _online_flags(plan, arm, "tcp://127.0.0.1:1"),
+                                root / "check")
         study = _resume(root, plan, trainer_argv) if plan.resume else None
     except BadFlags as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -364,8 +433,10 @@ def run_study(argv: list[str]) -> int:
                   file=sys.stderr)
             return 1
     study["seconds"] = study.get("seconds", 0.0) + time.perf_counter() - t_start
+    study["summary"] = summarize(study)
+    study["closed_loop"] = closed_loop_read(study)
     _write_json(root / "study.json", study)
-    table = format_table(study)
+    table = format_table(study) + "\n\n" + format_summary(study)
     (root / "study.txt").write_text(table + "\n")
     plot(study, root / "study.png")
     print(table)

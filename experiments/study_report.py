@@ -46,7 +46,8 @@ def plot(study: dict[str, Any], path: Path) -> Path:
     bars.set_xticks([i + 0.4 for i in range(len(attributes))], attributes)
     bars.set_ylabel("held-out linear probe top-1 (%)")
     bars.legend(fontsize=7)
-    reuse_arms = [a for a in study["arms"] if a["method"] == "stablerep" and a["source"] == "online"]
+    reuse_arms = [a for a in study["arms"] if a["method"] == "stablerep" and a["source"] == "online"
+                  and a.get("policy") is None]
     limits = sorted({a["max_reuse"] for a in reuse_arms if a["max_reuse"] is not None})
     xs = limits + [2 * max(limits, default=1) * 2]  # unlimited, drawn to the right
     for attribute in attributes:

@@ -90,3 +90,50 @@ def test_quick_study_stopped_then_resumed_runs_every_arm_and_writes_json_table_a
     assert (out / "study.png").stat().st_size > 0
     table = (out / "study.txt").read_text()
     assert "random init" in table and "stablerep-offline" in table
+
+
+def test_closed_loop_arms_and_arm_selection_are_parsed():
+    plan, rest = parse_study_args(["--quick", "--closed-loop", "--arms", "online-hard", "stablerep-offline",
+                                   "--loop-image-rate", "8", "--loop-feedback-every", "5"])
+    assert [arm.name for arm in plan.arms()] == ["stablerep-offline", "online-hard"]
+    assert plan.arms()[1] == StudyArm("online-hard", "stablerep", "online", policy="hard")
+    assert plan.loop_image_rate == 8.0 and plan.feedback_every == 5 and rest == []
+    assert "online-uniform" in [arm.name for arm in plan.all_arms()]
+    with pytest.raises(SystemExit):
+        parse_study_args(["--quick", "--arms", "online-hard"])  # a closed-loop arm without --closed-loop
+    with pytest.raises(SystemExit):
+        parse_study_args(["--quick", "--closed-loop", "--loop-feedback-every", "0"])
+
+
+def test_quick_closed_loop_study_steers_the_hard_arm_by_feedback_and_reads_diversity(tmp_path):
+    out = tmp_path / "study"
+    assert run_study(["--quick", "--closed-loop", "--seeds", "2", "--arms", "online-uniform", "online-hard",
+                      "--output", str(out), "--no-progress"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    plan = StudyPlan.quick()
+    arms = study["arms"]
+    assert [(a["name"], a["seed"]) for a in arms] == [("online-uniform", 0), ("online-hard", 0),
+                                                      ("online-uniform", 1), ("online-hard", 1)]
+    for arm in arms:
+        assert arm["policy"] == arm["name"].split("-")[1] and arm["steps"] == plan.steps
+        assert arm["images_seen"] == plan.steps * 64 and arm["drawn"]["groups"] == plan.steps * 16
+        assert arm["groups_received"] >= 16 and arm["groups_generated"] >= arm["groups_received"]
+        assert 0.0 <= arm["drawn"]["gini"] < 1.0 and 0.0 <= arm["generated"]["gini"] < 1.0
+        assert arm["generated"]["groups"] >= arm["groups_received"]  # per caption, what the generator handed out
+        assert 0.0 <= arm["knn"]["colour"] <= 100.0  # the trainer's k-NN monitor at the last step
+        assert set(arm["knn_per_class"]["colour"]) == {"red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"}
+        counts = json.loads((out / f"{arm['name']}-seed{arm['seed']}" / "caption_counts.json").read_text())
+        assert sum(counts["drawn"].values()) == plan.steps * 16
+        if arm["policy"] == "hard":  # the trainer reported caption losses and the generator merged them
+            assert arm["feedback_sent_messages"] >= 1 and arm["feedback_sent_entries"] >= 1
+            assert arm["feedback_merged"] >= 1
+        else:
+            assert arm["feedback_sent_messages"] == 0 and arm["feedback_merged"] == 0
+    hard = study["summary"]["online-hard"]
+    assert hard["seeds"] == [0, 1] and hard["probe"]["colour"]["n"] == 2 and hard["probe"]["colour"]["std"] is not None
+    assert study["summary"]["random init"]["probe"]["colour"]["n"] == 2
+    loop = study["closed_loop"]
+    assert [len(s["ignored"]["colour"]) for s in loop["per_seed"]] == [2, 2]  # the quarter of 8 colours fed least
+    assert all(0.0 < s["random_draw_gini"] < 1.0 for s in loop["per_seed"])  # as many groups drawn at random
+    assert set(loop["mean"]) == {"online-uniform", "online-hard"}
+    assert "online-hard" in (out / "study.txt").read_text()
