@@ -19,6 +19,7 @@ policy and scores across a restart (``--state``).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,7 +56,7 @@ def build_policy(config: CaptionPolicyConfig, caption_ids: Sequence[int], seed: 
     return CAPTION_POLICIES.build(config.name, caption_ids, config, seed)
 
 
-class CaptionPolicy:
+class CaptionPolicy(ABC):
     """What every policy keeps: the caption ids it walks over and the scores it was given.
 
     Args:
@@ -96,9 +97,9 @@ class CaptionPolicy:
         """Caption id -> score, for the scored captions."""
         return {int(self.caption_ids[i]): float(self.scores[i]) for i in np.flatnonzero(~np.isnan(self.scores))}
 
+    @abstractmethod
     def draw(self, position: int) -> tuple[int, int]:
         """``(index, epoch)`` of the caption handed out at ``position`` (positions come in order)."""
-        raise NotImplementedError
 
     def state_dict(self, position: int) -> dict[str, Any]:
         """What a restart needs (JSON-ready), taken when ``position`` is the next to be handed out."""
@@ -110,8 +111,8 @@ class CaptionPolicy:
         self.scores[:] = np.nan
         self.update(dict(_pairs(state, "scores", float)))
 
-    def _scores_changed(self) -> None:
-        pass
+    def _scores_changed(self) -> None:  # noqa: B027  (a hook: policies that cache weights override it)
+        """Called after new scores were taken; the uniform walk has nothing to recompute."""
 
 
 @CAPTION_POLICIES.register("uniform")
