@@ -328,9 +328,14 @@ class GroupClient:
             with self._lock:
                 endpoint.welcome = msg
                 endpoint.credits = window
-                endpoint.outstanding = window
-            self._send(endpoint, Credit(window))
-            if all(ep.welcome is not None for ep in self._endpoints.values()) and len(self._endpoints) == len(self.endpoints):
+            if self._handshake_done.is_set():  # a reconnect: its window right away
+                self._grant_window(endpoint)
+            elif all(ep.welcome is not None for ep in self._endpoints.values()) and len(self._endpoints) == len(self.endpoints):
+                # Credits only once every service has answered: the receiver sizes its storage from all
+                # the welcomes, and a group of one service must not wait for that in this thread while
+                # another service's welcome waits unread behind it.
+                for each in self._endpoints.values():
+                    self._grant_window(each)
                 self._handshake_done.set()
         elif isinstance(msg, Group):
             with self._lock:
@@ -409,6 +414,12 @@ class GroupClient:
             self._stats.bad_groups += 1
             endpoint.outstanding -= 1
         self._replenish(endpoint)
+
+    def _grant_window(self, endpoint: _Endpoint) -> None:
+        """Grant a welcomed service this client's whole credit window."""
+        with self._lock:
+            endpoint.outstanding = endpoint.credits
+        self._send(endpoint, Credit(endpoint.credits))
 
     def _replenish(self, endpoint: _Endpoint) -> None:
         """Grant back consumed credits, batched: once a quarter of them (at least one) is used."""
