@@ -10,6 +10,8 @@ import boto3
 import pytest
 
 from tests.s3_server import s3_server
+from trainer import cli
+from trainer.data.sources import SourceContext
 from tests.test_offline_source import write_generator_dir
 from trainer.data.sources.offline import OfflineSource
 from trainer.data.sources.offline_reader import iterate_samples
@@ -34,12 +36,12 @@ def shards(monkeypatch, tmp_path):
         yield local
 
 
-def plan_items(source: OfflineSource, fetch_ahead: int, epoch: int = 0, seed: int = 5, after=None):
+def plan_items(source: OfflineSource, fetch_ahead: int, epoch: int = 0, seed: int = 5, after=None, direct_gets=True):
     """Every item of one worker's plan (the whole shuffled epoch) as ``(caption id, image bytes)``,
     ``None`` for a skipped sample; ``after(k)`` runs once ``k`` items were taken."""
     samples = epoch_order(source.index.num_samples, epoch, seed, shuffle=True)
     items = iterate_samples(samples, source.index, source.parts, source.tables, worker=0, epoch=epoch, seed=seed,
-                            n=2, image_size=source.image_size, fetch_ahead=fetch_ahead)
+                            n=2, image_size=source.image_size, fetch_ahead=fetch_ahead, direct_gets=direct_gets)
     out = []
     for k, item in enumerate(items):
         if after is not None:
@@ -56,6 +58,15 @@ def test_fetching_ahead_yields_the_plan_in_order(shards: Path):
     assert [cid for cid, _ in expected] == samples.tolist() != sorted(samples.tolist())  # the shuffled plan, in order
     for ahead in (1, 4, 64):  # one GET at a time; chunks fetched one ahead; one chunk longer than the plan
         assert plan_items(remote, fetch_ahead=ahead)[1] == expected, ahead
+    assert plan_items(remote, fetch_ahead=4, direct_gets=False)[1] == expected  # through the filesystem's client
+
+    # --fetch-ahead and --no-direct-gets reach the source
+    cfg, _ = cli.parse_config(["--preset", "cpu_small", "--source", "offline", "--data", URL, "--draw-per-caption", "2", "--fetch-ahead", "4",
+                               "--no-direct-gets"])
+    assert (cfg.data.fetch_ahead, cfg.data.direct_gets) == (4, False)
+    configured = OfflineSource.from_config(cfg.data, cfg.replay, SourceContext(captions_per_rank=4, rank=0, world_size=1,
+                                                                              seed=0))
+    assert (configured.fetch_ahead, configured.direct_gets) == (4, False)
 
     # the source itself, two DataLoader workers each fetching ahead: the same groups in the same order
     local = OfflineSource(str(shards), captions_per_rank=4, draw_per_caption=2, num_workers=2, seed=3)

@@ -79,6 +79,7 @@ def test_written_config_round_trips(tmp_path):
         (["--spi-tolerance", "nan"], "replay.spi_tolerance = nan"),
         (["--feedback-every", "-1"], "data.feedback_every = -1"),
         (["--feedback-decay", "1"], "data.feedback_decay = 1.0"),
+        (["--fetch-ahead", "0"], "data.fetch_ahead = 0"),
     ],
 )
 def test_bad_values_name_field_and_value(argv, needle):

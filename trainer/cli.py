@@ -86,6 +86,8 @@ _FLAGS: list[tuple[str, tuple[str, ...], str, dict[str, Any]]] = [
     ("data", ("--num-workers",), "data.num_workers", dict(type=int, help="offline: decoding workers")),
     ("data", ("--index-cache",), "data.index_cache", dict(metavar="DIR", help="offline: where scans of tars without a shard index are cached (default: beside the tars; for read-only folders)")),
     ("data", ("--allow-mixed-data",), "data.allow_mixed", dict(action="store_const", const=True, help="offline: accept --data inputs of different image sizes or images per group (refused by default)")),
+    ("data", ("--fetch-ahead",), "data.fetch_ahead", dict(type=int, metavar="GETS", help="offline from an object store: ranged GETs (one per group) each decoding worker keeps in flight")),
+    ("data", ("--no-direct-gets",), "data.direct_gets", dict(action="store_const", const=False, help="offline from an object store: send every ranged GET through the fsspec filesystem's client instead of straight to the store over a signed URL (for stores that need headers the filesystem adds)")),
     ("data", ("--dataset-captions",), "data.dataset_captions", dict(type=int, help="captions per epoch (for --epochs)")),
     ("replay", ("--replay-capacity",), "replay.capacity_groups", dict(type=int, metavar="GROUPS", help="buffer slots (default: 8 batches' worth)")),
     ("replay", ("--replay-gib",), "replay.capacity_gib", dict(type=float, metavar="GIB", help="buffer size in GiB instead of groups")),

@@ -44,6 +44,10 @@ class DataConfig:
     num_workers: int = 2  # offline: decoding workers
     index_cache: Optional[str] = None  # offline: folder or URL for the scan caches of unindexed tars (default: beside them)
     allow_mixed: bool = False  # offline: accept inputs of different image sizes or images per group
+    # offline from an object store: ranged GETs each DataLoader worker keeps in flight, and whether they go
+    # straight to the store over signed URLs (infra.signed_ranges) or through the fsspec filesystem's client
+    fetch_ahead: int = 32
+    direct_gets: bool = True
     dataset_captions: Optional[int] = None  # captions per epoch, to turn epochs into steps (offline: None = count the data)
 
     def validate(self) -> None:
@@ -62,6 +66,7 @@ class DataConfig:
         positive("data.dataset_captions", self.dataset_captions, optional=True)
         if self.num_workers < 0:
             fail("data.num_workers", self.num_workers, "must be >= 0")
+        positive("data.fetch_ahead", self.fetch_ahead)
         if self.source == "online" and not self.generators:
             fail("data.generators", self.generators, "the online source needs at least one endpoint (--generators)")
         for endpoint in self.generators:

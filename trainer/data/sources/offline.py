@@ -55,10 +55,12 @@ class _EpochStream(IterableDataset):
     """One epoch of one rank's stream positions; DataLoader worker ``w`` reads every ``K``-th one."""
 
     def __init__(self, parts: list[Part], tables: list[OfficialTable], index: SampleIndex, *, positions: np.ndarray,
-                 epoch: int, seed: int, shuffle: bool, n: int, image_size: int) -> None:
+                 epoch: int, seed: int, shuffle: bool, n: int, image_size: int, fetch_ahead: int | None = None,
+                 direct_gets: bool = True) -> None:
         self.parts, self.tables, self.index, self.positions = parts, tables, index, positions
         self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
         self.n, self.image_size = n, image_size
+        self.fetch_ahead, self.direct_gets = fetch_ahead, direct_gets
 
     def __iter__(self) -> Iterator[WorkerItem]:
         info = get_worker_info()
@@ -67,7 +69,8 @@ class _EpochStream(IterableDataset):
         order = epoch_order(N, self.epoch, self.seed, self.shuffle)
         samples = order[self.positions[worker::num_workers] - self.epoch * N]
         return iterate_samples(samples, self.index, self.parts, self.tables, worker=worker, epoch=self.epoch,
-                               seed=self.seed, n=self.n, image_size=self.image_size)
+                               seed=self.seed, n=self.n, image_size=self.image_size, fetch_ahead=self.fetch_ahead,
+                               direct_gets=self.direct_gets)
 
 
 @register_source("offline")
@@ -89,13 +92,19 @@ class OfflineSource:
         seed_dirs: official layout: the seed folders (default ``seed*/`` next to the CSV).
         rows_per_part: official layout: CSV rows per part (bookkeeping only; the shuffle is per sample).
         prefetch_factor: groups each worker decodes ahead.
+        index_cache: where scans of tars without a shard index are cached (``None``: beside them).
+        allow_mixed: accept inputs of different image sizes or images per group.
+        fetch_ahead: object stores: ranged GETs each worker keeps in flight (``None``: ``FETCH_AHEAD``).
+        direct_gets: object stores: GETs straight to the store over signed URLs (:mod:`infra.signed_ranges`),
+            else through the fsspec filesystem's client.
     """
 
     def __init__(self, paths: str | Sequence[str], captions_per_rank: int, draw_per_caption: int,
                  image_size: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, shuffle: bool = True, pin_memory: bool | None = None,
                  seed_dirs: Sequence[str] | None = None, rows_per_part: int = 256, prefetch_factor: int = 8,
-                 index_cache: str | None = None, allow_mixed: bool = False) -> None:
+                 index_cache: str | None = None, allow_mixed: bool = False, fetch_ahead: int | None = None,
+                 direct_gets: bool = True) -> None:
         if captions_per_rank < 1 or draw_per_caption < 1:
             raise ValueError(f"captions_per_rank and draw_per_caption must be >= 1, got {captions_per_rank}, "
                              f"{draw_per_caption}")
@@ -112,6 +121,7 @@ class OfflineSource:
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.prefetch_factor = int(prefetch_factor)
+        self.fetch_ahead, self.direct_gets = (None if fetch_ahead is None else int(fetch_ahead)), bool(direct_gets)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.index = build_index(self.parts, self.tables, index_cache)
         if self.index.num_samples == 0:
@@ -136,14 +146,16 @@ class OfflineSource:
         return cls(data.data, captions_per_rank=context.captions_per_rank, draw_per_caption=data.draw_per_caption,
                    image_size=data.image_size, rank=context.rank, world_size=context.world_size,
                    num_workers=data.num_workers, seed=context.seed, seed_dirs=list(data.folders) or None,
-                   index_cache=data.index_cache, allow_mixed=data.allow_mixed)
+                   index_cache=data.index_cache, allow_mixed=data.allow_mixed, fetch_ahead=data.fetch_ahead,
+                   direct_gets=data.direct_gets)
 
     # ------------------------------------------------------------------ iteration
     def _start_epoch(self) -> None:
         positions = self.basis.rank_positions(self.epoch, self.index.num_samples, self.rank)
         stream = _EpochStream(
             self.parts, self.tables, self.index, positions=positions, epoch=self.epoch, seed=self.seed,
-            shuffle=self.shuffle, n=self.draw_per_caption, image_size=self.image_size,
+            shuffle=self.shuffle, n=self.draw_per_caption, image_size=self.image_size, fetch_ahead=self.fetch_ahead,
+            direct_gets=self.direct_gets,
         )
         workers = min(self.num_workers, len(positions))
         loader = DataLoader(

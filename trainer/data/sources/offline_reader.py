@@ -33,6 +33,7 @@ import torch
 
 from protocol.shards import GROUP_IMAGE_PATTERN, IMAGE_EXTENSIONS
 from infra import storage
+from infra.signed_ranges import SignedRanges
 from infra.storage import StorageError
 from trainer.data.images import decode_image
 from trainer.data.sources.caption_ids import namespaced_caption_id, needs_namespacing
@@ -180,12 +181,14 @@ def raw_sample(g: int, index: SampleIndex, parts: Sequence[Part], tables: Sequen
 
 #: Remote samples a worker fetches at once (one ranged GET each, concurrently): an object store's
 #: latency is paid once per chunk, not once per group. The next chunk is fetched while this one is
-#: decoded, so a worker holds at most two chunks. 1 = one GET at a time.
+#: decoded, so a worker holds at most two chunks. 1 = one GET at a time (``--fetch-ahead``).
 FETCH_AHEAD = 32
 
 
-def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Part]) -> dict[int, bytes | BaseException]:
-    """The bytes of the tar samples among ``samples`` that live in an object store, fetched concurrently."""
+def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Part],
+                 reader: SignedRanges | None = None) -> dict[int, bytes | BaseException]:
+    """The bytes of the tar samples among ``samples`` that live in an object store, fetched concurrently
+    (by ``reader``; ``None``: through the filesystem, :func:`infra.storage.read_ranges`)."""
     wanted = []
     for g in samples:
         part = parts[index.locate(g)[0]]
@@ -193,8 +196,9 @@ def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Par
             wanted.append((g, part.path, *index.byte_range(g)))
     if not wanted:
         return {}
+    ranges = [(path, int(start), int(end)) for _, path, start, end in wanted]
     try:
-        found = storage.read_ranges([(path, int(start), int(end)) for _, path, start, end in wanted])
+        found = reader.read(ranges) if reader is not None else storage.read_ranges(ranges)
     except Exception as exc:  # noqa: BLE001 - the store failed as a whole: every sample of the chunk reports it
         return {g: exc for g, *_ in wanted}
     return {g: data for (g, *_), data in zip(wanted, found)}
@@ -202,11 +206,14 @@ def fetch_remote(samples: Sequence[int], index: SampleIndex, parts: Sequence[Par
 
 class PlanFetcher:
     """The remote tar samples of one worker's plan, fetched in chunks of ``ahead`` plan positions
-    (:func:`fetch_remote`); the chunk after the one being decoded is fetched on a thread meanwhile."""
+    (:func:`fetch_remote`); the chunk after the one being decoded is fetched on a thread meanwhile.
+    ``direct_gets``: the GETs go straight to the store over signed URLs (:mod:`infra.signed_ranges`)."""
 
-    def __init__(self, order: Sequence[int], index: SampleIndex, parts: Sequence[Part], ahead: int) -> None:
+    def __init__(self, order: Sequence[int], index: SampleIndex, parts: Sequence[Part], ahead: int,
+                 direct_gets: bool = True) -> None:
         self.order, self.index, self.parts = order, index, parts
         self.ahead = max(1, int(ahead))
+        self.reader = SignedRanges(self.ahead, enabled=direct_gets)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="offline-fetch")
         self.started: dict[int, Future] = {}  # chunk number -> its fetch
         self.chunk, self.fetched = -1, {}  # the chunk being decoded and its bytes by sample
@@ -215,7 +222,7 @@ class PlanFetcher:
         first = chunk * self.ahead
         if first < len(self.order) and chunk not in self.started:
             samples = self.order[first : first + self.ahead]
-            self.started[chunk] = self.pool.submit(fetch_remote, samples, self.index, self.parts)
+            self.started[chunk] = self.pool.submit(fetch_remote, samples, self.index, self.parts, self.reader)
 
     def take(self, position: int) -> bytes | BaseException | None:
         """The bytes of the sample at plan ``position`` (its exception if the GET failed), or ``None``
@@ -230,6 +237,7 @@ class PlanFetcher:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.started.clear()
+        self.reader.close()
 
 
 def iterate_samples(
@@ -244,17 +252,19 @@ def iterate_samples(
     n: int,
     image_size: int,
     fetch_ahead: int | None = None,
+    direct_gets: bool = True,
 ) -> Iterator[WorkerItem]:
     """Decode the global samples ``samples`` in order, one :class:`WorkerItem` each (a skipped sample
     is logged and sent as ``group=None``, so the main process counts every position it was given).
 
     Samples in an object store are fetched ``fetch_ahead`` at a time, a chunk ahead (:class:`PlanFetcher`;
-    ``None``: :data:`FETCH_AHEAD`); local ones are read with one ``pread`` when decoded."""
+    ``None``: :data:`FETCH_AHEAD`), straight from the store over signed URLs unless ``direct_gets`` is
+    False; local ones are read with one ``pread`` when decoded."""
     namespaced = needs_namespacing(part_namespace(p, tables) for p in parts)
     order = samples.tolist()
     ahead = FETCH_AHEAD if fetch_ahead is None else fetch_ahead
     remote = any(isinstance(p, TarPart) and storage.is_remote(p.path) for p in parts)
-    fetcher = PlanFetcher(order, index, parts, ahead) if remote else None
+    fetcher = PlanFetcher(order, index, parts, ahead, direct_gets) if remote else None
     try:
         yield from _decode_in_order(order, index, parts, tables, fetcher, worker=worker, epoch=epoch, seed=seed,
                                     n=n, image_size=image_size, namespaced=namespaced)
