@@ -9,33 +9,38 @@ Measures, on shard sets written here (tiny images, so disk and time stay small):
   nothing else). With ``--scan``, the first start on the same tars without indexes (the scan-once
   path, which then caches) is timed too.
 - **index memory**: bytes of the in-memory index per group.
-- **read rate**: groups/s read and decoded by one process (what one DataLoader worker does), from
-  local disk and, when moto is installed, from a local S3 server (moto on 127.0.0.1), by this reader
-  (global shuffle, one ranged read per group) and by plain ``webdataset`` reading the same shards in
-  order (its usual use; S3 through an fsspec opener). The S3 server runs in its own process, as a
-  store does; the reader is timed at each ``--fetch-ahead`` (ranged GETs a worker issues at once),
-  and ``store_gets_s3`` is the ranged GETs/s the server answers without any decoding (the ceiling
-  of a reader with one GET per group).
+- **read rate**: groups/s read and decoded by one DataLoader worker's code (one process, no batching:
+  the batch is stacked in the training process), from local disk, from a local HTTP store that answers
+  ranged GETs in proportion to the range as object stores do (:mod:`benchmarks.range_server`) and,
+  when moto is installed, from a local S3 server (moto on 127.0.0.1; it builds the whole object for
+  every ranged GET, so its cost per GET grows with the shard), by this reader (global shuffle, one ranged read per group) and
+  by plain ``webdataset`` reading the same shards in order (its usual use; S3 through an fsspec
+  opener), on each ``--read-sets`` shard set: by default the tiny groups of the start-up sets (2 images
+  of 16 px: the per-request cost shows) and the paper's group shape (10 images of 256 px with
+  procedural content, the generator's embedded default: decoding dominates, as it does at CC12M). The
+  stores run in their own processes, as stores do; ``--store-latency-ms`` puts a delaying proxy in front of both; the reader is timed with direct GETs over signed
+  URLs (``reader_s3``, :mod:`infra.signed_ranges`) and through the filesystem's client
+  (``reader_s3_fs``, ``--no-direct-gets``), at each ``--fetch-ahead`` (ranged GETs a worker keeps in
+  flight); ``store_gets_s3`` is the ranged GETs/s the server answers without any decoding (the
+  ceiling of a reader with one GET per group). ``cpu_ms_per_group`` is the reader process's CPU time
+  per group (all its threads): what a worker costs when the store runs elsewhere.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
+import re
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from benchmarks.offline_read_rate import http_rates, local_rates, ratios, s3_rates, set_images, write_group_set
 from protocol.shards import Manifest, ShardIndex, ShardRecord, index_name, shard_name, write_manifest
-from trainer.data.sources import offline_reader
 from trainer.data.sources.offline_reader import FETCH_AHEAD
 
 
@@ -46,7 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-group", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=16, help="stored image side in px (default: %(default)s)")
     parser.add_argument("--shard-size", type=int, default=1000, help="groups per shard (default: %(default)s)")
-    parser.add_argument("--read-groups", type=int, default=2000, help="groups read per read-rate measurement")
+    parser.add_argument("--read-sets", default="2x16:2000,10x256:300",
+                        help="read-rate shard sets, IMAGESxPX:GROUPS each, comma-separated (default: %(default)s); "
+                             "2x16 with the start-up sets' size is read from the smallest start-up set")
+    parser.add_argument("--read-content", choices=("procedural", "flat"), default="procedural",
+                        help="images of the read-rate sets: procedural renders (the embedded default's) or one flat "
+                             "colour each (decodes far faster than any real image)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per point, best kept (default: %(default)s)")
     parser.add_argument("--scan", action="store_true", help="also time the first start on tars without indexes")
     parser.add_argument("--no-s3", action="store_true", help="skip the local S3 server measurements")
@@ -58,33 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="sizes 200,2000, 200 groups read (tests the code path)")
 
 
-def _png(value: int, size: int) -> bytes:
-    from PIL import Image
-
-    image = np.full((size, size, 3), value % 256, dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _config(m: int, size: int):
+def _config(m: int, size: int) -> Any:
     from generator_service.config import GeneratorConfig
 
     return GeneratorConfig(backend="procedural", images_per_group=m, save_size=size)
 
 
 def write_full_set(root: Path, groups: int, m: int, size: int, shard_size: int) -> None:
-    """A real shard set (images, indexes, manifest) through the generator's ShardWriter."""
-    from generator_service.shards import ShardWriter
-    from protocol import Group
-
-    config = _config(m, size)
-    images = [_png(v, size) for v in range(16)]
-    with ShardWriter(root, config, shard_size=shard_size) as writer:
-        for cid in range(groups):
-            writer.write(Group(group_id=f"g{cid:09d}", caption_id=cid, caption=f"caption {cid}", seeds=list(range(m)),
-                               encoded=[images[(cid + j) % 16] for j in range(m)], encoding="png",
-                               shape=(m, size, size, 3), generator=config.fingerprint(), gen_seconds=0.0))
+    """A real shard set (flat-colour images, indexes, manifest) through the generator's ShardWriter."""
+    write_group_set(root, groups, m, size, shard_size, set_images("flat", size))
 
 
 def write_index_only_set(root: Path, groups: int, m: int, size: int, shard_size: int, group_bytes: int = 4096) -> None:
@@ -104,6 +96,66 @@ def write_index_only_set(root: Path, groups: int, m: int, size: int, shard_size:
         records.append(ShardRecord(shard_name(k), count, count * m, ids, [f"g{c:09d}" for c in ids]))
     info = config.welcome_info()
     write_manifest(root, Manifest(info, info.fingerprint, records, config.to_dict(), {"images_per_group": m}))
+
+
+@dataclass(frozen=True)
+class ReadSet:
+    """A read-rate shard set: ``groups`` groups of ``images`` PNGs of ``px`` px."""
+
+    images: int
+    px: int
+    groups: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.images}x{self.px}"
+
+
+READ_SET = re.compile(r"^(\d+)x(\d+):(\d+)$")
+
+
+def parse_read_sets(text: str) -> list[ReadSet]:
+    """``--read-sets``: ``IMAGESxPX:GROUPS`` entries, comma-separated."""
+    sets = []
+    for entry in str(text).split(","):
+        match = READ_SET.match(entry.strip())
+        if match is None or min(int(v) for v in match.groups()) < 1:
+            raise ValueError(f"--read-sets: {entry.strip()!r} is not IMAGESxPX:GROUPS with numbers >= 1")
+        sets.append(ReadSet(*(int(v) for v in match.groups())))
+    return sets
+
+
+def _read_set_rates(spec: ReadSet, root: Path, smallest: int, m: int, size: int, shard_size: int, aheads: list[int],
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """Both readers' rates on one read set (the smallest start-up set when it has the same shape and
+    enough groups, else a set written for it)."""
+    folder = root / f"set-{smallest}"
+    content = "flat"
+    if (spec.images, spec.px) != (m, size) or spec.groups > smallest:
+        content = args.read_content
+        folder = root / f"read-{spec.name}-{content}-{spec.groups}"
+        if not (folder / "manifest.json").exists():
+            write_group_set(folder, spec.groups, spec.images, spec.px, shard_size, set_images(content, spec.px))
+    shards = len(list(folder.glob("shard-*.tar")))
+    rates, cpu = local_rates(folder, spec.images, spec.groups, shards, args.repeats)
+    point: dict[str, Any] = {"groups": spec.groups, "images": spec.images, "px": spec.px, "content": content}
+    store_rates, store_cpu = http_rates(folder, spec.images, spec.groups, shards, aheads[0], args.repeats,
+                                        args.store_latency_ms)
+    rates.update(store_rates)
+    cpu.update(store_cpu)
+    if not args.no_s3:
+        try:
+            import moto  # noqa: F401
+            import s3fs  # noqa: F401
+        except ImportError:
+            point["s3_skipped"] = "moto or s3fs not installed (pip install 'stablerep[s3]' 'moto[server]')"
+        else:
+            store_rates, store_cpu = s3_rates(folder, spec.images, spec.groups, shards, aheads, args.repeats,
+                                              args.store_latency_ms)
+            rates.update(store_rates)
+            cpu.update(store_cpu)
+    point.update(groups_per_s=rates, cpu_ms_per_group=cpu, ratios=ratios(rates))
+    return point
 
 
 def _best(repeats: int, fn) -> float:
@@ -129,151 +181,6 @@ def time_startup(data: str, m: int, repeats: int) -> tuple[float, int, int]:
     return seconds, index.count, index.nbytes
 
 
-def rate_reader(data: str, m: int, groups: int) -> float:
-    """Groups/s this reader delivers in one process (global shuffle, one ranged read per group)."""
-    from trainer.data.sources.offline import OfflineSource
-
-    source = OfflineSource(data, captions_per_rank=50, draw_per_caption=m, num_workers=0, seed=1)
-    source.next_batch()  # warm
-    batches = max(1, groups // 50)
-    start = time.perf_counter()
-    for _ in range(batches):
-        source.next_batch()
-    return batches * 50 / (time.perf_counter() - start)
-
-
-def rate_webdataset(urls: list[str], groups: int) -> float:
-    """Groups/s of plain webdataset reading and decoding the same shards in order."""
-    import webdataset as wds
-
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")
-    iterator = iter(dataset)
-    next(iterator)
-    start = time.perf_counter()
-    read = 0
-    for _ in range(groups):
-        try:
-            next(iterator)
-        except StopIteration:
-            break
-        read += 1
-    return read / (time.perf_counter() - start)
-
-
-def _use_fsspec_in_webdataset() -> None:
-    """Plain webdataset opens s3:// through fsspec (its documented way to add a URL scheme)."""
-    from fsspec.core import url_to_fs
-    from webdataset.gopen import gopen_schemes
-
-    def open_fsspec(url, mode="rb", bufsize=8192, **_kw):
-        fs, path = url_to_fs(url)
-        return fs.open(path, mode, block_size=8 << 20)
-
-    gopen_schemes["s3"] = open_fsspec
-
-
-def rate_reader_ahead(data: str, m: int, groups: int, ahead: int) -> float:
-    """:func:`rate_reader` with ``ahead`` ranged GETs in flight (the reader runs in this process)."""
-    saved = offline_reader.FETCH_AHEAD
-    offline_reader.FETCH_AHEAD = ahead
-    try:
-        return rate_reader(data, m, groups)
-    finally:
-        offline_reader.FETCH_AHEAD = saved
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _process_on_port(command: list[str], port: int, what: str) -> Iterator[str]:
-    """Run ``command`` (a server listening on ``port`` of 127.0.0.1) until the block ends; yields its URL."""
-    repo = str(Path(__file__).resolve().parents[1])  # for ``python -m benchmarks...`` from any folder
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}") from None
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@contextmanager
-def s3_server_process(latency_ms: float = 0.0) -> Iterator[tuple[str, str]]:
-    """moto's S3 server in its own process on a free port of 127.0.0.1; yields ``(endpoint the readers
-    use, the server's own endpoint)``: with ``latency_ms``, the readers' one is a proxy that delays
-    each request by that much (:mod:`benchmarks.latency_proxy`)."""
-    port = _free_port()
-    with _process_on_port([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port,
-                          "moto's S3 server") as direct:
-        if not latency_ms:
-            yield direct, direct
-            return
-        proxy_port = _free_port()
-        with _process_on_port([sys.executable, "-m", "benchmarks.latency_proxy", str(proxy_port), str(port),
-                               str(latency_ms)], proxy_port, "the latency proxy") as delayed:
-            yield delayed, direct
-
-
-def rate_store_gets(url: str, groups: int, ahead: int) -> float:
-    """Ranged GETs/s the store answers for the samples of the tar ``url`` (``ahead`` at once, no
-    decoding): the most groups/s any reader with one GET per group gets from it."""
-    from infra import storage
-
-    ranges = ShardIndex.from_bytes(storage.read_bytes(url + ".idx"), url + ".idx").ranges
-    start = time.perf_counter()
-    for first in range(0, groups, ahead):
-        storage.read_ranges([(url, int(ranges[k % len(ranges)][0]), int(ranges[k % len(ranges)][1]))
-                             for k in range(first, min(first + ahead, groups))])
-    return groups / (time.perf_counter() - start)
-
-
-def _s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], repeats: int,
-              latency_ms: float = 0.0) -> dict[str, float]:
-    """Upload ``local`` to a moto server on 127.0.0.1 and measure both readers from it (best of
-    ``repeats`` interleaved runs)."""
-    import boto3
-
-    rates: dict[str, float] = {}
-    with s3_server_process(latency_ms) as (endpoint, direct):
-        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            client = boto3.client("s3", endpoint_url=direct)
-            client.create_bucket(Bucket="bench")
-            for entry in sorted(local.iterdir()):
-                client.upload_file(str(entry), "bench", f"shards/{entry.name}")
-            _use_fsspec_in_webdataset()
-            urls = [f"s3://bench/shards/{shard_name(k)}" for k in range(shards)]
-            for _ in range(repeats):
-                for ahead in aheads:
-                    name = "reader_s3" if ahead == aheads[0] else f"reader_s3_ahead{ahead}"
-                    rates[name] = max(rates.get(name, 0.0), rate_reader_ahead("s3://bench/shards", m, groups, ahead))
-                rates["webdataset_s3"] = max(rates.get("webdataset_s3", 0.0), rate_webdataset(urls, groups))
-                rates["store_gets_s3"] = max(rates.get("store_gets_s3", 0.0), rate_store_gets(urls[0], groups, aheads[0]))
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-    return rates
-
-
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, float]]:
     sizes = [200, 2000] if args.quick else [int(s) for s in str(args.sizes).split(",")]
     aheads = [int(a) for a in str(args.fetch_ahead).split(",")]
@@ -281,7 +188,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
         raise ValueError(f"--fetch-ahead must be >= 1, got {args.fetch_ahead}")
     if args.store_latency_ms < 0:
         raise ValueError(f"--store-latency-ms must be >= 0, got {args.store_latency_ms}")
-    read_groups = 200 if args.quick else args.read_groups
+    read_sets = parse_read_sets("2x16:200" if args.quick else args.read_sets)
     m, size, shard_size = args.images_per_group, args.image_size, args.shard_size
     if args.quick:
         shard_size = min(shard_size, 100)
@@ -315,22 +222,9 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
             if "first_start_unindexed_s" in point:
                 point["unindexed_us_per_group"] = 1e6 * (point["first_start_unindexed_s"] - results["sizes"][base].get(
                     "first_start_unindexed_s", 0.0)) / (n - sizes[0])
-        read_set = root / f"set-{sizes[0]}"
-        shards = -(-sizes[0] // shard_size)
-        urls = [str(read_set / shard_name(k)) for k in range(shards)]
-        rates = {"reader_local": 0.0, "webdataset_local": 0.0}
-        for _ in range(args.repeats):  # interleaved, best kept: the machine may be shared
-            rates["reader_local"] = max(rates["reader_local"], rate_reader(str(read_set), m, read_groups))
-            rates["webdataset_local"] = max(rates["webdataset_local"], rate_webdataset(urls, read_groups))
-        if not args.no_s3:
-            try:
-                import moto  # noqa: F401
-                import s3fs  # noqa: F401
-            except ImportError:
-                results["s3_skipped"] = "moto or s3fs not installed (pip install 'stablerep[s3]' 'moto[server]')"
-            else:
-                rates.update(_s3_rates(read_set, m, read_groups, shards, aheads, args.repeats, args.store_latency_ms))
-        results["groups_per_s_one_process"] = rates
+        results["read_sets"] = {}
+        for spec in read_sets:
+            results["read_sets"][spec.name] = _read_set_rates(spec, root, sizes[0], m, size, shard_size, aheads, args)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -342,11 +236,16 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
         lines.append(f"{n:>10} {p['startup_s']:>11.3f} {p.get('us_per_group', float('nan')):>9.2f} "
                      f"{p['index_bytes_per_group']:>14.1f} {p.get('first_start_unindexed_s', float('nan')):>22.2f} "
                      f"{'images' if p['image_data'] else 'index only'}")
-    lines.append(f"groups/s read and decoded by one process ({read_groups} groups of the {sizes[0]}-group set, "
-                 f"best of {args.repeats} interleaved runs; S3: moto in its own process on 127.0.0.1, "
-                 f"reader_s3 at --fetch-ahead {aheads[0]}):")
-    lines += [f"  {name:<18} {value:>10.0f}" for name, value in rates.items()]
+    bars = {}
+    for name, point in results["read_sets"].items():
+        rates, cpu = point["groups_per_s"], point["cpu_ms_per_group"]
+        lines.append(f"groups/s read and decoded by one worker, set {name} ({point['groups']} groups of {point['images']} "
+                     f"{point['content']} PNGs of {point['px']} px; best of {args.repeats} interleaved runs; S3: moto in "
+                     f"its own process on 127.0.0.1, reader_s3 at --fetch-ahead {aheads[0]}):")
+        lines += [f"  {k:<22} {v:>8.0f} groups/s" + (f"  {cpu[k]:6.2f} CPU ms/group" if k in cpu else "")
+                  for k, v in rates.items()]
+        lines += [f"  this reader / webdataset, {store}: {ratio:.2f}x" for store, ratio in point["ratios"].items()]
+        bars.update({f"{name} {k}": v for k, v in rates.items()})
     if args.quick:
         lines.append("(--quick: tests the code path; the numbers say nothing about speed)")
-    bars = {f"{k} groups/s": v for k, v in rates.items()}
     return results, "\n".join(lines), bars

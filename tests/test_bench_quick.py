@@ -89,7 +89,9 @@ def test_offline_quick(tmp_path):
     small, large = r["sizes"]["200"], r["sizes"]["2000"]
     assert small["groups"] == 200 and large["groups"] == 2000
     assert large["index_bytes_per_group"] <= 24 and "us_per_group" in large and large["first_start_unindexed_s"] > 0
-    assert r["groups_per_s_one_process"]["reader_local"] > 0 and r["groups_per_s_one_process"]["webdataset_local"] > 0
+    rates = r["read_sets"]["2x16"]["groups_per_s"]
+    assert rates["reader_local"] > 0 and rates["webdataset_local"] > 0 and r["read_sets"]["2x16"]["ratios"]["local"] > 0
+    assert r["read_sets"]["2x16"]["cpu_ms_per_group"]["reader_local"] > 0
 
 
 def test_augment_quick(tmp_path, capsys):
