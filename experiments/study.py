@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from experiments.probe_sets import check_attributes, write_probe_sets
 from experiments.snapshot_probes import probe_snapshots
 from experiments.snapshots import export_initial_backbone
 from experiments.study_diversity import knn_per_class
+from experiments.study_files import plan_dict, resume_study, write_json
 from experiments.study_report import format_table, plot
 from experiments.study_summary import closed_loop_read, format_summary, summarize
 from experiments.study_loop import (
@@ -391,12 +392,12 @@ def run_study(argv: list[str]) -> int:
             if arm.source == "online":
                 _trainer_config(plan, trainer_argv, arm, 0, _online_flags(plan, arm, "tcp://127.0.0.1:1"),
                                 root / "check")
-        study = _resume(root, plan, trainer_argv) if plan.resume else None
+        study = resume_study(root, plan, trainer_argv) if plan.resume else None
     except BadFlags as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
-    study = study or {"machine": machine_facts(), "commit": _commit(), "plan": _plan_dict(plan),
+    study = study or {"machine": machine_facts(), "commit": _commit(), "plan": plan_dict(plan),
                       "trainer_flags": trainer_argv, "random_init": [], "arms": []}
     study.update(interrupted=False, stopped_at=None)
     progress = Progress("data")
@@ -416,13 +417,13 @@ def run_study(argv: list[str]) -> int:
                         continue  # finished by the run this one resumes
                     progress.enter("arms", f"arm {arm.name}, seed {seed}")
                     study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
-                    _write_json(root / "study.json", study)  # partial results survive a stop
+                    write_json(root / "study.json", study)  # partial results survive a stop
         except KeyboardInterrupt as exc:
             reached = getattr(exc, "summary", None)
             if reached is not None:
                 progress.detail += f", training stopped at step {reached['steps']}/{reached['total_steps']}"
             study.update(interrupted=True, stopped_at={**progress.as_dict(), "signal": stop.describe()})
-            _write_json(root / "study.json", study)
+            write_json(root / "study.json", study)
             print(f"{PROG}: interrupted by {stop.describe()} in {progress.where()}; kept {len(study['arms'])} "
                   f"finished arms in {root / 'study.json'}; continue with: stablerep-bench study --resume "
                   f"{' '.join(argv)}", file=sys.stderr, flush=True)
@@ -435,44 +436,10 @@ def run_study(argv: list[str]) -> int:
     study["seconds"] = study.get("seconds", 0.0) + time.perf_counter() - t_start
     study["summary"] = summarize(study)
     study["closed_loop"] = closed_loop_read(study)
-    _write_json(root / "study.json", study)
+    write_json(root / "study.json", study)
     table = format_table(study) + "\n\n" + format_summary(study)
     (root / "study.txt").write_text(table + "\n")
     plot(study, root / "study.png")
     print(table)
     log(f"{len(study['arms'])} arms in {study['seconds']:.0f} s; wrote {root / 'study.json'}, study.txt, study.png")
     return 0
-
-
-def _plan_dict(plan: StudyPlan) -> dict[str, Any]:
-    """The plan as ``study.json`` stores it (JSON types; ``resume`` is how it ran, not what it runs)."""
-    out = json.loads(json.dumps(asdict(plan)))
-    out.pop("resume", None)
-    return out
-
-
-def _resume(root: Path, plan: StudyPlan, trainer_argv: list[str]) -> dict[str, Any]:
-    """The ``study.json`` of an earlier run of the same plan in ``root``; :class:`BadFlags` naming the
-    first difference (a field of the plan, or the trainer flags) or what is missing."""
-    path = root / "study.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadFlags(f"--resume: {path} does not exist (no earlier study in {root})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadFlags(f"--resume: cannot read {path}: {exc}") from None
-    wanted = _plan_dict(plan)
-    for key, value in wanted.items():
-        if saved.get("plan", {}).get(key) != value:
-            raise BadFlags(f"--resume: the earlier study in {root} has {key}={saved.get('plan', {}).get(key)!r}, "
-                           f"this one {value!r}; give the same flags")
-    if saved.get("trainer_flags") != trainer_argv:
-        raise BadFlags(f"--resume: the earlier study passed trainer flags {saved.get('trainer_flags')}, "
-                       f"this one {trainer_argv}; give the same flags")
-    return saved
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
