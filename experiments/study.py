@@ -15,11 +15,14 @@ first attribute; the random init is scored once per seed):
 - **closed loop** (``--closed-loop``): ``stablerep`` online with the generator's caption policy
   ``uniform`` vs ``hard`` (steered by the trainer's caption feedback), both held to the offline arm's
   K groups (experiments/study_loop.py); per caption, the groups drawn and generated, their Gini and
-  the k-NN accuracy on the probe classes the loop fed least (experiments/study_diversity.py).
+  the k-NN accuracy on the probe classes the loop fed least (experiments/study_diversity.py);
+  ``online-hard-sharp`` (hard, no floor, alpha 4) runs when ``--arms`` names it.
 
 ``--arms NAME ...`` runs only the named arms. Every arm's trainer runs the k-NN monitor on the probe
-sets at step 0 and at the end (``knn``: its final top-1 per probe). ``summary`` in ``study.json``
-holds the mean and std over seeds of every probe per arm (experiments/study_summary.py).
+sets at step 0 and at the end (``knn``: its final top-1 per probe); in a closed-loop study the loop
+and offline arms also every quarter of the steps, against the groups received (``curve``,
+``study-curve.png``: experiments/study_curve.py). ``summary`` in ``study.json`` holds the mean and std
+over seeds of every probe per arm (experiments/study_summary.py).
 
 The generator's images/s is held fixed (``--image-rate``, a throttle), below what the trainer could
 draw, so reuse is what changes between the reuse arms (a reuse-1 arm waits for fresh groups).
@@ -42,7 +45,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +54,17 @@ from experiments.generator_process import PROJECT_ROOT, GeneratorProcess, run_ge
 from experiments.probe_sets import check_attributes, write_probe_sets
 from experiments.snapshot_probes import probe_snapshots
 from experiments.snapshots import export_initial_backbone
+from experiments.study_curve import CURVE_PNG, curve_every, format_curves, plot_curves, read_curve
 from experiments.study_diversity import knn_per_class
+from experiments.study_files import plan_dict, resume_study, write_json
 from experiments.study_report import format_table, plot
 from experiments.study_summary import closed_loop_read, format_summary, summarize
 from experiments.study_loop import (
-    LOOP_POLICIES, CaptionCountingSource, diversity_record, generated_per_caption, generator_summary,
-    load_caption_ids, loop_generator_flags, loop_record, loop_trainer_flags,
+    LOOP_POLICIES, OPTIONAL_LOOP_POLICIES, SHARP_ALPHA, SHARP_FLOOR, CaptionCountingSource, add_policy_arguments,
+    diversity_record, generated_per_caption, generator_summary, hard_weights, load_caption_ids, loop_generator_flags,
+    loop_record, loop_trainer_flags, policy_weights,
 )
+from generator_service.caption_policy import DEFAULT_HARD_ALPHA, DEFAULT_HARD_FLOOR
 from experiments.trainer_flags import BadFlags, parse_trainer_config
 from infra.cli_parser import SuggestingParser
 from infra.free_endpoint import free_tcp_endpoint
@@ -103,6 +110,10 @@ class StudyPlan:
     closed_loop: bool = False       # add the closed-loop arms (experiments/study_loop.py)
     loop_image_rate: float = 16.0   # generator images/s of the closed-loop arms: below the trainer's draws / reuse
     feedback_every: int = 10        # the hard arm's trainer reports caption losses every this many steps
+    hard_floor: float = DEFAULT_HARD_FLOOR    # online-hard's generator --hard-floor / --hard-alpha
+    hard_alpha: float = DEFAULT_HARD_ALPHA
+    sharp_floor: float = SHARP_FLOOR          # online-hard-sharp's
+    sharp_alpha: float = SHARP_ALPHA
     only: tuple[str, ...] = ()      # run only these arms (() = all)
 
     @classmethod
@@ -115,11 +126,18 @@ class StudyPlan:
         out.append(StudyArm("stablerep-offline", "stablerep", "offline"))
         out += [StudyArm(f"stablerep-reuse{r}", "stablerep", "online", r) for r in self.reuses]
         if self.closed_loop:
-            out += [StudyArm(name, "stablerep", "online", policy=policy) for name, policy in LOOP_POLICIES.items()]
+            out += [StudyArm(name, "stablerep", "online", policy=policy)
+                    for name, policy in {**LOOP_POLICIES, **OPTIONAL_LOOP_POLICIES}.items()]
         return out
 
     def arms(self) -> list[StudyArm]:
-        return [arm for arm in self.all_arms() if not self.only or arm.name in self.only]
+        """The arms to run: those ``--arms`` named, else every arm but the optional ones."""
+        return [arm for arm in self.all_arms()
+                if arm.name in self.only or not self.only and arm.name not in OPTIONAL_LOOP_POLICIES]
+
+    def curve(self, arm: StudyArm) -> bool:
+        """Whether ``arm`` runs the monitor every quarter of the steps: the loop and offline arms of a closed-loop study."""
+        return self.closed_loop and (arm.policy is not None or arm.source == "offline")
 
 
 def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
@@ -144,7 +162,9 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
     parser.add_argument("--loop-image-rate", type=float, help="generator images/s of the closed-loop arms")
     parser.add_argument("--loop-feedback-every", type=int, dest="feedback_every",
                         help="the hard arm's trainer reports caption losses every this many steps")
-    parser.add_argument("--arms", nargs="+", metavar="NAME", help="run only these arms (names as in study.json)")
+    add_policy_arguments(parser)
+    parser.add_argument("--arms", nargs="+", metavar="NAME",
+                        help="run only these arms (names as in study.json; online-hard-sharp runs only when named)")
     args, rest = parser.parse_known_args(argv)
     plan = StudyPlan.quick() if args.quick else StudyPlan()
     plan.output = args.output
@@ -161,6 +181,8 @@ def parse_study_args(argv: list[str]) -> tuple[StudyPlan, list[str]]:
             if not value > 0:
                 parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
             setattr(plan, name, value)
+    for name, value in policy_weights(args, parser).items():
+        setattr(plan, name, value)
     if args.reuses:
         if min(args.reuses) < 1:
             parser.error(f"--reuses must all be >= 1, got {args.reuses}")
@@ -314,14 +336,16 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
     images_per_group = draw
     groups_per_s = plan.image_rate / images_per_group
     record: dict[str, Any] = {}
-    monitor = ["--monitor-dirs", *map(str, probe_dirs.values()), "--monitor-every", str(plan.steps)]
+    every = curve_every(plan.steps) if plan.curve(arm) else plan.steps
+    monitor = ["--monitor-dirs", *map(str, probe_dirs.values()), "--monitor-every", str(every)]
     generated = None
     if arm.source == "online":
         endpoint = free_tcp_endpoint()
         cfg = _trainer_config(plan, trainer_argv, arm, seed, [*_online_flags(plan, arm, endpoint), *monitor], out)
         rate = plan.image_rate if arm.policy is None else plan.loop_image_rate
+        weights = hard_weights(plan, arm.name) if arm.policy == "hard" else None
         extra = (["--max-groups-per-s", f"{groups_per_s:g}"] if arm.policy is None
-                 else loop_generator_flags(arm.policy, out, rate, images_per_group))
+                 else loop_generator_flags(arm.policy, out, rate, images_per_group, weights))
         command = [*_generator_flags(plan, captions, seed, images_per_group), "--bind", endpoint,
                    "--drain-timeout", "5", *extra]
         log(f"{arm.name} (seed {seed}): online, generator at {rate:g} images/s"
@@ -333,6 +357,8 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
         record["groups_generated"] = made.get("groups")
         if arm.policy is not None:
             record.update(policy=arm.policy, **loop_record(summary, made))
+            if weights is not None:
+                record.update(hard_floor=weights[0], hard_alpha=weights[1])
             generated = generated_per_caption(out, arm.policy, load_caption_ids(captions), made.get("groups"))
         record["groups_received"] = (summary.get("source_stats") or {}).get("groups_received")
     else:
@@ -357,6 +383,8 @@ def run_arm(plan: StudyPlan, trainer_argv: list[str], arm: StudyArm, seed: int, 
     })
     (out / "caption_counts.json").write_text(json.dumps({"drawn": summary["caption_draws"], "generated": generated}))
     record.update(diversity_record(summary["caption_draws"], captions, plan.attributes, generated))
+    if plan.curve(arm):
+        record["curve"] = read_curve(out, probe_dirs)
     if plan.closed_loop:
         record["knn_per_class"] = {a: knn_per_class(out, folder) for a, folder in probe_dirs.items()}
     record.update(_score(out, probe_dirs, plan, seed, int(summary["steps"]), log))
@@ -391,12 +419,12 @@ def run_study(argv: list[str]) -> int:
             if arm.source == "online":
                 _trainer_config(plan, trainer_argv, arm, 0, _online_flags(plan, arm, "tcp://127.0.0.1:1"),
                                 root / "check")
-        study = _resume(root, plan, trainer_argv) if plan.resume else None
+        study = resume_study(root, plan, trainer_argv) if plan.resume else None
     except BadFlags as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
-    study = study or {"machine": machine_facts(), "commit": _commit(), "plan": _plan_dict(plan),
+    study = study or {"machine": machine_facts(), "commit": _commit(), "plan": plan_dict(plan),
                       "trainer_flags": trainer_argv, "random_init": [], "arms": []}
     study.update(interrupted=False, stopped_at=None)
     progress = Progress("data")
@@ -416,13 +444,13 @@ def run_study(argv: list[str]) -> int:
                         continue  # finished by the run this one resumes
                     progress.enter("arms", f"arm {arm.name}, seed {seed}")
                     study["arms"].append(run_arm(plan, trainer_argv, arm, seed, captions, probe_dirs, root, log))
-                    _write_json(root / "study.json", study)  # partial results survive a stop
+                    write_json(root / "study.json", study)  # partial results survive a stop
         except KeyboardInterrupt as exc:
             reached = getattr(exc, "summary", None)
             if reached is not None:
                 progress.detail += f", training stopped at step {reached['steps']}/{reached['total_steps']}"
             study.update(interrupted=True, stopped_at={**progress.as_dict(), "signal": stop.describe()})
-            _write_json(root / "study.json", study)
+            write_json(root / "study.json", study)
             print(f"{PROG}: interrupted by {stop.describe()} in {progress.where()}; kept {len(study['arms'])} "
                   f"finished arms in {root / 'study.json'}; continue with: stablerep-bench study --resume "
                   f"{' '.join(argv)}", file=sys.stderr, flush=True)
@@ -435,44 +463,12 @@ def run_study(argv: list[str]) -> int:
     study["seconds"] = study.get("seconds", 0.0) + time.perf_counter() - t_start
     study["summary"] = summarize(study)
     study["closed_loop"] = closed_loop_read(study)
-    _write_json(root / "study.json", study)
-    table = format_table(study) + "\n\n" + format_summary(study)
+    write_json(root / "study.json", study)
+    table = "\n\n".join(part for part in (format_table(study), format_summary(study), format_curves(study)) if part)
     (root / "study.txt").write_text(table + "\n")
     plot(study, root / "study.png")
+    curve_png = plot_curves(study, root / CURVE_PNG)
     print(table)
-    log(f"{len(study['arms'])} arms in {study['seconds']:.0f} s; wrote {root / 'study.json'}, study.txt, study.png")
+    log(f"{len(study['arms'])} arms in {study['seconds']:.0f} s; wrote {root / 'study.json'}, study.txt, study.png"
+        + (f", {CURVE_PNG}" if curve_png else ""))
     return 0
-
-
-def _plan_dict(plan: StudyPlan) -> dict[str, Any]:
-    """The plan as ``study.json`` stores it (JSON types; ``resume`` is how it ran, not what it runs)."""
-    out = json.loads(json.dumps(asdict(plan)))
-    out.pop("resume", None)
-    return out
-
-
-def _resume(root: Path, plan: StudyPlan, trainer_argv: list[str]) -> dict[str, Any]:
-    """The ``study.json`` of an earlier run of the same plan in ``root``; :class:`BadFlags` naming the
-    first difference (a field of the plan, or the trainer flags) or what is missing."""
-    path = root / "study.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadFlags(f"--resume: {path} does not exist (no earlier study in {root})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadFlags(f"--resume: cannot read {path}: {exc}") from None
-    wanted = _plan_dict(plan)
-    for key, value in wanted.items():
-        if saved.get("plan", {}).get(key) != value:
-            raise BadFlags(f"--resume: the earlier study in {root} has {key}={saved.get('plan', {}).get(key)!r}, "
-                           f"this one {value!r}; give the same flags")
-    if saved.get("trainer_flags") != trainer_argv:
-        raise BadFlags(f"--resume: the earlier study passed trainer flags {saved.get('trainer_flags')}, "
-                       f"this one {trainer_argv}; give the same flags")
-    return saved
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)

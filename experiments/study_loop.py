@@ -6,7 +6,11 @@ stream walked uniformly, both held to the offline arm's groups.
 
 - ``online-uniform``: ``--caption-policy uniform`` (every caption in turn);
 - ``online-hard``: ``--caption-policy hard``, the trainer reporting each caption's loss every
-  ``--feedback-every`` steps (``stablerep-train --feedback-every``).
+  ``--feedback-every`` steps (``stablerep-train --feedback-every``), its generator weighing a caption
+  ``(floor + score / median) ** alpha`` with the study's ``--hard-floor`` and ``--hard-alpha`` (the
+  generator's defaults, 1 and 1);
+- ``online-hard-sharp``, only when ``--arms`` names it: the same with ``--sharp-floor`` and
+  ``--sharp-alpha`` (0 and 4: no floor, a caption scored twice the median weighs 16 median ones).
 
 Equal groups: both trainers keep the replay rate contract ``--samples-per-insert R`` with R the
 offline arm's reuse (``--offline-reuse``, 9), and their generator runs at ``--loop-image-rate``
@@ -20,12 +24,49 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 #: name -> generator caption policy of the closed-loop arms
 LOOP_POLICIES = {"online-uniform": "uniform", "online-hard": "hard"}
+#: closed-loop arms that run only when ``--arms`` names them (name -> policy)
+OPTIONAL_LOOP_POLICIES = {"online-hard-sharp": "hard"}
+#: the sharp arm's hard-policy weights unless ``--sharp-floor`` / ``--sharp-alpha`` say otherwise
+SHARP_FLOOR, SHARP_ALPHA = 0.0, 4.0
 STATE_DIR = "generator_state"
+
+
+def add_policy_arguments(parser: Any) -> None:
+    """The study's flags for the hard policy's weights (``--hard-*``: online-hard, ``--sharp-*``: online-hard-sharp)."""
+    from generator_service.caption_policy import DEFAULT_HARD_ALPHA, DEFAULT_HARD_FLOOR
+
+    for arm, floor, alpha in (("hard", DEFAULT_HARD_FLOOR, DEFAULT_HARD_ALPHA), ("sharp", SHARP_FLOOR, SHARP_ALPHA)):
+        name = "online-hard" if arm == "hard" else "online-hard-sharp"
+        parser.add_argument(f"--{arm}-floor", type=float, default=floor,
+                            help=f"{name}: the generator's --hard-floor (>= 0; default: %(default)s)")
+        parser.add_argument(f"--{arm}-alpha", type=float, default=alpha,
+                            help=f"{name}: the generator's --hard-alpha (> 0; default: %(default)s)")
+
+
+def policy_weights(args: Any, parser: Any) -> dict[str, float]:
+    """The plan fields of :func:`add_policy_arguments`'s flags, checked (``parser.error`` names a bad one)."""
+    out = {}
+    for arm in ("hard", "sharp"):
+        floor, alpha = getattr(args, f"{arm}_floor"), getattr(args, f"{arm}_alpha")
+        if not math.isfinite(floor) or floor < 0:
+            parser.error(f"--{arm}-floor must be a finite number >= 0, got {floor}")
+        if not math.isfinite(alpha) or alpha <= 0:
+            parser.error(f"--{arm}-alpha must be a finite number > 0, got {alpha}")
+        out.update({f"{arm}_floor": floor, f"{arm}_alpha": alpha})
+    return out
+
+
+def hard_weights(plan: Any, name: str) -> tuple[float, float]:
+    """(floor, alpha) of the closed-loop arm ``name``'s hard policy, from the study plan."""
+    if name in OPTIONAL_LOOP_POLICIES:
+        return plan.sharp_floor, plan.sharp_alpha
+    return plan.hard_floor, plan.hard_alpha
 
 
 class CaptionCountingSource:
@@ -45,11 +86,15 @@ class CaptionCountingSource:
         return getattr(self._source, name)
 
 
-def loop_generator_flags(policy: str, out: Path, image_rate: float, images_per_group: int) -> list[str]:
-    """Generator flags of a closed-loop arm: its policy, a state folder (where the policy's per-caption
-    counts are written at exit) and the loop's throttle."""
-    return ["--caption-policy", policy, "--state", str(out / STATE_DIR),
-            "--max-groups-per-s", f"{image_rate / images_per_group:g}"]
+def loop_generator_flags(policy: str, out: Path, image_rate: float, images_per_group: int,
+                         weights: tuple[float, float] | None = None) -> list[str]:
+    """Generator flags of a closed-loop arm: its policy (``weights``: the hard policy's floor and alpha),
+    a state folder (where the policy's per-caption counts are written at exit) and the loop's throttle."""
+    flags = ["--caption-policy", policy, "--state", str(out / STATE_DIR),
+             "--max-groups-per-s", f"{image_rate / images_per_group:g}"]
+    if policy == "hard" and weights is not None:
+        flags += ["--hard-floor", f"{weights[0]:g}", "--hard-alpha", f"{weights[1]:g}"]
+    return flags
 
 
 def loop_trainer_flags(policy: str, reuse: float, feedback_every: int) -> list[str]:

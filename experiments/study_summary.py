@@ -33,7 +33,8 @@ def _class_mean(per_class: dict[str, float] | None) -> float | None:
 def summarize(study: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """arm name (and "random init") -> {"seeds", "probe": {attribute: mean/std}, "knn" (the monitor's last
     reading, on its subset of each probe folder), "knn_full" (every image of the folder), "fewshot",
-    "gini_drawn", "gini_generated", "groups_received", "groups_generated"}, each a ``{mean, std, n}``."""
+    "gini_drawn", "gini_generated", "groups_received", "groups_generated"}, each a ``{mean, std, n}``, and
+    "curve" (:func:`summarize_curve`, None for an arm without one)."""
     attributes = study["plan"]["attributes"]
 
     def field(rows: list[dict[str, Any]], get: Callable[[dict[str, Any]], Any]) -> dict[str, Any] | None:
@@ -53,8 +54,24 @@ def summarize(study: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "gini_generated": field(rows, lambda r: (r.get("generated") or {}).get("gini")),
             "groups_received": field(rows, lambda r: r.get("groups_received")),
             "groups_generated": field(rows, lambda r: r.get("groups_generated")),
+            "curve": summarize_curve(rows, attributes),
         }
     return out
+
+
+def summarize_curve(rows: list[dict[str, Any]], attributes: list[str]) -> list[dict[str, Any]] | None:
+    """One arm's k-NN curves over its seeds (``rows``: its rows of ``study.json``, each with ``curve``:
+    experiments/study_curve.py), point by point (every seed evaluates at the same steps):
+    ``[{step, groups_received: {mean, std, n}, knn: {attribute: {mean, std, n}}}]``; None without curves."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        for point in row.get("curve") or []:
+            by_step.setdefault(point["step"], []).append(point)
+    if not by_step:
+        return None
+    return [{"step": step, "groups_received": _mean_std(p.get("groups_received") for p in points),
+             "knn": {a: _mean_std(p["knn"].get(a) for p in points) for a in attributes}}
+            for step, points in sorted(by_step.items())]
 
 
 def closed_loop_read(study: dict[str, Any], steered: str = "online-hard") -> dict[str, Any] | None:

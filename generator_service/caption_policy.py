@@ -11,7 +11,9 @@ and a unique group id for it). Policies, by name (``CAPTION_POLICIES``):
   trainer needs more of it), ``median`` the median score of the scored captions (so the policy does
   not depend on the scores' units) and an unscored caption takes the median score. With the
   defaults (floor 1, alpha 1) a caption scored 100x the others weighs 101 / 2 = 50.5 times as much
-  as each of them. The draw at position ``p`` is a function of the base seed, ``p`` and the scores
+  as each of them. Floor 0 draws in proportion to ``(s_i / median)^alpha`` alone: a caption scored
+  0 (or unscored while the median is 0) is not drawn, and should every weight be 0 (or the sum
+  overflow) the policy draws uniformly. The draw at position ``p`` is a function of the base seed, ``p`` and the scores
   at that time, so seeds plus the generator fingerprint still name the pixels.
 
 Both keep the scores they were given, so ``state_dict()`` / ``load_state_dict()`` keep a run's
@@ -45,8 +47,8 @@ class CaptionPolicyConfig:
     def __post_init__(self) -> None:
         if self.name not in CAPTION_POLICIES:
             raise ValueError(f"unknown caption policy {self.name!r}; choose one of: {', '.join(CAPTION_POLICIES.names())}")
-        if not np.isfinite(self.hard_floor) or self.hard_floor <= 0:
-            raise ValueError(f"--hard-floor must be a finite number > 0, got {self.hard_floor}")
+        if not np.isfinite(self.hard_floor) or self.hard_floor < 0:
+            raise ValueError(f"--hard-floor must be a finite number >= 0, got {self.hard_floor}")
         if not np.isfinite(self.hard_alpha) or self.hard_alpha <= 0:
             raise ValueError(f"--hard-alpha must be a finite number > 0, got {self.hard_alpha}")
 
@@ -151,7 +153,10 @@ class HardPolicy(CaptionPolicy):
         median = float(np.median(scored)) if scored.size else 1.0
         scale = median if median > 0 else (float(scored.mean()) if scored.size and scored.mean() > 0 else 1.0)
         relative = np.where(np.isnan(self.scores), median, self.scores) / scale
-        return (self.config.hard_floor + relative) ** self.config.hard_alpha
+        weights = (self.config.hard_floor + relative) ** self.config.hard_alpha
+        if not np.isfinite(weights).all() or not weights.sum() > 0:  # floor 0 with every score 0: uniform
+            return np.ones(len(self))
+        return weights
 
     def draw(self, position: int) -> tuple[int, int]:
         if self._cumulative is None:

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="endless online run: which caption comes next: uniform (each in turn, epoch after epoch) "
                             "or hard (more of the captions trainers' feedback scores higher) (default: %(default)s)")
     group.add_argument("--hard-floor", type=float, default=DEFAULT_HARD_FLOOR,
-                       help="hard: a caption weighs (floor + score / median score) ** alpha (default: %(default)s)")
+                       help="hard: a caption weighs (floor + score / median score) ** alpha; 0: no floor, a caption "
+                            "scored 0 is not drawn (default: %(default)s)")
     group.add_argument("--hard-alpha", type=float, default=DEFAULT_HARD_ALPHA,
                        help="hard: the exponent alpha of that weight (default: %(default)s)")
     group.add_argument("--status-every", type=float, default=5.0, help="seconds between online status lines")

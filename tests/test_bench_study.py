@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from experiments.study import StudyArm, StudyPlan, parse_study_args, run_study
+from experiments.study_curve import curve_every
+from experiments.study_loop import hard_weights
+from generator_service.caption_policy import DEFAULT_HARD_ALPHA, DEFAULT_HARD_FLOOR
 from tests.polling import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +106,50 @@ def test_closed_loop_arms_and_arm_selection_are_parsed():
         parse_study_args(["--quick", "--arms", "online-hard"])  # a closed-loop arm without --closed-loop
     with pytest.raises(SystemExit):
         parse_study_args(["--quick", "--closed-loop", "--loop-feedback-every", "0"])
+
+
+def test_the_sharp_arm_runs_only_when_named_and_the_hard_weights_are_study_flags(capsys):
+    plan, _ = parse_study_args(["--quick", "--closed-loop"])
+    assert [arm.name for arm in plan.arms()][-2:] == ["online-uniform", "online-hard"]  # today's three loop arms
+    assert (plan.hard_floor, plan.hard_alpha) == (DEFAULT_HARD_FLOOR, DEFAULT_HARD_ALPHA)
+    assert (plan.sharp_floor, plan.sharp_alpha) == (0.0, 4.0)
+    assert hard_weights(plan, "online-hard") == (1.0, 1.0) and hard_weights(plan, "online-hard-sharp") == (0.0, 4.0)
+    plan, _ = parse_study_args(["--quick", "--closed-loop", "--arms", "online-hard", "online-hard-sharp",
+                                "--hard-floor", "0.5", "--hard-alpha", "2", "--sharp-alpha", "8"])
+    assert plan.arms()[-1] == StudyArm("online-hard-sharp", "stablerep", "online", policy="hard")
+    assert hard_weights(plan, "online-hard") == (0.5, 2.0) and hard_weights(plan, "online-hard-sharp") == (0.0, 8.0)
+    assert plan.curve(plan.arms()[0]) and not plan.curve(StudyArm("stablerep", "stablerep", "online"))
+    for flags, message in ((["--hard-floor", "-1"], "--hard-floor must be a finite number >= 0, got -1.0"),
+                           (["--sharp-alpha", "0"], "--sharp-alpha must be a finite number > 0, got 0.0")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_study_args(["--quick", "--closed-loop", *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_closed_loop_curve_arms_record_knn_against_groups_received_and_plot_it(tmp_path):
+    out = tmp_path / "study"
+    assert run_study(["--quick", "--closed-loop", "--arms", "stablerep-offline", "online-hard-sharp",
+                      "--output", str(out), "--no-progress"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    plan = StudyPlan.quick()
+    every = curve_every(plan.steps)
+    by_name = {a["name"]: a for a in study["arms"]}
+    assert by_name["online-hard-sharp"]["hard_floor"] == 0.0 and by_name["online-hard-sharp"]["hard_alpha"] == 4.0
+    for name, arm in by_name.items():
+        curve = arm["curve"]
+        assert [p["step"] for p in curve] == list(range(0, plan.steps + 1, every))
+        received = [p["groups_received"] for p in curve]
+        assert received == sorted(received) and received[-1] > 0, (name, received)
+        assert all(0.0 <= p["knn"]["colour"] <= 100.0 for p in curve)
+        assert curve[-1]["knn"]["colour"] == arm["knn"]["colour"]  # the monitor's last reading
+        summary = study["summary"][name]["curve"]
+        assert [p["step"] for p in summary] == [p["step"] for p in curve]
+        assert summary[-1]["groups_received"]["mean"] == received[-1] and summary[-1]["knn"]["colour"]["n"] == 1
+    offline = by_name["stablerep-offline"]  # its K groups, read again and again: K distinct ones
+    assert offline["curve"][0]["groups_received"] == 0 and offline["curve"][-1]["groups_received"] == offline["offline_groups"]
+    assert study["summary"]["random init"]["curve"] is None
+    assert (out / "study-curve.png").stat().st_size > 0
+    assert "k-NN top-1 of the monitor against groups received" in (out / "study.txt").read_text()
 
 
 def test_quick_closed_loop_study_steers_the_hard_arm_by_feedback_and_reads_diversity(tmp_path):

@@ -30,8 +30,8 @@ def test_the_choices_come_from_one_registry():
     assert CaptionPolicyConfig().name == "uniform"
     with pytest.raises(ValueError, match=r"unknown caption policy 'hardest'; choose one of: hard, uniform"):
         CaptionPolicyConfig("hardest")
-    with pytest.raises(ValueError, match=r"--hard-floor must be a finite number > 0, got 0"):
-        CaptionPolicyConfig("hard", hard_floor=0)
+    with pytest.raises(ValueError, match=r"--hard-floor must be a finite number >= 0, got -0.5"):
+        CaptionPolicyConfig("hard", hard_floor=-0.5)  # floor 0 is allowed: no floor at all
     with pytest.raises(ValueError, match=r"--hard-alpha must be a finite number > 0, got nan"):
         CaptionPolicyConfig("hard", hard_alpha=float("nan"))
 
@@ -50,6 +50,21 @@ def test_hard_with_the_defaults_gives_a_caption_scored_100x_at_least_5x_its_unif
     assert share >= 5 * (1 / len(CAPTION_IDS)), share
     # every other caption is still drawn: the floor keeps each one's chance
     assert {index for index, _ in draws} == set(range(len(CAPTION_IDS)))
+
+
+def test_hard_without_a_floor_draws_by_relative_score_alone_and_never_all_zero_weights():
+    sharp = CaptionPolicyConfig("hard", hard_floor=0.0, hard_alpha=4.0)
+    policy = build_policy(sharp, CAPTION_IDS, seed=5)
+    policy.update({CAPTION_IDS[0]: 0.0, CAPTION_IDS[1]: 2.0, CAPTION_IDS[2]: 4.0})  # the rest unscored: median 2
+    weights = policy.weights()
+    assert weights[0] == 0.0 and weights[1] == pytest.approx(1.0) and weights[2] == pytest.approx(16.0)
+    assert np.allclose(weights[3:], 1.0)
+    drawn = {index for index, _ in (policy.draw(p) for p in range(2000))}
+    assert 0 not in drawn and {1, 2} <= drawn  # a caption scored 0 weighs nothing without a floor
+    zeros = build_policy(sharp, CAPTION_IDS, seed=5)
+    zeros.update({c: 0.0 for c in CAPTION_IDS})  # every weight would be 0: the policy draws uniformly
+    assert np.allclose(zeros.weights(), 1.0)
+    assert len({index for index, _ in (zeros.draw(p) for p in range(2000))}) == len(CAPTION_IDS)
 
 
 def test_hard_does_not_depend_on_the_scores_units():

@@ -105,6 +105,18 @@ def test_a_run_with_monitor_evaluates_steps_0_n_2n_and_keeps_training_past_a_fai
         assert curve.width == 1320  # two panels (loss | accuracy); the loss panel alone is 770 px wide
 
 
+def test_monitor_rows_count_the_distinct_groups_the_source_has_handed_out(monitored_run):
+    """Offline: 32 groups in the shards, 8 drawn per step; a step's row counts at least the groups its
+    steps trained on, never more than the data set holds, and never goes down."""
+    for probe in ("colours", "unreadable", "mixed"):
+        rows = [r for r in records(monitored_run) if r["probe"] == probe]
+        received = [r["groups_received"] for r in rows]
+        assert received[0] == 0  # the random init: before the source exists
+        assert received == sorted(received) and received[-1] == 32  # the last step read the whole first epoch
+        for row in rows[1:]:
+            assert 8 * row["step"] <= row["groups_received"] <= 32
+
+
 @pytest.mark.parametrize("probe", ["colours", "mixed"])
 def test_eval_knn_on_the_exported_backbone_agrees_with_the_monitors_last_evaluation(probe, monitored_run, probes,
                                                                                   tmp_path):

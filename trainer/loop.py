@@ -84,13 +84,16 @@ def train(cfg: TrainConfig, *, source=None) -> dict[str, Any]:
     run = build_run(cfg)  # every check first; then accelerator, model, optimizer, resume, OUTPUT/config.yaml
     accelerator, model, status = run.accelerator, run.model, run.status
     monitor = Monitor(cfg, run.unwrapped, accelerator, run.output, status)  # k-NN on probe folders
+    own_source = source is None
+    if not own_source:
+        monitor.watch(source)  # started already: step 0's rows count what it has received
     with StopAfterStep() as early:  # Ctrl-C during it stops after step 1, as one during the loop
         # step 0 (the random init), before the source starts: an online one would fill its buffer meanwhile
         monitor.start(run.start_step, run.images_seen)
-    own_source = source is None
     if own_source:
         source = build_source(cfg, device=run.device, rank=run.rank, world_size=run.world_size,
                               local_captions=run.local_captions)
+        monitor.watch(source)
     source_state, saved_difficulty = split_difficulty(run.source_state, run.rank)
     if source_state is not None:
         source.load_state_dict(source_state)

@@ -30,8 +30,12 @@ numbers still read below the whole folder's: compare a monitor's numbers with ea
 ``stablerep-eval knn`` only on the listed files.
 
 Results: one line per probe and evaluation in ``OUTPUT/monitor.jsonl``
-(``{"step", "probe", "knn_top1", "linear_top1"?, "images_seen", "seconds", "train_images", "train_files",
-...}``: ``train_images`` scored of the split's ``train_files``; a failed evaluation
+(``{"step", "probe", "knn_top1", "linear_top1"?, "images_seen", "groups_received"?, "seconds", "train_images",
+"train_files", ...}``: ``train_images`` scored of the split's ``train_files``; ``groups_received``: the
+distinct caption groups the training source has had so far on this rank, what the source's
+``groups_received()`` says (online: groups inserted into the replay buffer; offline: the groups of
+the first epoch, since later epochs read them again; 0 at step 0 of a fresh run; absent for a
+source without that method); a failed evaluation
 is a line with ``"error"`` instead of the accuracies: a warning, and training goes on), a line in the
 status output and ``train.log`` (``monitor step 250: knn colour 87.5 | knn shape 40.2 (3.1 s)``),
 tracker scalars ``monitor/<probe>/knn_top1``, the Prometheus gauge
@@ -118,6 +122,7 @@ class Monitor:
         self.logs_attached = False  # trackers and live metrics: set up after step 0's evaluation
         self._pending_scalars: list[tuple[dict[str, float], int]] = []  # logged before they were
         self.first_step, self.last_evaluated = 0, -1  # of this process's session: the same on every rank
+        self.source: Any = None  # the training source, once :meth:`watch` was called (its ``groups_received()``)
         self.backbone = EvalBackbone(
             model=model.backbone, name=cfg.model.name, model_kwargs=dict(cfg.model.model_kwargs),
             input_size=cfg.crop_size(), mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -125,6 +130,10 @@ class Monitor:
         )
 
     # ----- the hooks the loop calls -----------------------------------------------------------
+    def watch(self, source: Any) -> None:
+        """The training source whose ``groups_received()`` (if it has one) every row records."""
+        self.source = source
+
     def start(self, step: int, images_seen: int) -> None:
         """Before the first step: keep the records of the run resumed (steps <= ``step``), evaluate step 0."""
         if not self.enabled:
@@ -206,6 +215,10 @@ class Monitor:
             start = time.perf_counter()
             undecoded = [p for p in self.probes if p.train is None]
             rows = self._evaluate_all(step, images_seen)
+            groups = self._groups_received(step)
+            if groups is not None:
+                for row in rows:
+                    row["groups_received"] = groups
             end = time.perf_counter()
             seconds = end - start
             self.seconds += seconds
@@ -254,6 +267,13 @@ class Monitor:
                 torch.cuda.empty_cache()
         row.update(images_seen=images_seen, seconds=time.perf_counter() - start)
         return row
+
+    def _groups_received(self, step: int) -> int | None:
+        """What the watched source has received (None: it does not say); 0 before a fresh run's source exists."""
+        if self.source is None:
+            return 0 if step == 0 else None
+        count = getattr(self.source, "groups_received", None)
+        return int(count()) if callable(count) else None
 
     @staticmethod
     def _linear_top1(train: FeatureSet, val: FeatureSet, device: torch.device) -> float:

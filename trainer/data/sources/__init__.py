@@ -2,7 +2,9 @@
 
 A source has ``next_batch() -> Batch``, ``stats() -> dict``, ``state_dict()``, ``load_state_dict()``
 and ``close()``, and builds itself from the config groups with a classmethod
-``from_config(data: DataConfig, replay: ReplayConfig, context: SourceContext)``. Sources register
+``from_config(data: DataConfig, replay: ReplayConfig, context: SourceContext)``; optionally
+``groups_received() -> int``, the distinct caption groups it has had so far on this rank (the k-NN
+monitor records it beside each evaluation). Sources register
 themselves by name; ``data.source`` (and ``--source``) allows exactly the registered names::
 
     @register_source("offline")

@@ -134,8 +134,9 @@ class OfflineSource:
         self._epoch_groups = 0
         self.batch_epochs: list[int] = []
         self._iterator: Iterator[WorkerItem] | None = None
+        # ``groups`` counts draws (an epoch repeats them); ``distinct_groups`` the groups of the first epoch
         self._counters = {"batches": 0, "groups": 0, "images": 0, "skipped_corrupt": 0, "corrupt_shards": 0,
-                          "skipped_short": 0, "epochs_completed": 0, "data_wait_seconds": 0.0}
+                          "skipped_short": 0, "epochs_completed": 0, "data_wait_seconds": 0.0, "distinct_groups": 0}
         problems = self.index.problems
         self._counters["skipped_corrupt"] = problems["lost_groups"] + problems["unreadable_shards"]
         self._counters["corrupt_shards"] = problems["damaged_shards"] + problems["unreadable_shards"]
@@ -193,6 +194,8 @@ class OfflineSource:
                 self._counters["skipped_short" if item.short else "skipped_corrupt"] += 1
                 continue
             self._epoch_groups += 1
+            if self.epoch == 0:  # each position of an epoch is a different group of the data set
+                self._counters["distinct_groups"] += 1
             return item
 
     def next_batch(self) -> Batch:
@@ -220,6 +223,12 @@ class OfflineSource:
     def stats(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "parts": len(self.parts), "samples": self.index.num_samples,
                 "index_bytes": self.index.nbytes, "image_size": self.image_size, **self._counters}
+
+    def groups_received(self) -> int:
+        """Distinct caption groups this rank has handed to training so far: those of its first epoch
+        (later epochs read the same groups again), corrupt and short ones skipped. The k-NN monitor's
+        ``groups_received`` (trainer/monitor.py)."""
+        return int(self._counters["distinct_groups"])
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's progress in the layout-independent stream (see the module docstring)."""

@@ -344,6 +344,12 @@ class OnlineSource:
         if self._error is not None:
             raise GroupStreamError(f"online source: receiving groups failed: {self._error}") from self._error
 
+    def groups_received(self) -> int:
+        """Caption groups inserted into this rank's replay buffer so far (``added``: repeats and groups
+        it dropped are not counted; kept across a resume). The k-NN monitor's ``groups_received``."""
+        replay = self.replay
+        return int(replay.stats()["added"]) if replay is not None else 0
+
     def stats(self) -> dict[str, Any]:
         """Replay counters (reuse, staleness, stall, freshness) plus client counters."""
         out: dict[str, Any] = dict(self.replay.stats()) if self.replay is not None else {}
