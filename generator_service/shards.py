@@ -8,22 +8,24 @@ next ``open()`` turns the complete groups of that file into a listed shard (``sh
 a rerun skips exactly the groups already on disk and an online archive keeps every group it served.
 
 The output may be an object-store URL (``s3://bucket/prefix``, any fsspec URL, :mod:`infra.storage`):
-shards are then staged in a local temp folder and uploaded when complete, index first, then the
-shard (each one PUT, visible only when complete), then the manifest, which stays the commit point.
-A killed writer leaves at most an uploaded but unlisted shard, which the next run adopts (the groups
-of its open shard, staged locally, are lost: they were not uploaded yet). Object stores have no
-locks: run one writer per prefix.
+shards are then staged in a local folder and uploaded when complete, index first, then the shard
+(each one PUT, visible only when complete), then the manifest, which stays the commit point. A
+killed writer leaves at most an uploaded but unlisted shard, which the next run adopts, and its open
+shard in the staging folder, which the next run on the same machine salvages and uploads like a
+local one (:func:`staging_dir`: one folder per output URL and ``AWS_ENDPOINT_URL`` under
+``$STABLEREP_STAGING``, default ``~/.cache/stablerep/staging``). Object stores have no locks: run one
+writer per prefix.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +87,14 @@ def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 95
         options["quality"] = int(quality)
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format=pil_format, **options)
     return buffer.getvalue()
+
+
+def staging_dir(where: str) -> Path:
+    """The local folder where shards of the remote output ``where`` are staged: the same one for
+    every run of this machine on that URL and endpoint, so a killed run's open shard is found again."""
+    root = os.environ.get("STABLEREP_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "stablerep", "staging")
+    key = hashlib.sha256(f"{where.rstrip('/')}\n{os.environ.get('AWS_ENDPOINT_URL', '')}".encode()).hexdigest()[:16]
+    return Path(root) / key
 
 
 class ShardWriter:
@@ -154,7 +164,7 @@ class ShardWriter:
         if self._lock_fd is not None:
             return self
         if self.remote:
-            self.out_dir = Path(tempfile.mkdtemp(prefix="stablerep-shards-"))
+            self.out_dir = staging_dir(self.where)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -175,7 +185,11 @@ class ShardWriter:
         return self
 
     def _remove_staging(self) -> None:
-        if self.remote and self.out_dir.name.startswith("stablerep-shards-"):
+        """Remote output: remove the staging folder once nothing but its lock is left in it (a shard
+        that could not be uploaded stays for the next run)."""
+        if not self.remote or not self.out_dir.is_dir():
+            return
+        if all(entry.name == LOCK_NAME for entry in self.out_dir.iterdir()):
             shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def _load(self) -> None:
@@ -228,6 +242,8 @@ class ShardWriter:
                 log.info("adopting complete shard %s (%d groups) missing from the manifest", entry, record.groups)
                 if not entry.with_name(index_name(entry.name)).exists():  # a salvaged shard: index it now
                     self._write_index(entry)
+                if self.remote:  # staged by a killed run (or its upload failed): uploaded before it is listed
+                    self._upload(entry.name)
                 self.shards.append(record)
                 listed.add(entry.name)
                 indices.append(shard_index(entry.name))

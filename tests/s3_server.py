@@ -5,6 +5,7 @@ Clients find it the way they find any S3-compatible store (MinIO, Ceph, R2): thr
 """
 from __future__ import annotations
 
+import tempfile
 import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
@@ -40,6 +41,7 @@ def s3_server(monkeypatch, buckets: tuple[str, ...] = ("bucket",)) -> Iterator[s
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
         for key, value in s3_env(endpoint).items():
             monkeypatch.setenv(key, value)
+        monkeypatch.setenv("STABLEREP_STAGING", tempfile.mkdtemp(prefix="stablerep-staging-"))  # not ~/.cache
         forget_s3_clients()
         import boto3
 

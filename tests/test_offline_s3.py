@@ -160,3 +160,40 @@ def test_generator_cli_writes_a_bucket(endpoint, tmp_path):
     assert {"cli/shards/manifest.json", "cli/shards/shard-000001.tar", "cli/shards/shard-000001.tar.idx"} <= set(
         keys("bucket", "cli/"))
     assert count_groups("s3://bucket/cli/shards") == 6
+
+
+def test_a_writer_killed_mid_shard_loses_no_group_of_a_bucket(endpoint, tmp_path):
+    """kill -9 with a shard open: its groups wait in the staging folder (one per output URL and
+    endpoint), the rerun salvages and uploads them before listing them, and the bucket ends up with
+    every group once; the staging folder is gone after a clean close."""
+    from generator_service.shards import staging_dir
+    from tests.test_shards import CONFIG, make_group
+
+    url = "s3://bucket/killed/shards"
+    script = (
+        "import os, signal\n"
+        "from generator_service.shards import ShardWriter\n"
+        "from tests.test_shards import CONFIG, make_group\n"
+        f"w = ShardWriter({url!r}, CONFIG, shard_size=4).open()\n"
+        "for cid in range(6):\n"
+        "    w.write(make_group(cid))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    killed = subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120)
+    assert killed.returncode == -9
+    listed = Manifest.from_dict(json.loads(storage.read_bytes(f"{url}/manifest.json")), "m")
+    assert [s.caption_ids for s in listed.shards] == [[0, 1, 2, 3]]  # groups 4, 5 were only staged
+    assert any(staging_dir(url).iterdir())
+
+    with ShardWriter(url, CONFIG, shard_size=4) as resumed:
+        assert resumed.done_caption_ids == {0, 1, 2, 3, 4, 5}
+        for cid in (6, 7):
+            resumed.write(make_group(cid))
+    manifest = Manifest.from_dict(json.loads(storage.read_bytes(f"{url}/manifest.json")), "m")
+    assert [s.caption_ids for s in manifest.shards] == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    assert keys("bucket", "killed/") == sorted([f"killed/shards/{MANIFEST_NAME}"] + [
+        f"killed/shards/shard-{k:06d}.tar{ext}" for k in range(3) for ext in ("", ".idx")])
+    assert not staging_dir(url).exists()
+    source = OfflineSource(url, captions_per_rank=4, draw_per_caption=2, num_workers=0, seed=1)
+    assert sorted(read_groups(source, 2)) == list(range(8))
