@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.offline_read_rate import http_rates, local_rates, ratios, s3_rates, set_images, write_group_set
+from benchmarks.offline_read_rate import (http_rates, local_rates, ratios, s3_rates, set_images, store_rates,
+                                          write_group_set)
 from protocol.shards import Manifest, ShardIndex, ShardRecord, index_name, shard_name, write_manifest
 from trainer.data.sources.offline_reader import FETCH_AHEAD
 
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per point, best kept (default: %(default)s)")
     parser.add_argument("--scan", action="store_true", help="also time the first start on tars without indexes")
     parser.add_argument("--no-s3", action="store_true", help="skip the local S3 server measurements")
+    parser.add_argument("--store-url", metavar="URL",
+                        help="also read the read sets from this object store prefix (e.g. s3://bucket/bench; "
+                             "credentials and endpoint from the usual environment), uploaded there once")
     parser.add_argument("--store-latency-ms", type=float, default=0.0,
                         help="delay each request to the S3 server by this much (a remote store's round trip)")
     parser.add_argument("--fetch-ahead", default=str(FETCH_AHEAD),
@@ -139,10 +143,7 @@ def _read_set_rates(spec: ReadSet, root: Path, smallest: int, m: int, size: int,
     shards = len(list(folder.glob("shard-*.tar")))
     rates, cpu = local_rates(folder, spec.images, spec.groups, shards, args.repeats)
     point: dict[str, Any] = {"groups": spec.groups, "images": spec.images, "px": spec.px, "content": content}
-    store_rates, store_cpu = http_rates(folder, spec.images, spec.groups, shards, aheads[0], args.repeats,
-                                        args.store_latency_ms)
-    rates.update(store_rates)
-    cpu.update(store_cpu)
+    measured = [http_rates(folder, spec.images, spec.groups, shards, aheads[0], args.repeats, args.store_latency_ms)]
     if not args.no_s3:
         try:
             import moto  # noqa: F401
@@ -150,10 +151,12 @@ def _read_set_rates(spec: ReadSet, root: Path, smallest: int, m: int, size: int,
         except ImportError:
             point["s3_skipped"] = "moto or s3fs not installed (pip install 'stablerep[s3]' 'moto[server]')"
         else:
-            store_rates, store_cpu = s3_rates(folder, spec.images, spec.groups, shards, aheads, args.repeats,
-                                              args.store_latency_ms)
-            rates.update(store_rates)
-            cpu.update(store_cpu)
+            measured.append(s3_rates(folder, spec.images, spec.groups, shards, aheads, args.repeats, args.store_latency_ms))
+    if args.store_url:
+        measured.append(store_rates(folder, args.store_url, spec.images, spec.groups, shards, aheads[0], args.repeats))
+    for store_groups_per_s, store_cpu in measured:
+        rates.update(store_groups_per_s)
+        cpu.update(store_cpu)
     point.update(groups_per_s=rates, cpu_ms_per_group=cpu, ratios=ratios(rates))
     return point
 

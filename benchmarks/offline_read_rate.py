@@ -248,10 +248,39 @@ def s3_rates(local: Path, m: int, groups: int, shards: int, aheads: list[int], r
     return rates, cpu
 
 
+def store_rates(local: Path, store_url: str, m: int, groups: int, shards: int, ahead: int,
+                repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Both readers from a store of yours (``--store-url``, e.g. ``s3://bucket/prefix``: credentials and
+    endpoint from the usual environment): ``local`` is uploaded under ``store_url/<folder name>`` once
+    (skipped when its manifest is there), then timed like the local stores (``reader_store``,
+    ``reader_store_fs``, ``webdataset_store``)."""
+    from infra import storage
+
+    target = storage.join(store_url, local.name)
+    if not storage.exists(storage.join(target, "manifest.json")):
+        for entry in sorted(local.iterdir()):  # the manifest last: the commit point, as the writer does it
+            if entry.name != "manifest.json" and entry.is_file():
+                storage.upload(str(entry), storage.join(target, entry.name))
+        storage.upload(str(local / "manifest.json"), storage.join(target, "manifest.json"))
+    use_fsspec_in_webdataset()
+    from webdataset.gopen import gopen_schemes
+
+    scheme = storage.scheme_of(target) or "file"
+    gopen_schemes.setdefault(scheme, gopen_schemes["s3"])
+    urls = [storage.join(target, shard_name(k)) for k in range(shards)]
+    rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for _ in range(repeats):
+        _keep_best(rates, cpu, "reader_store", rate_reader(target, m, groups, ahead))
+        _keep_best(rates, cpu, "reader_store_fs", rate_reader(target, m, groups, ahead, False))
+        _keep_best(rates, cpu, "webdataset_store", rate_webdataset(urls, groups))
+    return rates, cpu
+
+
 def ratios(rates: dict[str, Any]) -> dict[str, float]:
     """This reader's groups/s over webdataset's, per store."""
     out = {}
-    for store in ("local", "s3", "http"):
+    for store in ("local", "s3", "http", "store"):
         if rates.get(f"webdataset_{store}") and f"reader_{store}" in rates:
             out[store] = rates[f"reader_{store}"] / rates[f"webdataset_{store}"]
     return out

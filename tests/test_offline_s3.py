@@ -197,3 +197,16 @@ def test_a_writer_killed_mid_shard_loses_no_group_of_a_bucket(endpoint, tmp_path
     assert not staging_dir(url).exists()
     source = OfflineSource(url, captions_per_rank=4, draw_per_caption=2, num_workers=0, seed=1)
     assert sorted(read_groups(source, 2)) == list(range(8))
+
+
+def test_the_offline_bench_reads_from_a_store_named_by_url(endpoint, tmp_path):
+    """``stablerep-bench offline --store-url``: the read set is uploaded to that prefix once and both
+    readers are timed from it (here moto's server stands in for a lab's bucket)."""
+    from benchmarks.cli import main
+
+    assert main(["offline", "--quick", "--no-s3", "--store-url", "s3://bucket/bench", "--output", str(tmp_path)]) == 0
+    point = json.loads((tmp_path / "offline.json").read_text())["results"]["read_sets"]["2x16"]
+    assert point["groups_per_s"]["reader_store"] > 0 and point["groups_per_s"]["webdataset_store"] > 0
+    assert point["ratios"]["store"] > 0 and point["cpu_ms_per_group"]["reader_store_fs"] > 0
+    uploaded = [k for k in keys("bucket", "bench/") if k.endswith("manifest.json")]
+    assert len(uploaded) == 1
