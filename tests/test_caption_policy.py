@@ -90,6 +90,13 @@ def test_scores_outside_the_set_or_not_finite_are_skipped():
     assert policy.scored() == {CAPTION_IDS[2]: 4.0}
 
 
+def test_caption_ids_in_any_order_find_their_index_and_unknown_ids_none():
+    policy = build_policy(HARD, [50, 7, 900, 12, 7])  # unsorted, 7 listed twice: its last index, as a dict would
+    assert [policy.index_of(c) for c in (50, 7, 900, 12)] == [0, 4, 2, 3]
+    assert policy.index_of(8) is None and policy.index_of(-1) is None and policy.index_of(901) is None
+    assert policy.update({900: 2.0, 8: 1.0}) == 1 and policy.scored() == {900: 2.0}
+
+
 def test_hard_is_deterministic_given_the_seed_and_each_group_is_a_new_epoch():
     runs = []
     for seed in (5, 5, 6):
