@@ -243,8 +243,9 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[s
     for name, point in results["read_sets"].items():
         rates, cpu = point["groups_per_s"], point["cpu_ms_per_group"]
         lines.append(f"groups/s read and decoded by one worker, set {name} ({point['groups']} groups of {point['images']} "
-                     f"{point['content']} PNGs of {point['px']} px; best of {args.repeats} interleaved runs; S3: moto in "
-                     f"its own process on 127.0.0.1, reader_s3 at --fetch-ahead {aheads[0]}):")
+                     f"{point['content']} PNGs of {point['px']} px; best of {args.repeats} interleaved runs; stores in their "
+                     f"own processes on 127.0.0.1{'' if args.no_s3 else ' (s3: moto)'}"
+                     f"{f', store: {args.store_url}' if args.store_url else ''}; --fetch-ahead {aheads[0]}):")
         lines += [f"  {k:<22} {v:>8.0f} groups/s" + (f"  {cpu[k]:6.2f} CPU ms/group" if k in cpu else "")
                   for k, v in rates.items()]
         lines += [f"  this reader / webdataset, {store}: {ratio:.2f}x" for store, ratio in point["ratios"].items()]
