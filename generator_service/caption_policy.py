@@ -155,32 +155,21 @@ class HardPolicy(CaptionPolicy):
         #: groups handed out per caption (by index): the epoch of its next one
         self.counts = np.zeros(len(self), dtype=np.int64)
         self._cumulative: np.ndarray | None = None
-        self._buffer: np.ndarray | None = None  # the weights, then their running sum, in place (kept between recomputes)
 
-    def weights(self, out: np.ndarray | None = None) -> np.ndarray:
-        """Each caption's weight, ``[N]`` float64 (unnormalized), written into ``out`` when given (in
-        place, no temporaries: at 10M captions a recompute is ~0.1 s instead of ~0.7 s)."""
-        unscored = np.isnan(self.scores)
-        scored = self.scores[~unscored]
+    def weights(self) -> np.ndarray:
+        """Each caption's weight, ``[N]`` float64 (unnormalized)."""
+        scored = self.scores[~np.isnan(self.scores)]
         median = float(np.median(scored)) if scored.size else 1.0
         scale = median if median > 0 else (float(scored.mean()) if scored.size and scored.mean() > 0 else 1.0)
-        weights = np.empty(len(self)) if out is None else out
-        np.copyto(weights, self.scores)
-        weights[unscored] = median
-        weights /= scale
-        weights += self.config.hard_floor
-        if self.config.hard_alpha != 1.0:
-            np.power(weights, self.config.hard_alpha, out=weights)
-        total = float(weights.sum())
-        if not np.isfinite(total) or not total > 0:  # floor 0 with every score 0, or an overflow: uniform
-            weights[:] = 1.0
+        relative = np.where(np.isnan(self.scores), median, self.scores) / scale
+        weights = (self.config.hard_floor + relative) ** self.config.hard_alpha
+        if not np.isfinite(weights).all() or not weights.sum() > 0:  # floor 0 with every score 0, or an overflow: uniform
+            return np.ones(len(self))
         return weights
 
     def draw(self, position: int) -> tuple[int, int]:
         if self._cumulative is None:
-            if self._buffer is None:
-                self._buffer = np.empty(len(self))
-            self._cumulative = np.cumsum(self.weights(out=self._buffer), out=self._buffer)
+            self._cumulative = np.cumsum(self.weights())
         total = float(self._cumulative[-1])
         target = np.random.default_rng([self.seed, int(position)]).random() * total
         index = min(int(np.searchsorted(self._cumulative, target, side="right")), len(self) - 1)
