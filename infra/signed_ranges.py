@@ -2,13 +2,16 @@
 
 The offline reader fetches every group with its own ranged GET (the global shuffle). Through the
 filesystem's own client (s3fs on aiobotocore) each GET costs about 1.2 ms of client CPU (request
-signing, request objects, the event loop), a quarter of what decoding a paper-size group (10 PNGs of
-256 px) costs, and it holds the interpreter lock the decoding needs. Here each object is signed once,
+signing, request objects, the event loop), a tenth of what decoding a paper-size group (10 PNGs of
+256 px) costs and as much as decoding a small one, and it holds the interpreter lock the decoding
+needs. Here each object is signed once,
 by the same filesystem and so with the same credentials, endpoint and region (an s3:// presigned GET
 URL, Signature Version 4, valid for :data:`SIGNED_FOR_S` seconds and signed again before it expires),
 and every range of it is then a plain HTTP GET with a ``Range`` header on a pooled keep-alive
 connection (urllib3, one thread per request in flight): about 0.4 ms each
-(benchmarks/RESULTS.md, "Offline data at lab scale").
+(benchmarks/RESULTS.md, "Read rate per worker, direct GETs, three stores"). A URL is signed for
+:data:`SIGNED_FOR_S`; credentials that expire sooner (a short STS session) make the store refuse it,
+and the process then reads through the filesystem.
 
 ``http(s)://`` URLs are read the same way (the URL itself, no signing). Every other scheme, and
 every object once a direct GET was refused (401/403/400: a store that wants something the filesystem
