@@ -39,7 +39,7 @@ from generator_service.config import GeneratorConfig
 from generator_service.online_state import OnlineState, RunIdentity
 from generator_service.pool import GroupSink, PoolStats, StopSignal, WorkerPool, WorkItem
 from generator_service.seeds import image_seed
-from generator_service.shards import ShardWriter
+from generator_service.shards import ShardWriter, staging_dir
 from infra import storage
 from generator_service.sinks import FanOutSink, PreviewSink, ServerSink, ShardSink
 from protocol.feedback import FeedbackBoard
@@ -127,7 +127,7 @@ class ServiceOptions:
     max_client_mib: float = 512.0
     announce_host: bool = False
     curve_keys: str | None = None  # require CurveZMQ with this key directory (protocol.curve)
-    state: str | None = None  # endless online runs: keep the position here (default: the --archive directory)
+    state: str | None = None  # endless online runs: keep the position here (default: the --archive directory or its staging)
     caption_policy: CaptionPolicyConfig = field(default_factory=CaptionPolicyConfig)  # endless online runs
 
     def __post_init__(self) -> None:
@@ -142,9 +142,6 @@ class ServiceOptions:
             raise ValueError("--curve-keys DIR secures the online server; give --bind ENDPOINT too")
         if self.archive and self.out:
             raise ValueError("give either --out DIR or --archive DIR, not both (they write the same shards)")
-        if self.archive and storage.is_remote(self.archive) and not self.state and self.epochs is None:
-            raise ValueError(f"--archive {self.archive}: an endless online run keeps its position in a local folder; "
-                             "give --state DIR too")
         if self.caption_policy.name != "uniform" and self.epochs is not None:
             raise ValueError(f"--caption-policy {self.caption_policy.name} applies to endless online runs (--bind "
                              "without --out); one pass over the captions walks them in order")
@@ -161,8 +158,13 @@ class ServiceOptions:
 
     @property
     def state_dir(self) -> str | None:
-        """Where an endless online run keeps its position: ``--state``, else ``--archive``."""
-        return (self.state or self.archive) if self.epochs is None else None
+        """Where an endless online run keeps its position: ``--state``, else ``--archive`` (a remote
+        archive: its local staging folder, ``shards.staging_dir``, so a restart on this machine goes on)."""
+        if self.epochs is not None:
+            return None
+        if self.state or not self.archive:
+            return self.state
+        return str(staging_dir(self.archive) / REMOTE_ARCHIVE_STATE) if storage.is_remote(self.archive) else self.archive
 
     @property
     def epochs(self) -> int | None:
@@ -304,6 +306,10 @@ def _steering(options: ServiceOptions) -> CaptionSteering | None:
     return CaptionSteering(policy, FeedbackBoard(frozenset(options.captions.caption_ids)))
 
 
+#: the state folder of an endless run with a remote ``--archive`` and no ``--state``, inside the archive's staging folder
+REMOTE_ARCHIVE_STATE = "online-state"
+
+
 def _open_state(options: ServiceOptions, fingerprint: str, steering: CaptionSteering | None = None) -> OnlineState | None:
     """The online position file of an endless run with a state folder (None without one); it keeps
     ``steering``'s policy, restored from it."""
@@ -312,6 +318,9 @@ def _open_state(options: ServiceOptions, fingerprint: str, steering: CaptionStee
             log.warning("no --state DIR (or --archive DIR): a restart of this service serves the same group ids and "
                         "seeds again from epoch 0, and a trainer that saw them drops them as repeats")
         return None
+    if options.archive and not options.state and storage.is_remote(options.archive):
+        log.warning("--archive %s without --state: the online position is kept on this machine, in %s; give --state "
+                    "DIR on shared storage to restart this service elsewhere", options.archive, options.state_dir)
     state = OnlineState(options.state_dir, RunIdentity(
         fingerprint=fingerprint, seed=options.seed, images_per_group=options.config.images_per_group,
         captions_digest=captions_digest(options.captions), caption_count=len(options.captions),

@@ -161,3 +161,31 @@ def test_every_group_served_before_a_kill_9_is_archived_once_the_service_restart
     _serve_until(command, 1)  # the restart's open() recovers the first run's open shard
     archived = [g for s in read_manifest(directory).shards for g in s.group_ids]
     assert set(served) <= set(archived) and len(archived) == len(set(archived))
+
+
+def test_a_remote_archive_without_state_keeps_the_position_in_its_staging_folder(tmp_path, monkeypatch):
+    """``--archive s3://...`` alone: the position lives in the archive's local staging folder (one per URL
+    and endpoint), so a kill -9 and restart on this machine serves no id or seed again, and every group
+    served before the kill ends up in the bucket once."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from generator_service.service import REMOTE_ARCHIVE_STATE
+    from generator_service.shards import staging_dir
+    from tests.s3_server import s3_server
+
+    captions = write_caption_file(tmp_path / "captions.txt", 6)
+    url = "s3://bucket/archive"
+    with s3_server(monkeypatch):
+        options = ServiceOptions(config=GeneratorConfig(backend="procedural"), captions=load_captions(captions),
+                                 devices=["cpu"], bind="tcp://127.0.0.1:*", archive=url)
+        assert options.state_dir == str(staging_dir(url) / REMOTE_ARCHIVE_STATE)
+        command = [sys.executable, "-m", "generator_service.cli", "--backend", "procedural", "--gpus", "cpu:1",
+                   "--captions", str(captions), "--images-per-group", "2", "--save-size", "16", "--worker-batch", "2",
+                   "--no-progress", "--log-level", "WARNING", "--archive", url, "--shard-size", "1000"]
+        first = _serve_until(command, 8)
+        second = _serve_until(command, 8)  # its open() salvages and uploads the first run's open shard
+        assert not set(first) & set(second), "a restart served a group id again"
+        assert not {s for v in first.values() for s in v} & {s for v in second.values() for s in v}
+        assert json.loads((Path(options.state_dir) / STATE_FILE).read_text())["restarts"] == 1
+        archived = [g for s in read_manifest(url).shards for g in s.group_ids]
+        assert set(first) <= set(archived) and len(archived) == len(set(archived))
