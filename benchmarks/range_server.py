@@ -20,6 +20,9 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive, as stores serve
     refuse_user_agent: str | None = None  # ranged GETs from clients whose User-Agent starts with this get 403
+    #: how a ranged GET is answered: "range" (206, the bytes asked for), "whole" (200, the whole file, as a
+    #: server that ignores Range does) or "overlong" (206 with one byte more than asked: a broken store)
+    answer = "range"
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass
@@ -30,7 +33,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
             self.send_error(403)
             return
         path = self.translate_path(self.path)
-        if match is None or not os.path.isfile(path):
+        if match is None or not os.path.isfile(path) or self.answer == "whole":
             return super().do_GET()
         size = os.path.getsize(path)
         start = int(match.group(1))
@@ -40,7 +43,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
             return
         with open(path, "rb") as handle:
             handle.seek(start)
-            data = handle.read(end - start + 1)
+            data = handle.read(end - start + 1 + (self.answer == "overlong"))
         self.send_response(206)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -49,9 +52,10 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve(port: int, folder: str, refuse_user_agent: str | None = None) -> ThreadingHTTPServer:
-    """A server of ``folder`` on ``port`` of 127.0.0.1 (0: a free one), not yet serving."""
-    handler = type("Handler", (RangeHandler,), {"refuse_user_agent": refuse_user_agent})
+def serve(port: int, folder: str, refuse_user_agent: str | None = None, answer: str = "range") -> ThreadingHTTPServer:
+    """A server of ``folder`` on ``port`` of 127.0.0.1 (0: a free one), not yet serving; see
+    :class:`RangeHandler` for ``refuse_user_agent`` and ``answer``."""
+    handler = type("Handler", (RangeHandler,), {"refuse_user_agent": refuse_user_agent, "answer": answer})
     server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(handler, directory=folder))
     server.daemon_threads = True
     return server

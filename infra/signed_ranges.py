@@ -133,23 +133,32 @@ class SignedRanges:
         url, start, end = item
         if end <= start:
             return b""
+        finished = False  # the body was read to its end: the connection goes back to the pool
         try:
             response = self._pool.request("GET", self._url(url), headers={"Range": f"bytes={start}-{end - 1}"},
-                                          preload_content=True, redirect=False)
+                                          preload_content=False, redirect=False)
+            try:
+                status = response.status
+                if status == 206:  # the range; one byte more than asked says the store sent something else
+                    data = response.read(end - start + 1)
+                    finished = len(data) <= end - start
+                    return data if finished else OSError(f"{url}: more than the {end - start} bytes asked for at {start}")
+                if status == 200:  # the store ignored Range: read up to the range's end only, never the whole object
+                    return response.read(end)[start:end]
+                if status == 404:
+                    return FileNotFoundError(f"{url}: not found")
+                if status == 416:  # range starts past the end: a short read, as through the filesystem
+                    return b""
+                if status in REFUSED or 300 <= status < 400:
+                    raise _Refused(f"HTTP {status} for {url}")
+                return OSError(f"{url}: HTTP {status} for bytes {start}-{end - 1}")
+            finally:
+                if finished:
+                    response.release_conn()
+                else:  # a body left unread is not drained: its connection is closed
+                    response.close()
         except urllib3.exceptions.HTTPError as exc:
             raise _Refused(f"{storage.scheme_of(url)}://{urllib3.util.parse_url(url).host}: {type(exc).__name__}") from exc
-        status = response.status
-        if status == 206:
-            return response.data
-        if status == 200:  # the server ignored Range and sent the whole object
-            return response.data[start:end]
-        if status == 404:
-            return FileNotFoundError(f"{url}: not found")
-        if status == 416:  # range starts past the end: a short read, as through the filesystem
-            return b""
-        if status in REFUSED or 300 <= status < 400:
-            raise _Refused(f"HTTP {status} for {url}")
-        return OSError(f"{url}: HTTP {status} for bytes {start}-{end - 1}")
 
 
 def _presign_s3(url: str) -> str:

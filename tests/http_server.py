@@ -12,11 +12,12 @@ from benchmarks.range_server import serve
 
 
 @contextmanager
-def http_store(root: Path, refuse_user_agent: str | None = None) -> Iterator[str]:
+def http_store(root: Path, refuse_user_agent: str | None = None, answer: str = "range") -> Iterator[str]:
     """Serve ``root`` on a free port of 127.0.0.1; yields its base URL (``http://127.0.0.1:PORT``).
     ``refuse_user_agent``: ranged GETs of clients whose User-Agent starts with it are answered 403
-    (a store that serves one client and not another)."""
-    server = serve(0, str(root), refuse_user_agent)
+    (a store that serves one client and not another); ``answer``: how ranged GETs are answered
+    (``range``, ``whole`` or ``overlong``, :class:`benchmarks.range_server.RangeHandler`)."""
+    server = serve(0, str(root), refuse_user_agent, answer)
     thread = threading.Thread(target=server.serve_forever, name="http-store", daemon=True)
     thread.start()
     try:

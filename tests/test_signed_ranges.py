@@ -52,6 +52,25 @@ def test_a_store_refusing_direct_gets_is_read_through_the_filesystem(tmp_path):
         reader.close()
 
 
+def test_a_store_ignoring_range_or_sending_too_much_costs_no_more_than_the_range(tmp_path):
+    """A 200 with the whole object is read only up to the range's end; a 206 longer than asked is an
+    error for that range alone (the reader reads one byte past what it asked for, never the rest)."""
+    big = bytes(range(256)) * 4096  # 1 MiB
+    (tmp_path / "a.tar").write_bytes(big)
+    wanted = [(0, 512), (700, 1900)]
+    with http_store(tmp_path, answer="whole") as base:
+        reader = SignedRanges(concurrency=2)
+        assert reader.read([(f"{base}/a.tar", a, b) for a, b in wanted]) == [big[a:b] for a, b in wanted]
+        assert reader.direct_ranges == 2 and reader.refused == frozenset()
+        reader.close()
+    with http_store(tmp_path, answer="overlong") as base:
+        reader = SignedRanges(concurrency=2)
+        found = reader.read([(f"{base}/a.tar", a, b) for a, b in wanted])
+        assert all(isinstance(f, OSError) and "more than the" in str(f) for f in found)
+        assert reader.refused == frozenset()
+        reader.close()
+
+
 def test_behind_a_proxy_the_filesystem_reads(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     assert not SignedRanges().enabled
