@@ -95,8 +95,9 @@ def rate_webdataset(urls: list[str], groups: int) -> tuple[float, float]:
     return _timed(read)
 
 
-def use_fsspec_in_webdataset() -> None:
-    """Plain webdataset opens s3:// and http:// through fsspec (its documented way to add a URL scheme)."""
+def use_fsspec_in_webdataset(*schemes: str) -> None:
+    """Plain webdataset opens s3://, http:// and ``schemes`` through fsspec (its documented way to add a
+    URL scheme)."""
     from fsspec.core import url_to_fs
     from webdataset.gopen import gopen_schemes
 
@@ -104,7 +105,8 @@ def use_fsspec_in_webdataset() -> None:
         fs, path = url_to_fs(url)
         return fs.open(path, mode, block_size=8 << 20)
 
-    gopen_schemes["s3"] = gopen_schemes["http"] = open_fsspec
+    for scheme in ("s3", "http", *schemes):
+        gopen_schemes[scheme] = open_fsspec
 
 
 def _free_port() -> int:
@@ -262,11 +264,7 @@ def store_rates(local: Path, store_url: str, m: int, groups: int, shards: int, a
             if entry.name != "manifest.json" and entry.is_file():
                 storage.upload(str(entry), storage.join(target, entry.name))
         storage.upload(str(local / "manifest.json"), storage.join(target, "manifest.json"))
-    use_fsspec_in_webdataset()
-    from webdataset.gopen import gopen_schemes
-
-    scheme = storage.scheme_of(target) or "file"
-    gopen_schemes.setdefault(scheme, gopen_schemes["s3"])
+    use_fsspec_in_webdataset(storage.scheme_of(target) or "file")
     urls = [storage.join(target, shard_name(k)) for k in range(shards)]
     rates: dict[str, float] = {}
     cpu: dict[str, float] = {}
